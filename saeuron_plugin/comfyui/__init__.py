@@ -1,0 +1,1 @@
+"""comfyui adapter."""

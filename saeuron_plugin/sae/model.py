@@ -1,0 +1,338 @@
+"""The TopK sparse autoencoder: one compact module, one config dataclass, NamedTuple outputs.
+
+Parameter names and shapes follow EleutherAI sparsify and ``bcywinski/SAeUron``
+(``encoder.weight`` [n, d], ``encoder.bias`` [n], ``W_dec`` [n, d], ``b_dec`` [d]) so their
+folders load unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+EncoderMode = Literal["topk", "threshold"]
+
+
+class SaeConfigError(ValueError):
+    """A configuration that cannot describe a valid SAE."""
+
+
+@dataclass
+class SaeConfig:
+    """Architecture of a sparse autoencoder plus free-form provenance metadata."""
+
+    d_in: int
+    """Width of the activations the SAE reads (e.g. 1280 for SD 1.5's ``up_blocks.1``)."""
+    num_latents: int = 0
+    """Dictionary size n. 0 means ``d_in * expansion_factor``."""
+    expansion_factor: int = 16
+    """Used only when ``num_latents`` is 0."""
+    k: int = 32
+    """Active latents per token for TopK encoding (and the L0 target of the threshold)."""
+    encoder: EncoderMode = "topk"
+    """Inference encoder: per-token ``topk`` or global ``threshold`` (BatchTopK paper)."""
+    threshold: float | None = None
+    """Global θ for the threshold encoder, calibrated during training or a statistics pass."""
+    input_unit_norm: bool = False
+    """Standardise each token (mean 0, std 1) before encoding, as some SAeUron SAEs do."""
+    hookpoint: str | None = None
+    """Where the activations came from, e.g. ``unet.up_blocks.1.attentions.1``."""
+    model_family: str | None = None
+    """Adapter family of the base model (``sd1``, ``sdxl``, ``llava`` ...)."""
+    base_model: str | None = None
+    """Identifier of the base model the SAE was trained on."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Anything else worth keeping (training recipe, metrics, keys from foreign cfg.json files)."""
+
+    def __post_init__(self) -> None:
+        if self.num_latents == 0 or self.num_latents is None:
+            self.num_latents = int(self.d_in) * int(self.expansion_factor)
+        if self.d_in <= 0:
+            raise SaeConfigError(f"d_in must be positive, got {self.d_in}")
+        if self.num_latents <= 0:
+            raise SaeConfigError(f"num_latents must be positive, got {self.num_latents}")
+        if not 0 < self.k <= self.num_latents:
+            raise SaeConfigError(f"k must be in [1, num_latents={self.num_latents}], got {self.k}")
+        if self.encoder not in ("topk", "threshold"):
+            raise SaeConfigError(f"encoder must be 'topk' or 'threshold', got {self.encoder!r}")
+        if self.encoder == "threshold" and self.threshold is None:
+            raise SaeConfigError(
+                "encoder='threshold' needs a calibrated `threshold`; train with the trainer "
+                "(it calibrates θ) or calibrate one with `calibrate_threshold`"
+            )
+
+    _KNOWN = ("d_in", "num_latents", "expansion_factor", "k", "encoder", "threshold",
+              "input_unit_norm", "hookpoint", "model_family", "base_model")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: getattr(self, name) for name in self._KNOWN}
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> SaeConfig:
+        """Build from a cfg.json dict; unknown keys (sparsify's ``multi_topk`` ...) go to ``extra``."""
+        if "d_in" not in raw:
+            raise SaeConfigError("cfg.json has no 'd_in': cannot tell the SAE's input width")
+        if "k" not in raw:
+            raise SaeConfigError("cfg.json has no 'k': cannot tell how many latents are active")
+        known = {k: raw[k] for k in cls._KNOWN if k in raw and raw[k] is not None}
+        if raw.get("num_latents") in (0, None) and "expansion_factor" not in raw:
+            raise SaeConfigError("cfg.json has neither 'num_latents' nor 'expansion_factor'")
+        known.setdefault("encoder", "topk")
+        extra = {k: v for k, v in raw.items() if k not in cls._KNOWN}
+        return cls(**known, extra=extra)
+
+    def replace(self, **changes: Any) -> SaeConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class SparseCode(NamedTuple):
+    """Sparse latents: ``values`` and ``indices`` of shape [..., k] (zero values are padding)."""
+
+    values: Tensor
+    indices: Tensor
+
+
+class SaeOutput(NamedTuple):
+    """Everything one forward pass measures."""
+
+    reconstruction: Tensor
+    """x̂, same shape and dtype as the input."""
+    latent_values: Tensor
+    """Active latent values [tokens, k'] (k' = k for TopK; BatchTopK pads with zeros)."""
+    latent_indices: Tensor
+    """Indices of the active latents [tokens, k']."""
+    fvu: Tensor
+    """Fraction of variance unexplained: Σ‖x̂ − x‖² / Σ‖x − mean(x)‖²."""
+    auxk_loss: Tensor
+    """AuxK loss (0 when no dead mask is given or nothing is dead)."""
+    l0: Tensor
+    """Mean number of non-zero latents per token."""
+    pre_threshold: Tensor
+    """Smallest kept activation across the batch: the per-batch estimate of θ."""
+
+
+class SparseAutoencoder(nn.Module):
+    """TopK SAE: z = TopK(ReLU(W_enc (x − b_dec) + b_enc)), x̂ = z W_dec + b_dec."""
+
+    def __init__(self, cfg: SaeConfig, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n, d = cfg.num_latents, cfg.d_in
+        self.encoder = nn.Linear(d, n, device=device, dtype=dtype)
+        self.W_dec = nn.Parameter(torch.empty(n, d, device=device, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Unit-norm random decoder rows, encoder tied to the decoder transpose, zero biases."""
+        w = torch.randn(self.W_dec.shape, generator=generator, dtype=torch.float32)
+        w /= w.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.copy_(w)
+        self.encoder.weight.copy_(w)
+        self.encoder.bias.zero_()
+        self.b_dec.zero_()
+
+    # ------------------------------------------------------------ properties
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def num_latents(self) -> int:
+        return self.cfg.num_latents
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    def fingerprint(self) -> str:
+        """Short content hash of the weights: concept statistics are tied to one SAE."""
+        h = hashlib.sha256()
+        h.update(f"{self.d_in}:{self.num_latents}".encode())
+        for t in (self.encoder.weight, self.encoder.bias, self.W_dec, self.b_dec):
+            flat = t.detach().float().cpu().contiguous().view(-1)
+            # A strided sample keeps hashing cheap for 50M-parameter SAEs yet catches any retrain.
+            step = max(1, flat.numel() // 65536)
+            h.update(flat[::step].numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    # ---------------------------------------------------------- input checks
+    def check_input(self, x: Tensor) -> None:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(
+                f"activation width {x.shape[-1]} does not match the SAE's d_in={self.d_in}"
+                + (f" (hookpoint {self.cfg.hookpoint})" if self.cfg.hookpoint else "")
+            )
+
+    def _standardise(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        x = x.to(self.dtype)
+        if not self.cfg.input_unit_norm:
+            return x, None, None
+        mean = x.mean(dim=-1, keepdim=True)
+        std = (x - mean).std(dim=-1, keepdim=True) + 1e-5
+        return (x - mean) / std, mean, std
+
+    # ---------------------------------------------------------------- encode
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """ReLU(W_enc (x − b_dec) + b_enc) for every latent: [..., n]."""
+        self.check_input(x)
+        xs, _, _ = self._standardise(x)
+        return F.relu(self.encoder(xs - self.b_dec))
+
+    def encode_sparse(self, x: Tensor, k: int | None = None) -> SparseCode:
+        """Per-token TopK code (values, indices) [..., k]. In threshold mode values ≤ θ are zeroed."""
+        pre = self.pre_acts(x)
+        values, indices = pre.topk(k or self.cfg.k, dim=-1, sorted=False)
+        if self.cfg.encoder == "threshold":
+            values = values * (values > self.cfg.threshold)
+        return SparseCode(values, indices)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latents [..., n] with zeros off the active set (per the configured encoder)."""
+        pre = self.pre_acts(x)
+        if self.cfg.encoder == "threshold":
+            return pre * (pre > self.cfg.threshold)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+    def encode_subset(self, x: Tensor, latents: Tensor) -> Tensor:
+        """Activations of the chosen ``latents`` only: [..., len(latents)].
+
+        Threshold mode computes just those rows of W_enc (cost |latents|·d per token, the fast
+        path the ablation uses). TopK mode must run the full encode to know which latents won.
+        """
+        latents = latents.to(device=self.device, dtype=torch.long)
+        if self.cfg.encoder == "threshold":
+            self.check_input(x)
+            xs, _, _ = self._standardise(x)
+            pre = F.relu(F.linear(xs - self.b_dec, self.encoder.weight[latents],
+                                  self.encoder.bias[latents]))
+            return pre * (pre > self.cfg.threshold)
+        return self.encode(x)[..., latents]
+
+    # ---------------------------------------------------------------- decode
+    def decode(self, z: Tensor) -> Tensor:
+        """x̂ from dense latents [..., n] (in the standardised space if ``input_unit_norm``)."""
+        return z.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def decode_sparse(self, values: Tensor, indices: Tensor, *, bias: bool = True) -> Tensor:
+        """x̂ from a sparse code via ``embedding_bag``: k·d work per token instead of n·d."""
+        lead = values.shape[:-1]
+        out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), self.W_dec,
+                              per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.dtype),
+                              mode="sum")
+        out = out.reshape(*lead, self.d_in)
+        return out + self.b_dec if bias else out
+
+    # --------------------------------------------------------------- forward
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
+                batch_topk: bool = False) -> SaeOutput:
+        """Encode, decode and measure a batch of tokens [..., d].
+
+        ``batch_topk`` keeps the k·B largest activations over the whole batch (training mode of
+        the reference); otherwise per-token TopK. ``dead_mask`` [n] switches on the AuxK loss:
+        the detached residual e = x − x̂ is predicted from the top-k_aux dead latents through
+        W_dec alone (no b_dec), scaled by min(n_dead / k_aux, 1).
+        """
+        self.check_input(x)
+        shape = x.shape
+        flat = x.reshape(-1, self.d_in)
+        xs, mean, std = self._standardise(flat)
+        pre = F.relu(self.encoder(xs - self.b_dec))
+        k = self.cfg.k
+        if batch_topk:
+            values, indices, kept_min = _batch_topk(pre, k)
+        else:
+            values, indices = pre.topk(k, dim=-1, sorted=False)
+            kept_min = _batch_threshold(pre, k)
+        recon = self.decode_sparse(values, indices)
+
+        total_variance = (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-12)
+        residual = recon - xs
+        fvu = residual.pow(2).sum() / total_variance
+
+        auxk = recon.new_zeros(())
+        if dead_mask is not None:
+            n_dead = int(dead_mask.sum())
+            if n_dead > 0:
+                k_aux_full = self.d_in // 2
+                scale = min(n_dead / k_aux_full, 1.0)
+                k_aux = min(k_aux_full, n_dead)
+                dead_pre = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+                aux_vals, aux_idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
+                aux_vals = aux_vals.clamp_min(0)  # -inf never wins when k_aux <= n_dead
+                e = (xs - recon).detach()
+                e_hat = self.decode_sparse(aux_vals, aux_idx, bias=False)
+                auxk = scale * (e_hat - e).pow(2).sum() / total_variance
+
+        if std is not None:
+            recon = recon * std + mean
+        l0 = (values > 0).sum(-1).float().mean()
+        return SaeOutput(recon.reshape(shape).to(x.dtype), values, indices, fvu, auxk, l0,
+                         kept_min)
+
+    # ------------------------------------------------------------- training
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale W_dec rows to unit norm (kept after every optimiser step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grad(self) -> None:
+        """Drop the gradient component along each (unit) decoder row before the optimiser step."""
+        if self.W_dec.grad is None:
+            return
+        parallel = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * self.W_dec)
+
+    # ----------------------------------------------------------------- io
+    def save_pretrained(self, path: Any, **kwargs: Any) -> None:
+        """Write ``cfg.json`` + ``sae.safetensors`` (see :mod:`saeuron_plugin.sae.io`)."""
+        from .io import save_sae
+
+        save_sae(self, path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: Any, subfolder: str | None = None,
+                        **kwargs: Any) -> SparseAutoencoder:
+        """Load from a local folder or a Hugging Face Hub repo (see :mod:`saeuron_plugin.sae.io`)."""
+        from .io import load_sae
+
+        return load_sae(path_or_repo_id, subfolder=subfolder, **kwargs)
+
+    def push_to_hub(self, repo_id: str, subfolder: str | None = None, **kwargs: Any) -> str:
+        from .io import push_sae_to_hub
+
+        return push_sae_to_hub(self, repo_id, subfolder=subfolder, **kwargs)
+
+
+def _batch_threshold(pre: Tensor, k: int) -> Tensor:
+    """The (k·B)-th largest activation of the batch: what a global θ must be for L0 = k."""
+    flat = pre.detach().reshape(-1)
+    kk = min(flat.numel(), k * pre.shape[0])
+    return flat.topk(kk, sorted=False).values.min()
+
+
+def _batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchTopK as a padded sparse code: tokens keep their activations ≥ the batch's θ."""
+    theta = _batch_threshold(pre, k)
+    keep = pre.detach() >= theta
+    k_max = int(keep.sum(-1).max().clamp_min(1))
+    values, indices = pre.topk(k_max, dim=-1, sorted=False)
+    values = values * (values >= theta)
+    return values, indices, theta
