@@ -1,0 +1,430 @@
+"""Train a TopK / BatchTopK SAE over any stream of activation batches.
+
+Model-agnostic (SAELens-style): the trainer sees an iterable of [N, d] tensors or an
+:class:`~saeuron_plugin.sae.store.ActivationStore`. It runs single-process, or multi-process
+under ``accelerate launch`` (DDP: gradients all-reduced, dead-latent counters and θ synchronised).
+
+Recipe (REFERENCE §1-2): geometric-median ``b_dec`` init, ``W_enc = W_decᵀ`` init, unit-norm
+decoder rows with the parallel gradient component removed, FVU + α·AuxK, Adam with
+lr = 2e-4/√(n/2¹⁴) and linear decay, gradient clipping, dead latents = no firing for
+``dead_tokens_threshold`` tokens, and θ for the threshold encoder calibrated as an EMA of the
+batch's (k·B)-th largest activation (so the mean L0 at inference matches k).
+
+Checkpoints are safetensors + JSON only; ``resume=True`` continues bit-for-bit like an
+uninterrupted run with the same seed (the data stream is replayed deterministically).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .model import EncoderMode, SaeConfig, SparseAutoencoder
+
+DataSource = Iterable[Tensor] | Callable[[], Iterable[Tensor]] | Any
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one SAE training run."""
+
+    k: int = 32
+    """Active latents per token."""
+    expansion_factor: int = 16
+    """n = d_in × expansion_factor unless ``num_latents`` is set."""
+    num_latents: int = 0
+    """Dictionary size n (0: use ``expansion_factor``)."""
+    batch_size: int = 4096
+    """Tokens per optimiser step and process."""
+    steps: int | None = None
+    """Optimiser steps. None: ``epochs`` passes over a finite source."""
+    epochs: int = 1
+    """Passes over the data when ``steps`` is None (needs a re-iterable source)."""
+    lr: float | None = None
+    """Adam learning rate; None = 2e-4 / sqrt(n / 2**14)."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps before the linear decay to zero."""
+    lr_decay: bool = True
+    """Decay the learning rate linearly to 0 over the run."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss (0 disables it)."""
+    dead_tokens_threshold: int = 10_000_000
+    """A latent is dead after this many tokens without firing."""
+    batch_topk: bool = True
+    """Train with BatchTopK (k·B activations kept per batch) as SAeUron; False: per-token TopK."""
+    encoder: EncoderMode = "topk"
+    """Encoder mode recorded in the saved config (θ is calibrated either way)."""
+    threshold_momentum: float = 0.99
+    """EMA momentum of the θ estimate."""
+    grad_clip: float | None = 1.0
+    """Max gradient norm (None: no clipping)."""
+    shuffle_buffer: int = 0
+    """Rows held in a shuffle buffer for generic iterables (0: no shuffling)."""
+    seed: int = 0
+    """Seeds initialisation, shuffling and the data order."""
+    input_unit_norm: bool = False
+    """Standardise each token before encoding."""
+    checkpoint_dir: str | None = None
+    """Where training state is written (safetensors + JSON)."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from ``checkpoint_dir`` if it holds a checkpoint."""
+    device: str | None = None
+    """Device for single-process runs (accelerate picks it when launched)."""
+    mixed_precision: str = "no"
+    """accelerate mixed precision: "no" or "bf16" (about 2× GPU throughput)."""
+    progress: bool = True
+    """Show a tqdm bar with FVU, L0 and dead %."""
+    hookpoint: str | None = None
+    model_family: str | None = None
+    base_model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resolved_lr(self, num_latents: int) -> float:
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
+
+
+class TrainingDataError(ValueError):
+    """The activation stream cannot be trained on (empty, wrong width, NaN/inf)."""
+
+
+@dataclass
+class TrainState:
+    """Counters that, with the weights and optimiser, define where a run stands."""
+
+    step: int = 0
+    tokens: int = 0
+    threshold: float | None = None
+    last_fvu: float = float("nan")
+    last_l0: float = float("nan")
+    dead_fraction: float = 0.0
+    resumed_from: int = 0
+    """Step the run was resumed from (0: started fresh)."""
+
+
+# --------------------------------------------------------------------------- data
+def _rebatch(chunks: Iterable[Tensor], batch_size: int, buffer_rows: int,
+             generator: torch.Generator) -> Iterator[Tensor]:
+    """Cut a stream of [N, d] chunks into [batch_size, d] batches, shuffled within a buffer.
+
+    With ``buffer_rows`` > 0 the buffer is filled to that many rows, permuted, and emptied down
+    to below ``max(batch_size, buffer_rows)``; the seeded generator makes the order repeatable.
+    """
+    want = max(batch_size, buffer_rows)
+    buf: Tensor | None = None
+    for chunk in chunks:
+        if isinstance(chunk, tuple | list):
+            chunk = chunk[0]
+        chunk = chunk.reshape(-1, chunk.shape[-1])
+        if buf is not None and chunk.shape[-1] != buf.shape[-1]:
+            raise TrainingDataError(
+                f"activation chunks disagree in width: {buf.shape[-1]} then {chunk.shape[-1]}")
+        buf = chunk if buf is None else torch.cat([buf, chunk])
+        if buf.shape[0] < want:
+            continue
+        if buffer_rows > 0:
+            buf = buf[torch.randperm(buf.shape[0], generator=generator)]
+        while buf.shape[0] >= want:
+            yield buf[:batch_size]
+            buf = buf[batch_size:]
+    if buf is not None and buffer_rows > 0:
+        buf = buf[torch.randperm(buf.shape[0], generator=generator)]
+    while buf is not None and buf.shape[0] >= batch_size:
+        yield buf[:batch_size]
+        buf = buf[batch_size:]
+
+
+def _is_store(data: Any) -> bool:
+    return hasattr(data, "iter_batches") and hasattr(data, "d_in")
+
+
+def _epoch_batches(data: DataSource, cfg: TrainConfig, epoch: int) -> Iterator[Tensor]:
+    """Batches of one pass over the source, identical on every call with the same epoch."""
+    if _is_store(data):
+        yield from data.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
+                                     drop_last=True)
+        return
+    source = data() if callable(data) else data
+    if epoch > 0 and iter(source) is source:
+        raise TrainingDataError(
+            "epochs > 1 needs a re-iterable source (a list, an ActivationStore or a callable "
+            "returning a fresh iterator); got a one-shot iterator")
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    yield from _rebatch(source, cfg.batch_size, cfg.shuffle_buffer, gen)
+
+
+def _batches(data: DataSource, cfg: TrainConfig) -> Iterator[Tensor]:
+    """All training batches in order: epochs back to back, or endless when ``steps`` is set."""
+    epoch = 0
+    while True:
+        produced = False
+        for batch in _epoch_batches(data, cfg, epoch):
+            produced = True
+            yield batch
+        epoch += 1
+        if not produced:
+            if epoch == 1:
+                raise TrainingDataError(
+                    f"no activations to train on: the data source yielded no full batch of "
+                    f"{cfg.batch_size} rows (is the store empty or batch_size too large?)")
+            return
+        if cfg.steps is None and epoch >= cfg.epochs:
+            return
+
+
+def _check_batch(x: Tensor, d_in: int, index: int) -> None:
+    if x.shape[-1] != d_in:
+        raise TrainingDataError(
+            f"batch {index} has width {x.shape[-1]} but the SAE's d_in is {d_in}")
+    if not torch.isfinite(x).all():
+        raise TrainingDataError(f"batch {index} contains NaN or inf activations")
+
+
+def _count_steps(data: DataSource, cfg: TrainConfig) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    if _is_store(data):
+        return (len(data) // cfg.batch_size) * cfg.epochs
+    if not callable(data) and iter(data) is data:
+        raise TrainingDataError(
+            "pass `steps=` when training from a one-shot iterator (the learning-rate schedule "
+            "needs the run length), or pass a list / callable / ActivationStore")
+    return sum(1 for _ in _batches(data, cfg))
+
+
+# --------------------------------------------------------------------------- init
+@torch.no_grad()
+def geometric_median(points: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of Euclidean distances."""
+    points = points.float()
+    guess = points.mean(0)
+    for _ in range(iters):
+        dist = (points - guess).norm(dim=1).clamp_min(1e-8)
+        weights = 1.0 / dist
+        new = (weights[:, None] * points).sum(0) / weights.sum()
+        if (new - guess).norm() < tol * (1 + guess.norm()):
+            return new
+        guess = new
+    return guess
+
+
+def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    if cfg.lr_warmup_steps and step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    if not cfg.lr_decay:
+        return 1.0
+    span = max(1, total - cfg.lr_warmup_steps)
+    return max(0.0, 1.0 - (step - cfg.lr_warmup_steps) / span)
+
+
+# --------------------------------------------------------------------- checkpoints
+_CKPT_TENSORS = "trainer.safetensors"
+_CKPT_STATE = "trainer_state.json"
+
+
+def _save_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
+                     since_fired: Tensor, state: TrainState, cfg: TrainConfig) -> None:
+    """Atomically replace ``folder`` with the current training state (no pickles)."""
+    tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
+    params = list(sae.parameters())
+    for i, p in enumerate(params):
+        for key, value in opt.state.get(p, {}).items():
+            tensors[f"opt.{i}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["since_fired"] = since_fired.cpu().contiguous()
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / _CKPT_TENSORS))
+    meta = {"state": asdict(state), "sae_config": sae.cfg.to_dict(),
+            "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+    (tmp / _CKPT_STATE).write_text(json.dumps(meta, indent=1))
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
+                     since_fired: Tensor) -> TrainState:
+    try:
+        meta = json.loads((folder / _CKPT_STATE).read_text())
+        tensors = load_file(str(folder / _CKPT_TENSORS))
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise OSError(f"training checkpoint at {folder} is unreadable ({exc}); delete it or "
+                      "start without resume") from exc
+    saved_cfg = meta["sae_config"]
+    if (saved_cfg["d_in"], saved_cfg["num_latents"]) != (sae.d_in, sae.num_latents):
+        raise ValueError(
+            f"checkpoint at {folder} is for an SAE of d_in={saved_cfg['d_in']}, "
+            f"n={saved_cfg['num_latents']}; this run builds d_in={sae.d_in}, n={sae.num_latents}")
+    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+    params = list(sae.parameters())
+    opt_state = opt.state_dict()
+    opt_state["state"] = {}
+    for name, value in tensors.items():
+        if name.startswith("opt."):
+            _, idx, key = name.split(".", 2)
+            opt_state["state"].setdefault(int(idx), {})[key] = value.to(params[int(idx)].device)
+    opt.load_state_dict(opt_state)
+    since_fired.copy_(tensors["since_fired"].to(since_fired.device))
+    return TrainState(**meta["state"])
+
+
+# --------------------------------------------------------------------------- train
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | None = None,
+              init: SparseAutoencoder | None = None, **overrides: Any) -> SparseAutoencoder:
+    """Train an SAE on ``data`` and return it (on CPU when multi-process, else on its device).
+
+    ``data``: an :class:`ActivationStore`, a list/iterable of [N, d] tensors, or a callable
+    returning a fresh iterable (needed for several epochs or for ``resume`` replays).
+    ``init``: start from these weights (fine-tune a released SAE on your data) instead of a
+    fresh initialisation; its d_in/n/k win over the config's.
+    Keyword overrides set fields of :class:`TrainConfig`, e.g. ``train_sae(store, k=32, steps=1000)``.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg = cfg or TrainConfig()
+    if overrides:
+        unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown training options: {sorted(unknown)}")
+        cfg = TrainConfig(**{**asdict(cfg), **overrides})
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              cpu=(cfg.device == "cpu" and not _distributed()))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    device = accelerator.device if (_distributed() or cfg.device is None) else torch.device(cfg.device)
+
+    total_steps = _count_steps(data, cfg)
+    if total_steps <= 0:
+        raise TrainingDataError("no activations to train on: zero training steps")
+    stream = enumerate(_batches(data, cfg))
+    try:
+        first_index, first = next(stream)
+    except StopIteration as exc:  # pragma: no cover - _batches raises first
+        raise TrainingDataError("no activations to train on") from exc
+    d_in = d_in or first.shape[-1]
+    _check_batch(first, d_in, 0)
+
+    sae_cfg = SaeConfig(d_in=d_in, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
+                        k=cfg.k, input_unit_norm=cfg.input_unit_norm, hookpoint=cfg.hookpoint,
+                        model_family=cfg.model_family, base_model=cfg.base_model,
+                        extra=dict(cfg.extra))
+    if init is not None:
+        sae = SparseAutoencoder(init.cfg.replace(encoder="topk"))
+        sae.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
+        if sae.d_in != d_in:
+            raise TrainingDataError(f"init SAE has d_in={sae.d_in} but the data has width {d_in}")
+    else:
+        sae = SparseAutoencoder(sae_cfg)
+        sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+        with torch.no_grad():
+            xs, _, _ = sae._standardise(first.float())
+            sae.b_dec.copy_(geometric_median(xs))
+    sae.to(device)
+    lr = cfg.resolved_lr(sae.num_latents)
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
+    since_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=device)
+
+    state = TrainState()
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
+    if cfg.resume and ckpt is not None and (ckpt / _CKPT_STATE).exists():
+        state = _load_checkpoint(ckpt, sae, opt, since_fired)
+        state.resumed_from = state.step
+    model, opt = accelerator.prepare(sae, opt)
+    core: SparseAutoencoder = accelerator.unwrap_model(model)
+
+    bar = tqdm(total=total_steps, initial=state.step, disable=not cfg.progress or rank != 0,
+               desc=f"train SAE {cfg.hookpoint or ''}".strip(), unit="step")
+
+    def batches_from_start() -> Iterator[tuple[int, Tensor]]:
+        yield first_index, first
+        yield from stream
+
+    # Global batch i belongs to process i % world; skip what a resumed run already consumed.
+    skip = state.step * world
+    for index, batch in batches_from_start():
+        if state.step >= total_steps:
+            break
+        if index < skip or index % world != rank:
+            continue
+        _check_batch(batch, d_in, index)
+        x = batch.to(device=device, dtype=torch.float32, non_blocking=True)
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(state.step, total_steps, cfg)
+        dead = since_fired > cfg.dead_tokens_threshold
+        with accelerator.autocast():
+            out = model(x, dead_mask=dead if cfg.auxk_alpha > 0 else None,
+                        batch_topk=cfg.batch_topk)
+            loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+        accelerator.backward(loss)
+        core.remove_parallel_grad()
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        core.normalize_decoder()
+
+        with torch.no_grad():
+            fired = torch.zeros(core.num_latents, device=device)
+            fired.index_fill_(0, out.latent_indices[out.latent_values > 0].flatten(), 1.0)
+            theta = out.pre_threshold.detach().float().reshape(1)
+            if world > 1:
+                fired = accelerator.reduce(fired, reduction="sum")
+                theta = accelerator.reduce(theta, reduction="mean")
+            since_fired += x.shape[0] * world
+            since_fired[fired > 0] = 0
+            theta_value = float(theta)
+            m = cfg.threshold_momentum
+            state.threshold = (theta_value if state.threshold is None
+                               else m * state.threshold + (1 - m) * theta_value)
+        state.step += 1
+        state.tokens += x.shape[0] * world
+        state.last_fvu, state.last_l0 = float(out.fvu.detach()), float(out.l0)
+        state.dead_fraction = float((since_fired > cfg.dead_tokens_threshold).float().mean())
+        bar.update(1)
+        bar.set_postfix(fvu=f"{state.last_fvu:.3f}", l0=f"{state.last_l0:.1f}",
+                        dead=f"{100 * state.dead_fraction:.1f}%", refresh=False)
+        if ckpt is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            if rank == 0:
+                _save_checkpoint(ckpt, core, opt, since_fired, state, cfg)
+            accelerator.wait_for_everyone()
+    bar.close()
+    if state.step < total_steps:
+        raise TrainingDataError(
+            f"the data ran out after {state.step} of {total_steps} steps; lower `steps` or "
+            "pass a re-iterable source")
+    if ckpt is not None and rank == 0:
+        _save_checkpoint(ckpt, core, opt, since_fired, state, cfg)
+    accelerator.wait_for_everyone()
+
+    core.cfg = core.cfg.replace(
+        threshold=state.threshold, encoder=cfg.encoder,
+        extra={**core.cfg.extra, "training": {
+            "steps": state.step, "tokens": state.tokens, "batch_size": cfg.batch_size,
+            "processes": world, "lr": lr, "batch_topk": cfg.batch_topk, "seed": cfg.seed,
+            "auxk_alpha": cfg.auxk_alpha, "final_fvu": state.last_fvu,
+            "dead_fraction": state.dead_fraction}})
+    core.training_state = state  # type: ignore[attr-defined]
+    return core
