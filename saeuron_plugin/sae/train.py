@@ -311,8 +311,8 @@ def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | N
             raise TypeError(f"unknown training options: {sorted(unknown)}")
         cfg = TrainConfig(**{**asdict(cfg), **overrides})
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
-                              cpu=(cfg.device == "cpu" and not _distributed()))
+    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu)
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device if (_distributed() or cfg.device is None) else torch.device(cfg.device)
 
