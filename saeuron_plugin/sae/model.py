@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -17,6 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 EncoderMode = Literal["topk", "threshold"]
+
+# The sparse backward uses CSR matmuls, stable for this use but flagged "beta" by torch.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 class SaeConfigError(ValueError):
@@ -253,36 +257,27 @@ class SparseAutoencoder(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.d_in)
         xs, mean, std = self._standardise(flat)
-        pre = F.relu(self.encoder(xs - self.b_dec))
-        k = self.cfg.k
-        if batch_topk:
-            values, indices, kept_min = _batch_topk(pre, k)
-        else:
-            values, indices = pre.topk(k, dim=-1, sorted=False)
-            kept_min = _batch_threshold(pre, k)
+        k_aux, scale = 0, 0.0
+        if dead_mask is not None and (n_dead := int(dead_mask.sum())) > 0:
+            k_aux_full = self.d_in // 2
+            scale, k_aux = min(n_dead / k_aux_full, 1.0), min(k_aux_full, n_dead)
+            dead_mask = dead_mask.to(xs.device)
+        values, indices, aux_values, aux_indices, kept_min = _SparseEncode.apply(
+            xs - self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, batch_topk,
+            dead_mask, k_aux)
         recon = self.decode_sparse(values, indices)
 
         total_variance = (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-12)
-        residual = recon - xs
-        fvu = residual.pow(2).sum() / total_variance
-
+        fvu = (recon - xs).pow(2).sum() / total_variance
         auxk = recon.new_zeros(())
-        if dead_mask is not None:
-            n_dead = int(dead_mask.sum())
-            if n_dead > 0:
-                k_aux_full = self.d_in // 2
-                scale = min(n_dead / k_aux_full, 1.0)
-                k_aux = min(k_aux_full, n_dead)
-                dead_pre = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
-                aux_vals, aux_idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-                aux_vals = aux_vals.clamp_min(0)  # -inf never wins when k_aux <= n_dead
-                e = (xs - recon).detach()
-                e_hat = self.decode_sparse(aux_vals, aux_idx, bias=False)
-                auxk = scale * (e_hat - e).pow(2).sum() / total_variance
+        if k_aux > 0:
+            e = (xs - recon).detach()
+            e_hat = self.decode_sparse(aux_values, aux_indices, bias=False)
+            auxk = scale * (e_hat - e).pow(2).sum() / total_variance
 
         if std is not None:
             recon = recon * std + mean
-        l0 = (values > 0).sum(-1).float().mean()
+        l0 = (values.detach() > 0).sum(-1).float().mean()
         return SaeOutput(recon.reshape(shape).to(x.dtype), values, indices, fvu, auxk, l0,
                          kept_min)
 
@@ -323,16 +318,69 @@ class SparseAutoencoder(nn.Module):
 
 def _batch_threshold(pre: Tensor, k: int) -> Tensor:
     """The (k·B)-th largest activation of the batch: what a global θ must be for L0 = k."""
-    flat = pre.detach().reshape(-1)
-    kk = min(flat.numel(), k * pre.shape[0])
-    return flat.topk(kk, sorted=False).values.min()
+    flat = pre.reshape(-1)
+    return flat.topk(min(flat.numel(), k * pre.shape[0]), sorted=False).values.min()
 
 
-def _batch_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchTopK as a padded sparse code: tokens keep their activations ≥ the batch's θ."""
+def _select(pre: Tensor, k: int, batch_topk: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token TopK, or BatchTopK as a zero-padded code (tokens keep activations ≥ θ_batch)."""
     theta = _batch_threshold(pre, k)
-    keep = pre.detach() >= theta
-    k_max = int(keep.sum(-1).max().clamp_min(1))
+    if not batch_topk:
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        return values, indices, theta
+    k_max = int((pre >= theta).sum(-1).max().clamp_min(1))
     values, indices = pre.topk(k_max, dim=-1, sorted=False)
-    values = values * (values >= theta)
-    return values, indices, theta
+    return values * (values >= theta), indices, theta
+
+
+def _sparse_grad_weight(grad: Tensor, indices: Tensor, x: Tensor, n: int) -> Tensor:
+    """Σ_tokens grad[t, j] · x[t] into row indices[t, j] of an [n, d] matrix, via a CSR matmul."""
+    rows, k = indices.shape
+    crow = torch.arange(0, rows * k + 1, k, device=x.device)
+    g = torch.sparse_csr_tensor(crow, indices.reshape(-1), grad.reshape(-1).to(x.dtype), (rows, n))
+    return g.t() @ x
+
+
+class _SparseEncode(torch.autograd.Function):
+    """ReLU encoder + TopK/BatchTopK (+ AuxK dead-latent TopK) with a sparse backward.
+
+    Only the selected k (+ k_aux) activations per token receive gradient, so the encoder's
+    backward costs O(B·k·d) instead of the dense O(B·n·d): training does one dense matmul
+    per step instead of three.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, xc: Tensor, weight: Tensor, bias: Tensor, k: int, batch_topk: bool,
+                dead_mask: Tensor | None, k_aux: int) -> tuple[Tensor, ...]:
+        pre = F.relu(F.linear(xc, weight, bias))
+        values, indices, theta = _select(pre, k, batch_topk)
+        if k_aux > 0 and dead_mask is not None:
+            dead_pre = pre.masked_fill(~dead_mask, -1.0)  # dead latents only; ReLU'd values ≥ 0
+            aux_values, aux_indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
+            aux_values = aux_values.clamp_min(0)
+        else:
+            aux_values = pre.new_zeros(pre.shape[0], 0)
+            aux_indices = indices.new_zeros(pre.shape[0], 0)
+        ctx.save_for_backward(xc, weight, values, indices, aux_values, aux_indices)
+        ctx.mark_non_differentiable(indices, aux_indices, theta)
+        return values, indices, aux_values, aux_indices, theta
+
+    @staticmethod
+    def backward(ctx: Any, g_values: Tensor, _gi: Any, g_aux: Tensor, _gai: Any,
+                 _gt: Any) -> tuple[Tensor | None, ...]:
+        xc, weight, values, indices, aux_values, aux_indices = ctx.saved_tensors
+        n = weight.shape[0]
+        parts = [(g_values * (values > 0), indices)]  # ReLU and the BatchTopK mask: no grad at 0
+        if g_aux is not None and aux_indices.shape[1] > 0:
+            parts.append((g_aux * (aux_values > 0), aux_indices))
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = sum(F.embedding_bag(i, weight, per_sample_weights=g.to(weight.dtype), mode="sum")
+                         for g, i in parts)
+        if ctx.needs_input_grad[1]:
+            grad_w = sum(_sparse_grad_weight(g, i, xc, n) for g, i in parts)
+        if ctx.needs_input_grad[2]:
+            grad_b = weight.new_zeros(n)
+            for g, i in parts:
+                grad_b.index_add_(0, i.reshape(-1), g.reshape(-1).to(weight.dtype))
+        return grad_x, grad_w, grad_b, None, None, None, None
