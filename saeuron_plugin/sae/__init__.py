@@ -1,5 +1,7 @@
 """The SAE core: tensors only. Never imports diffusers, transformers or comfy."""
 
 from .model import SaeConfig, SaeConfigError, SaeOutput, SparseAutoencoder, SparseCode
+from .store import ActivationStore, ActivationStoreError
 
-__all__ = ["SaeConfig", "SaeConfigError", "SaeOutput", "SparseAutoencoder", "SparseCode"]
+__all__ = ["ActivationStore", "ActivationStoreError", "SaeConfig", "SaeConfigError", "SaeOutput",
+           "SparseAutoencoder", "SparseCode"]

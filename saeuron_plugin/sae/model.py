@@ -120,7 +120,7 @@ class SaeOutput(NamedTuple):
     l0: Tensor
     """Mean number of non-zero latents per token."""
     pre_threshold: Tensor
-    """Smallest kept activation across the batch: the per-batch estimate of θ."""
+    """The batch's (k·B)-th largest activation: the per-batch estimate of θ (NaN if not measured)."""
 
 
 class SparseAutoencoder(nn.Module):
@@ -244,14 +244,15 @@ class SparseAutoencoder(nn.Module):
         return out + self.b_dec if bias else out
 
     # --------------------------------------------------------------- forward
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None,
-                batch_topk: bool = False) -> SaeOutput:
+    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, batch_topk: bool = False,
+                measure_threshold: bool = True) -> SaeOutput:
         """Encode, decode and measure a batch of tokens [..., d].
 
         ``batch_topk`` keeps the k·B largest activations over the whole batch (training mode of
         the reference); otherwise per-token TopK. ``dead_mask`` [n] switches on the AuxK loss:
         the detached residual e = x − x̂ is predicted from the top-k_aux dead latents through
-        W_dec alone (no b_dec), scaled by min(n_dead / k_aux, 1).
+        W_dec alone (no b_dec), scaled by min(n_dead / k_aux, 1). ``measure_threshold=False``
+        skips the θ estimate in per-token mode (``pre_threshold`` is then NaN).
         """
         self.check_input(x)
         shape = x.shape
@@ -264,7 +265,7 @@ class SparseAutoencoder(nn.Module):
             dead_mask = dead_mask.to(xs.device)
         values, indices, aux_values, aux_indices, kept_min = _SparseEncode.apply(
             xs - self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, batch_topk,
-            dead_mask, k_aux)
+            dead_mask, k_aux, measure_threshold)
         recon = self.decode_sparse(values, indices)
 
         total_variance = (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -316,20 +317,31 @@ class SparseAutoencoder(nn.Module):
         return push_sae_to_hub(self, repo_id, subfolder=subfolder, **kwargs)
 
 
-def _batch_threshold(pre: Tensor, k: int) -> Tensor:
-    """The (k·B)-th largest activation of the batch: what a global θ must be for L0 = k."""
-    flat = pre.reshape(-1)
-    return flat.topk(min(flat.numel(), k * pre.shape[0]), sorted=False).values.min()
+def _select(pre: Tensor, k: int, batch_topk: bool, need_theta: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token TopK, or BatchTopK as a zero-padded code; plus θ_batch when asked.
 
-
-def _select(pre: Tensor, k: int, batch_topk: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token TopK, or BatchTopK as a zero-padded code (tokens keep activations ≥ θ_batch)."""
-    theta = _batch_threshold(pre, k)
-    if not batch_topk:
+    θ_batch is the (k·B)-th largest activation of the batch (the global threshold at which the
+    mean L0 is k). A flat top-(k·B) over all B·n values is slow, so it is first taken over each
+    token's top-4k candidates. That value is a lower bound of θ_batch (a subset's (k·B)-th
+    largest); it is exact unless some token has all its candidates above it, in which case
+    θ_batch is taken over the few entries ≥ the bound, still exactly.
+    """
+    if not batch_topk and not need_theta:
         values, indices = pre.topk(k, dim=-1, sorted=False)
-        return values, indices, theta
-    k_max = int((pre >= theta).sum(-1).max().clamp_min(1))
-    values, indices = pre.topk(k_max, dim=-1, sorted=False)
+        return values, indices, pre.new_full((), float("nan"))
+    rows, n = pre.shape
+    k_cand = min(n, 4 * k)
+    cand_values, cand_indices = pre.topk(k_cand, dim=-1, sorted=True)
+    theta = cand_values.reshape(-1).topk(rows * k, sorted=False).values.min()
+    if k_cand < n and bool((cand_values[:, -1] >= theta).any()):
+        theta = pre[pre >= theta].topk(rows * k, sorted=False).values.min()
+        k_max = int((pre >= theta).sum(-1).max())
+        if k_max > k_cand:
+            cand_values, cand_indices = pre.topk(k_max, dim=-1, sorted=True)
+    if not batch_topk:
+        return cand_values[:, :k], cand_indices[:, :k], theta
+    k_max = max(1, int((cand_values >= theta).sum(-1).max()))
+    values, indices = cand_values[:, :k_max], cand_indices[:, :k_max]
     return values * (values >= theta), indices, theta
 
 
@@ -351,9 +363,9 @@ class _SparseEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, xc: Tensor, weight: Tensor, bias: Tensor, k: int, batch_topk: bool,
-                dead_mask: Tensor | None, k_aux: int) -> tuple[Tensor, ...]:
+                dead_mask: Tensor | None, k_aux: int, need_theta: bool) -> tuple[Tensor, ...]:
         pre = F.relu(F.linear(xc, weight, bias))
-        values, indices, theta = _select(pre, k, batch_topk)
+        values, indices, theta = _select(pre, k, batch_topk, need_theta)
         if k_aux > 0 and dead_mask is not None:
             dead_pre = pre.masked_fill(~dead_mask, -1.0)  # dead latents only; ReLU'd values ≥ 0
             aux_values, aux_indices = dead_pre.topk(k_aux, dim=-1, sorted=False)
@@ -383,4 +395,4 @@ class _SparseEncode(torch.autograd.Function):
             grad_b = weight.new_zeros(n)
             for g, i in parts:
                 grad_b.index_add_(0, i.reshape(-1), g.reshape(-1).to(weight.dtype))
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None

@@ -229,6 +229,8 @@ def _lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 # --------------------------------------------------------------------- checkpoints
+_THETA_EVERY = 8
+"""Per-token TopK runs measure θ every this many steps (BatchTopK gets it for free)."""
 _CKPT_TENSORS = "trainer.safetensors"
 _CKPT_STATE = "trainer_state.json"
 
@@ -375,8 +377,9 @@ def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | N
             group["lr"] = lr * _lr_factor(state.step, total_steps, cfg)
         dead = since_fired > cfg.dead_tokens_threshold
         with accelerator.autocast():
+            measure = cfg.batch_topk or state.step % _THETA_EVERY == 0 or state.step + 1 == total_steps
             out = model(x, dead_mask=dead if cfg.auxk_alpha > 0 else None,
-                        batch_topk=cfg.batch_topk)
+                        batch_topk=cfg.batch_topk, measure_threshold=measure)
             loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
         accelerator.backward(loss)
         core.remove_parallel_grad()
@@ -396,9 +399,10 @@ def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | N
             since_fired += x.shape[0] * world
             since_fired[fired > 0] = 0
             theta_value = float(theta)
-            m = cfg.threshold_momentum
-            state.threshold = (theta_value if state.threshold is None
-                               else m * state.threshold + (1 - m) * theta_value)
+            if not math.isnan(theta_value):
+                m = cfg.threshold_momentum if cfg.batch_topk else cfg.threshold_momentum ** _THETA_EVERY
+                state.threshold = (theta_value if state.threshold is None
+                                   else m * state.threshold + (1 - m) * theta_value)
         state.step += 1
         state.tokens += x.shape[0] * world
         state.last_fvu, state.last_l0 = float(out.fvu.detach()), float(out.l0)

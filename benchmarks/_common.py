@@ -1,0 +1,54 @@
+"""Shared helpers for the benchmarks: say how a number was measured, time things robustly."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def describe_run(seed: int) -> str:
+    """Command, machine, software and seed: everything needed to repeat a measurement."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return "\n".join([
+        f"command : {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}",
+        f"machine : {platform.node()} | {cpu} | {os.cpu_count()} cores | {device}",
+        f"software: python {platform.python_version()} | torch {torch.__version__} | "
+        f"threads {torch.get_num_threads()} | commit {commit}",
+        f"seed    : {seed}",
+    ])
+
+
+def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` in seconds (synchronising CUDA when present)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
