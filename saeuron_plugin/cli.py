@@ -4,26 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 Handler = Callable[[argparse.Namespace], int]
-_COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
-
-
-def command(name: str, help_text: str) -> Callable[[Callable[[argparse.ArgumentParser], None]],
-                                                   Callable[[Handler], Handler]]:
-    """Register ``saeuron NAME``: decorate an argument builder, then its handler."""
-
-    def with_args(build: Callable[[argparse.ArgumentParser], None]) -> Callable[[Handler], Handler]:
-        def with_handler(handler: Handler) -> Handler:
-            _COMMANDS[name] = (build, handler, help_text)
-            return handler
-
-        return with_handler
-
-    return with_args
+ArgsBuilder = Callable[[argparse.ArgumentParser], None]
 
 
 # ----------------------------------------------------------------------------- train
@@ -49,7 +36,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
 
 
-@command("train", "train a TopK SAE on an activation store")(_train_args)
 def _train(args: argparse.Namespace) -> int:
     from .sae.store import ActivationStore
     from .sae.train import TrainConfig, train_sae
@@ -66,9 +52,7 @@ def _train(args: argparse.Namespace) -> int:
         hookpoint=meta.get("hookpoint"), model_family=meta.get("model_family"),
         base_model=meta.get("base_model"))
     sae = train_sae(store, cfg)
-    import os
-
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate
         sae.save_pretrained(args.out)
         s = sae.training_state
         print(json.dumps({"out": str(args.out), "steps": s.step, "tokens": s.tokens,
@@ -83,7 +67,6 @@ def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subfolder", default=None, help="hookpoint folder inside a repo")
 
 
-@command("info", "print an SAE's configuration")(_info_args)
 def _info(args: argparse.Namespace) -> int:
     from .sae.model import SparseAutoencoder
 
@@ -93,7 +76,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ demo
-@command("demo", "unlearn a concept on the embedded default model")(lambda p: None)
+def _no_args(p: argparse.ArgumentParser) -> None:
+    """A subcommand without options."""
+
+
 def _demo(args: argparse.Namespace) -> int:
     print("no demo yet: the embedded ShapesCanvas default model is not shipped in this version "
           "(see CHANGELOG). `make test` exercises everything that exists.")
@@ -101,11 +87,18 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ main
+COMMANDS: dict[str, tuple[str, ArgsBuilder, Handler]] = {
+    "train": ("train a TopK SAE on an activation store", _train_args, _train),
+    "info": ("print an SAE's configuration", _info_args, _info),
+    "demo": ("unlearn a concept on the embedded default model", _no_args, _demo),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saeuron", description="Concept unlearning with sparse autoencoders (SAeUron).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (build, handler, help_text) in _COMMANDS.items():
+    for name, (help_text, build, handler) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         build(p)
         p.set_defaults(handler=handler)
