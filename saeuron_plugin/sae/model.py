@@ -349,7 +349,8 @@ def _sparse_grad_weight(grad: Tensor, indices: Tensor, x: Tensor, n: int) -> Ten
     """Σ_tokens grad[t, j] · x[t] into row indices[t, j] of an [n, d] matrix, via a CSR matmul."""
     rows, k = indices.shape
     crow = torch.arange(0, rows * k + 1, k, device=x.device)
-    g = torch.sparse_csr_tensor(crow, indices.reshape(-1), grad.reshape(-1).to(x.dtype), (rows, n))
+    g = torch.sparse_csr_tensor(crow, indices.reshape(-1), grad.reshape(-1).to(x.dtype), (rows, n),
+                                check_invariants=False)
     return g.t() @ x
 
 
