@@ -1,0 +1,248 @@
+"""Collect hookpoint activations from a diffusers pipeline across all denoising steps.
+
+Every spatial position (or image token) of every step becomes one row ``[d]`` with its normalised
+time τ; by default only conditional CFG rows are kept (SAeUron computes its statistics there).
+Several hookpoints are captured in the same generation pass. Rows go to an
+:class:`~saeuron_plugin.sae.store.ActivationStore` (one per hookpoint; prompts already stored are
+skipped on a re-run) or stream to a callable ``sink(hookpoint, rows [N, d], tau [N])``, e.g. a
+trainer's queue, without touching disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..sae.store import ActivationStore
+from .hookpoints import Hookpoint, detect_family, resolve_hookpoint
+from .hooks import install_hooks
+
+Sink = Callable[[str, Tensor, Tensor], None]
+Prompt = str | Mapping[str, Any]
+
+
+@dataclass
+class CollectResult:
+    """What a collection run did: prompts generated / skipped as already stored, rows per hookpoint."""
+
+    collected: int = 0
+    skipped: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+def prompt_key(index: int, prompt: Prompt) -> str:
+    """Resume key of a prompt: its position plus a hash of its content."""
+    h = hashlib.sha256()
+    if isinstance(prompt, str):
+        h.update(prompt.encode())
+    else:
+        for name in sorted(prompt):
+            value = prompt[name]
+            h.update(name.encode())
+            if isinstance(value, Tensor):
+                t = value.detach().cpu().contiguous()
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
+    return f"{index}:{h.hexdigest()[:16]}"
+
+
+class _Capture:
+    """Editor that records rows (never edits): selected batch rows, optional token subsample."""
+
+    def __init__(self, path: str, cond_only: bool, tokens_per_step: int | None, seed: int) -> None:
+        self.path = path
+        self.cond_only = cond_only
+        self.tokens_per_step = tokens_per_step
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.prompts_in_batch = 1
+        self.images_per_prompt = 1
+        self.chunks: list[tuple[Tensor, Tensor, Tensor]] = []  # rows [n, k, d], tau [n], local prompt [n]
+
+    def start_batch(self, prompts: int, images_per_prompt: int, first_index: int) -> None:
+        """Prepare for a pipeline call; the token subsample is seeded by the batch's first prompt."""
+        self.prompts_in_batch, self.images_per_prompt = prompts, images_per_prompt
+        self.generator.manual_seed(self.seed + first_index)
+        self.chunks = []
+
+    def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor:
+        if tau is None:
+            raise RuntimeError(f"{self.path}: no timestep seen for this call (run outside the denoiser?)")
+        batch, tokens, _ = x.shape
+        rows = torch.arange(batch)
+        if self.cond_only:
+            if cond_mask is None:
+                raise RuntimeError(f"{self.path}: the CFG branch of this call is unknown; pass "
+                                   "cond_only=False to collect every row")
+            rows = rows[cond_mask.cpu()]
+        if rows.numel() == 0:
+            return x
+        per_call = self.prompts_in_batch * self.images_per_prompt
+        local = (rows % per_call) // self.images_per_prompt
+        dev_rows = rows.to(x.device)
+        picked = x.detach().index_select(0, dev_rows)
+        if self.tokens_per_step is not None and self.tokens_per_step < tokens:
+            order = torch.rand(rows.numel(), tokens, generator=self.generator).argsort(dim=1)
+            idx = order[:, : self.tokens_per_step].to(x.device)
+            picked = picked.gather(1, idx.unsqueeze(-1).expand(-1, -1, picked.shape[-1]))
+        tau_t = torch.as_tensor(tau, dtype=torch.float32, device=x.device).expand(batch)
+        self.chunks.append((picked, tau_t.index_select(0, dev_rows), local))
+        return x
+
+    def take(self) -> list[tuple[Tensor, Tensor]]:
+        """Rows and per-row τ of each local prompt, in step order; clears the buffer."""
+        out = []
+        chunks, self.chunks = self.chunks, []
+        for p in range(self.prompts_in_batch):
+            xs, ts = [], []
+            for picked, tau, local in chunks:
+                sel = (local == p).nonzero().flatten()
+                if sel.numel():
+                    sel_dev = sel.to(picked.device)
+                    block = picked.index_select(0, sel_dev)
+                    xs.append(block.reshape(-1, block.shape[-1]))
+                    ts.append(tau.index_select(0, sel_dev).repeat_interleave(block.shape[1]))
+            width = chunks[0][0].shape[-1] if chunks else 0
+            out.append((torch.cat(xs).cpu() if xs else torch.empty(0, width),
+                        torch.cat(ts).cpu() if ts else torch.empty(0)))
+        return out
+
+
+def _batch_kwargs(prompts: list[Prompt]) -> dict[str, Any]:
+    """Pipeline kwargs for a batch: ``prompt=[...]`` or merged per-prompt kwargs (tensors concatenated)."""
+    if all(isinstance(p, str) for p in prompts):
+        return {"prompt": list(prompts)}
+    if not all(isinstance(p, Mapping) for p in prompts):
+        raise TypeError("prompts must be all strings or all mappings of pipeline kwargs")
+    keys = set(prompts[0])
+    if any(set(p) != keys for p in prompts):
+        raise ValueError("every prompt mapping must have the same keys")
+    merged: dict[str, Any] = {}
+    for key in keys:
+        values = [p[key] for p in prompts]
+        if isinstance(values[0], Tensor):
+            merged[key] = torch.cat(values)
+        elif all(v == values[0] for v in values):
+            merged[key] = values[0]
+        else:
+            raise ValueError(f"non-tensor prompt field {key!r} differs within a batch; use batch_size=1")
+    return merged
+
+
+def _open_stores(store: Any, hookpoints: list[Hookpoint], pipe: Any,
+                 dtype: torch.dtype) -> dict[str, Any] | Sink:
+    if isinstance(store, str | os.PathLike):
+        root = Path(store)
+        family = detect_family(pipe)
+        name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+        return {hp.path: ActivationStore.create(
+            root / hp.path, d_in=hp.width, dtype=dtype, exist_ok=True,
+            metadata={"hookpoint": hp.path, "family": family, "model": name}) for hp in hookpoints}
+    if isinstance(store, Mapping):
+        missing = [hp.path for hp in hookpoints if hp.path not in store]
+        if missing:
+            raise KeyError(f"no store given for hookpoints {missing}")
+        return {hp.path: store[hp.path] for hp in hookpoints}
+    if hasattr(store, "append") and hasattr(store, "has_key"):
+        if len(hookpoints) != 1:
+            raise ValueError("one store was given for several hookpoints; pass a dict hookpoint -> store, "
+                             "or a folder path")
+        return {hookpoints[0].path: store}
+    if callable(store):
+        return store
+    raise TypeError(f"store must be an ActivationStore, a dict of them, a folder path or a callable sink, "
+                    f"got {type(store).__name__}")
+
+
+def collect_activations(pipe: Any, prompts: Sequence[Prompt], hookpoints: Sequence[str], store: Any, *,
+                        num_inference_steps: int = 50, guidance_scale: float | None = None,
+                        cond_only: bool = True, tokens_per_step: int | None = None, batch_size: int = 1,
+                        seed: int = 0, output_type: str = "latent", show_progress: bool = True,
+                        store_dtype: torch.dtype = torch.float16, **pipe_kwargs: Any) -> CollectResult:
+    """Generate every prompt once and record the hookpoints' tokens at every denoising step.
+
+    ``prompts`` are strings, or mappings of per-prompt pipeline kwargs (e.g. ``prompt_embeds``
+    ``[1, L, D]`` for pipelines run without text encoders). ``store``: an ``ActivationStore``
+    (one hookpoint), a dict hookpoint → store, a folder (one store per hookpoint in
+    ``<folder>/<hookpoint>``, created as needed) or a callable ``sink(hookpoint, rows, tau)``
+    called once per prompt batch. ``tokens_per_step`` keeps that many random tokens per image
+    per step (seeded). Image i uses a generator seeded ``seed + i``, so results do not depend on
+    batching or resumption. ``output_type="latent"`` skips the VAE decode.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokens_per_step is not None and tokens_per_step < 1:
+        raise ValueError(f"tokens_per_step must be >= 1 or None, got {tokens_per_step}")
+    resolved = [resolve_hookpoint(pipe, path) for path in hookpoints]
+    targets = _open_stores(store, resolved, pipe, store_dtype)
+    sink = targets if callable(targets) else None
+    stores: dict[str, Any] = {} if sink is not None else targets  # type: ignore[assignment]
+    images_per_prompt = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
+
+    todo: list[tuple[int, Prompt, str]] = []
+    result = CollectResult(rows={hp.path: 0 for hp in resolved})
+    for i, prompt in enumerate(prompts):
+        key = prompt_key(i, prompt)
+        if stores and all(s.has_key(key) for s in stores.values()):
+            result.skipped += 1
+        else:
+            todo.append((i, prompt, key))
+
+    captures = {hp.path: _Capture(hp.path, cond_only, tokens_per_step, seed + 7919 * n)
+                for n, hp in enumerate(resolved)}
+    saved_bar = getattr(pipe, "_progress_bar_config", None)
+    pipe.set_progress_bar_config(**{**(saved_bar or {}), "disable": True})
+    bar = tqdm(total=len(todo), desc="collect", unit="prompt", disable=not show_progress)
+    try:
+        with install_hooks(pipe, captures):
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                for cap in captures.values():
+                    cap.start_batch(len(batch), images_per_prompt, batch[0][0])
+                generators = [torch.Generator().manual_seed(seed + i * images_per_prompt + r)
+                              for i, _, _ in batch for r in range(images_per_prompt)]
+                kwargs = {"num_inference_steps": num_inference_steps, "output_type": output_type,
+                          "generator": generators, **_batch_kwargs([p for _, p, _ in batch]), **pipe_kwargs}
+                if guidance_scale is not None:
+                    kwargs["guidance_scale"] = guidance_scale
+                pipe(**kwargs)
+                _write(batch, captures, stores, sink, result)
+                result.collected += len(batch)
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        if saved_bar is None:
+            del pipe._progress_bar_config
+        else:
+            pipe._progress_bar_config = saved_bar
+        for s in stores.values():
+            s.flush()
+    return result
+
+
+def _write(batch: list[tuple[int, Prompt, str]], captures: dict[str, _Capture], stores: dict[str, Any],
+           sink: Sink | None, result: CollectResult) -> None:
+    for path, cap in captures.items():
+        per_prompt = cap.take()
+        if sink is not None:
+            rows = torch.cat([x for x, _ in per_prompt])
+            if rows.shape[0]:
+                sink(path, rows, torch.cat([t for _, t in per_prompt]))
+            result.rows[path] += rows.shape[0]
+            continue
+        target = stores[path]
+        for (_, _, key), (rows, tau) in zip(batch, per_prompt):
+            if target.has_key(key):
+                continue
+            target.append(rows, tau=tau, key=key)
+            result.rows[path] += rows.shape[0]
