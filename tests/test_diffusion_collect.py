@@ -98,7 +98,7 @@ def test_two_hookpoints_one_pass_into_folder(sd, tmp_path):
     for path in (BLOCK, ATTN):
         store = ActivationStore(tmp_path / path)
         assert len(store) == 2 * STEPS * TOKENS and store.metadata["hookpoint"] == path
-        assert store.metadata["family"] == "sd1" and store.dtype == torch.float16
+        assert store.metadata["model_family"] == "sd1" and store.dtype == torch.float16
     res = collect_activations(sd, PROMPTS[:2], [BLOCK, ATTN], tmp_path, num_inference_steps=STEPS,
                               show_progress=False)
     assert (res.collected, res.skipped) == (0, 2)

@@ -86,15 +86,19 @@ def _ddim() -> DDIMScheduler:
     )
 
 
-def tiny_sd_pipeline(cross_attention_dim: int = TEXT_DIM, seed: int = 0) -> StableDiffusionPipeline:
-    """SD 1.x-shaped pipeline: CrossAttn down block 0, up block 1 (``unet.up_blocks.1.attentions.{0,1}``)."""
+def tiny_sd_pipeline(cross_attention_dim: int = TEXT_DIM, seed: int = 0,
+                     channels: tuple[int, int] = (16, 32)) -> StableDiffusionPipeline:
+    """SD 1.x-shaped pipeline: CrossAttn down block 0, up block 1 (``unet.up_blocks.1.attentions.{0,1}``).
+
+    ``up_blocks.1`` runs at ``channels[0]`` width (16 by default).
+    """
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(16, 32),
+        block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim,

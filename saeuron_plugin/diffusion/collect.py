@@ -147,7 +147,7 @@ def _open_stores(store: Any, hookpoints: list[Hookpoint], pipe: Any,
         name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
         return {hp.path: ActivationStore.create(
             root / hp.path, d_in=hp.width, dtype=dtype, exist_ok=True,
-            metadata={"hookpoint": hp.path, "family": family, "model": name}) for hp in hookpoints}
+            metadata={"hookpoint": hp.path, "model_family": family, "base_model": name}) for hp in hookpoints}
     if isinstance(store, Mapping):
         missing = [hp.path for hp in hookpoints if hp.path not in store]
         if missing:
@@ -200,34 +200,71 @@ def collect_activations(pipe: Any, prompts: Sequence[Prompt], hookpoints: Sequen
 
     captures = {hp.path: _Capture(hp.path, cond_only, tokens_per_step, seed + 7919 * n)
                 for n, hp in enumerate(resolved)}
+
+    def start(batch: list[tuple[int, Prompt]]) -> None:
+        for cap in captures.values():
+            cap.start_batch(len(batch), images_per_prompt, batch[0][0])
+
+    def done(batch: list[tuple[int, Prompt]]) -> None:
+        keyed = [(i, p, keys[i]) for i, p in batch]
+        _write(keyed, captures, stores, sink, result)
+        result.collected += len(batch)
+
+    keys = {i: key for i, _, key in todo}
+    try:
+        run_prompts(pipe, [(i, p) for i, p, _ in todo], captures, num_inference_steps=num_inference_steps,
+                    guidance_scale=guidance_scale, batch_size=batch_size, seed=seed, output_type=output_type,
+                    show_progress=show_progress, desc="collect", on_batch_start=start, on_batch_end=done,
+                    **pipe_kwargs)
+    finally:
+        for s in stores.values():
+            s.flush()
+    return result
+
+
+def run_prompts(pipe: Any, prompts: Sequence[tuple[int, Prompt]], editors: Mapping[str, Any], *,
+                num_inference_steps: int = 50, guidance_scale: float | None = None, batch_size: int = 1,
+                seed: int = 0, output_type: str = "latent", show_progress: bool = True,
+                desc: str = "generate",
+                on_batch_start: Callable[[list[tuple[int, Prompt]]], None] | None = None,
+                on_batch_end: Callable[[list[tuple[int, Prompt]]], None] | None = None,
+                **pipe_kwargs: Any) -> None:
+    """Generate ``(index, prompt)`` pairs in batches with ``editors`` hooked in: the loop shared by
+    collection and the concept statistics pass.
+
+    Image ``r`` of prompt ``i`` uses a generator seeded ``seed + i * images_per_prompt + r``, so
+    results do not depend on batching or resumption. The pipeline's own progress bar is silenced
+    for the run (one bar over prompts instead).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images_per_prompt = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
+    prompts = list(prompts)
     saved_bar = getattr(pipe, "_progress_bar_config", None)
     pipe.set_progress_bar_config(**{**(saved_bar or {}), "disable": True})
-    bar = tqdm(total=len(todo), desc="collect", unit="prompt", disable=not show_progress)
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not show_progress)
     try:
-        with install_hooks(pipe, captures):
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                for cap in captures.values():
-                    cap.start_batch(len(batch), images_per_prompt, batch[0][0])
+        with install_hooks(pipe, editors):
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start:start + batch_size]
+                if on_batch_start is not None:
+                    on_batch_start(batch)
                 generators = [torch.Generator().manual_seed(seed + i * images_per_prompt + r)
-                              for i, _, _ in batch for r in range(images_per_prompt)]
+                              for i, _ in batch for r in range(images_per_prompt)]
                 kwargs = {"num_inference_steps": num_inference_steps, "output_type": output_type,
-                          "generator": generators, **_batch_kwargs([p for _, p, _ in batch]), **pipe_kwargs}
+                          "generator": generators, **_batch_kwargs([p for _, p in batch]), **pipe_kwargs}
                 if guidance_scale is not None:
                     kwargs["guidance_scale"] = guidance_scale
                 pipe(**kwargs)
-                _write(batch, captures, stores, sink, result)
-                result.collected += len(batch)
+                if on_batch_end is not None:
+                    on_batch_end(batch)
                 bar.update(len(batch))
     finally:
         bar.close()
         if saved_bar is None:
-            del pipe._progress_bar_config
+            pipe.__dict__.pop("_progress_bar_config", None)
         else:
             pipe._progress_bar_config = saved_bar
-        for s in stores.values():
-            s.flush()
-    return result
 
 
 def _write(batch: list[tuple[int, Prompt, str]], captures: dict[str, _Capture], stores: dict[str, Any],
