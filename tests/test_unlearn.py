@@ -453,3 +453,50 @@ def test_bad_inputs_give_clear_errors(sd, sd_eraser):
         sd_eraser.apply(sd, "red").remove()  # no base model recorded: no warning
     with pytest.raises(ValueError, match="at least one prompt"):
         sd_eraser.add_concept("x", [], sd)
+
+
+def test_add_concepts_routes_shared_prompts_and_batches(sd):
+    """One pass for several concepts equals separate passes; batching does not change statistics."""
+    prompts = {
+        "red": ["a red star", "a red square"],
+        "star": ["a red star", "a blue star"],
+        None: ["a thing"],
+    }
+    one = SAeUron.from_saes({BLOCK: random_sae(16)}, tau_grid=TauGrid(10))
+    one.add_concepts(
+        prompts, sd, num_inference_steps=2, batch_size=2, show_progress=False, guidance_scale=7.5
+    )
+    sep = SAeUron.from_saes({BLOCK: random_sae(16)}, tau_grid=TauGrid(10))
+    for name, ps in prompts.items():
+        # same seeds as the joint pass: prompt i of the joint pass has seed i
+        order = ["a red star", "a red square", "a blue star", "a thing"]
+        for p in ps:
+            sep.add_concept(
+                name,
+                [p],
+                sd,
+                num_inference_steps=2,
+                seed=order.index(p),
+                show_progress=False,
+                guidance_scale=7.5,
+            )
+    a, b = one.hookpoints[BLOCK].library, sep.hookpoints[BLOCK].library
+    for name in ("red", "star"):
+        assert a.get(name).prompts == b.get(name).prompts
+        assert torch.equal(a.get(name).counts, b.get(name).counts)
+        assert torch.allclose(a.get(name).sums, b.get(name).sums, atol=1e-5)
+    assert torch.allclose(a.background.sums, b.background.sums, atol=1e-5)
+
+
+def test_inactive_defaults_keep_a_concept_to_its_hookpoint(sd, sd_eraser):
+    sd_eraser.set_defaults("blue", hookpoints=[ATTN], active=False)
+    try:
+        with sd_eraser.unlearn(sd, "blue") as handle:
+            assert handle.hookpoints == [BLOCK]
+        with sd_eraser.unlearn(sd, "blue", hookpoints=[ATTN]) as handle:
+            assert handle.hookpoints == [ATTN]
+        sd_eraser.set_defaults("blue", hookpoints=[BLOCK], active=False)
+        with pytest.raises(ValueError, match="inactive at every hookpoint"):
+            sd_eraser.apply(sd, "blue")
+    finally:
+        sd_eraser.set_defaults("blue", active=True)

@@ -316,11 +316,23 @@ class SAeUron:
             if unknown:
                 raise HookpointError(f"this bundle has no SAE for {unknown}; it has {list(self.hookpoints)}")
         targets = {
-            path: [s for s in resolved_specs if s.concept in h.library]
+            path: [
+                s
+                for s in resolved_specs
+                if s.concept in h.library
+                and (hookpoints is not None or h.library.selection_defaults(s.concept).active)
+            ]
             for path, h in self.hookpoints.items()
             if hookpoints is None or path in hookpoints
         }
         targets = {p: s for p, s in targets.items() if s}
+        placed = {s.concept for specs_at in targets.values() for s in specs_at}
+        idle = [s.concept for s in resolved_specs if s.concept not in placed]
+        if idle and hookpoints is None:
+            raise ValueError(
+                f"{idle} are inactive at every hookpoint of this bundle (selection default "
+                f"active=False); pass hookpoints=... to ablate them anyway"
+            )
         if not targets:
             raise ValueError(
                 f"none of {[s.concept for s in resolved_specs]} is held at hookpoints {hookpoints}"
@@ -357,9 +369,29 @@ class SAeUron:
         name: str | None,
         prompts: Sequence[Prompt],
         pipe: Any,
+        **options: Any,
+    ) -> dict[str, ConceptStats]:
+        """Run the statistics pass for concept ``name`` (None: the background set) over ``prompts``.
+
+        Each prompt is generated once; at every denoising step the conditional rows at each
+        hookpoint are encoded, averaged over tokens and added to the concept's per-τ sums. Calling
+        again with the same name adds samples (exact merge). Options as :meth:`add_concepts`.
+        Returns the updated statistics per hookpoint.
+        """
+        if not prompts:
+            raise ValueError("add_concept needs at least one prompt")
+        contrast = options.pop("contrast", None)
+        out = self.add_concepts({name: prompts}, pipe, **options)
+        if name is not None and contrast is not None:
+            self.set_defaults(name, hookpoints=list(out), contrast=contrast)
+        return {path: stats[name] for path, stats in out.items()}
+
+    def add_concepts(
+        self,
+        prompts_by_concept: Mapping[str | None, Sequence[Prompt]],
+        pipe: Any,
         *,
         hookpoints: Sequence[str] | None = None,
-        contrast: str | list[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float | None = None,
         seed: int = 0,
@@ -367,23 +399,32 @@ class SAeUron:
         calibrate: bool | None = None,
         show_progress: bool = True,
         **pipe_kwargs: Any,
-    ) -> dict[str, ConceptStats]:
-        """Run the statistics pass for concept ``name`` (None: the background set) over ``prompts``.
+    ) -> dict[str, dict[str | None, ConceptStats]]:
+        """Statistics pass for several concepts at once (key None: the background set).
 
-        Each prompt is generated once; at every denoising step the conditional rows at each
-        hookpoint are encoded, averaged over tokens and added to the concept's per-τ sums. Calling
-        again with the same name adds samples (exact merge). ``contrast`` sets the concept's default
-        contrast set. ``calibrate`` (default: when the SAE has no θ) also calibrates the threshold
-        encoder's θ on the same pre-activations and records it in the library.
-        Returns the updated statistics per hookpoint.
+        A prompt listed under several concepts ("a red star in striped style" for "red", "star"
+        and "striped") is generated once and its samples feed each of them. ``calibrate``
+        (default: when the SAE has no θ) also calibrates the threshold encoder's θ on the same
+        pre-activations and records it in the library. Returns hookpoint → concept → statistics.
         """
-        if not prompts:
-            raise ValueError("add_concept needs at least one prompt")
+        labels: dict[str, list[str | None]] = {}
+        unique: list[Prompt] = []
+        for name, prompts in prompts_by_concept.items():
+            if not prompts:
+                raise ValueError(f"concept {name!r} needs at least one prompt")
+            for prompt in prompts:
+                key = prompt if isinstance(prompt, str) else prompt_key(0, prompt)
+                if key not in labels:
+                    labels[key] = []
+                    unique.append(prompt)
+                if name not in labels[key]:
+                    labels[key].append(name)
         paths = list(hookpoints) if hookpoints else list(self.hookpoints)
         unknown = [p for p in paths if p not in self.hookpoints]
         if unknown:
             raise HookpointError(f"this bundle has no SAE for {unknown}; it has {list(self.hookpoints)}")
         self._check_pipe(pipe, paths)
+        images_per_prompt = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
         passes = {}
         for path in paths:
             entry = self.hookpoints[path]
@@ -391,36 +432,47 @@ class SAeUron:
                 entry.calibrator = entry.calibrator or ThresholdCalibrator(entry.sae)
             else:
                 entry.calibrator = None
-            passes[path] = _StatisticsPass(entry, name)
-        indexed = list(enumerate(prompts))
+            passes[path] = _StatisticsPass(entry, images_per_prompt)
+            for name in prompts_by_concept:
+                passes[path].stats(name)  # exists even if a pass sees no rows
+
+        def names_of(batch: list[tuple[int, Prompt]]) -> list[list[str | None]]:
+            return [labels[p if isinstance(p, str) else prompt_key(0, p)] for _, p in batch]
+
+        def start(batch: list[tuple[int, Prompt]]) -> None:
+            for stats_pass in passes.values():
+                stats_pass.batch_names = names_of(batch)
 
         def record(batch: list[tuple[int, Prompt]]) -> None:
-            labels = [p if isinstance(p, str) else f"<prompt {prompt_key(i, p)}>" for i, p in batch]
-            for stats_pass in passes.values():
-                stats_pass.stats().record_prompts(labels)
+            for (i, prompt), names in zip(batch, names_of(batch)):
+                label = prompt if isinstance(prompt, str) else f"<prompt {prompt_key(i, prompt)}>"
+                for stats_pass in passes.values():
+                    for name in names:
+                        stats_pass.stats(name).record_prompts([label])
 
+        what = ", ".join("background" if n is None else str(n) for n in list(prompts_by_concept)[:3])
+        more = f" +{len(prompts_by_concept) - 3}" if len(prompts_by_concept) > 3 else ""
         with torch.no_grad():
             run_prompts(
                 pipe,
-                indexed,
+                list(enumerate(unique)),
                 passes,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 batch_size=batch_size,
                 seed=seed,
                 show_progress=show_progress,
-                desc=f"concept {name or 'background'}",
+                desc=f"concepts {what}{more}",
+                on_batch_start=start,
                 on_batch_end=record,
                 **pipe_kwargs,
             )
-        out = {}
+        out: dict[str, dict[str | None, ConceptStats]] = {}
         for path, stats_pass in passes.items():
             entry = self.hookpoints[path]
             if entry.calibrator is not None:
                 entry.library.record_threshold(entry.calibrator)
-            if name is not None and contrast is not None:
-                entry.library.set_selection_defaults(name, contrast=contrast)
-            out[path] = stats_pass.stats()
+            out[path] = {name: stats_pass.stats(name) for name in prompts_by_concept}
         return out
 
     def set_defaults(self, concept: str, *, hookpoints: Sequence[str] | None = None, **defaults: Any) -> None:
@@ -479,21 +531,23 @@ class SAeUron:
 
 
 class _StatisticsPass:
-    """Editor for the statistics pass: never edits, adds token-averaged latents of conditional rows."""
+    """Editor for the statistics pass: never edits; adds token-averaged latents of conditional rows
+    to the concepts of the prompt each row belongs to (``batch_names``, one list per prompt)."""
 
-    def __init__(self, entry: HookpointSAE, name: str | None) -> None:
+    def __init__(self, entry: HookpointSAE, images_per_prompt: int) -> None:
         self.entry = entry
-        self.name = name
+        self.images_per_prompt = images_per_prompt
+        self.batch_names: list[list[str | None]] = []
 
-    def stats(self) -> ConceptStats:
+    def stats(self, name: str | None) -> ConceptStats:
         lib = self.entry.library
-        if self.name is None:
+        if name is None:
             if lib.background is None:
                 lib.background = lib.new_stats("background")
             return lib.background
-        if self.name not in lib:
-            lib.add_stats(lib.new_stats(self.name))
-        return lib.get(self.name)
+        if name not in lib:
+            lib.add_stats(lib.new_stats(name))
+        return lib.get(name)
 
     def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor:
         if tau is None:
@@ -502,16 +556,21 @@ class _StatisticsPass:
         tau_t = torch.as_tensor(tau, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         if cond_mask is not None:
             rows, tau_t = x[cond_mask], tau_t[cond_mask.to(tau_t.device)]
-        if rows.shape[0]:
-            sae = self.entry.sae
-            self.stats()  # create on first use so an all-empty pass still leaves the concept
-            self.entry.library.accumulate_activations(
-                self.name,
-                sae,
-                rows.detach().to(sae.device, torch.float32),
-                tau_t.cpu(),
-                calibrator=self.entry.calibrator,
+        if rows.shape[0] == 0:
+            return x
+        expected = len(self.batch_names) * self.images_per_prompt
+        if rows.shape[0] != expected:
+            raise RuntimeError(
+                f"{self.entry.path}: {rows.shape[0]} conditional rows for {expected} images; "
+                "the CFG layout of this pipeline is not understood (use batch_size=1)"
             )
+        sae, lib = self.entry.sae, self.entry.library
+        pooled = lib.encode_pooled(sae, rows.detach().to(sae.device, torch.float32), self.entry.calibrator)
+        tau_t = tau_t.cpu()
+        owner = torch.arange(rows.shape[0]) // self.images_per_prompt
+        for name in dict.fromkeys(n for names in self.batch_names for n in names):
+            sel = torch.tensor([name in self.batch_names[int(o)] for o in owner])
+            self.stats(name).update(pooled[sel.to(pooled.device)], tau_t[sel])
         return x
 
 

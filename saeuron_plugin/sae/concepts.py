@@ -376,6 +376,9 @@ class SelectionDefaults:
     """Value the ``clamp`` rule writes into an active selected latent."""
     contrast: str | list[str] = "auto"
     """Contrast set for the score: ``auto`` (others, else background), ``others``, ``background``, names."""
+    active: bool = True
+    """False: the statistics stay (as contrast and gate) but adapters ablate the concept at this
+    hookpoint only when asked for this hookpoint explicitly (e.g. styles at one block, objects at another)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -524,14 +527,13 @@ class ConceptLibrary:
             self.background.record_prompts(prompts)
         return self.background
 
+    @staticmethod
     @torch.no_grad()
-    def accumulate_activations(self, name: str | None, sae: SparseAutoencoder, x: Tensor,
-                               tau: Tensor | float | None, *, prompts: Iterable[str] | None = None,
-                               calibrator: ThresholdCalibrator | None = None) -> None:
-        """Encode activations ``x`` [B, T..., d] with ``sae``, average over tokens, accumulate.
+    def encode_pooled(sae: SparseAutoencoder, x: Tensor,
+                      calibrator: ThresholdCalibrator | None = None) -> Tensor:
+        """SAE code of activations ``x`` [B, T..., d] (or [B, d]) averaged over tokens: [B, n] fp32.
 
-        ``name=None`` feeds the background set. A ``calibrator`` sees the same pre-activations
-        (one encoder pass for both); store its result with :meth:`record_threshold`.
+        A ``calibrator`` sees the same pre-activations (one encoder pass for both).
         """
         pre = sae.pre_acts(x)
         if calibrator is not None:
@@ -541,7 +543,18 @@ class ConceptLibrary:
         else:
             values, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
             z = torch.zeros_like(pre).scatter_(-1, indices, values)
-        latents = z.float() if x.dim() == 2 else pool_tokens(z)
+        return z.float() if x.dim() == 2 else pool_tokens(z)
+
+    @torch.no_grad()
+    def accumulate_activations(self, name: str | None, sae: SparseAutoencoder, x: Tensor,
+                               tau: Tensor | float | None, *, prompts: Iterable[str] | None = None,
+                               calibrator: ThresholdCalibrator | None = None) -> None:
+        """Encode activations ``x`` [B, T..., d] with ``sae``, average over tokens, accumulate.
+
+        ``name=None`` feeds the background set. A ``calibrator`` sees the same pre-activations
+        (one encoder pass for both); store its result with :meth:`record_threshold`.
+        """
+        latents = self.encode_pooled(sae, x, calibrator)
         if name is None:
             self.accumulate_background(latents, tau, prompts)
         else:
