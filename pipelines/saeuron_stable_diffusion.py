@@ -52,6 +52,6 @@ class SAeUronStableDiffusionPipeline(StableDiffusionPipeline):
         if not unlearn:
             return super().__call__(*args, **kwargs)
         if eraser is None:
-            raise ValueError("unlearn=... needs an SAE bundle: pass sae='<folder or Hub repo>' or call load_sae")
+            raise ValueError("unlearn=... needs an SAE bundle: pass sae='<folder or repo>' or call load_sae")
         with eraser.unlearn(self, unlearn, strength=unlearn_strength, **dict(unlearn_options or {})):
             return super().__call__(*args, **kwargs)

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 Handler = Callable[[argparse.Namespace], int]
 ArgsBuilder = Callable[[argparse.ArgumentParser], None]
@@ -86,31 +87,68 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------ adapters
+def _lazy(module: str, name: str) -> Callable[..., object]:
+    """A function of an adapter module, imported only when the subcommand runs (or builds its options)."""
+
+    def call(*args: object) -> object:
+        import importlib
+
+        return getattr(importlib.import_module(module, __package__), name)(*args)
+
+    return call
+
+
+_DIFF = ".diffusion.commands"
+
 # ------------------------------------------------------------------------------ main
-COMMANDS: dict[str, tuple[str, ArgsBuilder, Handler]] = {
+Command = tuple[str, ArgsBuilder, Handler]
+COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
+    "collect": ("collect hookpoint activations from a diffusers pipeline into activation stores",
+                _lazy(_DIFF, "collect_args"), _lazy(_DIFF, "collect")),  # type: ignore[dict-item]
     "train": ("train a TopK SAE on an activation store", _train_args, _train),
+    "concept": ("build and inspect a bundle's concept library", {
+        "add": ("run the statistics pass for a concept (or the background set)",
+                _lazy(_DIFF, "concept_add_args"), _lazy(_DIFF, "concept_add")),
+        "list": ("list the concepts of a bundle",
+                 _lazy(_DIFF, "concept_list_args"), _lazy(_DIFF, "concept_list")),
+        "show": ("which latents a concept ablates, when, and their scores",
+                 _lazy(_DIFF, "concept_show_args"), _lazy(_DIFF, "concept_show")),
+    }),
+    "generate": ("generate images, optionally unlearning concepts (and side by side with the original)",
+                 _lazy(_DIFF, "generate_args"), _lazy(_DIFF, "generate")),  # type: ignore[dict-item]
     "info": ("print an SAE's configuration", _info_args, _info),
     "demo": ("unlearn a concept on the embedded default model", _no_args, _demo),
 }
+
+
+def _add_commands(sub: Any, commands: dict[str, Any], prefix: str) -> None:
+    for name, spec in commands.items():
+        if isinstance(spec[1], dict):
+            p = sub.add_parser(name, help=spec[0], description=spec[0])
+            nested = p.add_subparsers(dest=f"{prefix}{name}_command", required=True, metavar="SUBCOMMAND")
+            _add_commands(nested, spec[1], f"{prefix}{name} ")
+            continue
+        help_text, build, handler = spec
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        build(p)
+        p.set_defaults(handler=handler, command_name=f"{prefix}{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saeuron", description="Concept unlearning with sparse autoencoders (SAeUron).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (help_text, build, handler) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        build(p)
-        p.set_defaults(handler=handler)
+    _add_commands(sub, COMMANDS, "")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
-    except (ValueError, OSError, KeyError) as exc:  # our errors carry clear messages
-        print(f"saeuron {args.command}: error: {exc}", file=sys.stderr)
+        return int(args.handler(args))
+    except (ValueError, OSError, KeyError, TypeError) as exc:  # our errors carry clear messages
+        print(f"saeuron {args.command_name}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -1,0 +1,226 @@
+"""``saeuron collect | concept | generate``: the diffusers adapter from the shell.
+
+Each ``*_args`` function adds a subcommand's options, each handler runs it and returns an exit
+code; :mod:`saeuron_plugin.cli` wires them up. Models load with ``DiffusionPipeline.from_pretrained``
+(a local folder or a Hub id; offline when ``HF_HUB_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- shared
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """``--prompt`` values plus the lines of ``--prompts FILE`` (blank lines and ``#`` comments skipped)."""
+    prompts = list(getattr(args, "prompt", None) or [])
+    path = getattr(args, "prompts", None)
+    if path:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    return prompts
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: str = "fp32") -> Any:
+    """A diffusers pipeline from a folder or Hub id, on ``device`` (default: CUDA when available)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=DTYPES[dtype])
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="diffusers pipeline folder or Hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                   help="pipeline dtype (SAE math stays fp32)")
+
+
+def _generation_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps (default {steps})")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=1, help="prompts per pipeline call")
+
+
+# ----------------------------------------------------------------------------- collect
+def collect_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _generation_args(p)
+    p.add_argument("--hookpoint", action="append", required=True,
+                   help="module path such as unet.up_blocks.1.attentions.1 (repeatable: one pass for all)")
+    p.add_argument("--out", required=True, help="folder: one activation store per hookpoint")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="random tokens kept per image and step")
+    p.add_argument("--all-rows", action="store_true", help="keep unconditional CFG rows too")
+    p.add_argument("--store-dtype", choices=list(DTYPES), default="fp16")
+
+
+def collect(args: argparse.Namespace) -> int:
+    from .collect import collect_activations
+
+    prompts = read_prompts(args)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    result = collect_activations(
+        pipe, prompts, args.hookpoint, args.out, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        cond_only=not args.all_rows, tokens_per_step=args.tokens_per_step, batch_size=args.batch_size,
+        seed=args.seed, store_dtype=DTYPES[args.store_dtype])
+    print(json.dumps({"out": args.out, "collected": result.collected, "skipped": result.skipped,
+                      "rows": result.rows}))
+    return 0
+
+
+# ----------------------------------------------------------------------------- concept
+def concept_add_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _generation_args(p)
+    p.add_argument("--sae", required=True, help="SAE bundle folder (or Hub repo, then give --out)")
+    p.add_argument("--name", help="concept name (omit with --background)")
+    p.add_argument("--background", action="store_true", help="add the prompts to the background set")
+    p.add_argument("--contrast", nargs="+", default=None,
+                   help="default contrast set: auto, others, background, or concept names")
+    p.add_argument("--hookpoint", action="append", default=None, help="only these hookpoints")
+    p.add_argument("--out", default=None, help="where to write the bundle (default: --sae, in place)")
+
+
+def concept_add(args: argparse.Namespace) -> int:
+    from .unlearn import SAeUron
+
+    if bool(args.name) == bool(args.background):
+        raise ValueError("give --name NAME or --background (exactly one)")
+    out = args.out or args.sae
+    if not Path(out).is_dir():
+        raise ValueError(f"{out} is not a local bundle folder; give --out DIR to write the result")
+    eraser = SAeUron.from_pretrained(args.sae)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    contrast: Any = args.contrast
+    if contrast is not None and len(contrast) == 1 and contrast[0] in ("auto", "others", "background"):
+        contrast = contrast[0]
+    stats = eraser.add_concept(None if args.background else args.name, read_prompts(args), pipe,
+                               hookpoints=args.hookpoint, contrast=contrast, num_inference_steps=args.steps,
+                               guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    eraser.save_pretrained(out)
+    print(json.dumps({"out": str(out), "concept": args.name or "background",
+                      "samples": {p: s.total_count for p, s in stats.items()}}))
+    return 0
+
+
+def concept_list_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="SAE bundle folder or Hub repo")
+
+
+def concept_list(args: argparse.Namespace) -> int:
+    from .unlearn import SAeUron
+
+    eraser = SAeUron.from_pretrained(args.sae)
+    rows = []
+    for name in eraser.concepts:
+        where = eraser.where(name)
+        lib = eraser.hookpoints[where[0]].library
+        rows.append({"concept": name, "hookpoints": where, "prompts": lib.get(name).num_prompts,
+                     "defaults": lib.selection_defaults(name).to_dict()})
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+def concept_show_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sae", required=True, help="SAE bundle folder or Hub repo")
+    p.add_argument("--name", required=True, help="concept to show")
+    p.add_argument("--percentile", type=float, default=None, help="override the default percentile")
+    p.add_argument("--top-n", type=int, default=None, help="override: N best latents per τ bucket")
+    p.add_argument("--limit", type=int, default=20, help="latents listed per hookpoint")
+
+
+def concept_show(args: argparse.Namespace) -> int:
+    """Which latents the concept ablates, at which τ, with their scores."""
+    from ..sae.ablation import ConceptAblation
+    from ..sae.concepts import UnknownConceptError
+    from ..sae.selection import concept_scores, select_features
+    from .unlearn import SAeUron
+
+    eraser = SAeUron.from_pretrained(args.sae)
+    where = eraser.where(args.name)
+    if not where:
+        raise UnknownConceptError(args.name, eraser.concepts)
+    for path in where:
+        lib = eraser.hookpoints[path].library
+        spec = ConceptAblation(args.name, percentile=args.percentile, top_n=args.top_n).resolve(lib)
+        sel = select_features(concept_scores(lib, args.name, spec.contrast), spec.percentile, spec.top_n,
+                              lib.tau_grid)
+        how = f"top {spec.top_n}" if spec.top_n is not None else f"p={spec.percentile}"
+        active = "" if lib.selection_defaults(args.name).active else " [inactive here by default]"
+        print(f"{path}: {args.name!r} ({spec.rule.value}, γ={spec.gamma:g}, {how}, "
+              f"contrast={spec.contrast}){active}")
+        print(sel.describe(limit=args.limit))
+    return 0
+
+
+# ----------------------------------------------------------------------------- generate
+def generate_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _generation_args(p, steps=50)
+    p.add_argument("--sae", default=None, help="SAE bundle folder or Hub repo")
+    p.add_argument("--unlearn", nargs="+", default=None, metavar="CONCEPT", help="concepts to remove")
+    p.add_argument("--strength", type=float, default=None,
+                   help="override the concepts' strength (γ = -strength)")
+    p.add_argument("--encoder", choices=["topk", "threshold"], default=None, help="override the SAE encoder")
+    p.add_argument("--out", default="out/generate", help="output folder for the PNGs")
+    p.add_argument("--compare", action="store_true", help="also write untouched | unlearned side by side")
+
+
+def generate(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .unlearn import SAeUron
+
+    if args.unlearn and not args.sae:
+        raise ValueError("--unlearn needs --sae BUNDLE")
+    prompts = read_prompts(args)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    eraser = SAeUron.from_pretrained(args.sae) if args.sae else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def run(batch: list[tuple[int, str]]) -> list[Any]:
+        kwargs: dict[str, Any] = {"num_inference_steps": args.steps}
+        if args.guidance is not None:
+            kwargs["guidance_scale"] = args.guidance
+        gens = [torch.Generator().manual_seed(args.seed + i) for i, _ in batch]
+        return pipe([p for _, p in batch], generator=gens, **kwargs).images
+
+    indexed = list(enumerate(prompts))
+    for start in range(0, len(indexed), args.batch_size):
+        batch = indexed[start:start + args.batch_size]
+        plain = run(batch) if (args.compare or not args.unlearn) else None
+        edited = None
+        if args.unlearn:
+            assert eraser is not None
+            with eraser.unlearn(pipe, args.unlearn, strength=args.strength, encoder=args.encoder):
+                edited = run(batch)
+        for j, (i, _) in enumerate(batch):
+            tag = "unlearned" if args.unlearn else "image"
+            image = edited[j] if edited is not None else plain[j]
+            path = out / f"{i:04d}_{tag}.png"
+            image.save(path)
+            written.append(str(path))
+            if args.compare and edited is not None and plain is not None:
+                pair = Image.new("RGB", (plain[j].width * 2, plain[j].height))
+                pair.paste(plain[j], (0, 0))
+                pair.paste(edited[j], (plain[j].width, 0))
+                pair.save(out / f"{i:04d}_compare.png")
+                written.append(str(out / f"{i:04d}_compare.png"))
+    print(json.dumps({"out": str(out), "images": written}))
+    return 0
