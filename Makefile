@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench bundle clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,12 @@ bench: setup
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/sae_train.py
 	$(BIN)/python benchmarks/encode_cost.py
+	$(BIN)/python benchmarks/ablation_overhead.py
+	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/unlearning.py
+
+bundle: setup
+	$(BIN)/python examples/build_shapescanvas_bundle.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

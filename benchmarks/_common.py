@@ -38,17 +38,30 @@ def describe_run(seed: int) -> str:
     ])
 
 
+def wall_time(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn`` takes (synchronising CUDA before and after, when present)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (synchronising CUDA when present)."""
+    """Median wall time of ``fn`` in seconds."""
     for _ in range(warmup):
         fn()
-    samples = []
+    return statistics.median(wall_time(fn) for _ in range(repeats))
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, run in turns so that load drift hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for name, fn in fns.items():
+            samples[name].append(wall_time(fn))
+    return {name: statistics.median(v) for name, v in samples.items()}

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from _common import describe_run, time_call
+from _common import describe_run, time_call, time_interleaved
 from diffusers import Transformer2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -34,23 +32,6 @@ from saeuron_plugin.sae.concepts import ConceptLibrary, ConceptStats, TauGrid
 from saeuron_plugin.sae.model import SaeConfig, SparseAutoencoder
 
 PERCENTILE_FOR = {1: 99.999, 2: 99.995, 3: 99.99}
-
-
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, run in turns so that load drift hits all alike."""
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def sd15_block(device: torch.device) -> Transformer2DModel:

@@ -77,13 +77,32 @@ def _info(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ demo
-def _no_args(p: argparse.ArgumentParser) -> None:
-    """A subcommand without options."""
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--concepts", nargs="+", default=["striped", "star"],
+                   help="ShapesCanvas concepts to unlearn, one at a time (default: a style and an object)")
+    p.add_argument("--out", default="out/demo", help="folder for grid.png and metrics.json")
+    p.add_argument("--bundle", default=None, help="SAE bundle (default: the shipped one)")
+    p.add_argument("--prompts-per-set", type=int, default=36,
+                   help="prompts with the concept, and as many without it")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    print("no demo yet: the embedded ShapesCanvas default model is not shipped in this version "
-          "(see CHANGELOG). `make test` exercises everything that exists.")
+    from .eval.demo import run_demo
+
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    bundle = args.bundle or str(root / "shapescanvas-saeuron")
+    if not Path(bundle).is_dir() and args.bundle is None:
+        raise FileNotFoundError(f"the shipped bundle {bundle} is missing; build it with "
+                                "`python examples/build_shapescanvas_bundle.py`")
+    run_demo(args.concepts, args.out, bundle=bundle, model=str(root / "shapescanvas-sd"),
+             judges_path=str(root / "shapescanvas-judges"), prompts_per_set=args.prompts_per_set)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .eval.unlearning import run_from_args
+
+    run_from_args(args, "saeuron eval " + " ".join(sys.argv[2:]))
     return 0
 
 
@@ -117,8 +136,11 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
     }),
     "generate": ("generate images, optionally unlearning concepts (and side by side with the original)",
                  _lazy(_DIFF, "generate_args"), _lazy(_DIFF, "generate")),  # type: ignore[dict-item]
+    "eval": ("the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA)",
+             _lazy(".eval.unlearning", "add_args"), _eval),  # type: ignore[dict-item]
     "info": ("print an SAE's configuration", _info_args, _info),
-    "demo": ("unlearn a concept on the embedded default model", _no_args, _demo),
+    "demo": ("unlearn a style and an object on the embedded default model; grid + metrics",
+             _demo_args, _demo),
 }
 
 

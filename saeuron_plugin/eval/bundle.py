@@ -1,0 +1,285 @@
+"""Build the SAeUron bundle of the embedded default model, through the adapter's own code paths.
+
+1. ``collect_activations`` over every ShapesCanvas caption (collection seeds) at the hookpoints;
+2. ``train_sae`` per hookpoint on the activation store;
+3. ``SAeUron.add_concepts``: one statistics pass over every caption (statistics seeds) feeding
+   every object, style and color concept, each contrasted with the other concepts of its domain;
+4. a per-concept search over hookpoint × percentile × γ on validation seeds (never the test
+   seeds), maximising mean(UA, IRA, CRA) as judged by the ShapesCanvas judges; the winners are
+   saved as the concept's selection defaults (the hookpoint choice as ``active`` flags).
+
+``python examples/build_shapescanvas_bundle.py`` runs it and writes ``checkpoints/shapescanvas-saeuron``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..diffusion.collect import collect_activations
+from ..diffusion.unlearn import SAeUron
+from ..sae.concepts import TauGrid
+from ..sae.store import ActivationStore
+from ..sae.train import TrainConfig, train_sae
+from . import shapescanvas as sc
+from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+
+# Searched per concept; objects settle at up_blocks.1 (4x4), styles and colors need up_blocks.2 (8x8).
+HOOKPOINTS = (
+    "unet.up_blocks.1.attentions.1",
+    "unet.up_blocks.1.attentions.2",
+    "unet.up_blocks.2.attentions.0",
+    "unet.up_blocks.2.attentions.1",
+    "unet.up_blocks.2.attentions.2",
+)
+BASE_MODEL = "shapescanvas-sd"
+COLLECT_SEED = 10_000
+STATS_SEED = 20_000
+VALIDATION_SEED = 30_000
+
+
+def concept_domain(name: str) -> str:
+    """``object``, ``style`` or ``color`` for a ShapesCanvas concept name."""
+    for domain, words in sc.VOCABULARIES.items():
+        if name in words:
+            return domain
+    raise KeyError(
+        f"{name!r} is not a ShapesCanvas concept; known: {[w for v in sc.VOCABULARIES.values() for w in v]}"
+    )
+
+
+def concept_prompts(prompts: Sequence[sc.BenchmarkPrompt] | None = None) -> dict[str, list[str]]:
+    """Every concept → the captions that contain it (each caption feeds three concepts)."""
+    prompts = list(prompts or sc.benchmark_prompts())
+    out: dict[str, list[str]] = {}
+    for domain, words in sc.VOCABULARIES.items():
+        for w in words:
+            out[w] = [p.prompt for p in prompts if getattr(p, domain) == w]
+    return out
+
+
+@dataclass
+class BundleConfig:
+    """Recipe of the shipped bundle; the defaults reproduce it."""
+
+    out: str = "checkpoints/shapescanvas-saeuron"
+    work: str = "runs/shapescanvas-bundle"
+    model: str = "checkpoints/shapescanvas-sd"
+    judges: str = "checkpoints/shapescanvas-judges"
+    hookpoints: tuple[str, ...] = HOOKPOINTS
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    collect_repeats: int = 2
+    """Each caption is generated this many times (different seeds) for SAE training."""
+    tokens_per_step: int | None = 16
+    """Random tokens kept per image and step for training (all of them at 4x4 blocks)."""
+    k: int = 8
+    expansion_factor: int = 16
+    train_epochs: int = 20
+    batch_size: int = 2048
+    tau_buckets: int = 25
+    """One bucket per step of the 25-step protocol (other step counts use the nearest bucket)."""
+    search_percentiles: tuple[float, ...] = (99.5, 99.0)
+    search_gammas: tuple[float, ...] = (-2.0, -6.0, -20.0)
+    search_prompts: int = 12
+    """Validation prompts per concept (with it) and as many without it, per search setting."""
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_default(model: str = "checkpoints/shapescanvas-sd", device: str = "cpu") -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(model).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def collect_and_train(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> SAeUron:
+    """Steps 1-2: activations of every caption (``collect_repeats`` seeds each) → one SAE per hookpoint."""
+    work = Path(cfg.work)
+    captions = [p.prompt for p in sc.benchmark_prompts()] * cfg.collect_repeats
+    t0 = time.time()
+    res = collect_activations(
+        pipe,
+        captions,
+        list(cfg.hookpoints),
+        work / "activations",
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        seed=COLLECT_SEED,
+        batch_size=60,
+        store_dtype=torch.float32,
+        tokens_per_step=cfg.tokens_per_step,
+    )
+    log(
+        f"collected {res.collected} prompts ({res.skipped} already stored): {res.rows} rows "
+        f"in {time.time() - t0:.0f} s"
+    )
+    saes = {}
+    for hp in cfg.hookpoints:
+        store = ActivationStore(work / "activations" / hp)
+        t0 = time.time()
+        sae = train_sae(
+            store,
+            TrainConfig(
+                k=cfg.k,
+                expansion_factor=cfg.expansion_factor,
+                batch_size=cfg.batch_size,
+                epochs=cfg.train_epochs,
+                seed=cfg.seed,
+                hookpoint=hp,
+                model_family="sd1",
+                base_model=BASE_MODEL,
+                device="cpu",
+                dead_tokens_threshold=200_000,
+                progress=False,
+            ),
+        )
+        s = sae.training_state
+        log(
+            f"trained {hp}: {s.step} steps, FVU {s.last_fvu:.3f}, dead {s.dead_fraction:.1%}, "
+            f"θ {s.threshold:.4g} ({time.time() - t0:.0f} s)"
+        )
+        saes[hp] = sae
+    return SAeUron.from_saes(saes, tau_grid=TauGrid(cfg.tau_buckets))
+
+
+def add_statistics(eraser: SAeUron, pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> None:
+    """Step 3: one statistics pass for all concepts; each concept contrasts with its domain's others."""
+    t0 = time.time()
+    eraser.add_concepts(
+        concept_prompts(),
+        pipe,
+        num_inference_steps=cfg.steps,
+        guidance_scale=cfg.guidance_scale,
+        seed=STATS_SEED,
+        batch_size=60,
+    )
+    for name in eraser.concepts:
+        others = [w for w in sc.VOCABULARIES[concept_domain(name)] if w != name]
+        eraser.set_defaults(name, contrast=others)
+    log(f"concept statistics for {len(eraser.concepts)} concepts in {time.time() - t0:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def judge_scores(
+    judges: Any, images: torch.Tensor, prompts: Sequence[sc.BenchmarkPrompt], concept: str
+) -> dict[str, float]:
+    """UA, IRA, CRA (fractions) of ``images`` made from ``prompts`` while ``concept`` is unlearned.
+
+    UA: images of prompts with the concept that the domain's judge does not classify as it.
+    IRA: domain-judge accuracy on prompts without the concept. CRA: accuracy of the other domains'
+    judges on every image. A set that is empty gives NaN.
+    """
+    domain = concept_domain(concept)
+    pred = judges.classify(images)
+    target = sc.VOCABULARIES[domain].index(concept)
+    has = torch.tensor([getattr(p, domain) == concept for p in prompts])
+    own = pred[domain]
+    labels = torch.tensor([p.label(domain) for p in prompts])
+
+    def mean(x: torch.Tensor) -> float:
+        return float(x.float().mean()) if x.numel() else float("nan")
+
+    cra = [pred[d] == torch.tensor([p.label(d) for p in prompts]) for d in sc.DOMAINS if d != domain]
+    return {
+        "ua": mean(own[has] != target),
+        "ira": mean(own[~has] == labels[~has]),
+        "cra": mean(torch.cat(cra)),
+    }
+
+
+def split_prompts(
+    concept: str, n: int, rng: np.random.Generator, prompts: Sequence[sc.BenchmarkPrompt] | None = None
+) -> list[sc.BenchmarkPrompt]:
+    """``n`` prompts with ``concept`` and ``n`` without it (same domain), sampled with ``rng``."""
+    prompts = list(prompts or sc.benchmark_prompts())
+    domain = concept_domain(concept)
+    with_c = [p for p in prompts if getattr(p, domain) == concept]
+    without = [p for p in prompts if getattr(p, domain) != concept]
+    pick = [with_c[i] for i in rng.choice(len(with_c), min(n, len(with_c)), replace=False)]
+    pick += [without[i] for i in rng.choice(len(without), min(n, len(without)), replace=False)]
+    return pick
+
+
+def search_defaults(
+    eraser: SAeUron,
+    pipe: Any,
+    judges: Any,
+    cfg: BundleConfig,
+    concepts: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Step 4: per concept, the (hookpoint, percentile, γ) maximising mean(UA, IRA, CRA) on validation."""
+    results: dict[str, Any] = {}
+    for ci, name in enumerate(concepts or eraser.concepts):
+        rng = np.random.default_rng([cfg.seed, ci, 7])
+        prompts = split_prompts(name, cfg.search_prompts, rng)
+        texts = [p.prompt for p in prompts]
+        seeds = [VALIDATION_SEED + 97 * ci + i for i in range(len(prompts))]
+        best, trials = None, []
+        t0 = time.time()
+        for hp, pct, gamma in itertools.product(cfg.hookpoints, cfg.search_percentiles, cfg.search_gammas):
+            with eraser.unlearn(pipe, name, hookpoints=[hp], percentile=pct, strength=-gamma):
+                images = generate(pipe, texts, seeds, cfg.steps, cfg.guidance_scale)
+            s = judge_scores(judges, images, prompts, name)
+            score = (s["ua"] + s["ira"] + s["cra"]) / 3
+            trials.append({"hookpoint": hp, "percentile": pct, "gamma": gamma, **s, "score": score})
+            if best is None or score > best["score"]:
+                best = trials[-1]
+        assert best is not None
+        for hp in cfg.hookpoints:
+            eraser.set_defaults(
+                name,
+                hookpoints=[hp],
+                percentile=best["percentile"],
+                top_n=None,
+                gamma=best["gamma"],
+                active=hp == best["hookpoint"],
+            )
+        results[name] = {"best": best, "trials": trials}
+        log(
+            f"{name:10s} best {best['hookpoint']} p={best['percentile']} γ={best['gamma']:g}: "
+            f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f} ({time.time() - t0:.0f} s)"
+        )
+    return results
+
+
+def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = print) -> Path:
+    """Run steps 1-4 and write the bundle (with the search record in ``search.json``)."""
+    from .judges import Judges
+
+    cfg = cfg or BundleConfig()
+    torch.manual_seed(cfg.seed)
+    pipe = load_default(cfg.model)
+    judges = Judges.from_pretrained(cfg.judges)
+    t0 = time.time()
+    eraser = collect_and_train(pipe, cfg, log)
+    add_statistics(eraser, pipe, cfg, log)
+    search = search_defaults(eraser, pipe, judges, cfg, log=log)
+    used = [
+        p
+        for p, h in eraser.hookpoints.items()
+        if any(h.library.selection_defaults(c).active for c in h.library.names)
+    ]
+    eraser = SAeUron([eraser.hookpoints[p] for p in used])  # drop hookpoints no concept chose
+    log(f"hookpoints kept: {used}")
+    out = Path(cfg.out)
+    eraser.save_pretrained(
+        out, metrics={"recipe": asdict(cfg), "validation_best": {k: v["best"] for k, v in search.items()}}
+    )
+    (out / "search.json").write_text(
+        json.dumps({"config": asdict(cfg), "seconds": round(time.time() - t0), "search": search}, indent=1)
+        + "\n"
+    )
+    log(f"bundle written to {out} in {time.time() - t0:.0f} s")
+    return out

@@ -1,0 +1,369 @@
+"""The unlearning benchmark on ShapesCanvas: UnlearnCanvas' UA / IRA / CRA protocol in miniature.
+
+For each concept c of a domain (objects, styles, colors) and each method, images are generated
+for every caption containing c and for a fixed sample of captions of the same domain without it,
+with the test seeds (never used for statistics or the hyperparameter search):
+
+* UA  = share of c-images the domain's judge does not classify as c;
+* IRA = domain-judge accuracy on the images without c;
+* CRA = accuracy of the other domains' judges on all of them.
+
+Image seeds depend on (seed set, caption index) only, so the untouched model's images are
+generated once and shared by every method as the paired reference (``base``). Methods:
+``saeuron`` (the shipped bundle with its tuned defaults) and the baselines of
+:mod:`saeuron_plugin.eval.baselines` with the presets of :mod:`.baselines.presets`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import shapescanvas as sc
+from .bundle import concept_domain, judge_scores
+from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+
+TEST_SEED = 50_000
+DOMAIN_KEYS = {"object": "objects", "style": "styles", "color": "colors"}
+Generate = Callable[[Sequence[str], Sequence[int]], torch.Tensor]
+
+
+@dataclass
+class Protocol:
+    """Everything that fixes the numbers (recorded with the results)."""
+
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE
+    scheduler: str = "DDIM"
+    seeds: tuple[int, ...] = (0, 1)
+    others: int = 24
+    """Captions of the same domain without the concept, per concept (a fixed sample)."""
+    sample_seed: int = 0
+
+
+def concept_text(name: str) -> str:
+    """How a concept appears in a caption: "star", "striped style", "red"."""
+    return f"{name} style" if concept_domain(name) == "style" else name
+
+
+def eval_prompts(name: str, protocol: Protocol) -> list[int]:
+    """Indices into ``benchmark_prompts()``: every caption with ``name``, then the fixed sample without it."""
+    prompts = sc.benchmark_prompts()
+    domain = concept_domain(name)
+    with_c = [i for i, p in enumerate(prompts) if getattr(p, domain) == name]
+    without = [i for i, p in enumerate(prompts) if getattr(p, domain) != name]
+    rng = np.random.default_rng([protocol.sample_seed, sc.VOCABULARIES[domain].index(name)])
+    return with_c + sorted(
+        int(i) for i in rng.choice(without, min(protocol.others, len(without)), replace=False)
+    )
+
+
+def image_seed(seed_set: int, prompt_index: int) -> int:
+    return TEST_SEED + 1000 * seed_set + prompt_index
+
+
+# --------------------------------------------------------------------------------------------- methods
+@contextmanager
+def method_generator(
+    method: str,
+    pipe: Any,
+    concept: str,
+    protocol: Protocol,
+    *,
+    eraser: Any = None,
+    presets: dict[str, dict[str, Any]] | None = None,
+) -> Iterator[Generate]:
+    """A ``generate(prompts, seeds)`` with ``method`` unlearning ``concept`` (restored on exit).
+
+    Baselines get :func:`~.baselines.presets.shapescanvas_hparams` (well-formed captions for the
+    concept: the default's text encoder never saw a bare concept word), updated by ``presets[method]``.
+    """
+    steps, guidance = protocol.steps, protocol.guidance_scale
+    if method == "none":
+        yield lambda prompts, seeds: generate(pipe, prompts, seeds, steps, guidance)
+        return
+    if method == "saeuron":
+        with eraser.unlearn(pipe, concept):
+            yield lambda prompts, seeds: generate(pipe, prompts, seeds, steps, guidance)
+        return
+    from .baselines import BASELINES, generate_with
+
+    if method not in BASELINES:
+        raise KeyError(f"unknown method {method!r}; known: saeuron, {', '.join(BASELINES)}")
+    domain = concept_domain(concept)
+    retain = [concept_text(w) for w in sc.VOCABULARIES[domain] if w != concept]
+    from .baselines.presets import shapescanvas_hparams
+
+    hparams = {**shapescanvas_hparams(method, concept_text(concept)), **(presets or {}).get(method, {})}
+    with BASELINES[method].erase(pipe, concept_text(concept), retain_texts=retain, **hparams) as run:
+        yield lambda prompts, seeds: generate_with(run, prompts, seeds, steps, guidance)
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def run_benchmark(
+    methods: Sequence[str],
+    *,
+    concepts: Sequence[str] | None = None,
+    protocol: Protocol | None = None,
+    model: str = "checkpoints/shapescanvas-sd",
+    bundle: str = "checkpoints/shapescanvas-saeuron",
+    judges_path: str = "checkpoints/shapescanvas-judges",
+    presets: dict[str, dict[str, Any]] | None = None,
+    method_concepts: dict[str, Sequence[str]] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every method on every concept; returns the results dict (see :func:`write_results`).
+
+    ``method_concepts`` restricts a method to some concepts (ESD trains per concept, so the
+    benchmark may run it on a subset); its domain averages are then over that subset.
+    """
+    from ..diffusion.unlearn import SAeUron
+    from .bundle import load_default
+    from .judges import Judges
+
+    protocol = protocol or Protocol()
+    concepts = list(concepts or [w for words in sc.VOCABULARIES.values() for w in words])
+    pipe = load_default(model)
+    judges = Judges.from_pretrained(judges_path)
+    eraser = SAeUron.from_pretrained(bundle) if "saeuron" in methods else None
+    prompts = sc.benchmark_prompts()
+    texts = [p.prompt for p in prompts]
+    t0 = time.time()
+
+    # the untouched model on every caption and seed set: the paired reference of every method
+    base_images = {
+        s: generate(
+            pipe,
+            texts,
+            [image_seed(s, i) for i in range(len(texts))],
+            protocol.steps,
+            protocol.guidance_scale,
+        )
+        for s in protocol.seeds
+    }
+    base_pred = {s: judges.classify(img) for s, img in base_images.items()}
+    base = {}
+    for domain, key in DOMAIN_KEYS.items():
+        labels = torch.tensor([p.label(domain) for p in prompts])
+        accs = [float((base_pred[s][domain] == labels).float().mean()) for s in protocol.seeds]
+        base[key] = 100 * statistics.fmean(accs)
+    log(f"base model: {', '.join(f'{k} {v:.1f}%' for k, v in base.items())} ({time.time() - t0:.0f} s)")
+
+    rows: list[dict[str, Any]] = []
+    for name in concepts:
+        idx = eval_prompts(name, protocol)
+        sub = [prompts[i] for i in idx]
+        for s in protocol.seeds:
+            b = judge_scores(judges, base_images[s][idx], sub, name)
+            rows.append({"method": "none", "concept": name, "domain": concept_domain(name), "seed": s, **b})
+    for method in methods:
+        t_m = time.time()
+        for name in (method_concepts or {}).get(method, concepts):
+            idx = eval_prompts(name, protocol)
+            sub = [prompts[i] for i in idx]
+            t_c = time.time()
+            with method_generator(method, pipe, name, protocol, eraser=eraser, presets=presets) as gen:
+                for s in protocol.seeds:
+                    images = gen([texts[i] for i in idx], [image_seed(s, i) for i in idx])
+                    rows.append(
+                        {
+                            "method": method,
+                            "concept": name,
+                            "domain": concept_domain(name),
+                            "seed": s,
+                            **judge_scores(judges, images, sub, name),
+                        }
+                    )
+            last = [r for r in rows[-len(protocol.seeds) :]]
+            log(
+                f"{method:15s} {name:10s} UA {np.mean([r['ua'] for r in last]):.2f} "
+                f"IRA {np.mean([r['ira'] for r in last]):.2f} CRA {np.mean([r['cra'] for r in last]):.2f} "
+                f"({time.time() - t_c:.0f} s)"
+            )
+        log(f"{method}: {time.time() - t_m:.0f} s")
+    return summarise(rows, base, protocol, methods, time.time() - t0)
+
+
+def summarise(
+    rows: list[dict[str, Any]],
+    base: dict[str, float],
+    protocol: Protocol,
+    methods: Sequence[str],
+    seconds: float,
+) -> dict[str, Any]:
+    """Domain averages per method: mean over concepts per seed, then mean ± sd over seeds (percent)."""
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or "unknown"
+        )
+    except OSError:
+        commit = "unknown"
+    out: dict[str, Any] = {
+        "protocol": {
+            **asdict(protocol),
+            "commit": commit,
+            "seconds": round(seconds),
+            "test_seed_base": TEST_SEED,
+        },
+        "base": base,
+        "methods": {},
+        "spread": {},
+        "concepts": rows,
+    }
+    for method in ["none", *methods]:
+        per_domain, spread = {}, {}
+        for domain, key in DOMAIN_KEYS.items():
+            mine = [r for r in rows if r["method"] == method and r["domain"] == domain]
+            if not mine:
+                continue
+            metrics, sds = {}, {}
+            for m in ("ua", "ira", "cra"):
+                per_seed = [
+                    statistics.fmean([r[m] for r in mine if r["seed"] == s])
+                    for s in protocol.seeds
+                    if any(r["seed"] == s for r in mine)
+                ]
+                mean, sd = _mean_sd(per_seed)
+                metrics[m], sds[m] = round(100 * mean, 2), round(100 * sd, 2)
+            metrics["concepts"] = len({r["concept"] for r in mine})
+            per_domain[key], spread[key] = metrics, sds
+        out["methods"][method if method != "none" else "no_unlearning"] = per_domain
+        out["spread"][method if method != "none" else "no_unlearning"] = spread
+    return out
+
+
+def write_results(
+    results: dict[str, Any], folder: str | Path = "benchmarks/results", command: str = ""
+) -> Path:
+    """``unlearning.json`` (as returned), ``unlearning.md`` (tables) and ``unlearning.png`` (a bar plot)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "unlearning.json").write_text(json.dumps(results, indent=1) + "\n")
+    (folder / "unlearning.md").write_text(markdown_table(results, command))
+    try:
+        plot(results, folder / "unlearning.png")
+    except ImportError:  # matplotlib is in the bench extra
+        warnings.warn(
+            "matplotlib is not installed (pip install -e '.[bench]'): no unlearning.png", stacklevel=2
+        )
+    return folder
+
+
+def markdown_table(results: dict[str, Any], command: str = "") -> str:
+    p = results["protocol"]
+    lines = [
+        "# Unlearning on ShapesCanvas (UA / IRA / CRA, %)",
+        "",
+        f"Command: `{command or 'python benchmarks/unlearning.py'}` "
+        f"(commit {p['commit']}, {p['seconds']} s). "
+        f"Protocol: {p['scheduler']} {p['steps']} steps, guidance {p['guidance_scale']}, test seed sets "
+        f"{list(p['seeds'])} (image seed {p['test_seed_base']} + 1000·set + caption index), every caption "
+        f"with the concept plus {p['others']} without it per concept; mean ± sd over seed sets.",
+        "",
+        "Base model (judge accuracy on every caption): "
+        + ", ".join(f"{k} {v:.1f} %" for k, v in results["base"].items()),
+        "",
+        "| method | domain | concepts | UA | IRA | CRA | avg |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, domains in results["methods"].items():
+        for key, m in domains.items():
+            sd = results["spread"][method][key]
+            avg = (m["ua"] + m["ira"] + m["cra"]) / 3
+            lines.append(
+                f"| {method} | {key} | {m['concepts']} | {m['ua']:.1f} ± {sd['ua']:.1f} | "
+                f"{m['ira']:.1f} ± {sd['ira']:.1f} | {m['cra']:.1f} ± {sd['cra']:.1f} | {avg:.1f} |"
+            )
+    lines += [
+        "",
+        "## Per concept (mean over seed sets)",
+        "",
+        "| method | concept | UA | IRA | CRA |",
+        "|---|---|---|---|---|",
+    ]
+    seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results["concepts"]:
+        seen.setdefault((r["method"], r["concept"]), []).append(r)
+    for (method, concept), rs in seen.items():
+        vals = [100 * statistics.fmean(r[m] for r in rs) for m in ("ua", "ira", "cra")]
+        lines.append(f"| {method} | {concept} | {vals[0]:.1f} | {vals[1]:.1f} | {vals[2]:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in results["methods"] if m != "no_unlearning"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), sharey=True)
+    for ax, key in zip(axes, DOMAIN_KEYS.values()):
+        xs = np.arange(len(methods))
+        for j, m in enumerate(("ua", "ira", "cra")):
+            vals = [results["methods"][meth].get(key, {}).get(m, float("nan")) for meth in methods]
+            errs = [results["spread"][meth].get(key, {}).get(m, 0.0) for meth in methods]
+            ax.bar(xs + (j - 1) * 0.27, vals, 0.27, yerr=errs, label=m.upper())
+        ax.set_xticks(xs, methods, rotation=30, ha="right")
+        ax.set_title(key)
+        ax.set_ylim(0, 105)
+    axes[0].set_ylabel("%")
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------- command
+ALL_METHODS = ("saeuron", "negative_prompt", "sld", "uce", "esd")
+ESD_SUBSET = ("star", "square", "striped", "dotted", "red", "blue")
+
+
+def add_args(p: Any) -> None:
+    """Options of ``saeuron eval`` and ``benchmarks/unlearning.py``."""
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), help=f"of {', '.join(ALL_METHODS)}")
+    p.add_argument("--concepts", nargs="+", default=None, help="ShapesCanvas concepts (default: all 17)")
+    p.add_argument("--esd-concepts", nargs="+", default=list(ESD_SUBSET),
+                   help="ESD trains per concept: run it on these (default: two per domain)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="test seed sets")
+    p.add_argument("--others", type=int, default=Protocol.others, help="captions without the concept")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--out", default="benchmarks/results", help="folder for unlearning.{json,md,png}")
+    p.add_argument("--esd-cache", default="runs/esd-cache", help="trained ESD weights are kept here")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    protocol = Protocol(steps=args.steps, seeds=tuple(args.seeds), others=args.others)
+    concepts = args.concepts or [w for words in sc.VOCABULARIES.values() for w in words]
+    method_concepts = {"esd": [c for c in concepts if c in args.esd_concepts]}
+    presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
+    results = run_benchmark(args.methods, concepts=concepts, protocol=protocol, presets=presets,
+                            method_concepts=method_concepts)
+    write_results(results, args.out, command)
+    print(markdown_table(results, command).split("\n## Per concept")[0])
+    return results

@@ -1,0 +1,111 @@
+"""The shipped SAeUron bundle of the embedded default, the demo, and the scoring it relies on."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saeuron_plugin.eval import bundle as B
+from saeuron_plugin.eval import shapescanvas as sc
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLE = ROOT / "checkpoints" / "shapescanvas-saeuron"
+ALL_CONCEPTS = [w for words in sc.VOCABULARIES.values() for w in words]
+
+
+class FakeJudges:
+    def __init__(self, pred):
+        self.pred = pred
+
+    def classify(self, images):
+        return self.pred
+
+
+def test_judge_scores_arithmetic():
+    prompts = [
+        sc.BenchmarkPrompt("", "star", "solid", "red"),
+        sc.BenchmarkPrompt("", "star", "dotted", "blue"),
+        sc.BenchmarkPrompt("", "heart", "solid", "red"),
+        sc.BenchmarkPrompt("", "circle", "solid", "red"),
+    ]
+    star, heart = sc.OBJECTS.index("star"), sc.OBJECTS.index("heart")
+    solid, dotted = sc.STYLES.index("solid"), sc.STYLES.index("dotted")
+    red, blue = sc.COLORS.index("red"), sc.COLORS.index("blue")
+    pred = {
+        "object": torch.tensor([star, heart, heart, star]),  # 1 of 2 stars erased; 1 of 2 others right
+        "style": torch.tensor([solid, dotted, dotted, solid]),  # 3 of 4 right
+        "color": torch.tensor([red, blue, red, red]),
+    }  # 4 of 4 right
+    s = B.judge_scores(FakeJudges(pred), None, prompts, "star")
+    assert s == {"ua": 0.5, "ira": 0.5, "cra": 7 / 8}
+
+
+def test_concept_prompts_and_splits():
+    cp = B.concept_prompts()
+    assert sorted(cp) == sorted(ALL_CONCEPTS)
+    assert len(cp["star"]) == len(sc.STYLES) * len(sc.COLORS) and all("star" in p for p in cp["star"])
+    assert len(cp["striped"]) == len(sc.OBJECTS) * len(sc.COLORS)
+    pick = B.split_prompts("red", 5, np.random.default_rng(0))
+    assert [p.color == "red" for p in pick] == [True] * 5 + [False] * 5
+    assert B.concept_domain("striped") == "style"
+    with pytest.raises(KeyError, match="not a ShapesCanvas concept"):
+        B.concept_domain("van gogh")
+
+
+needs_bundle = pytest.mark.skipif(
+    not (BUNDLE / "README.md").is_file(),
+    reason="shipped bundle not built (python examples/build_shapescanvas_bundle.py)",
+)
+
+
+@needs_bundle
+def test_shipped_bundle_covers_every_concept_and_ablates():
+    from saeuron_plugin import SAeUron
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    assert sorted(eraser.concepts) == sorted(ALL_CONCEPTS)
+    for name in ALL_CONCEPTS:  # every concept is active at exactly one hookpoint
+        active = [
+            p for p in eraser.where(name) if eraser.hookpoints[p].library.selection_defaults(name).active
+        ]
+        assert len(active) == 1, (name, active)
+    pipe = B.load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
+    prompts, seeds = ["a red star in solid style"] * 2, [0, 1]
+    from saeuron_plugin.eval.default_model import generate
+
+    plain = generate(pipe, prompts, seeds, steps=4)
+    with eraser.unlearn(pipe, "star") as handle:
+        edited = generate(pipe, prompts, seeds, steps=4)
+        assert handle.ablators[handle.hookpoints[0]].active
+    assert not torch.equal(plain, edited)
+    assert torch.equal(generate(pipe, prompts, seeds, steps=4), plain)
+
+
+@needs_bundle
+def test_demo_writes_grid_and_metrics(tmp_path):
+    from PIL import Image
+
+    from saeuron_plugin.eval.demo import run_demo
+
+    metrics = run_demo(
+        ["star"],
+        tmp_path,
+        bundle=str(BUNDLE),
+        model=str(ROOT / "checkpoints" / "shapescanvas-sd"),
+        judges_path=str(ROOT / "checkpoints" / "shapescanvas-judges"),
+        prompts_per_set=2,
+        steps=3,
+        show=2,
+        log=lambda *_: None,
+    )
+    assert Image.open(tmp_path / "grid.png").size[0] > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    star = saved["concepts"]["star"]
+    assert star["images"] == 4 and set(star["unlearned"]) == {"ua", "ira", "cra"}
+    assert saved == json.loads(json.dumps(metrics))
