@@ -119,6 +119,7 @@ def _lazy(module: str, name: str) -> Callable[..., object]:
 
 
 _DIFF = ".diffusion.commands"
+_VLM = ".vlm.commands"
 
 # ------------------------------------------------------------------------------ main
 Command = tuple[str, ArgsBuilder, Handler]
@@ -138,6 +139,15 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
                  _lazy(_DIFF, "generate_args"), _lazy(_DIFF, "generate")),  # type: ignore[dict-item]
     "eval": ("the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA)",
              _lazy(".eval.unlearning", "add_args"), _eval),  # type: ignore[dict-item]
+    "vlm": ("the same for transformers vision-language models", {
+        "collect": ("collect VLM hookpoint activations from (image, prompt) pairs",
+                    _lazy(_VLM, "collect_args"), _lazy(_VLM, "collect")),
+        "train": ("train an SAE on a VLM activation store", _lazy(_VLM, "train_args"), _lazy(_VLM, "train")),
+        "concept": ("concept statistics from images with / without the concept",
+                    _lazy(_VLM, "concept_args"), _lazy(_VLM, "concept")),
+        "ask": ("answer a question about an image, with and without unlearning",
+                _lazy(_VLM, "ask_args"), _lazy(_VLM, "ask")),
+    }),
     "info": ("print an SAE's configuration", _info_args, _info),
     "demo": ("unlearn a style and an object on the embedded default model; grid + metrics",
              _demo_args, _demo),

@@ -1,0 +1,383 @@
+"""``saeuron vlm collect | train | concept | ask``: the transformers VLM adapter from the shell.
+
+Each ``*_args`` function adds a subcommand's options, each handler runs it and returns an exit
+code; :mod:`saeuron_plugin.cli` wires them up. Models load with
+``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained`` (a local
+folder or a Hub id; offline when ``HF_HUB_OFFLINE=1``).
+
+Samples are images plus prompts: ``--image`` (repeatable) and/or ``--images`` (a folder or a text
+file listing image paths), with one ``--prompt`` for every image or one per image (``--prompt``
+repeatable, or ``--prompts FILE``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+
+# ----------------------------------------------------------------------------- shared
+def load_model(model: str, device: str | None = None, dtype: str = "fp32") -> Any:
+    """A VLM (``*ForConditionalGeneration``) from a folder or Hub id, in eval mode on ``device``."""
+    from transformers import AutoModelForImageTextToText
+
+    m = AutoModelForImageTextToText.from_pretrained(model, dtype=DTYPES[dtype])
+    m.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return m.eval()
+
+
+def load_processor(name: str) -> Any:
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(name)
+
+
+def read_images(args: argparse.Namespace) -> list[Any]:
+    """``--image`` files plus ``--images`` (folders, sorted, or files listing paths), opened as RGB."""
+    from PIL import Image
+
+    paths = [Path(p) for p in getattr(args, "image", None) or []]
+    sources = getattr(args, "images", None) or []
+    for source in [sources] if isinstance(sources, str) else sources:
+        src = Path(source)
+        if src.is_dir():
+            paths += sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif src.is_file():
+            lines = src.read_text(encoding="utf-8").splitlines()
+            paths += [
+                src.parent / ln.strip() if not Path(ln.strip()).is_absolute() else Path(ln.strip())
+                for ln in lines
+                if ln.strip() and not ln.lstrip().startswith("#")
+            ]
+        else:
+            raise ValueError(f"--images {source}: no such folder or file")
+    if not paths:
+        raise ValueError("no images: give --image FILE (repeatable) or --images DIR|LIST")
+    out = []
+    for p in paths:
+        if not p.is_file():
+            raise ValueError(f"image {p} does not exist")
+        with Image.open(p) as im:
+            img = im.convert("RGB")
+        img.filename = str(p)  # type: ignore[attr-defined]  # labels the sample in the statistics
+        out.append(img)
+    return out
+
+
+def read_prompts(args: argparse.Namespace, n_images: int) -> list[str]:
+    """``--prompt`` values plus ``--prompts FILE`` lines: one for all images, or one per image."""
+    prompts = list(getattr(args, "prompt", None) or [])
+    path = getattr(args, "prompts", None)
+    if path:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    if len(prompts) == 1:
+        return prompts * n_images
+    if len(prompts) != n_images:
+        raise ValueError(f"{n_images} images but {len(prompts)} prompts: give one prompt, or one per image")
+    return prompts
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="VLM folder or Hub id (a *ForConditionalGeneration model)")
+    p.add_argument("--processor", default=None, help="processor folder or Hub id (default: --model)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (SAE math stays fp32)")
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", action="append", help="an image file (repeatable)")
+    p.add_argument(
+        "--images",
+        action="append",
+        help="a folder of images, or a text file with one image path per line (repeatable)",
+    )
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable: one per image, or one for all)")
+    p.add_argument("--prompts", help="text file, one prompt per line")
+    p.add_argument("--batch-size", type=int, default=1, help="samples per forward pass")
+    p.add_argument(
+        "--tokens",
+        choices=["auto", "image", "text", "all"],
+        default="auto",
+        help="tokens read at decoder layers (auto: image tokens; text tokens for Mllama)",
+    )
+
+
+def _hookpoints(args: argparse.Namespace, model: Any) -> list[str] | None:
+    from .hookpoints import decoder_hookpoint
+
+    paths = list(getattr(args, "hookpoint", None) or [])
+    paths += [decoder_hookpoint(model, i) for i in getattr(args, "layer", None) or []]
+    return paths or None
+
+
+# ----------------------------------------------------------------------------- collect
+def collect_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _sample_args(p)
+    p.add_argument(
+        "--hookpoint",
+        action="append",
+        default=None,
+        help="module path such as model.language_model.layers.8 (repeatable: one pass for all)",
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        action="append",
+        default=None,
+        help="decoder layer index (negative: from the end; repeatable)",
+    )
+    p.add_argument("--out", required=True, help="folder: one activation store per hookpoint")
+    p.add_argument("--max-tokens-per-sample", type=int, default=None, help="random tokens kept per sample")
+    p.add_argument("--store-dtype", choices=list(DTYPES), default="fp16")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def collect(args: argparse.Namespace) -> int:
+    from .collect import collect_activations
+
+    model = load_model(args.model, args.device, args.dtype)
+    hookpoints = _hookpoints(args, model)
+    if not hookpoints:
+        raise ValueError("give --hookpoint PATH or --layer N (repeatable)")
+    images = read_images(args)
+    prompts = read_prompts(args, len(images))
+    result = collect_activations(
+        model,
+        images,
+        prompts,
+        load_processor(args.processor or args.model),
+        hookpoints,
+        args.out,
+        tokens=args.tokens,
+        batch_size=args.batch_size,
+        max_tokens_per_sample=args.max_tokens_per_sample,
+        seed=args.seed,
+        store_dtype=DTYPES[args.store_dtype],
+        show_progress=False,
+    )
+    print(
+        json.dumps(
+            {"out": args.out, "collected": result.collected, "skipped": result.skipped, "rows": result.rows}
+        )
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+def train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--activations", required=True, help="activation store folder (saeuron vlm collect)")
+    p.add_argument("--out", required=True, help="output folder: cfg.json + sae.safetensors")
+    p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
+    p.add_argument("--expansion-factor", type=int, default=16, help="n = d_in × this (default 16)")
+    p.add_argument("--num-latents", type=int, default=0, help="dictionary size (overrides expansion)")
+    p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4/sqrt(n/2^14))")
+    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: --epochs passes)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--encoder", choices=["topk", "threshold"], default="topk")
+    p.add_argument("--dead-tokens", type=int, default=10_000_000, help="tokens without firing = dead")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: accelerate's choice)")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train an SAE on a VLM activation store; its hookpoint, family and token set go into cfg.json."""
+    from ..sae.store import ActivationStore
+    from ..sae.train import TrainConfig, train_sae
+    from .unlearn import TOKENS_KEY
+
+    store = ActivationStore(args.activations)
+    meta = store.metadata or {}
+    extra = {TOKENS_KEY: meta["tokens"]} if meta.get("tokens") else {}
+    cfg = TrainConfig(
+        k=args.k,
+        expansion_factor=args.expansion_factor,
+        num_latents=args.num_latents,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        epochs=args.epochs,
+        encoder=args.encoder,
+        dead_tokens_threshold=args.dead_tokens,
+        seed=args.seed,
+        device=args.device,
+        progress=False,
+        hookpoint=meta.get("hookpoint"),
+        model_family=meta.get("model_family"),
+        base_model=meta.get("base_model"),
+        extra=extra,
+    )
+    sae = train_sae(store, cfg)
+    sae.save_pretrained(args.out)
+    s = sae.training_state
+    print(
+        json.dumps(
+            {
+                "out": str(args.out),
+                "hookpoint": sae.cfg.hookpoint,
+                "steps": s.step,
+                "tokens": s.tokens,
+                "fvu": round(s.last_fvu, 4),
+                "dead_fraction": round(s.dead_fraction, 4),
+            }
+        )
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- concept
+def concept_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    _sample_args(p)
+    p.add_argument(
+        "--sae",
+        required=True,
+        action="append",
+        help="SAE bundle folder or Hub repo, or an SAE folder naming its hookpoint (repeatable)",
+    )
+    p.add_argument("--name", help="concept name (omit with --background)")
+    p.add_argument("--background", action="store_true", help="add the samples to the background set")
+    p.add_argument(
+        "--contrast",
+        nargs="+",
+        default=None,
+        help="default contrast set: auto, others, background, or concept names",
+    )
+    p.add_argument("--hookpoint", action="append", default=None, help="only these hookpoints")
+    p.add_argument("--out", default=None, help="where to write the bundle (default: --sae, in place)")
+
+
+def concept(args: argparse.Namespace) -> int:
+    from .unlearn import VLMUnlearner
+
+    if bool(args.name) == bool(args.background):
+        raise ValueError("give --name NAME or --background (exactly one)")
+    out = args.out or args.sae[0]
+    if args.out is None and (len(args.sae) > 1 or not Path(out).is_dir()):
+        raise ValueError("give --out DIR to write the bundle (several --sae, or a Hub repo)")
+    parts = [VLMUnlearner.from_pretrained(s) for s in args.sae]
+    unlearner = VLMUnlearner([h for part in parts for h in part.hookpoints.values()])
+    model = load_model(args.model, args.device, args.dtype)
+    images = read_images(args)
+    prompts = read_prompts(args, len(images))
+    contrast: Any = args.contrast
+    if contrast is not None and len(contrast) == 1 and contrast[0] in ("auto", "others", "background"):
+        contrast = contrast[0]
+    tokens = None if args.tokens == "auto" else args.tokens
+    stats = unlearner.add_concept(
+        None if args.background else args.name,
+        images,
+        prompts,
+        model,
+        load_processor(args.processor or args.model),
+        contrast=contrast,
+        hookpoints=args.hookpoint,
+        tokens=tokens,
+        batch_size=args.batch_size,
+    )
+    unlearner.save_pretrained(out)
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "concept": args.name or "background",
+                "samples": {p: s.total_count for p, s in stats.items()},
+            }
+        )
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- ask
+def ask_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--image", required=True, help="the image to ask about")
+    p.add_argument("--question", required=True, help="the question")
+    p.add_argument("--sae", default=None, help="SAE bundle folder or Hub repo")
+    p.add_argument("--unlearn", nargs="+", default=None, metavar="CONCEPT", help="concepts to remove")
+    p.add_argument(
+        "--strength", type=float, default=None, help="override the concepts' strength (γ = -strength)"
+    )
+    p.add_argument(
+        "--tokens",
+        choices=["auto", "image", "text", "all"],
+        default="auto",
+        help="tokens to edit (auto: those the SAE was made for)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument(
+        "--raw-prompt",
+        action="store_true",
+        help="do not apply the processor's chat template (just prepend the image token)",
+    )
+
+
+def build_prompt(processor: Any, question: str, raw: bool = False) -> str:
+    """The question as the model expects it: the chat template with one image, else image token + question."""
+    from .inputs import with_image_token
+
+    if not raw and getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return with_image_token(question, processor)
+
+
+def ask(args: argparse.Namespace) -> int:
+    """Answer a question about an image, untouched and (with --unlearn) with the concepts removed."""
+    from .hookpoints import image_token_id
+    from .inputs import to_device
+    from .unlearn import VLMUnlearner
+
+    if args.unlearn and not args.sae:
+        raise ValueError("--unlearn needs --sae BUNDLE")
+    unlearner = VLMUnlearner.from_pretrained(args.sae) if args.sae else None
+    model = load_model(args.model, args.device, args.dtype)
+    processor = load_processor(args.processor or args.model)
+    image = read_images(argparse.Namespace(image=[args.image], images=None))[0]
+    prompt = build_prompt(processor, args.question, args.raw_prompt)
+    inputs = dict(
+        processor(
+            images=[[image]] if type(processor).__name__.startswith("Mllama") else [image],
+            text=[prompt],
+            return_tensors="pt",
+        )
+    )
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    inputs = to_device(inputs, next(model.parameters()).device, dtype)
+    suppress = [i for i in [image_token_id(model)] if i is not None]
+    length = inputs["input_ids"].shape[1]
+
+    def answer() -> str:
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=args.max_new_tokens,
+                do_sample=False,
+                suppress_tokens=suppress or None,
+            )
+        return processor.batch_decode(out[:, length:], skip_special_tokens=True)[0]
+
+    result: dict[str, Any] = {"question": args.question, "original": answer()}
+    if args.unlearn:
+        assert unlearner is not None
+        tokens = None if args.tokens == "auto" else args.tokens
+        with unlearner.unlearn(model, args.unlearn, strength=args.strength, tokens=tokens) as handle:
+            result["unlearned"] = answer()
+            result["edited_calls"] = {p: handle.edits(p) for p in handle.hookpoints}
+        result["concepts"] = args.unlearn
+    print(json.dumps(result, ensure_ascii=False))
+    return 0
+
+
+__all__ = ["ask", "ask_args", "collect", "collect_args", "concept", "concept_args", "train", "train_args"]
