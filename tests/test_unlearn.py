@@ -24,6 +24,7 @@ from saeuron_plugin import SAeUron
 from saeuron_plugin.diffusion.hookpoints import HookpointError, UnsupportedModelError
 from saeuron_plugin.diffusion.hooks import EditingAttnProcessor, HookConflictError
 from saeuron_plugin.diffusion.unlearn import SaeWidthError
+from saeuron_plugin.sae.bundle import UnknownHookpointError
 from saeuron_plugin.sae.concepts import ConceptStats, TauGrid, UnknownConceptError
 from saeuron_plugin.sae.model import SaeConfig, SparseAutoencoder
 
@@ -430,7 +431,7 @@ def test_transformer_families_learn_and_ablate(family):
 def test_bad_inputs_give_clear_errors(sd, sd_eraser):
     with pytest.raises(UnknownConceptError, match="Did you mean 'red'"):
         sd_eraser.apply(sd, "rde")
-    with pytest.raises(HookpointError, match="no SAE for"):
+    with pytest.raises(UnknownHookpointError, match="no SAE for"):
         sd_eraser.apply(sd, "red", hookpoints=["unet.mid_block.attentions.0"])
     # width mismatch: the SAE reads 16, this pipeline's block is 32 wide
     wide = tiny_sd_pipeline(channels=(32, 32))

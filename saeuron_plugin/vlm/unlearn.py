@@ -20,34 +20,27 @@ tokens of each hookpoint output during ``generate()`` or any forward.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from ..sae.ablation import ConceptAblation, FeatureAblator
-from ..sae.calibration import ThresholdCalibrator
-from ..sae.concepts import ConceptLibrary, ConceptStats, TauGrid, UnknownConceptError
-from ..sae.io import (
-    CFG_NAME,
-    WEIGHTS_NAME,
-    SaeLoadError,
-    list_hookpoint_folders,
-    load_sae_folder,
-    resolve_repo,
+from ..sae.bundle import (
+    BundleEntry,
+    DeviceFollowingAblator,
+    PerConcept,
+    SaeBundle,
+    SaeWidthError,
+    per_concept,
+    same_model,
 )
+from ..sae.concepts import ConceptLibrary, ConceptStats, TauGrid
 from ..sae.model import SparseAutoencoder
 from .collect import model_name, run_samples
 from .hookpoints import (
-    HookpointError,
     TokenMode,
     VLMHookpoint,
     check_tokens,
@@ -58,14 +51,8 @@ from .hookpoints import (
 from .hooks import InstalledHooks, TokenSite, install_sites
 from .inputs import make_samples
 
-PerConcept = float | Mapping[str, float] | None
-CARD_NAME = "README.md"
 TOKENS_KEY = "tokens"
 """``SaeConfig.extra`` key holding the token set an SAE reads (``image``, ``text``, ``all``)."""
-
-
-class SaeWidthError(ValueError):
-    """An SAE whose d_in differs from the width of the hookpoint it is meant for."""
 
 
 def vlm_tau_grid() -> TauGrid:
@@ -73,14 +60,8 @@ def vlm_tau_grid() -> TauGrid:
     return TauGrid(1)
 
 
-@dataclass
-class VLMHookpointSAE:
+class VLMHookpointSAE(BundleEntry):
     """One hookpoint of a bundle: its SAE, the concept library made with it, the token set it reads."""
-
-    path: str
-    sae: SparseAutoencoder
-    library: ConceptLibrary
-    calibrator: ThresholdCalibrator | None = None
 
     @property
     def tokens(self) -> str | None:
@@ -89,17 +70,13 @@ class VLMHookpointSAE:
         return None if value in (None, "auto") else str(value)
 
 
-class _DeviceFollowingEditor:
-    """Calls a :class:`FeatureAblator` on the selected tokens, moving it to their device on first sight."""
+class _SiteEditor:
+    """Adapts a device-following :class:`FeatureAblator` to the VLM hook signature ``(tokens, site)``."""
 
     def __init__(self, ablator: FeatureAblator) -> None:
-        self.ablator = ablator
-        self.device = ablator.sae.device
+        self.ablator = DeviceFollowingAblator(ablator)
 
     def __call__(self, tokens: Tensor, site: TokenSite) -> Tensor:
-        if tokens.device != self.device:
-            self.ablator.to(tokens.device)
-            self.device = tokens.device
         return self.ablator(tokens)
 
 
@@ -142,22 +119,32 @@ class UnlearnHandle:
         return f"UnlearnHandle({state}, {', '.join(f'{p}: {a.concepts}' for p, a in self.ablators.items())})"
 
 
-def _per_concept(value: Any, name: str) -> Any:
-    return value.get(name) if isinstance(value, Mapping) else value
+class VLMUnlearner(SaeBundle):
+    """SAEs at one or more hookpoints of a VLM, with their concept libraries.
 
+    Loading, saving, pushing and the concept bookkeeping come from the core
+    :class:`~saeuron_plugin.sae.bundle.SaeBundle`; this class adds models: hookpoint and token
+    checks, the hooks, and the statistics pass over (image, prompt) samples.
+    """
 
-def _same_model(a: str, b: str) -> bool:
-    return a == b or Path(a.rstrip("/")).name == Path(b.rstrip("/")).name
+    entry_class: ClassVar[type[BundleEntry]] = VLMHookpointSAE
+    title: ClassVar[str] = "SAeUron VLM bundle"
+    card_tags: ClassVar[tuple[str, ...]] = (
+        "sparse-autoencoder",
+        "concept-unlearning",
+        "saeuron",
+        "vision-language-model",
+        "transformers",
+    )
+    usage: ClassVar[str] = (
+        "from saeuron_plugin import VLMUnlearner\n"
+        'unlearner = VLMUnlearner.from_pretrained("<this repo>")\n'
+        "with unlearner.unlearn(model, [{concept}]):\n"
+        "    ids = model.generate(**inputs, max_new_tokens=32)"
+    )
 
-
-class VLMUnlearner:
-    """SAEs at one or more hookpoints of a VLM, with their concept libraries."""
-
-    def __init__(self, hookpoints: Mapping[str, VLMHookpointSAE] | Sequence[VLMHookpointSAE]) -> None:
-        items = hookpoints.values() if isinstance(hookpoints, Mapping) else hookpoints
-        self.hookpoints: dict[str, VLMHookpointSAE] = {h.path: h for h in items}
-        if not self.hookpoints:
-            raise ValueError("a VLMUnlearner bundle needs at least one hookpoint SAE")
+    def __init__(self, hookpoints: Mapping[str, BundleEntry] | Sequence[BundleEntry]) -> None:
+        super().__init__(hookpoints)
         for h in self.hookpoints.values():
             if h.library.tau_grid.num_buckets != 1:
                 raise ValueError(
@@ -165,125 +152,43 @@ class VLMUnlearner:
                     f"{h.library.tau_grid.num_buckets}"
                 )
 
-    # ------------------------------------------------------------------ build
+    @classmethod
+    def default_tau_grid(cls) -> TauGrid:
+        return vlm_tau_grid()
+
     @classmethod
     def from_saes(
-        cls, saes: Mapping[str, SparseAutoencoder], *, tokens: str | Mapping[str, str] | None = None
+        cls,
+        saes: Mapping[str, SparseAutoencoder],
+        *,
+        tokens: str | Mapping[str, str] | None = None,
+        tau_grid: TauGrid | None = None,
     ) -> VLMUnlearner:
         """A bundle from ``hookpoint path -> SAE`` with empty concept libraries (see :meth:`add_concept`).
 
         ``tokens`` records the token set each SAE reads (default: what its cfg says, else ``auto``).
         """
-        out = []
         for path, sae in saes.items():
-            sae.cfg.hookpoint = sae.cfg.hookpoint or path
-            mode = _per_concept(tokens, path) if tokens is not None else None
+            mode = per_concept(tokens, path) if tokens is not None else None
             if mode is not None:
                 sae.cfg.extra[TOKENS_KEY] = mode
-            out.append(
-                VLMHookpointSAE(
-                    path, sae, ConceptLibrary.for_sae(sae, tau_grid=vlm_tau_grid(), hookpoint=path)
-                )
-            )
-        return cls(out)
+        return super().from_saes(saes, tau_grid=vlm_tau_grid())
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | os.PathLike[str],
-        *,
-        hookpoints: Sequence[str] | None = None,
-        revision: str | None = None,
-        device: torch.device | str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-    ) -> VLMUnlearner:
-        """Load every hookpoint folder of a local bundle or a Hub repo (or only ``hookpoints``).
+    def _describe_entry(self, entry: BundleEntry) -> str:
+        return f"{super()._describe_entry(entry)}, tokens={entry.tokens or 'auto'}"
 
-        Hub repos are fetched with ``snapshot_download`` (SAE files, concept libraries and the
-        card only), honouring the cache and ``HF_HUB_OFFLINE``. SAE math runs in fp32.
-        """
-        subs = list(hookpoints) if hookpoints else ["*"]
-        patterns = [CARD_NAME, CFG_NAME, WEIGHTS_NAME, "concepts/*"]
-        patterns += [f"{s}/{f}" for s in subs for f in (CFG_NAME, WEIGHTS_NAME, "concepts/*")]
-        root = resolve_repo(
-            path_or_repo_id,
-            allow_patterns=patterns,
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            local_files_only=local_files_only,
+    def card_intro(self) -> str:
+        families = sorted(
+            {h.sae.cfg.model_family for h in self.hookpoints.values() if h.sae.cfg.model_family}
         )
-        available = list_hookpoint_folders(root)
-        if not available and (root / CFG_NAME).is_file():
-            sae = load_sae_folder(root, device=device, dtype=torch.float32)
-            if not sae.cfg.hookpoint:
-                raise SaeLoadError(
-                    f"{root} holds one SAE whose cfg.json names no hookpoint; put it in a folder "
-                    "named after its hookpoint (e.g. model.language_model.layers.8/)"
-                )
-            return cls([cls._load_hookpoint(root, sae.cfg.hookpoint, sae)])
-        wanted = list(hookpoints) if hookpoints else available
-        missing = [h for h in wanted if h not in available]
-        if missing or not wanted:
-            raise SaeLoadError(
-                f"no SAE folder for hookpoint(s) {missing} in {path_or_repo_id} ({root}); "
-                f"available: {available or 'none (no <hookpoint>/cfg.json found)'}"
-            )
-        return cls(
-            [
-                cls._load_hookpoint(
-                    root / name,
-                    name,
-                    load_sae_folder(root / name, device=device, dtype=torch.float32, hookpoint=name),
-                )
-                for name in wanted
-            ]
+        return (
+            "Sparse autoencoders on a vision-language model's activations, with concept statistics for "
+            "unlearning by feature ablation (SAeUron scores, SAUCE-style edit of image/text tokens), made "
+            "with saeuron-plugin." + (f" Model family: {', '.join(families)}." if families else "")
         )
 
-    @staticmethod
-    def _load_hookpoint(folder: Path, path: str, sae: SparseAutoencoder) -> VLMHookpointSAE:
-        if (folder / "concepts" / "index.json").is_file():
-            library = ConceptLibrary.load(folder, sae)
-            if library.hookpoint and library.hookpoint != path:
-                raise SaeLoadError(
-                    f"{folder}: concept library was made at {library.hookpoint!r}, the folder is {path!r}"
-                )
-        else:
-            library = ConceptLibrary.for_sae(sae, tau_grid=vlm_tau_grid(), hookpoint=path)
-        return VLMHookpointSAE(path, sae, library)
-
-    # ---------------------------------------------------------------- inspect
-    @property
-    def concepts(self) -> list[str]:
-        """Every concept some hookpoint can unlearn, in library order."""
-        return list(dict.fromkeys(n for h in self.hookpoints.values() for n in h.library.names))
-
-    def where(self, concept: str) -> list[str]:
-        """Hookpoints whose library holds ``concept``."""
-        return [p for p, h in self.hookpoints.items() if concept in h.library]
-
-    def __repr__(self) -> str:
-        parts = [
-            f"{p} (d_in={h.sae.d_in}, n={h.sae.num_latents}, tokens={h.tokens or 'auto'}, "
-            f"{len(h.library)} concepts)"
-            for p, h in self.hookpoints.items()
-        ]
-        return f"VLMUnlearner({'; '.join(parts)})"
-
-    def _check_known(self, names: Sequence[str]) -> None:
-        known = self.concepts
-        for name in names:
-            if name not in known:
-                raise UnknownConceptError(name, known)
-
-    def _paths(self, hookpoints: Sequence[str] | None) -> list[str]:
-        paths = list(hookpoints) if hookpoints else list(self.hookpoints)
-        unknown = [p for p in paths if p not in self.hookpoints]
-        if unknown:
-            raise HookpointError(f"this bundle has no SAE for {unknown}; it has {list(self.hookpoints)}")
-        return paths
+    def card_columns(self, entry: BundleEntry) -> dict[str, str]:
+        return {**super().card_columns(entry), "tokens": entry.tokens or "auto"}
 
     def check_model(
         self,
@@ -303,13 +208,8 @@ class VLMUnlearner:
             hp = resolve_hookpoint(model, path, index)
             entry = self.hookpoints[path]
             sae = entry.sae
-            if hp.width != sae.d_in:
-                raise SaeWidthError(
-                    f"the SAE for {path} reads {sae.d_in}-wide activations (d_in={sae.d_in}), but "
-                    f"this model's {path} outputs hidden size {hp.width}: the SAE was made for "
-                    "another model"
-                )
-            wanted = _per_concept(tokens, path) if tokens is not None else entry.tokens
+            self.check_width(path, hp.width, "model", "hidden size")
+            wanted = per_concept(tokens, path) if tokens is not None else entry.tokens
             mode = check_tokens(hp, wanted, model)
             if hp.family == "mllama" and hp.kind == "decoder":
                 cross = cross_attention_layers(model)
@@ -320,7 +220,7 @@ class VLMUnlearner:
                         stacklevel=3,
                     )
             base = sae.cfg.base_model
-            if base and name and not _same_model(base, name):
+            if base and name and not same_model(base, name):
                 warnings.warn(
                     f"the SAE for {path} was trained on {base!r}, this model is {name!r}; features may "
                     "not mean the same here",
@@ -352,71 +252,16 @@ class VLMUnlearner:
         edited at each hookpoint (default: the one the SAE was made for). ``hookpoints`` limits
         where concepts are ablated (and ablates concepts marked inactive there).
         """
-        specs = [concepts] if isinstance(concepts, str | ConceptAblation) else list(concepts)
-        if not specs:
-            raise ValueError("no concepts to unlearn")
-        resolved: list[ConceptAblation] = []
-        for spec in specs:
-            if isinstance(spec, str):
-                top = _per_concept(top_n, spec)
-                spec = ConceptAblation(
-                    spec,
-                    strength=_per_concept(strength, spec),
-                    percentile=None if top is not None else _per_concept(percentile, spec),
-                    top_n=top,
-                    rule=rule,
-                )
-            resolved.append(spec)
-        self._check_known([s.concept for s in resolved])
-        paths = self._paths(hookpoints) if hookpoints is not None else list(self.hookpoints)
-        targets = {
-            p: [
-                s
-                for s in resolved
-                if s.concept in self.hookpoints[p].library
-                and (
-                    hookpoints is not None or self.hookpoints[p].library.selection_defaults(s.concept).active
-                )
-            ]
-            for p in paths
-        }
-        targets = {p: s for p, s in targets.items() if s}
-        placed = {s.concept for at in targets.values() for s in at}
-        idle = [s.concept for s in resolved if s.concept not in placed]
-        if idle and hookpoints is None:
-            raise ValueError(
-                f"{idle} are inactive at every hookpoint of this bundle (selection default "
-                "active=False); pass hookpoints=... to ablate them anyway"
-            )
-        if not targets:
-            raise ValueError(f"none of {[s.concept for s in resolved]} is held at hookpoints {hookpoints}")
+        targets = self.plan(
+            concepts, strength=strength, percentile=percentile, top_n=top_n, rule=rule, hookpoints=hookpoints
+        )
         checked = self.check_model(model, list(targets), tokens)
-        ablators = {
-            p: FeatureAblator(
-                self.hookpoints[p].sae,
-                self.hookpoints[p].library,
-                at,
-                encoder=encoder,
-                legacy_error_sign=legacy_error_sign,
-            )
-            for p, at in targets.items()
-        }
+        ablators = self.ablators(targets, encoder=encoder, legacy_error_sign=legacy_error_sign)
         modes = {p: checked[p][1] for p in targets}
         hooks = install_sites(
-            model, {p: _DeviceFollowingEditor(a) for p, a in ablators.items()}, modes, allow_stack=allow_stack
+            model, {p: _SiteEditor(a) for p, a in ablators.items()}, modes, allow_stack=allow_stack
         )
         return UnlearnHandle(hooks, ablators, modes)
-
-    @contextlib.contextmanager
-    def unlearn(
-        self, model: nn.Module, concepts: str | Sequence[str | ConceptAblation], **options: Any
-    ) -> Iterator[UnlearnHandle]:
-        """Context manager form of :meth:`apply`: the ablation is removed on exit, also after an error."""
-        handle = self.apply(model, concepts, **options)
-        try:
-            yield handle
-        finally:
-            handle.remove()
 
     # --------------------------------------------------------------- concepts
     def add_concept(
@@ -463,7 +308,7 @@ class VLMUnlearner:
         ``calibrate`` (default: when the SAE has no θ) calibrates the threshold encoder's θ on the
         same pre-activations. Returns hookpoint → concept → statistics.
         """
-        paths = self._paths(hookpoints)
+        paths = self.paths(hookpoints)
         checked = self.check_model(model, paths, tokens)
         for path in paths:  # check everything before changing anything
             mode, made = checked[path][1], _library_tokens(self.hookpoints[path].library)
@@ -475,10 +320,7 @@ class VLMUnlearner:
         for path in paths:
             entry = self.hookpoints[path]
             entry.sae.cfg.extra[TOKENS_KEY] = checked[path][1]
-            if calibrate or (calibrate is None and entry.sae.cfg.threshold is None):
-                entry.calibrator = entry.calibrator or ThresholdCalibrator(entry.sae)
-            else:
-                entry.calibrator = None
+        self.prepare_calibrators(paths, calibrate)
         passes = {p: _StatisticsPass(self.hookpoints[p], checked[p][1]) for p in paths}
         for name, spec in samples_by_concept.items():
             if not isinstance(spec, tuple | list) or len(spec) != 3:
@@ -511,67 +353,8 @@ class VLMUnlearner:
                 on_batch_start=start,
                 on_batch_end=end,
             )
-        out: dict[str, dict[str | None, ConceptStats]] = {}
-        for path, p in passes.items():
-            entry = self.hookpoints[path]
-            if entry.calibrator is not None:
-                entry.library.record_threshold(entry.calibrator)
-            out[path] = {name: p.stats(name) for name in samples_by_concept}
-        return out
-
-    def set_defaults(self, concept: str, *, hookpoints: Sequence[str] | None = None, **defaults: Any) -> None:
-        """Set a concept's selection defaults (percentile, top_n, gamma, rule, ...) where it is held."""
-        self._check_known([concept])
-        for path in hookpoints or self.where(concept):
-            self.hookpoints[path].library.set_selection_defaults(concept, **defaults)
-
-    # ------------------------------------------------------------------- save
-    def save_pretrained(
-        self,
-        folder: str | os.PathLike[str],
-        *,
-        include_prompts: bool = True,
-        card: str | None = None,
-        metrics: Mapping[str, Any] | None = None,
-    ) -> Path:
-        """Write ``<folder>/<hookpoint>/{cfg.json, sae.safetensors, concepts/}`` and a model card."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        for path, entry in self.hookpoints.items():
-            entry.sae.save_pretrained(folder / path)
-            if len(entry.library) or entry.library.background is not None:
-                entry.library.save(folder / path, include_prompts)
-        (folder / CARD_NAME).write_text(card or model_card(self, metrics), encoding="utf-8")
-        return folder
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-        commit_message: str | None = None,
-        metrics: Mapping[str, Any] | None = None,
-    ) -> str:
-        """Upload the bundle (same layout as :meth:`save_pretrained`); returns the commit URL."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="saeuron-vlm-push-") as tmp:
-            self.save_pretrained(tmp, metrics=metrics)
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmp,
-                revision=revision,
-                commit_message=commit_message
-                or f"Upload SAeUron VLM bundle ({len(self.concepts)} "
-                f"concepts, {len(self.hookpoints)} hookpoints)",
-            )
-        return str(getattr(info, "commit_url", info))
+        self.record_calibration(paths)
+        return {path: {name: p.stats(name) for name in samples_by_concept} for path, p in passes.items()}
 
 
 class _StatisticsPass:
@@ -631,67 +414,11 @@ def _library_tokens(library: ConceptLibrary) -> set[str]:
     return {str(s.extra[TOKENS_KEY]) for s in stats if s.total_count and s.extra.get(TOKENS_KEY)}
 
 
-def model_card(unlearner: VLMUnlearner, metrics: Mapping[str, Any] | None = None) -> str:
-    """A Hub model card: YAML metadata, the hookpoints, the concepts and how to use the bundle."""
-    bases = sorted({h.sae.cfg.base_model for h in unlearner.hookpoints.values() if h.sae.cfg.base_model})
-    families = sorted(
-        {h.sae.cfg.model_family for h in unlearner.hookpoints.values() if h.sae.cfg.model_family}
-    )
-    lines = [
-        "---",
-        "library_name: saeuron-plugin",
-        "tags: [sparse-autoencoder, concept-unlearning, saeuron, vision-language-model, transformers]",
-    ]
-    if bases:
-        lines.append(f"base_model: {bases[0]}")
-    first = repr(unlearner.concepts[0]) if unlearner.concepts else "..."
-    lines += [
-        "license: apache-2.0",
-        "---",
-        "",
-        "# SAeUron VLM bundle",
-        "",
-        "Sparse autoencoders on a vision-language model's activations, with concept statistics for "
-        "unlearning by feature ablation (SAeUron scores, SAUCE-style edit of image/text tokens), made with "
-        "saeuron-plugin." + (f" Model family: {', '.join(families)}." if families else ""),
-        "",
-        "```python",
-        "from saeuron_plugin import VLMUnlearner",
-        'unlearner = VLMUnlearner.from_pretrained("<this repo>")',
-        f"with unlearner.unlearn(model, [{first}]):",
-        "    ids = model.generate(**inputs, max_new_tokens=32)",
-        "```",
-        "",
-        "| hookpoint | d_in | latents | k | encoder | tokens | concepts |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for path, h in unlearner.hookpoints.items():
-        cfg = h.sae.cfg
-        lines.append(
-            f"| `{path}` | {cfg.d_in} | {cfg.num_latents} | {cfg.k} | {cfg.encoder} | "
-            f"{h.tokens or 'auto'} | {len(h.library)} |"
-        )
-    lines += ["", "## Concepts", "", "| concept | hookpoints | samples | defaults |", "|---|---|---|---|"]
-    for name in unlearner.concepts:
-        where = unlearner.where(name)
-        lib = unlearner.hookpoints[where[0]].library
-        d = lib.selection_defaults(name)
-        sel = f"top {d.top_n}" if d.top_n is not None else f"p={d.percentile}"
-        lines.append(
-            f"| {name} | {', '.join(f'`{w}`' for w in where)} | {lib.get(name).num_prompts} | "
-            f"{d.rule} γ={d.gamma:g}, {sel} |"
-        )
-    if metrics:
-        lines += ["", "## Metrics", "", "```json", json.dumps(metrics, indent=2, default=str), "```"]
-    return "\n".join(lines) + "\n"
-
-
 __all__ = [
     "TOKENS_KEY",
     "SaeWidthError",
     "UnlearnHandle",
     "VLMHookpointSAE",
     "VLMUnlearner",
-    "model_card",
     "vlm_tau_grid",
 ]
