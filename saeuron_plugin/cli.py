@@ -78,7 +78,7 @@ def _info(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ demo
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--concepts", nargs="+", default=["striped", "star"],
+    p.add_argument("--concepts", nargs="+", default=["checkered", "star"],
                    help="ShapesCanvas concepts to unlearn, one at a time (default: a style and an object)")
     p.add_argument("--out", default="out/demo", help="folder for grid.png and metrics.json")
     p.add_argument("--bundle", default=None, help="SAE bundle (default: the shipped one)")

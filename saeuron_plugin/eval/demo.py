@@ -59,7 +59,7 @@ def before_after_grid(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], sc
 
 
 def run_demo(
-    concepts: Sequence[str] = ("striped", "star"),
+    concepts: Sequence[str] = ("checkered", "star"),
     out: str | Path = "out/demo",
     bundle: str = "checkpoints/shapescanvas-saeuron",
     model: str = "checkpoints/shapescanvas-sd",
