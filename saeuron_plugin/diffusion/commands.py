@@ -14,20 +14,15 @@ from typing import Any
 
 import torch
 
+from ..cli_prompts import prompt_args
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- shared
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """``--prompt`` values plus the lines of ``--prompts FILE`` (blank lines and ``#`` comments skipped)."""
-    prompts = list(getattr(args, "prompt", None) or [])
-    path = getattr(args, "prompts", None)
-    if path:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
-    return prompts
+    """``--prompt`` values plus the lines of ``--prompts FILE``."""
+    return prompt_args(args)
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str = "fp32") -> Any:

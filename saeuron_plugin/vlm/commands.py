@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..cli_prompts import prompt_args
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -73,13 +75,7 @@ def read_images(args: argparse.Namespace) -> list[Any]:
 
 def read_prompts(args: argparse.Namespace, n_images: int) -> list[str]:
     """``--prompt`` values plus ``--prompts FILE`` lines: one for all images, or one per image."""
-    prompts = list(getattr(args, "prompt", None) or [])
-    path = getattr(args, "prompts", None)
-    if path:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    prompts = prompt_args(args)
     if len(prompts) == 1:
         return prompts * n_images
     if len(prompts) != n_images:
