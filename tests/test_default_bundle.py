@@ -58,13 +58,6 @@ def test_concept_prompts_and_splits():
         B.concept_domain("van gogh")
 
 
-needs_bundle = pytest.mark.skipif(
-    not (BUNDLE / "README.md").is_file(),
-    reason="shipped bundle not built (python examples/build_shapescanvas_bundle.py)",
-)
-
-
-@needs_bundle
 def test_shipped_bundle_covers_every_concept_and_ablates():
     from saeuron_plugin import SAeUron
 
@@ -87,7 +80,6 @@ def test_shipped_bundle_covers_every_concept_and_ablates():
     assert torch.equal(generate(pipe, prompts, seeds, steps=4), plain)
 
 
-@needs_bundle
 def test_demo_writes_grid_and_metrics(tmp_path):
     from PIL import Image
 

@@ -11,17 +11,15 @@ trainer's queue, without touching disk.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..sae.store import ActivationStore
+from ..sae.store import open_stores
 from .hookpoints import Hookpoint, detect_family, resolve_hookpoint
 from .hooks import install_hooks
 
@@ -141,27 +139,10 @@ def _batch_kwargs(prompts: list[Prompt]) -> dict[str, Any]:
 
 def _open_stores(store: Any, hookpoints: list[Hookpoint], pipe: Any,
                  dtype: torch.dtype) -> dict[str, Any] | Sink:
-    if isinstance(store, str | os.PathLike):
-        root = Path(store)
-        family = detect_family(pipe)
-        name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-        return {hp.path: ActivationStore.create(
-            root / hp.path, d_in=hp.width, dtype=dtype, exist_ok=True,
-            metadata={"hookpoint": hp.path, "model_family": family, "base_model": name}) for hp in hookpoints}
-    if isinstance(store, Mapping):
-        missing = [hp.path for hp in hookpoints if hp.path not in store]
-        if missing:
-            raise KeyError(f"no store given for hookpoints {missing}")
-        return {hp.path: store[hp.path] for hp in hookpoints}
-    if hasattr(store, "append") and hasattr(store, "has_key"):
-        if len(hookpoints) != 1:
-            raise ValueError("one store was given for several hookpoints; pass a dict hookpoint -> store, "
-                             "or a folder path")
-        return {hookpoints[0].path: store}
-    if callable(store):
-        return store
-    raise TypeError(f"store must be an ActivationStore, a dict of them, a folder path or a callable sink, "
-                    f"got {type(store).__name__}")
+    family = detect_family(pipe)
+    name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    return open_stores(store, {hp.path: (hp.width, {"hookpoint": hp.path, "model_family": family,
+                                                     "base_model": name}) for hp in hookpoints}, dtype)
 
 
 def collect_activations(pipe: Any, prompts: Sequence[Prompt], hookpoints: Sequence[str], store: Any, *,

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import shapescanvas as sc
 from .bundle import concept_domain, judge_scores, load_default, split_prompts
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
@@ -136,4 +135,4 @@ def run_demo(
     return metrics
 
 
-__all__ = ["before_after_grid", "run_demo", "sc"]
+__all__ = ["before_after_grid", "run_demo"]

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -382,3 +382,30 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def open_stores(store: Any, specs: Mapping[str, tuple[int, dict[str, Any]]],
+                dtype: torch.dtype) -> dict[str, Any] | Callable[..., None]:
+    """Where a collection run writes, per hookpoint: ``specs`` is ``path -> (width, metadata)``.
+
+    ``store`` may be a folder (one store per hookpoint in ``<folder>/<path>``, created or reopened),
+    a dict ``path -> store``, one store (one hookpoint only), or a callable sink (returned as is).
+    """
+    if isinstance(store, str | os.PathLike):
+        root = Path(store)
+        return {path: ActivationStore.create(root / path, d_in=width, dtype=dtype, exist_ok=True,
+                                             metadata=meta) for path, (width, meta) in specs.items()}
+    if isinstance(store, Mapping):
+        missing = [p for p in specs if p not in store]
+        if missing:
+            raise KeyError(f"no store given for hookpoints {missing}")
+        return {p: store[p] for p in specs}
+    if hasattr(store, "append") and hasattr(store, "has_key"):
+        if len(specs) != 1:
+            raise ValueError("one store was given for several hookpoints; pass a dict hookpoint -> store, "
+                             "or a folder path")
+        return {next(iter(specs)): store}
+    if callable(store):
+        return store
+    raise TypeError(f"store must be an ActivationStore, a dict of them, a folder path or a callable sink, "
+                    f"got {type(store).__name__}")

@@ -9,17 +9,15 @@ re-run. A callable ``sink(hookpoint, rows)`` can take the rows instead (streamin
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..sae.store import ActivationStore
+from ..sae.store import open_stores
 from .hookpoints import VLMHookpoint, check_tokens, hookpoint_index, pad_token_id, resolve_hookpoint
 from .hooks import Callback, TokenSite, install_sites
 from .inputs import Sample, iter_batches, make_samples, to_device
@@ -113,41 +111,13 @@ class _Capture:
 def _open_stores(
     store: Any, hookpoints: list[VLMHookpoint], modes: dict[str, str], model: Any, dtype: torch.dtype
 ) -> dict[str, Any] | Sink:
-    if isinstance(store, str | os.PathLike):
-        root = Path(store)
-        return {
-            hp.path: ActivationStore.create(
-                root / hp.path,
-                d_in=hp.width,
-                dtype=dtype,
-                exist_ok=True,
-                metadata={
-                    "hookpoint": hp.path,
-                    "model_family": hp.family,
-                    "base_model": model_name(model),
-                    "tokens": modes[hp.path],
-                    "kind": hp.kind,
-                },
-            )
-            for hp in hookpoints
-        }
-    if isinstance(store, Mapping):
-        missing = [hp.path for hp in hookpoints if hp.path not in store]
-        if missing:
-            raise KeyError(f"no store given for hookpoints {missing}")
-        return {hp.path: store[hp.path] for hp in hookpoints}
-    if hasattr(store, "append") and hasattr(store, "has_key"):
-        if len(hookpoints) != 1:
-            raise ValueError(
-                "one store was given for several hookpoints; pass a dict hookpoint -> store, or a folder path"
-            )
-        return {hookpoints[0].path: store}
-    if callable(store):
-        return store
-    raise TypeError(
-        f"store must be an ActivationStore, a dict of them, a folder path or a callable sink, "
-        f"got {type(store).__name__}"
-    )
+    name = model_name(model)
+    specs = {
+        hp.path: (hp.width, {"hookpoint": hp.path, "model_family": hp.family, "base_model": name,
+                             "tokens": modes[hp.path], "kind": hp.kind})
+        for hp in hookpoints
+    }
+    return open_stores(store, specs, dtype)
 
 
 def collect_activations(
