@@ -275,6 +275,10 @@ def test_selection_inspection_and_nan_rows():
     assert table[0][0] == 2 and table[0][1] == [0, 1] and table[0][2] == pytest.approx(0.95)
     assert [row[0] for row in table] == [2, 1, 0]
     assert select_features(scores, percentile=50).counts.tolist() == [2, 2, 0]
+    # top-N never picks a latent scoring ≤ 0 (not more active on the concept than on its contrast)
+    mixed = torch.tensor([[0.3, -0.2, 0.0, -0.1], [-0.5, -0.1, -0.3, 0.0]], dtype=torch.float64)
+    few = select_features(mixed, top_n=3)
+    assert few.bucket(0).tolist() == [0] and few.bucket(1).numel() == 0 and few.counts.tolist() == [1, 0]
     with pytest.raises(ValueError, match="exactly one"):
         select_features(scores)
 

@@ -148,8 +148,10 @@ def select_features(scores: Tensor, percentile: float | None = None, top_n: int 
     """Select latents per bucket from ``scores`` [K, n]: give exactly one of ``percentile`` / ``top_n``.
 
     ``percentile`` p ∈ [0, 100]: latents with score strictly above the row's linear-interpolated
-    p-th percentile (reference behaviour). ``top_n``: the N highest scores per bucket, ties to the
-    lower index. Rows containing NaN (no data) select nothing; NaN scores are never picked.
+    p-th percentile (reference behaviour). ``top_n``: the N highest *positive* scores per bucket,
+    ties to the lower index (a latent scoring ≤ 0 is no more active on the concept than on its
+    contrast: ablating it removes nothing of the concept). Rows containing NaN (no data) select
+    nothing; NaN scores are never picked.
     """
     if (percentile is None) == (top_n is None):
         raise ValueError("give exactly one of `percentile` or `top_n`")
@@ -165,8 +167,7 @@ def select_features(scores: Tensor, percentile: float | None = None, top_n: int 
     else:
         if top_n < 0:
             raise ValueError(f"top_n must be ≥ 0, got {top_n}")
-        finite = ~scores.isnan()
-        keep = finite.sum(-1).clamp(max=min(top_n, n))
+        keep = (scores > 0).sum(-1).clamp(max=min(top_n, n))  # NaN > 0 is False
     width = int(keep.max()) if k_buckets else 0
     col = torch.arange(width).unsqueeze(0)
     valid = col < keep.unsqueeze(1)
