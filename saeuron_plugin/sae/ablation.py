@@ -385,10 +385,13 @@ class FeatureAblator:
             return grid.nearest(tau)
         flat = tau.detach().reshape(-1)
         if flat.device.type == "cpu" or not self.sync_free:
-            if flat.numel() == 1:
-                return grid.nearest(float(flat[0]))
-            buckets = [grid.nearest(t) for t in flat.tolist()]  # one host copy
-            if all(k == buckets[0] for k in buckets):
+            values = flat.tolist()  # one host copy
+            distinct = set(values)
+            if len(distinct) == 1:  # the usual case: one timestep for the whole batch
+                return grid.nearest(values[0])
+            lookup = {t: grid.nearest(t) for t in distinct}
+            buckets = [lookup[t] for t in values]
+            if len(set(buckets)) == 1:
                 return buckets[0]
             idx = torch.tensor(buckets)
         else:
@@ -516,7 +519,13 @@ def _topk_members(sae: SparseAutoencoder, x: Tensor, latents: Tensor) -> Tensor:
 
 
 def _block_size(n: int, k: int) -> int:
-    """Largest divisor of n that is ≤ min(64, n / 4k); 1 when blocking cannot help."""
+    """Largest divisor of n that is ≤ min(64, n / 4k); 1 when blocking cannot help.
+
+    Below n = 256·k a plain ``topk`` is as fast or faster on CPU (measured at n = 1024-20,480,
+    k = 8 and 32): the block maxima pass and the gather cost more than they save.
+    """
+    if n < 256 * k:
+        return 1
     cap = min(64, n // (4 * k))
     return next((b for b in range(cap, 1, -1) if n % b == 0), 1)
 
