@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 
 import pytest
@@ -45,11 +46,11 @@ def setup(encoder: str = "topk", unit_norm: bool = False) -> tuple[SparseAutoenc
     return sae, make_library(sae)
 
 
-def concept_input(rows: int = 3, tokens: int = 8, seed: int = 2) -> torch.Tensor:
+def concept_input(rows: int = 3, tokens: int = 8, seed: int = 2, every: int = 2) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, tokens, D, generator=gen)
-    x[:, ::2, 0] += 3  # concepts A and B present on every other token
-    x[:, ::2, 1] += 3
+    x[:, ::every, 0] += 3  # concepts A and B present on every `every`-th token
+    x[:, ::every, 1] += 3
     return x
 
 
@@ -120,8 +121,9 @@ def test_edit_equals_dense_definition(encoder, unit_norm, sparse_tokens):
     ab = FeatureAblator(sae, lib, [ConceptAblation("A", top_n=3, strength=2.0),
                                    ConceptAblation("B", top_n=2)])
     ab.sparse_tokens = sparse_tokens  # False: the dense, sync-free path devices run
-    x = concept_input()
-    for tau in (0.05, 0.5, 0.95):
+    # every token / every other / 1 in 8 with the concept: the CPU topk path encodes all tokens
+    # when most can change and gathers the candidates when few can
+    for x, tau in itertools.product([concept_input(every=e) for e in (1, 2, 8)], (0.05, 0.5, 0.95)):
         out = ab(x, tau)
         bucket = int(lib.tau_grid.index(tau))
         expected = dense_reference(ab, x, bucket)

@@ -413,13 +413,18 @@ class FeatureAblator:
             return self._edit(x, pre, pre > plan.cut, plan.a, plan.b, w_dec, rows, batched=False)
         # TopK: the full encode decides membership, but only where a selected latent passes its gate
         # can anything change; on CPU only those tokens are fully encoded (margin: rounding)
+        candidates = None
         if self.sparse_tokens and x.device.type == "cpu":
-            idx = (pre > plan.gate - 1e-4 * (1 + plan.gate)).any(-1).nonzero(as_tuple=True)
+            candidates = (pre > plan.gate - 1e-4 * (1 + plan.gate)).any(-1)
+            if 2 * int(candidates.sum()) > candidates.numel():
+                candidates = None  # most tokens qualify: the gather and scatter would cost more than they save
+        if candidates is None:
+            z = _topk_members(sae, x, plan.latents)
+        else:
+            idx = candidates.nonzero(as_tuple=True)
             z = torch.zeros_like(pre)  # placeholders where nothing can change
             if idx[0].numel():
                 z[idx] = _topk_members(sae, x[idx], plan.latents)
-        else:
-            z = _topk_members(sae, x, plan.latents)
         return self._edit(x, z, z > plan.gate, plan.a, plan.b, w_dec, rows, batched=False)
 
     def _encode(self, x: Tensor, latents: Tensor) -> Tensor:
