@@ -56,12 +56,30 @@ def time_call(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> fl
     return statistics.median(wall_time(fn) for _ in range(repeats))
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median wall time of each function, run in turns so that load drift hits all alike."""
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each function over ``repeats`` rounds, run in turns so load drift hits all alike."""
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()  # warm-up
     for _ in range(repeats):
         for name, fn in fns.items():
             samples[name].append(wall_time(fn))
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function, run in turns so that load drift hits all alike."""
+    return {name: statistics.median(v) for name, v in time_rounds(fns, repeats).items()}
+
+
+def paired_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, tuple[float, float, float]]:
+    """Per function: (median, min, max) over rounds of its time / the baseline's time in the same round.
+
+    Pairing by round cancels slow drifts of the machine's speed that a ratio of two medians keeps.
+    """
+    base = samples[baseline]
+    out = {}
+    for name, times in samples.items():
+        ratios = [t / b for t, b in zip(times, base, strict=True)]
+        out[name] = (statistics.median(ratios), min(ratios), max(ratios))
+    return out
