@@ -14,10 +14,10 @@ several percent between rounds; the in-call share is measured within one call, s
 slows its numerator and denominator alike and it stays steady.
 
 The topk prediction is FLOP arithmetic: (tokens the hookpoint outputs per call, counted by a hook)
-× n × d × 2 over the FLOPs of the plain pipeline call (FlopCounterMode). The same arithmetic for SD 1.5 at 512 px with SAeUron's SAE
-(d = 1280, n = 20,480, one hookpoint at up_blocks.1, CFG batch 2) uses a UNet built on the meta
-device (no weights). Collection: ``collect_activations`` into a temporary store vs the plain
-pipeline with ``output_type="latent"`` (what collection runs).
+× n × d × 2 over the FLOPs of the plain pipeline call (FlopCounterMode). The same arithmetic for
+SD 1.5 at 512 px with SAeUron's SAE (d = 1280, n = 20,480, one hookpoint at up_blocks.1, CFG
+batch 2) uses a UNet built on the meta device (no weights). Collection: ``collect_activations``
+into a temporary store vs the plain pipeline with ``output_type="latent"`` (what collection runs).
 
     python benchmarks/pipeline_overhead.py [--prompts 8 --repeats 7 --concept striped --threads 2]
 """

@@ -417,7 +417,7 @@ class FeatureAblator:
         if self.sparse_tokens and x.device.type == "cpu":
             candidates = (pre > plan.gate - 1e-4 * (1 + plan.gate)).any(-1)
             if 2 * int(candidates.sum()) > candidates.numel():
-                candidates = None  # most tokens qualify: the gather and scatter would cost more than they save
+                candidates = None  # most tokens qualify: a gather and scatter would cost more than it saves
         if candidates is None:
             z = _topk_members(sae, x, plan.latents)
         else:
