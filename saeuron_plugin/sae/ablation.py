@@ -442,16 +442,20 @@ class FeatureAblator:
         """out = x + (z′ − z)·W_dec[sel] on the tokens where ``change``; x itself if none (on CPU).
 
         Unbatched: a, b [S, C] and w [S, d] serve every token. Batched (per-row buckets): x [B, T, d]
-        and a, b [B, S, C], w [B, S, d] per row. On CPU the changed tokens are found on the host
-        and only they are computed and written (a clone of x plus a few rows); on a device the edit
-        is dense and sync-free, with unchanged tokens taken from x by ``torch.where``.
+        and a, b [B, S, C], w [B, S, d] per row. On CPU the changed tokens are counted on the host:
+        none returns x; up to half are gathered, computed and written alone (a clone of x plus a few
+        rows); more take the dense path. On a device the edit is dense and sync-free, with unchanged
+        tokens taken from x by ``torch.where``.
         """
         if rows is not None:  # a token mask broadcastable to change.shape[:-1]
             change = change & rows.unsqueeze(-1)
+        touched = change.any(-1)
         if self.sparse_tokens and x.device.type == "cpu":
-            idx = change.any(-1).nonzero(as_tuple=True)
-            if idx[0].numel() == 0:
+            m = int(touched.sum())
+            if m == 0:
                 return x
+        if self.sparse_tokens and x.device.type == "cpu" and 2 * m <= touched.numel():
+            idx = touched.nonzero(as_tuple=True)  # few tokens change: compute and write only those
             zc, cc, xc = z[idx], change[idx], x[idx]  # [m, S], [m, S], [m, d]
             if batched:
                 a, b, w = a[idx[0]], b[idx[0]], w[idx[0]]
@@ -468,7 +472,7 @@ class FeatureAblator:
         if self.sae.cfg.input_unit_norm:
             delta = delta * self.sae._standardise(x)[2].float()
         edited = (x.float() + delta).to(x.dtype)
-        return torch.where(change.any(-1, keepdim=True), edited, x)
+        return torch.where(touched.unsqueeze(-1), edited, x)
 
     def _legacy(self, x: Tensor, bucket: int | Tensor, rows: Tensor | None) -> Tensor:
         """The reference code's output D(z′) + D(z) − x, with dense encode and decodes."""
