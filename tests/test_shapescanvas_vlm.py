@@ -1,0 +1,116 @@
+"""The shipped ShapesCanvas VLM and its SAeUron bundle (checkpoints/), offline and fast.
+
+The VLM loads with ``from_pretrained`` from its folder (no network), answers rendered images through
+the real processor path, and the bundle's saved defaults remove the unlearned value from the answers
+while leaving another attribute's answers alone; the hooks come off on exit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.eval.shapescanvas_vlm import (
+    ANSWER_WORDS,
+    ATTRIBUTES,
+    ask,
+    balanced_renders,
+    load_vlm,
+    parse_answer,
+    prompt,
+    question_inputs,
+    random_renders,
+)
+from saeuron_plugin.eval.shapescanvas_vlm_bundle import DEFAULT_BUNDLE, TARGETS, scores
+from saeuron_plugin.vlm.unlearn import VLMUnlearner
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "checkpoints" / "shapescanvas-vlm"
+BUNDLE = ROOT / DEFAULT_BUNDLE
+
+
+@pytest.fixture(scope="module")
+def vlm(monkeypatch_module: pytest.MonkeyPatch) -> tuple:
+    torch.set_num_threads(1)
+    return load_vlm(MODEL)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module() -> pytest.MonkeyPatch:
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    yield mp
+    mp.undo()
+
+
+def test_folder_is_small_and_pickle_free() -> None:
+    files = [p for p in MODEL.iterdir() if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    assert {p.suffix for p in files} <= {".json", ".safetensors", ".md"}
+    bundle_files = [p for p in BUNDLE.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in bundle_files) <= 8 * 2**20
+    assert {p.suffix for p in bundle_files} <= {".json", ".safetensors", ".md"}
+
+
+def test_answers_rendered_images_through_the_processor(vlm: tuple) -> None:
+    model, processor = vlm
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    renders = random_renders(24, seed=123)
+    images = renders.pil()
+    for attribute in ATTRIBUTES:
+        answers = ask(model, processor, images, attribute)
+        assert all(a in ANSWER_WORDS for a in answers), answers
+        right = sum(parse_answer(a) == y for a, y in zip(answers, renders.labels[attribute]))
+        assert right >= 23, (attribute, answers, renders.labels[attribute])
+
+
+def test_fast_inputs_equal_the_processor(vlm: tuple) -> None:
+    _, processor = vlm
+    renders = random_renders(3, seed=7)
+    fast = question_inputs(processor, renders.images, "style")
+    slow = processor(images=renders.pil(), text=[prompt("style")] * 3, return_tensors="pt")
+    assert torch.equal(fast["input_ids"], slow["input_ids"])
+    torch.testing.assert_close(fast["pixel_values"], slow["pixel_values"], atol=1e-6, rtol=0)
+
+
+# the attribute whose answers must stay: striped also costs some circle answers on striped renders
+# (benchmarks/results/vlm_unlearning.md), so its kept attribute is the color
+KEPT = {"red": "object", "star": "color", "striped": "color"}
+
+
+@pytest.mark.parametrize("value", TARGETS)
+def test_bundle_unlearns_the_value_and_keeps_another_attribute(vlm: tuple, value: str) -> None:
+    model, processor = vlm
+    unlearner = VLMUnlearner.from_pretrained(BUNDLE)
+    assert set(TARGETS) <= set(unlearner.concepts)
+    attribute = next(a for a in ATTRIBUTES if value in sc.VOCABULARIES[a])
+    other = KEPT[value]
+    renders = balanced_renders(1, seed=777).where(attribute, value)  # every combination with the value
+    n = len(renders)
+    before = {a: ask(model, processor, renders.images, a) for a in (attribute, other)}
+    assert sum(a == value for a in before[attribute]) >= n - 1
+    with unlearner.unlearn(model, [value]) as handle:
+        after = {a: ask(model, processor, renders.images, a) for a in (attribute, other)}
+        assert sum(handle.edits(p) for p in handle.hookpoints) > 0
+    assert sum(a == value for a in after[attribute]) <= 0.4 * n, after[attribute]  # star forgets least (70 %)
+    assert all(parse_answer(a) is not None for a in after[attribute] + after[other])
+    kept = sum(x == y for x, y in zip(before[other], after[other]))
+    assert kept >= 0.9 * n, (before[other], after[other])
+    # hooks are gone: the untouched answers come back
+    assert ask(model, processor, renders.images, attribute) == before[attribute]
+
+
+def test_scores_measure_forgetting() -> None:
+    from saeuron_plugin.eval.shapescanvas_vlm import Evaluation
+
+    labels = {"object": ["star", "circle"], "color": ["red", "red"], "style": ["solid", "solid"]}
+    base = Evaluation({k: list(v) for k, v in labels.items()}, labels)
+    answers = {"object": ["cross", "circle"], "color": ["red", "red"], "style": ["solid", "dotted"]}
+    edited = Evaluation(answers, labels)
+    s = scores("star", base, edited)
+    assert s.forget == 1.0 and s.retain_same_attribute == 1.0
+    assert s.retain_other_attributes == 0.75 and s.fluency == 1.0
