@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/ablation_overhead.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
 	$(BIN)/python benchmarks/unlearning.py
+	$(BIN)/python benchmarks/vlm_unlearning.py
 
 bundle: setup
 	$(BIN)/python examples/build_shapescanvas_bundle.py

@@ -25,22 +25,43 @@ from saeuron_plugin.eval.shapescanvas_vlm_bundle import (
     TARGETS,
     TEST_SEED,
     BenchmarkResult,
+    UnlearnedScores,
     run_benchmark,
 )
+from saeuron_plugin.vlm.unlearn import VLMUnlearner
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def markdown(result: BenchmarkResult, command: str, run: str, seconds: float) -> str:
-    """The results page: base accuracy, per-value forget / retain table, how it was measured."""
+def table(rows: dict[str, UnlearnedScores], where: dict[str, str]) -> str:
+    head = ("| unlearned | where | forget | same attr. (% of base) | other attr. (% of base) "
+            "| other, on target | in-domain answers | fluency |\n|---|---|---|---|---|---|---|---|")
+    body = "\n".join(
+        f"| {v} | {where[v]} | {100 * s.forget:.1f} | {100 * s.retain_same_attribute:.1f} "
+        f"({100 * s.retain_same_rel:.1f}) | {100 * s.retain_other_attributes:.1f} "
+        f"({100 * s.retain_other_rel:.1f}) | {100 * s.retain_other_on_target:.1f} | {100 * s.in_domain:.1f} "
+        f"| {100 * s.fluency:.1f} |"
+        for v, s in rows.items()
+    )
+    return f"{head}\n{body}"
+
+
+def markdown(result: BenchmarkResult, command: str, run: str, seconds: float, bundle: str) -> str:
+    """The results page: base accuracy, per-value forget / retain tables, how it was measured."""
     p = result.protocol
     base = " | ".join(f"{a} {100 * result.base[a]:.1f} %" for a in ATTRIBUTES)
-    rows = "\n".join(
-        f"| {v} | {100 * s.forget:.1f} | {100 * s.retain_same_attribute:.1f} ({100 * s.retain_same_rel:.1f}) "
-        f"| {100 * s.retain_other_attributes:.1f} ({100 * s.retain_other_rel:.1f}) "
-        f"| {100 * s.retain_other_on_target:.1f} | {100 * s.fluency:.1f} |"
-        for v, s in result.unlearned.items()
-    )
+    unlearner = VLMUnlearner.from_pretrained(bundle)
+    defaults = {v: ", ".join(p for p in unlearner.where(v)
+                             if unlearner.hookpoints[p].library.selection_defaults(v).active)
+                for v in result.unlearned}
+    image_where = {v: f"{c['hookpoint']} (top {c['top_n']}, strength {c['strength']:g})"
+                   for v, c in result.image_settings.items()}
+    image = (f"""
+With the best setting of the same search restricted to the image-token hookpoints (projector output,
+decoder layers 0-2):
+
+{table(result.image_tokens, image_where)}
+""" if result.image_tokens else "")
     return f"""# Unlearning on the ShapesCanvas VLM (%)
 
 Command: `{command}` ({seconds:.0f} s). Test: {p['test_renders']} fresh renders (every object × style ×
@@ -49,14 +70,14 @@ this?" (greedy `generate()`). Selection: {p['selection']}.
 
 Base model accuracy: {base}; well-formed answers {100 * p['base_fluency']:.1f} %.
 
-| unlearned | forget | same attr. (% of base) | other attr. (% of base) | other, on target | fluency |
-|---|---|---|---|---|---|
-{rows}
-
+{table(result.unlearned, defaults)}
+{image}
 forget: share of renders showing the value whose question about its attribute is no longer answered
 with it. Same attribute: accuracy on renders without the value. Other attributes: accuracy of the other
-two questions on every render (and on the renders showing the value). Fluency: answers that are one
-word of the answer vocabulary. Targets (issue #7): forget ≥ 90, same ≥ 90 % of base, other ≥ 95 % of base.
+two questions on every render (and on the renders showing the value). In-domain: share of the answers
+about the value's attribute, on renders showing it, that are still a word of that attribute (red →
+"blue"). Fluency: answers that are one word of the answer vocabulary. Targets (issue #7): forget ≥ 90,
+same ≥ 90 % of base, other ≥ 95 % of base.
 
 ```
 {run}
@@ -87,7 +108,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
-    md = markdown(result, command, run, seconds)
+    md = markdown(result, command, run, seconds, args.bundle)
     out.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
 

@@ -77,29 +77,26 @@ def test_fast_inputs_equal_the_processor(vlm: tuple) -> None:
     torch.testing.assert_close(fast["pixel_values"], slow["pixel_values"], atol=1e-6, rtol=0)
 
 
-# the attribute whose answers must stay: striped also costs some circle answers on striped renders
-# (benchmarks/results/vlm_unlearning.md), so its kept attribute is the color
-KEPT = {"red": "object", "star": "color", "striped": "color"}
-
-
 @pytest.mark.parametrize("value", TARGETS)
-def test_bundle_unlearns_the_value_and_keeps_another_attribute(vlm: tuple, value: str) -> None:
+def test_bundle_unlearns_the_value_and_keeps_the_rest(vlm: tuple, value: str) -> None:
     model, processor = vlm
     unlearner = VLMUnlearner.from_pretrained(BUNDLE)
     assert set(TARGETS) <= set(unlearner.concepts)
     attribute = next(a for a in ATTRIBUTES if value in sc.VOCABULARIES[a])
-    other = KEPT[value]
+    others = [a for a in ATTRIBUTES if a != attribute]
     renders = balanced_renders(1, seed=777).where(attribute, value)  # every combination with the value
     n = len(renders)
-    before = {a: ask(model, processor, renders.images, a) for a in (attribute, other)}
+    before = {a: ask(model, processor, renders.images, a) for a in ATTRIBUTES}
     assert sum(a == value for a in before[attribute]) >= n - 1
     with unlearner.unlearn(model, [value]) as handle:
-        after = {a: ask(model, processor, renders.images, a) for a in (attribute, other)}
+        after = {a: ask(model, processor, renders.images, a) for a in ATTRIBUTES}
         assert sum(handle.edits(p) for p in handle.hookpoints) > 0
-    assert sum(a == value for a in after[attribute]) <= 0.4 * n, after[attribute]  # star forgets least (70 %)
-    assert all(parse_answer(a) is not None for a in after[attribute] + after[other])
-    kept = sum(x == y for x, y in zip(before[other], after[other]))
-    assert kept >= 0.9 * n, (before[other], after[other])
+    assert sum(a == value for a in after[attribute]) <= 0.1 * n, after[attribute]
+    # still an answer to the question: another value of the same attribute
+    assert sum(parse_answer(a) in sc.VOCABULARIES[attribute] for a in after[attribute]) >= 0.9 * n
+    for other in others:
+        kept = sum(x == y for x, y in zip(before[other], after[other]))
+        assert kept >= 0.9 * n, (other, before[other], after[other])
     # hooks are gone: the untouched answers come back
     assert ask(model, processor, renders.images, attribute) == before[attribute]
 

@@ -2,15 +2,25 @@
 
 Everything runs through the VLM adapter's own code paths:
 
-1. ``collect_activations`` of the image tokens at LM decoder layers over fresh renders
-   (collection seed), one store per layer;
-2. ``train_sae`` (the core) per layer;
+1. ``collect_activations`` over fresh renders (collection seed), each asked one of the three
+   questions in turn, one store per hookpoint: the image tokens at the projector output and early
+   decoder layers (``hookpoints``), the text tokens (the question, after the image) at the last
+   decoder layer (``text_hookpoints``);
+2. ``train_sae`` (the core) per hookpoint;
 3. ``VLMUnlearner.add_concepts``: one statistics pass per ShapesCanvas value (images that have it,
-   statistics seed) plus a background set (all of them); each value is contrasted with the other
-   values of its attribute;
-4. per unlearned value, a search over layer × selection (top-N) × strength on validation renders
-   (validation seed, never the test seed) that keeps the forget / retain targets; the winner is
-   saved as the value's selection defaults (the layer choice as ``active`` flags).
+   asked about the value's own attribute, statistics seed) plus a background set (all of them,
+   every question); each value is contrasted with the other values of its attribute;
+4. per unlearned value, a search over hookpoint × selection (top-N) × strength on validation
+   renders (validation seed, never the test seed): the best mean of forget, retain and in-domain
+   answers among the settings that meet the forget / retain targets; the winner is saved as the
+   value's selection defaults (the hookpoint choice as ``active`` flags). The best setting among
+   the image-token hookpoints alone is recorded too (``search.json``); the benchmark measures both.
+
+Why text tokens: the LM is causal and the image comes first, so the question tokens read the
+image inside every decoder layer; by a later layer they hold what the model saw (the shape, the
+color) and the image tokens no longer matter. Editing the image tokens must therefore happen
+before layer 0 reads them, where shape and style are spread over tokens and shared between values;
+at the question tokens of a later layer each value has its own features.
 
 Metrics of one unlearned value v of attribute A, with the ablation installed for every question:
 
@@ -70,9 +80,17 @@ def layer_path(i: int) -> str:
 
 
 HOOKPOINTS: tuple[str, ...] = (PROJECTOR, *(layer_path(i) for i in range(3)))
-"""Searched per value. Layer 0's attention already moves the color from the image tokens into the
-question tokens, so edits of decoder-layer outputs cannot remove a color (measured by patching image
-tokens: see the README); the projector output is the LM's layer-0 input."""
+"""Image-token hookpoints. Layer 0's attention already moves the color from the image tokens into
+the question tokens, so edits of decoder-layer outputs cannot remove a color (measured by patching
+image tokens: see the README); the projector output is the LM's layer-0 input."""
+TEXT_HOOKPOINTS: tuple[str, ...] = (layer_path(3),)
+"""Text-token hookpoints: the question tokens of the last decoder layer (a module has one SAE, so a
+layer is either an image-token or a text-token hookpoint)."""
+
+
+def questions(n: int) -> list[str]:
+    """``n`` prompts cycling through the three questions (collection and the background set)."""
+    return [prompt(ATTRIBUTES[i % len(ATTRIBUTES)]) for i in range(n)]
 
 
 @dataclass
@@ -83,6 +101,7 @@ class BundleConfig:
     work: str = "runs/shapescanvas-vlm-bundle"
     model: str = DEFAULT_FOLDER
     hookpoints: tuple[str, ...] = HOOKPOINTS
+    text_hookpoints: tuple[str, ...] = TEXT_HOOKPOINTS
     collect_images: int = 4000
     expansion_factor: int = 8
     k: int = 8
@@ -93,11 +112,18 @@ class BundleConfig:
     batch_size: int = 64
     targets: tuple[str, ...] = TARGETS
     top_n: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    strengths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)
+    strengths: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
     forget_target: float = 0.9
     same_target: float = 0.9
     other_target: float = 0.95
     seed: int = 0
+
+    def tokens(self) -> dict[str, str]:
+        """Token set per hookpoint: image tokens at ``hookpoints``, text tokens at ``text_hookpoints``."""
+        both = set(self.hookpoints) & set(self.text_hookpoints)
+        if both:
+            raise ValueError(f"{sorted(both)} listed as image- and text-token hookpoints: one SAE per module")
+        return {**{p: "auto" for p in self.hookpoints}, **{p: "text" for p in self.text_hookpoints}}
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -112,13 +138,17 @@ class UnlearnedScores:
     retain_same_rel: float
     retain_other_rel: float
     retain_other_on_target: float
+    in_domain: float = float("nan")
+    """Share of the target attribute's answers on renders with the value that are still a word of
+    that attribute (red → "blue" is; red → "outline" or no word is not)."""
 
     def meets(self, forget: float, same: float, other: float) -> bool:
         return self.forget >= forget and self.retain_same_rel >= same and self.retain_other_rel >= other
 
     def score(self) -> float:
-        """Mean of forget and the two relative retain accuracies (the search objective)."""
-        return float(np.mean([self.forget, min(1.0, self.retain_same_rel), min(1.0, self.retain_other_rel)]))
+        """The search objective: mean of forget, the two relative retain accuracies and in-domain
+        answers (an unlearned "star" should be answered with another shape, not with nothing)."""
+        return _objective(asdict(self))
 
 
 def scores(value: str, base: Evaluation, edited: Evaluation) -> UnlearnedScores:
@@ -140,6 +170,8 @@ def scores(value: str, base: Evaluation, edited: Evaluation) -> UnlearnedScores:
         retain_same_rel=same_now / max(same_base, 1e-9),
         retain_other_rel=float(other_now.mean()) / max(float(other_base.mean()), 1e-9),
         retain_other_on_target=float(other_on_target.mean()),
+        in_domain=float(np.mean([parse_answer(a) in sc.VOCABULARIES[attr]
+                                 for a, h in zip(edited.answers[attr], has, strict=True) if h])),
     )
 
 
@@ -154,13 +186,14 @@ def evaluate_unlearned(
 # ----------------------------------------------------------------------------- building
 def collect_and_train(model: Any, processor: Any, cfg: BundleConfig,
                       log: Callable[[str], None] = print) -> VLMUnlearner:
-    """Image-token activations at every hookpoint (adapter collection) → one SAE per layer (core trainer)."""
-    paths = list(cfg.hookpoints)
+    """Activations at every hookpoint (adapter collection) → one SAE per hookpoint (core trainer)."""
+    tokens = cfg.tokens()
+    paths = list(tokens)
     images = random_renders(cfg.collect_images, COLLECT_SEED).pil()
     work = Path(cfg.work) / "acts"
     t = time.perf_counter()
-    collect_activations(model, images, prompt("color"), processor, paths, work, batch_size=cfg.batch_size,
-                        show_progress=False)
+    collect_activations(model, images, questions(len(images)), processor, paths, work, tokens=tokens,
+                        batch_size=cfg.batch_size, show_progress=False)
     log(f"collected {len(images)} renders at {len(paths)} hookpoints ({time.perf_counter() - t:.0f} s)")
     saes = {}
     for path in paths:
@@ -171,20 +204,21 @@ def collect_and_train(model: Any, processor: Any, cfg: BundleConfig,
             model_family="llava", base_model=Path(cfg.model).name, progress=False,
         )
         log(f"SAE {path}: {saes[path].num_latents} latents, k={cfg.k} ({time.perf_counter() - t:.0f} s)")
-    return VLMUnlearner.from_saes(saes)  # image tokens at decoder layers, every token at the projector
+    return VLMUnlearner.from_saes(saes)
 
 
 def add_statistics(unlearner: VLMUnlearner, model: Any, processor: Any, cfg: BundleConfig) -> None:
-    """Statistics of every ShapesCanvas value (renders that show it) and the background (all renders)."""
+    """Statistics of every ShapesCanvas value (renders that show it, asked about its attribute) and
+    the background (all renders, every question). Image tokens come before the question, so the
+    question changes only the text-token statistics."""
     renders = balanced_renders(cfg.stats_repeats, STATS_SEED)
     images = renders.pil()
-    q = prompt("color")
-    spec: dict[str | None, tuple[Any, Any, Any]] = {None: (images, q, processor)}
+    spec: dict[str | None, tuple[Any, Any, Any]] = {None: (images, questions(len(images)), processor)}
     for attr in ATTRIBUTES:
         for value in sc.VOCABULARIES[attr]:
             idx = [i for i, v in enumerate(renders.labels[attr]) if v == value]
-            spec[value] = ([images[i] for i in idx], q, processor)
-    unlearner.add_concepts(spec, model, batch_size=cfg.batch_size)
+            spec[value] = ([images[i] for i in idx], prompt(attr), processor)
+    unlearner.add_concepts(spec, model, tokens=cfg.tokens(), batch_size=cfg.batch_size)
     for attr in ATTRIBUTES:
         for value in sc.VOCABULARIES[attr]:
             contrast = [v for v in sc.VOCABULARIES[attr] if v != value]
@@ -195,8 +229,9 @@ def search_value(
     unlearner: VLMUnlearner, model: Any, processor: Any, value: str, val: Renders, base: Evaluation,
     cfg: BundleConfig, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Layer × top-N × strength on validation renders; the best setting that meets the targets wins
-    (else the best score). Returns the winner and every tried setting."""
+    """Hookpoint × top-N × strength on validation renders; the best setting that meets the targets
+    wins (else the best score). Returns the winner, the winner among image-token hookpoints and
+    every tried setting."""
     tried = []
     for path, top_n, strength in itertools.product(unlearner.hookpoints, cfg.top_n, cfg.strengths):
         ev = evaluate_unlearned(model, processor, unlearner, value, val, hookpoints=[path], top_n=top_n,
@@ -204,15 +239,20 @@ def search_value(
         s = scores(value, base, ev)
         ok = s.meets(cfg.forget_target, cfg.same_target, cfg.other_target)
         tried.append({"hookpoint": path, "top_n": top_n, "strength": strength, "meets": ok, **asdict(s)})
-    best = max(tried, key=lambda r: (r["meets"], _objective(r), -r["strength"], -r["top_n"]))
-    log(f"{value}: {best['hookpoint']} top_n={best['top_n']} strength={best['strength']} "
-        f"forget {best['forget']:.3f} same {best['retain_same_rel']:.3f} other {best['retain_other_rel']:.3f}"
-        f" ({len(tried)} settings)")
-    return {"best": best, "tried": tried}
+    def winner(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return max(rows, key=lambda r: (r["meets"], _objective(r), -r["strength"], -r["top_n"]))
+
+    best = winner(tried)
+    best_image = winner([r for r in tried if r["hookpoint"] in cfg.hookpoints])
+    for name, row in (("best", best), ("best on image tokens", best_image)):
+        log(f"{value} {name}: {row['hookpoint']} top_n={row['top_n']} strength={row['strength']} forget "
+            f"{row['forget']:.3f} same {row['retain_same_rel']:.3f} other {row['retain_other_rel']:.3f}")
+    return {"best": best, "best_image_tokens": best_image, "tried": tried}
 
 
 def _objective(r: Mapping[str, Any]) -> float:
-    return float(np.mean([r["forget"], min(1.0, r["retain_same_rel"]), min(1.0, r["retain_other_rel"])]))
+    return float(np.mean([r["forget"], min(1.0, r["retain_same_rel"]), min(1.0, r["retain_other_rel"]),
+                          r["in_domain"]]))
 
 
 def set_winner(unlearner: VLMUnlearner, value: str, best: Mapping[str, Any]) -> None:
@@ -259,10 +299,11 @@ base_model: {Path(cfg.model).name}
 ---
 # SAeUron VLM bundle for the ShapesCanvas VLM
 
-Top-K SAEs (×{cfg.expansion_factor}, k = {cfg.k}) on the image tokens of
-{list(cfg.hookpoints)} of `{cfg.model}` (the projector output is the image tokens as decoder layer 0
-reads them), with concept statistics for every ShapesCanvas value (objects, colors,
-styles; each contrasted with the other values of its attribute, one τ bucket).
+Top-K SAEs (×{cfg.expansion_factor}, k = {cfg.k}) of `{cfg.model}` on the image tokens of
+{list(cfg.hookpoints)} (the projector output is the image tokens as decoder layer 0 reads them) and
+on the text tokens (the question) of {list(cfg.text_hookpoints)}, with concept statistics for every
+ShapesCanvas value (objects, colors, styles; each asked about its own attribute and contrasted with
+the other values of that attribute, one τ bucket).
 
 ```python
 from saeuron_plugin.eval.shapescanvas_vlm import load_vlm, ask
@@ -276,7 +317,7 @@ with unlearner.unlearn(model, ["red"]):
 Selection defaults (searched on validation renders, seed {VALIDATION_SEED}; test renders use seed
 {TEST_SEED}). Values not listed keep the library defaults and are active at every layer.
 
-| value | layer | top-N | strength | forget (val) | same attribute (rel.) | other attributes (rel.) |
+| value | hookpoint | top-N | strength | forget (val) | same attribute (rel.) | other attributes (rel.) |
 |---|---|---|---|---|---|---|
 {rows}
 
@@ -292,21 +333,28 @@ class BenchmarkResult:
     base: dict[str, float]
     unlearned: dict[str, UnlearnedScores]
     protocol: dict[str, Any] = field(default_factory=dict)
+    image_tokens: dict[str, UnlearnedScores] = field(default_factory=dict)
+    """The same values with the search's best setting among image-token hookpoints only."""
+    image_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        def row(s: UnlearnedScores) -> dict[str, float]:
+            return {
+                "forget": s.forget,
+                "retain_same_attribute": s.retain_same_attribute,
+                "retain_other_attributes": s.retain_other_attributes,
+                "fluency": s.fluency,
+                "in_domain": s.in_domain,
+                "retain_same_attribute_rel": s.retain_same_rel,
+                "retain_other_attributes_rel": s.retain_other_rel,
+                "retain_other_attributes_on_target": s.retain_other_on_target,
+            }
+
         return {
             "base": self.base,
-            "unlearned": {
-                v: {
-                    "forget": s.forget,
-                    "retain_same_attribute": s.retain_same_attribute,
-                    "retain_other_attributes": s.retain_other_attributes,
-                    "fluency": s.fluency,
-                    "retain_same_attribute_rel": s.retain_same_rel,
-                    "retain_other_attributes_rel": s.retain_other_rel,
-                    "retain_other_attributes_on_target": s.retain_other_on_target,
-                }
-                for v, s in self.unlearned.items()
+            "unlearned": {v: row(s) for v, s in self.unlearned.items()},
+            "unlearned_image_tokens": {
+                v: {**row(s), "setting": self.image_settings[v]} for v, s in self.image_tokens.items()
             },
             "protocol": self.protocol,
         }
@@ -322,6 +370,18 @@ def run_benchmark(
     test = balanced_renders(repeats, seed)
     base = evaluate(model, processor, test)
     out = {v: scores(v, base, evaluate_unlearned(model, processor, unlearner, v, test)) for v in targets}
+    search_file = Path(bundle) / "search.json"
+    search = json.loads(search_file.read_text(encoding="utf-8"))["search"] if search_file.is_file() else {}
+    settings = {
+        v: {k: search[v]["best_image_tokens"][k] for k in ("hookpoint", "top_n", "strength")}
+        for v in targets if "best_image_tokens" in search.get(v, {})
+    }
+    image = {
+        v: scores(v, base, evaluate_unlearned(model, processor, unlearner, v, test,
+                                              hookpoints=[c["hookpoint"]], top_n=c["top_n"],
+                                              strength=c["strength"]))
+        for v, c in settings.items()
+    }
     protocol = {
         "test_renders": len(test),
         "test_seed": seed,
@@ -332,7 +392,7 @@ def run_benchmark(
         "selection": "the bundle's saved defaults (searched on validation renders, seed "
                      f"{VALIDATION_SEED})",
     }
-    return BenchmarkResult({a: base.accuracy(a) for a in ATTRIBUTES}, out, protocol)
+    return BenchmarkResult({a: base.accuracy(a) for a in ATTRIBUTES}, out, protocol, image, settings)
 
 
 __all__ = [
