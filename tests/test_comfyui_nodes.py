@@ -2,7 +2,7 @@
 
 A tiny SD-1.x-shaped diffusers UNet (stock 32-group norms) is loaded into ComfyUI's own
 ``UNetModel`` with ``comfy.utils.unet_to_diffusers``; the Unlearn node's outputs must equal the
-diffusers adapter's hooked UNet at the same τ (1e-4, fp32) for a block-output and an attn2 bundle,
+diffusers adapter's hooked UNet at the same τ (1e-4 + 1e-5·|x|, fp32) for a block-output and an attn2 bundle,
 whatever the CFG chunk order / batching, and equal the unpatched model without concepts. The node
 pack is loaded with ``nodes.load_custom_node`` (V3 entrypoint, and V1 when ``comfy_api.latest`` is
 missing) and a whole workflow runs through ComfyUI's executor.
@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from test_comfyui_support import (  # noqa: F401  (keep_global_rng: an autouse fixture)
     ROOT,
@@ -158,7 +159,9 @@ def test_unlearn_node_equals_diffusers_hooked_unet(pipe, eraser, model, conds, p
         ref = diffusers_denoised(pipe.unet, x, t, pe, ne, 7.5, sigmas)
     plain = diffusers_denoised(pipe.unet, x, t, pe, ne, 7.5, sigmas)
     assert (ref - plain).abs().max() > 1e-2  # the concept is really edited at this τ
-    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), float((ours - ref).abs().max())
+    # two UNet implementations in fp32: outputs reach |x| ≈ 12 here, where their rounding differs by
+    # ~1e-4 (seen: 1.2e-4 at t=901 with transformers 5.24); the edit itself moves them by > 1e-2
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-5), float((ours - ref).abs().max())
     kind = "block" if path == BLOCK else "attn2"
     assert (
         patching.map_hookpoint(path, patching.diffusers_key_map(model.model.model_config.unet_config)).kind
@@ -240,7 +243,12 @@ def test_half_precision_model(pipe, eraser, conds, dtype):
     assert seen and set(seen) == {dtype}  # activations stay in the model's dtype ...
     assert all(h.sae.W_dec.dtype == torch.float32 for h in eraser.hookpoints.values())  # ... the SAE in fp32
     assert (edited - plain).abs().max() > 0.1
-    assert (edited.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    # The edit follows the fp32 model's. Not by max |Δ|: bf16 keeps 3 significant digits, so a few
+    # tokens near a gate flip and one output can move by ~25 % (seen with transformers 5.24).
+    plain32 = comfy_denoised(fp32, x, 501, pos, neg, 7.5)
+    edit, edit32 = (edited.float() - plain.float()).flatten(), (ref - plain32).flatten()
+    assert F.cosine_similarity(edit, edit32, dim=0) > 0.98
+    assert (edited.float() - ref).norm() < (0.15 if dtype == torch.bfloat16 else 0.02) * ref.norm()
 
 
 def test_clone_keeps_patch_objects_and_weight_patches_still_apply(eraser, model, conds):
