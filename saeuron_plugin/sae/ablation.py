@@ -413,19 +413,21 @@ class FeatureAblator:
             return self._edit(x, pre, pre > plan.cut, plan.a, plan.b, w_dec, rows, batched=False)
         # TopK: the full encode decides membership, but only where a selected latent passes its gate
         # can anything change; on CPU only those tokens are fully encoded (margin: rounding)
-        candidates = None
-        if self.sparse_tokens and x.device.type == "cpu":
-            candidates = (pre > plan.gate - 1e-4 * (1 + plan.gate)).any(-1)
-            if 2 * int(candidates.sum()) > candidates.numel():
-                candidates = None  # most tokens qualify: a gather and scatter would cost more than it saves
-        if candidates is None:
+        idx = self._few_tokens((pre > plan.gate - 1e-4 * (1 + plan.gate)).any(-1), x)
+        if idx is None:
             z = _topk_members(sae, x, plan.latents)
         else:
-            idx = candidates.nonzero(as_tuple=True)
             z = torch.zeros_like(pre)  # placeholders where nothing can change
             if idx[0].numel():
                 z[idx] = _topk_members(sae, x[idx], plan.latents)
         return self._edit(x, z, z > plan.gate, plan.a, plan.b, w_dec, rows, batched=False)
+
+    def _few_tokens(self, mask: Tensor, x: Tensor) -> tuple[Tensor, ...] | None:
+        """Indices of ``mask``'s True tokens when computing only those pays (CPU, at most half of
+        them; one host sync), else None: the dense path, which devices always take."""
+        if not (self.sparse_tokens and x.device.type == "cpu") or 2 * int(mask.sum()) > mask.numel():
+            return None
+        return mask.nonzero(as_tuple=True)
 
     def _encode(self, x: Tensor, latents: Tensor) -> Tensor:
         """Activations of ``latents`` [S'] per token, [..., S'] fp32 (per the SAE's encoder mode).
@@ -450,12 +452,10 @@ class FeatureAblator:
         if rows is not None:  # a token mask broadcastable to change.shape[:-1]
             change = change & rows.unsqueeze(-1)
         touched = change.any(-1)
-        if self.sparse_tokens and x.device.type == "cpu":
-            m = int(touched.sum())
-            if m == 0:
+        idx = self._few_tokens(touched, x)
+        if idx is not None:  # few tokens change: compute and write only those
+            if idx[0].numel() == 0:
                 return x
-        if self.sparse_tokens and x.device.type == "cpu" and 2 * m <= touched.numel():
-            idx = touched.nonzero(as_tuple=True)  # few tokens change: compute and write only those
             zc, cc, xc = z[idx], change[idx], x[idx]  # [m, S], [m, S], [m, d]
             if batched:
                 a, b, w = a[idx[0]], b[idx[0]], w[idx[0]]
