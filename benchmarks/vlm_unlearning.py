@@ -28,7 +28,6 @@ from saeuron_plugin.eval.shapescanvas_vlm_bundle import (
     UnlearnedScores,
     run_benchmark,
 )
-from saeuron_plugin.vlm.unlearn import VLMUnlearner
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,14 +45,11 @@ def table(rows: dict[str, UnlearnedScores], where: dict[str, str]) -> str:
     return f"{head}\n{body}"
 
 
-def markdown(result: BenchmarkResult, command: str, run: str, seconds: float, bundle: str) -> str:
+def markdown(result: BenchmarkResult, command: str, run: str, seconds: float) -> str:
     """The results page: base accuracy, per-value forget / retain tables, how it was measured."""
     p = result.protocol
     base = " | ".join(f"{a} {100 * result.base[a]:.1f} %" for a in ATTRIBUTES)
-    unlearner = VLMUnlearner.from_pretrained(bundle)
-    defaults = {v: ", ".join(p for p in unlearner.where(v)
-                             if unlearner.hookpoints[p].library.selection_defaults(v).active)
-                for v in result.unlearned}
+    defaults = {v: ", ".join(p["defaults_at"][v]) for v in result.unlearned}
     image_where = {v: f"{c['hookpoint']} (top {c['top_n']}, strength {c['strength']:g})"
                    for v, c in result.image_settings.items()}
     image = (f"""
@@ -108,7 +104,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1), encoding="utf-8")
-    md = markdown(result, command, run, seconds, args.bundle)
+    md = markdown(result, command, run, seconds)
     out.with_suffix(".md").write_text(md, encoding="utf-8")
     print(md)
 

@@ -329,11 +329,6 @@ class Evaluation:
         flat = [a for v in self.answers.values() for a in v]
         return float(np.mean([parse_answer(a) is not None for a in flat]))
 
-    def in_domain(self) -> float:
-        """Share of answers that are one word of the asked attribute's own vocabulary."""
-        hits = [parse_answer(a) in sc.VOCABULARIES[k] for k, v in self.answers.items() for a in v]
-        return float(np.mean(hits))
-
 
 def evaluate(model: Any, processor: Any, renders: Renders,
              attributes: Sequence[str] = ATTRIBUTES, batch_size: int = 256) -> Evaluation:

@@ -145,11 +145,6 @@ class UnlearnedScores:
     def meets(self, forget: float, same: float, other: float) -> bool:
         return self.forget >= forget and self.retain_same_rel >= same and self.retain_other_rel >= other
 
-    def score(self) -> float:
-        """The search objective: mean of forget, the two relative retain accuracies and in-domain
-        answers (an unlearned "star" should be answered with another shape, not with nothing)."""
-        return _objective(asdict(self))
-
 
 def scores(value: str, base: Evaluation, edited: Evaluation) -> UnlearnedScores:
     """Forget / retain / fluency of ``edited`` (answers with ``value`` unlearned) against ``base``."""
@@ -251,6 +246,8 @@ def search_value(
 
 
 def _objective(r: Mapping[str, Any]) -> float:
+    """The search objective: mean of forget, the two relative retain accuracies and in-domain
+    answers (an unlearned "star" should be answered with another shape, not with nothing)."""
     return float(np.mean([r["forget"], min(1.0, r["retain_same_rel"]), min(1.0, r["retain_other_rel"]),
                           r["in_domain"]]))
 
@@ -389,6 +386,7 @@ def run_benchmark(
         "base_fluency": base.fluency(),
         "model": model_folder,
         "bundle": bundle,
+        "defaults_at": {v: unlearner.active_hookpoints(v) for v in targets},
         "selection": "the bundle's saved defaults (searched on validation renders, seed "
                      f"{VALIDATION_SEED})",
     }

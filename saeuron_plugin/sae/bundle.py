@@ -182,6 +182,11 @@ class SaeBundle:
         """Hookpoints whose library holds ``concept``."""
         return [p for p, h in self.hookpoints.items() if concept in h.library]
 
+    def active_hookpoints(self, concept: str) -> list[str]:
+        """Hookpoints where ``concept`` is ablated by default (its library there marks it ``active``)."""
+        return [p for p in self.where(concept)
+                if self.hookpoints[p].library.selection_defaults(concept).active]
+
     def _describe_entry(self, entry: BundleEntry) -> str:
         return f"d_in={entry.sae.d_in}, n={entry.sae.num_latents}, {len(entry.library)} concepts"
 
