@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.eval import shapescanvas_vlm as sc_vlm
 from saeuron_plugin.eval.shapescanvas_vlm import (
     ANSWER_WORDS,
     ATTRIBUTES,
@@ -113,3 +114,53 @@ def test_scores_measure_forgetting() -> None:
     s = scores("star", base, edited)
     assert s.forget == 1.0 and s.retain_same_attribute == 1.0
     assert s.retain_other_attributes == 0.75 and s.fluency == 1.0
+
+
+def _patched_answers(model, processor, images, donor, path: str, attribute: str) -> list[str]:
+    """Answers about ``images`` with the image-token positions of ``path``'s output taken from ``donor``."""
+    module = model.get_submodule(path)
+    image_id = processor.tokenizer.convert_tokens_to_ids(sc_vlm.IMAGE_TOKEN)
+    positions = question_inputs(processor, images[:1], attribute)["input_ids"][0] == image_id
+    is_projector = path.endswith("multi_modal_projector")
+    captured: list[torch.Tensor] = []
+
+    def hidden(output):
+        return output[0] if isinstance(output, tuple) else output
+
+    def capture(mod, args, output) -> None:
+        if not captured:
+            captured.append(hidden(output).detach().clone())
+
+    def patch(mod, args, output):
+        h = hidden(output)
+        if is_projector:  # the projector outputs image tokens only
+            h = captured[0].reshape(h.shape)
+        elif h.shape[1] == positions.numel():  # the prompt pass (decode steps see one token)
+            h = h.clone()
+            h[:, positions] = captured[0][:, positions]
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = module.register_forward_hook(capture)
+    with torch.no_grad():
+        model(**question_inputs(processor, donor, attribute))
+    handle.remove()
+    handle = module.register_forward_hook(patch)
+    try:
+        return ask(model, processor, images, attribute)
+    finally:
+        handle.remove()
+
+
+def test_question_tokens_read_the_color_inside_layer_0(vlm: tuple) -> None:
+    """Why image-token edits must come before decoder layer 0 (README): a red image's tokens swapped
+    for a blue image's at layer 0's *output* still answer red, at the projector output they answer blue."""
+    model, processor = vlm
+    red = balanced_renders(1, seed=778).where("color", "red")
+    blue = balanced_renders(1, seed=778).where("color", "blue")  # same object × style order
+    assert red.labels["object"] == blue.labels["object"] and red.labels["style"] == blue.labels["style"]
+    n = len(red)
+    layer0, projector = "model.language_model.layers.0", "model.multi_modal_projector"
+    late = _patched_answers(model, processor, red.images, blue.images, layer0, "color")
+    early = _patched_answers(model, processor, red.images, blue.images, projector, "color")
+    assert sum(a == "red" for a in late) >= 0.9 * n, late
+    assert sum(a == "blue" for a in early) >= 0.9 * n, early
