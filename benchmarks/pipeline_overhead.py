@@ -31,7 +31,8 @@ import time
 from pathlib import Path
 
 import torch
-from _common import describe_run, paired_ratios, time_interleaved, time_rounds
+import torch.nn.functional as F
+from _common import describe_run, paired_ratios, time_call, time_interleaved, time_rounds
 from torch.utils.flop_counter import FlopCounterMode
 
 from saeuron_plugin.diffusion.collect import collect_activations
@@ -41,6 +42,7 @@ from saeuron_plugin.diffusion.timestep import TimestepTracker
 from saeuron_plugin.diffusion.unlearn import SAeUron
 from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.eval.bundle import load_default
+from saeuron_plugin.sae.ablation import kth_largest
 
 
 class HookClock:
@@ -83,6 +85,14 @@ def pipeline_flops(pipe, prompts, steps, guidance, path: str) -> tuple[float, in
     finally:
         handle.remove()
     return float(counter.get_total_flops()), sum(seen)
+
+
+def selection_vs_gemm(tokens: int, n: int, d: int, k: int) -> tuple[float, float]:
+    """Seconds of the encode GEMM [tokens, d] × [d, n] and of the per-token TopK selection after it
+    (what the topk encoder does besides the FLOPs that the arithmetic counts), random data."""
+    x, w, b = torch.randn(tokens, d), torch.randn(n, d) / d**0.5, torch.zeros(n)
+    pre = F.linear(x, w, b)
+    return time_call(lambda: F.linear(x, w, b), repeats=9), time_call(lambda: kth_largest(pre, k), repeats=9)
 
 
 def sd15_paper_estimate() -> tuple[float, float]:
@@ -191,6 +201,13 @@ def main() -> None:
         verdict = (f"{overhead / predicted:.2f}× the FLOP prediction" if mode != "threshold"
                    else f"target ≤ 1.01×: {'met' if overhead <= 0.01 else 'NOT met'}")
         print(f"  {mode:10s} {frac:6.2%} of the call → {1 + overhead:.4f}× plain ({verdict})")
+    per_call = tokens // args.steps  # tokens of one denoiser call at the hookpoint
+    print("\nwhy topk can exceed its arithmetic: per denoiser call, encode GEMM vs TopK selection")
+    for label, (t, n, d, k) in {"this SAE": (per_call, sae.num_latents, sae.d_in, sae.cfg.k),
+                                "SAeUron size": (512, 20_480, 1280, 32)}.items():
+        gemm, select = selection_vs_gemm(t, n, d, k)
+        print(f"  {label:12s} {t} tokens, n={n}, d={d}, k={k}: GEMM {gemm * 1e3:.2f} ms, selection "
+              f"{select * 1e3:.2f} ms ({select / gemm:.0%} of the GEMM)")
     unet, sae_flops = sd15_paper_estimate()
     print(f"\nSD 1.5 at 512 px on paper: UNet {unet / 1e9:.0f} GFLOP per CFG step, SAE encode "
           f"{sae_flops / 1e9:.1f} GFLOP → topk overhead {sae_flops / unet:+.2%} (target ≤ 2.5 %; "
