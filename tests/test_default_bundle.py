@@ -101,3 +101,34 @@ def test_demo_writes_grid_and_metrics(tmp_path):
     star = saved["concepts"]["star"]
     assert star["images"] == 4 and set(star["unlearned"]) == {"ua", "ira", "cra"}
     assert saved == json.loads(json.dumps(metrics))
+
+
+
+def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
+    """``search_sets`` ablates hookpoints together; the winning set becomes the ``active`` defaults."""
+    import contextlib
+
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    paths = list(eraser.hookpoints)[:3]
+    sets = ((paths[0],), (paths[1], paths[2]))
+    tried = []
+
+    @contextlib.contextmanager
+    def unlearn(pipe, name, hookpoints, percentile, strength):  # records instead of hooking a pipeline
+        tried.append((name, hookpoints, -strength))
+        yield
+
+    scores = iter([0.2, 0.5, 0.9, 0.1])  # the third trial (the pair, γ = -2) scores best
+    monkeypatch.setattr(eraser, "unlearn", unlearn)
+    monkeypatch.setattr(B, "generate", lambda *a: None)
+    monkeypatch.setattr(B, "judge_scores", lambda *a: dict.fromkeys(("ua", "ira", "cra"), next(scores)))
+    cfg = B.BundleConfig(hookpoints=tuple(paths), search_sets=sets, search_percentiles=(99.0,),
+                         search_gammas=(-2.0, -6.0), search_prompts=1)
+    out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None)
+    assert tried == [("red", [paths[0]], -2.0), ("red", [paths[0]], -6.0),
+                     ("red", list(sets[1]), -2.0), ("red", list(sets[1]), -6.0)]
+    best = out["red"]["best"]
+    assert best["hookpoints"] == list(sets[1]) and best["gamma"] == -2.0
+    assert [p for p in eraser.active_hookpoints("red") if p in paths] == list(sets[1])

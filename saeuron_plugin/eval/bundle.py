@@ -4,9 +4,10 @@
 2. ``train_sae`` per hookpoint on the activation store;
 3. ``SAeUron.add_concepts``: one statistics pass over every caption (statistics seeds) feeding
    every object, style and color concept, each contrasted with the other concepts of its domain;
-4. a per-concept search over hookpoint × percentile × γ on validation seeds (never the test
-   seeds), maximising mean(UA, IRA, CRA) as judged by the ShapesCanvas judges; the winners are
-   saved as the concept's selection defaults (the hookpoint choice as ``active`` flags).
+4. a per-concept search over hookpoint (or hookpoint set, ``search_sets``) × percentile × γ on
+   validation seeds (never the test seeds), maximising mean(UA, IRA, CRA) as judged by the
+   ShapesCanvas judges; the winners are saved as the concept's selection defaults (the hookpoint
+   choice as ``active`` flags).
 
 ``python examples/build_shapescanvas_bundle.py`` runs it and writes ``checkpoints/shapescanvas-saeuron``.
 """
@@ -89,6 +90,8 @@ class BundleConfig:
     """One bucket per step of the 25-step protocol (other step counts use the nearest bucket)."""
     search_percentiles: tuple[float, ...] = (99.5, 99.0)
     search_gammas: tuple[float, ...] = (-2.0, -6.0, -20.0)
+    search_sets: tuple[tuple[str, ...], ...] = ()
+    """Hookpoint sets the search tries, each ablated together; empty: every hookpoint alone."""
     search_prompts: int = 12
     """Validation prompts per concept (with it) and as many without it, per search setting."""
     seed: int = 0
@@ -219,7 +222,8 @@ def search_defaults(
     concepts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Step 4: per concept, the (hookpoint, percentile, γ) maximising mean(UA, IRA, CRA) on validation."""
+    """Step 4: per concept, the (hookpoint set, percentile, γ) maximising mean(UA, IRA, CRA) on validation."""
+    sets = cfg.search_sets or tuple((hp,) for hp in cfg.hookpoints)
     results: dict[str, Any] = {}
     for ci, name in enumerate(concepts or eraser.concepts):
         rng = np.random.default_rng([cfg.seed, ci, 7])
@@ -228,12 +232,12 @@ def search_defaults(
         seeds = [VALIDATION_SEED + 97 * ci + i for i in range(len(prompts))]
         best, trials = None, []
         t0 = time.time()
-        for hp, pct, gamma in itertools.product(cfg.hookpoints, cfg.search_percentiles, cfg.search_gammas):
-            with eraser.unlearn(pipe, name, hookpoints=[hp], percentile=pct, strength=-gamma):
+        for hps, pct, gamma in itertools.product(sets, cfg.search_percentiles, cfg.search_gammas):
+            with eraser.unlearn(pipe, name, hookpoints=list(hps), percentile=pct, strength=-gamma):
                 images = generate(pipe, texts, seeds, cfg.steps, cfg.guidance_scale)
             s = judge_scores(judges, images, prompts, name)
             score = (s["ua"] + s["ira"] + s["cra"]) / 3
-            trials.append({"hookpoint": hp, "percentile": pct, "gamma": gamma, **s, "score": score})
+            trials.append({"hookpoints": list(hps), "percentile": pct, "gamma": gamma, **s, "score": score})
             if best is None or score > best["score"]:
                 best = trials[-1]
         assert best is not None
@@ -244,11 +248,11 @@ def search_defaults(
                 percentile=best["percentile"],
                 top_n=None,
                 gamma=best["gamma"],
-                active=hp == best["hookpoint"],
+                active=hp in best["hookpoints"],
             )
         results[name] = {"best": best, "trials": trials}
         log(
-            f"{name:10s} best {best['hookpoint']} p={best['percentile']} γ={best['gamma']:g}: "
+            f"{name:10s} best {'+'.join(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}: "
             f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f} ({time.time() - t0:.0f} s)"
         )
     return results
