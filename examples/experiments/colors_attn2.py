@@ -5,41 +5,37 @@ remove blue or yellow there: the text is read again by every later cross-attenti
 edited out of one block's output comes back. Editing the *attn2 outputs*, where the text enters,
 at every cross-attention of ``up_blocks.2`` and ``up_blocks.3`` (6 modules) removes each colour.
 
-    python examples/experiments/colors_attn2.py build   # attn2 SAEs, statistics, validation search
-    python examples/experiments/colors_attn2.py test    # test-seed UA / IRA / CRA of the chosen setting
+    python examples/experiments/colors_attn2.py build   # an SAE per attn2 module, concept statistics
+    python examples/experiments/colors_attn2.py search  # validation search over hookpoint sets
+    python examples/experiments/colors_attn2.py test    # test-seed UA / IRA / CRA of the winners
 
-``build`` goes through the package's own path (``eval.bundle.collect_and_train`` and
-``add_statistics`` with attn2 hookpoints) and prints one JSON line per validation trial
-(validation seeds, never the test seeds). ``test`` saves the chosen setting as the colours'
-defaults and runs the unlearning benchmark's SAeUron arm on the test seed sets, writing
-``benchmarks/results/experiments/colors_attn2/unlearning.{json,md,png}``. Not part of the shipped
-bundle yet.
+``build`` and ``search`` go through the bundle builder's own steps: ``collect_and_train``,
+``add_statistics``, and ``search_defaults`` over the hookpoint sets up_blocks.3 / up_blocks.2+3 /
+all attn2 × p × γ on validation seeds (never the test seeds). ``search`` saves each colour's winner
+as its defaults, with the trials in ``search.json``. ``test`` runs the unlearning benchmark's
+SAeUron arm with those defaults on the test seed sets and writes
+``benchmarks/results/experiments/colors_attn2/unlearning.{json,md}``. Not in the shipped bundle yet.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from saeuron_plugin.diffusion.hookpoints import list_hookpoints
 from saeuron_plugin.diffusion.unlearn import SAeUron
 from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.eval.bundle import (
-    VALIDATION_SEED,
     BundleConfig,
     add_statistics,
     collect_and_train,
-    judge_scores,
     load_default,
-    split_prompts,
+    search_defaults,
 )
-from saeuron_plugin.eval.default_model import generate
+from saeuron_plugin.eval.judges import Judges
 from saeuron_plugin.eval.unlearning import Protocol, run_benchmark, write_results
 
 COLORS = list(sc.VOCABULARIES["color"])
@@ -49,60 +45,50 @@ def attn2_paths(pipe, blocks: tuple[str, ...]) -> list[str]:
     return [h.path for h in list_hookpoints(pipe) if h.kind == "attn" and any(b in h.path for b in blocks)]
 
 
+def config(pipe, args: argparse.Namespace) -> BundleConfig:
+    """Every attn2 module has an SAE; the search tries three sets of them ablated together."""
+    every = attn2_paths(pipe, ("",))
+    up3, up23 = attn2_paths(pipe, (".up_blocks.3.",)), attn2_paths(pipe, (".up_blocks.2.", ".up_blocks.3."))
+    sets = (up3, up23, every)
+    return BundleConfig(out=args.bundle, work=args.work, hookpoints=tuple(every),
+                        search_sets=tuple(tuple(s) for s in sets), search_percentiles=(99.0, 99.5),
+                        search_gammas=(-2.0, -6.0))
+
+
 def build(args: argparse.Namespace) -> None:
+    """SAEs and statistics through the bundle builder's own steps (about 20 min)."""
     torch.manual_seed(0)
     pipe = load_default()
-    every = attn2_paths(pipe, ("",))
-    cfg = BundleConfig(out=args.bundle, work=args.work, hookpoints=tuple(every))
-    t0 = time.time()
+    cfg = config(pipe, args)
     eraser = collect_and_train(pipe, cfg)
     add_statistics(eraser, pipe, cfg)
     eraser.save_pretrained(args.bundle)
-    print("built", round(time.time() - t0), flush=True)
-    from saeuron_plugin.eval.judges import Judges
 
-    judges = Judges.from_pretrained(cfg.judges)
-    options = {"up3-attn2": attn2_paths(pipe, (".up_blocks.3.",)),
-               "up2+up3-attn2": attn2_paths(pipe, (".up_blocks.2.", ".up_blocks.3.")), "all-attn2": every}
-    for name in COLORS:
-        ci = eraser.concepts.index(name)
-        prompts = split_prompts(name, cfg.search_prompts, np.random.default_rng([cfg.seed, ci, 7]))
-        seeds = [VALIDATION_SEED + 97 * ci + i for i in range(len(prompts))]
-        for (where, hps), pct, gamma in itertools.product(options.items(), (99.0, 99.5), (-2.0, -6.0)):
-            with eraser.unlearn(pipe, name, hookpoints=hps, percentile=pct, strength=-gamma):
-                images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
-            s = judge_scores(judges, images, prompts, name)
-            print(json.dumps({"c": name, "where": where, "p": pct, "g": gamma,
-                              **{k: round(v, 2) for k, v in s.items()},
-                              "avg": round(sum(s.values()) / 3, 3)}), flush=True)
+
+def search(args: argparse.Namespace) -> None:
+    """The builder's search for the colours (about 13 min); winners saved as their defaults."""
+    pipe = load_default()
+    cfg = config(pipe, args)
+    eraser = SAeUron.from_pretrained(args.bundle)
+    trials = search_defaults(eraser, pipe, Judges.from_pretrained(cfg.judges), cfg, concepts=COLORS)
+    eraser.save_pretrained(args.bundle)
+    (Path(args.bundle) / "search.json").write_text(json.dumps(trials, indent=1) + "\n")
 
 
 def test(args: argparse.Namespace) -> None:
-    pipe = load_default()
-    where = attn2_paths(pipe, (".up_blocks.2.", ".up_blocks.3."))
-    eraser = SAeUron.from_pretrained(args.bundle)
-    for name in COLORS:
-        for path in eraser.where(name):
-            eraser.set_defaults(name, hookpoints=[path], percentile=args.percentile, top_n=None,
-                                gamma=-args.strength, active=path in where)
-    tuned = Path(args.bundle + "-tuned")
-    eraser.save_pretrained(tuned)
-    results = run_benchmark(["saeuron"], concepts=COLORS, protocol=Protocol(seeds=(0, 1)), bundle=str(tuned))
-    command = f"python examples/experiments/colors_attn2.py test --percentile {args.percentile} " \
-              f"--strength {args.strength}"
-    write_results(results, args.out, command)
+    """The benchmark's SAeUron arm with the searched defaults, on the test seed sets."""
+    results = run_benchmark(["saeuron"], concepts=COLORS, protocol=Protocol(seeds=(0, 1)), bundle=args.bundle)
+    write_results(results, args.out, "python examples/experiments/colors_attn2.py test")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["build", "test"])
+    p.add_argument("phase", choices=["build", "search", "test"])
     p.add_argument("--bundle", default="runs/colors-attn2/bundle")
     p.add_argument("--work", default="runs/colors-attn2/work")
-    p.add_argument("--percentile", type=float, default=99.5)
-    p.add_argument("--strength", type=float, default=2.0)
     p.add_argument("--out", default="benchmarks/results/experiments/colors_attn2")
     args = p.parse_args()
-    build(args) if args.phase == "build" else test(args)
+    {"build": build, "search": search, "test": test}[args.phase](args)
 
 
 if __name__ == "__main__":
