@@ -358,6 +358,24 @@ def test_property_kth_largest_equals_topk(rows, n, k, ties, blocked, seed):
     assert torch.equal(kth_largest(values.view(rows, 1, n), k), kth_largest(values, k).view(rows, 1))
 
 
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 40), n=st.integers(2, 600), k=st.integers(1, 20), picked=st.integers(1, 8),
+       ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_property_members_above_gate_equal_topk_membership(rows, n, k, picked, ties, seed):
+    """The counting shortcut decides exactly what ``topk`` membership + the gate decide, ties included."""
+    from saeuron_plugin.sae.ablation import _members_above_gate
+
+    k, picked = min(k, n), min(picked, n)
+    gen = torch.Generator().manual_seed(seed)
+    pre = (torch.randint(-4, 6, (rows, n), generator=gen).float() if ties
+           else torch.randn(rows, n, generator=gen) * 2)
+    latents = torch.randperm(n, generator=gen)[:picked]
+    gate = (torch.rand(picked, generator=gen) * 3).round() if ties else torch.rand(picked, generator=gen) * 2
+    sel = pre[:, latents]
+    expected = (sel > gate) & (sel >= pre.topk(k, dim=-1).values[:, -1:])
+    assert torch.equal(_members_above_gate(pre, sel, gate, k), expected)
+
+
 def test_topk_membership_matches_full_encode():
     torch.manual_seed(3)
     sae = SparseAutoencoder(SaeConfig(d_in=32, num_latents=2048, k=8))  # blocked k-th value path

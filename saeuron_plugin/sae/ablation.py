@@ -21,9 +21,11 @@ Cost per token. ``threshold`` encoder: only the selected latents are encoded, |F
 fp32 copies of their encoder rows gathered once per τ bucket, with b_dec folded into the bias
 (W(x − b_dec) + b = Wx + (b − W·b_dec), the arithmetic of ``SparseAutoencoder.encode_subset``
 without its full-width x − b_dec pass). ``topk`` encoder: the full encode (n·d MACs) decides
-whether a latent is among the token's k winners, as the reference does; the k-th largest
-pre-activation comes from a blocked selection (:func:`kth_largest`), and on CPU only the tokens
-where a selected latent exceeds its gate are fully encoded (nowhere else can anything change).
+whether a latent is among the token's k winners, as the reference does. On CPU only the tokens
+where a selected latent exceeds its gate are fully encoded (nowhere else can anything change), and
+membership is decided by counting the entries above those latents, one comparison pass instead of
+a TopK selection, which at small widths costs more than the GEMM (:func:`_members_above_gate`);
+devices take the k-th largest pre-activation from a blocked selection (:func:`kth_largest`).
 On CPU the changed tokens are found on the host and only they are computed and written; on
 other devices the edit is dense, and the only host sync is reading τ (none with ``sync_free``).
 
@@ -414,12 +416,13 @@ class FeatureAblator:
         # TopK: the full encode decides membership, but only where a selected latent passes its gate
         # can anything change; on CPU only those tokens are fully encoded (margin: rounding)
         idx = self._few_tokens((pre > plan.gate - 1e-4 * (1 + plan.gate)).any(-1), x)
+        gate = plan.gate if self.sparse_tokens else None  # off: the device's path, timed on CPU
         if idx is None:
-            z = _topk_members(sae, x, plan.latents)
+            z = _topk_members(sae, x, plan.latents, gate)
         else:
             z = torch.zeros_like(pre)  # placeholders where nothing can change
             if idx[0].numel():
-                z[idx] = _topk_members(sae, x[idx], plan.latents)
+                z[idx] = _topk_members(sae, x[idx], plan.latents, gate)
         return self._edit(x, z, z > plan.gate, plan.a, plan.b, w_dec, rows, batched=False)
 
     def _few_tokens(self, mask: Tensor, x: Tensor) -> tuple[Tensor, ...] | None:
@@ -511,20 +514,43 @@ def _target(z: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return torch.amin(z.unsqueeze(-1) * a + b, dim=-1)
 
 
-def _topk_members(sae: SparseAutoencoder, x: Tensor, latents: Tensor) -> Tensor:
+def _topk_members(sae: SparseAutoencoder, x: Tensor, latents: Tensor, gate: Tensor | None = None) -> Tensor:
     """z of ``latents`` under per-token TopK, [..., S] fp32: full pre-activations decide membership.
 
     A latent is among a token's k winners iff its pre-activation reaches the token's k-th largest
     one (exact up to ties, whose order torch.topk leaves unspecified anyway); its value is the
-    ReLU'd pre-activation, as in ``SparseAutoencoder.encode``.
+    ReLU'd pre-activation, as in ``SparseAutoencoder.encode``. With ``gate`` [S] (CPU), only
+    latents above their gate can change anything, so only their membership is decided, by
+    counting (:func:`_members_above_gate`); the others come out 0.
     """
     lead = x.shape[:-1]
     xs = (sae._standardise(x)[0] - sae.b_dec).reshape(-1, x.shape[-1])  # 2-D: one plain GEMM
     pre = F.linear(xs, sae.encoder.weight, sae.encoder.bias)
-    kth = kth_largest(pre, sae.cfg.k)
     sel = pre[:, latents]
-    out = torch.where(sel >= kth.unsqueeze(-1), sel.clamp_min(0), 0.0).float()
+    if gate is not None and pre.device.type == "cpu":
+        member = _members_above_gate(pre, sel, gate, sae.cfg.k)
+    else:
+        member = sel >= kth_largest(pre, sae.cfg.k).unsqueeze(-1)
+    out = torch.where(member, sel.clamp_min(0), 0.0).float()
     return out.reshape(*lead, latents.numel())
+
+
+def _members_above_gate(pre: Tensor, sel: Tensor, gate: Tensor, k: int) -> Tensor:
+    """[m, S] bool: latent above its gate and among the token's k winners (pre [m, n], sel [m, S]).
+
+    A latent is a winner iff fewer than k entries of its row exceed it. One pass counts the
+    entries above each token's *lowest* gated latent; where that count is below k every gated
+    latent of the token wins (a concept's latents fire strongly where the concept is, so this is
+    the usual case), and only the remaining tokens need the k-th largest entry. That replaces a
+    TopK selection per token by a comparison pass, which at small n costs more than the GEMM.
+    """
+    above = sel > gate
+    lowest = torch.where(above, sel, torch.inf).amin(-1, keepdim=True)
+    unsure = ((pre > lowest).sum(-1) >= k).nonzero().squeeze(-1)
+    if unsure.numel():
+        kth = kth_largest(pre[unsure], k).unsqueeze(-1)
+        above[unsure] &= sel[unsure] >= kth
+    return above
 
 
 def _block_size(n: int, k: int) -> int:
