@@ -340,14 +340,19 @@ class SaeBundle:
         include_prompts: bool = True,
         card: str | None = None,
         metrics: Mapping[str, Any] | None = None,
+        stats_dtype: torch.dtype = torch.float64,
     ) -> Path:
-        """Write ``<folder>/<hookpoint>/{cfg.json, sae.safetensors, concepts/}`` and a model card."""
+        """Write ``<folder>/<hookpoint>/{cfg.json, sae.safetensors, concepts/}`` and a model card.
+
+        ``stats_dtype=torch.float32`` halves the concept statistics (for shipping many hookpoints);
+        they load back as float64 but no longer merge exactly with new samples.
+        """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for path, entry in self.hookpoints.items():
             entry.sae.save_pretrained(folder / path)
             if len(entry.library) or entry.library.background is not None:
-                entry.library.save(folder / path, include_prompts)
+                entry.library.save(folder / path, include_prompts, stats_dtype)
         (folder / CARD_NAME).write_text(card or self.model_card(metrics), encoding="utf-8")
         return folder
 
