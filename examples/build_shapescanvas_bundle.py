@@ -1,10 +1,12 @@
-"""Build the shipped SAeUron bundle of the embedded default with one command (about 40 min on 2 cores).
+"""Build the shipped SAeUron bundle of the embedded default with one command (about 65 min on 2 cores).
 
     python examples/build_shapescanvas_bundle.py [--out checkpoints/shapescanvas-saeuron --threads 2]
 
 Collection, SAE training, the concept statistics pass and the per-concept hyperparameter search all
 run through the package's own code (``saeuron_plugin.eval.bundle``); intermediate activations go to
-``--work`` and a re-run skips the prompts already collected.
+``--work`` and a re-run skips the prompts already collected. The SAEs and statistics (steps 1-3,
+about 20 min) are saved in ``--work``/trained; a re-run with the same recipe starts at the search
+(about 45 min), so an interrupted build or a new search grid does not retrain.
 """
 
 from __future__ import annotations

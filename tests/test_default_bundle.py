@@ -26,6 +26,9 @@ class FakeJudges:
     def classify(self, images):
         return self.pred
 
+    def probabilities(self, images):
+        return self.pred  # already probabilities in the margin test
+
 
 def test_judge_scores_arithmetic():
     prompts = [
@@ -44,6 +47,22 @@ def test_judge_scores_arithmetic():
     }  # 4 of 4 right
     s = B.judge_scores(FakeJudges(pred), None, prompts, "star")
     assert s == {"ua": 0.5, "ira": 0.5, "cra": 7 / 8}
+
+
+def test_judge_margin_uses_probabilities():
+    """The search's tie-break: mean of (1 − p(concept) on its images, p(true) elsewhere, p(true) across)."""
+    prompts = [sc.BenchmarkPrompt("", obj, "solid", "red") for obj in ("star", "heart")]
+    star, heart = sc.OBJECTS.index("star"), sc.OBJECTS.index("heart")
+    obj = torch.zeros(2, len(sc.OBJECTS))
+    obj[0, star], obj[0, heart] = 0.25, 0.75  # the star image: p(star) 0.25
+    obj[1, heart] = 0.5  # the heart image: p(heart) 0.5
+    style = torch.full((2, len(sc.STYLES)), 0.0)
+    style[:, sc.STYLES.index("solid")] = 1.0
+    color = torch.full((2, len(sc.COLORS)), 0.0)
+    color[:, sc.COLORS.index("red")] = 0.5
+    judges = FakeJudges({"object": obj, "style": style, "color": color})
+    margin = B.judge_margin(judges, None, prompts, "star")
+    assert margin == pytest.approx((0.75 + 0.5 + 0.75) / 3)
 
 
 def test_concept_prompts_and_splits():
@@ -124,6 +143,7 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     monkeypatch.setattr(eraser, "unlearn", unlearn)
     monkeypatch.setattr(B, "generate", lambda *a: None)
     monkeypatch.setattr(B, "judge_scores", lambda *a: dict.fromkeys(("ua", "ira", "cra"), next(scores)))
+    monkeypatch.setattr(B, "judge_margin", lambda *a: 0.0)
     cfg = B.BundleConfig(hookpoints=tuple(paths), search_sets=sets, search_percentiles=(99.0,),
                          search_gammas=(-2.0, -6.0), search_prompts=1)
     out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None)
@@ -132,3 +152,33 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     best = out["red"]["best"]
     assert best["hookpoints"] == list(sets[1]) and best["gamma"] == -2.0
     assert [p for p in eraser.active_hookpoints("red") if p in paths] == list(sets[1])
+
+    # per-domain sets: colors use theirs; a domain without sets tries every hookpoint alone
+    tried.clear()
+    scores = iter([0.5] * 8)
+    cfg.search_sets, cfg.search_gammas = {"color": (tuple(paths[:2]),)}, (-2.0,)
+    B.search_defaults(eraser, None, None, cfg, concepts=["red", "star"], log=lambda _: None)
+    assert tried == [("red", paths[:2], -2.0)] + [("star", [p], -2.0) for p in paths]
+
+
+def test_trained_steps_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
+    """An interrupted or re-tuned build starts at the search when steps 1-3 ran with the same recipe."""
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+
+    runs = []
+
+    def collect_and_train(pipe, cfg, log):
+        runs.append(cfg.k)
+        return SAeUron.from_pretrained(BUNDLE)
+
+    monkeypatch.setattr(B, "collect_and_train", collect_and_train)
+    monkeypatch.setattr(B, "add_statistics", lambda *a, **k: None)
+    cfg = B.BundleConfig(work=str(tmp_path))
+    first = B.trained_eraser(None, cfg, log=lambda _: None)
+    again = B.trained_eraser(None, cfg, log=lambda _: None)
+    assert runs == [cfg.k] and list(again.hookpoints) == list(first.hookpoints)
+    cfg.search_gammas = (-1.0,)  # the search grid is not part of steps 1-3
+    B.trained_eraser(None, cfg, log=lambda _: None)
+    cfg.k = 4
+    B.trained_eraser(None, cfg, log=lambda _: None)
+    assert runs == [8, 4]

@@ -14,7 +14,9 @@ at every cross-attention of ``up_blocks.2`` and ``up_blocks.3`` (6 modules) remo
 all attn2 × p × γ on validation seeds (never the test seeds). ``search`` saves each colour's winner
 as its defaults, with the trials in ``search.json``. ``test`` runs the unlearning benchmark's
 SAeUron arm with those defaults on the test seed sets and writes
-``benchmarks/results/experiments/colors_attn2/unlearning.{json,md}``. Not in the shipped bundle yet.
+``benchmarks/results/experiments/colors_attn2/unlearning.{json,md}``. The shipped bundle now edits
+colours this way (``saeuron_plugin.eval.bundle.SEARCH_SETS``); this script keeps the colours-only
+experiment that led there reproducible.
 """
 
 from __future__ import annotations

@@ -33,14 +33,38 @@ from ..sae.train import TrainConfig, train_sae
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
-# Searched per concept; objects settle at up_blocks.1 (4x4), styles and colors need up_blocks.2 (8x8).
-HOOKPOINTS = (
-    "unet.up_blocks.1.attentions.1",
-    "unet.up_blocks.1.attentions.2",
-    "unet.up_blocks.2.attentions.0",
-    "unet.up_blocks.2.attentions.1",
-    "unet.up_blocks.2.attentions.2",
-)
+
+def _attn2(block: str, n: int) -> tuple[str, ...]:
+    return tuple(f"unet.{block}.attentions.{i}.transformer_blocks.0.attn2" for i in range(n))
+
+
+# Where each domain is searched (validation runs, README "ShapesCanvas"). Objects: block outputs of
+# up_blocks.1 (4x4), where the layout is set; attn2 edits there change nothing and attn2 edits
+# everywhere remove the shape but damage the others. Colors and styles: cross-attention outputs
+# (attn2), where the prompt enters; a colour edited out of one *block* output comes back, because
+# every later cross-attention reads the prompt again.
+BLOCKS_UP1 = ("unet.up_blocks.1.attentions.1", "unet.up_blocks.1.attentions.2")
+ATTN2_UP1 = _attn2("up_blocks.1", 3)
+ATTN2_UP3 = _attn2("up_blocks.3", 3)
+ATTN2_UP23 = _attn2("up_blocks.2", 3) + ATTN2_UP3
+ATTN2_ALL = (
+    *_attn2("down_blocks.0", 2),
+    *_attn2("down_blocks.1", 2),
+    *_attn2("down_blocks.2", 2),
+    *ATTN2_UP1,
+    *ATTN2_UP23,
+    *_attn2("mid_block", 1),
+)  # in the UNet's module order, as ``list_hookpoints`` gives them
+HOOKPOINTS = (*BLOCKS_UP1, *ATTN2_ALL)
+SEARCH_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "object": ((BLOCKS_UP1[0],), (BLOCKS_UP1[1],), BLOCKS_UP1),
+    "style": (ATTN2_UP1, ATTN2_UP23, ATTN2_ALL),
+    "color": (ATTN2_UP3, ATTN2_UP23, ATTN2_ALL),
+}
+# Objects need more latents and stronger edits than colours and styles (first search: every object
+# chose the lowest percentile; the block-output bundle before it chose γ down to -20 for them).
+SEARCH_PERCENTILES = {"object": (98.0, 99.0), "style": (99.0, 99.5, 99.8), "color": (99.0, 99.5, 99.8)}
+SEARCH_GAMMAS = {"object": (-2.0, -6.0, -20.0), "style": (-2.0, -6.0), "color": (-2.0, -6.0)}
 BASE_MODEL = "shapescanvas-sd"
 COLLECT_SEED = 10_000
 STATS_SEED = 20_000
@@ -88,10 +112,16 @@ class BundleConfig:
     batch_size: int = 2048
     tau_buckets: int = 25
     """One bucket per step of the 25-step protocol (other step counts use the nearest bucket)."""
-    search_percentiles: tuple[float, ...] = (99.5, 99.0)
-    search_gammas: tuple[float, ...] = (-2.0, -6.0, -20.0)
-    search_sets: tuple[tuple[str, ...], ...] = ()
-    """Hookpoint sets the search tries, each ablated together; empty: every hookpoint alone."""
+    search_percentiles: tuple[float, ...] | dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: dict(SEARCH_PERCENTILES))
+    search_gammas: tuple[float, ...] | dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: dict(SEARCH_GAMMAS))
+    search_sets: tuple[tuple[str, ...], ...] | dict[str, tuple[tuple[str, ...], ...]] = field(
+        default_factory=lambda: dict(SEARCH_SETS))
+    """Hookpoint sets the search tries, each ablated together, for every concept or per domain
+    (``{"object": sets, ...}``, like the percentiles and γ); empty: every hookpoint alone."""
+    keep_hookpoints: tuple[str, ...] = BLOCKS_UP1
+    """Kept in the bundle even if no concept chose them (every other unchosen hookpoint is dropped)."""
     search_prompts: int = 12
     """Validation prompts per concept (with it) and as many without it, per search setting."""
     seed: int = 0
@@ -201,6 +231,29 @@ def judge_scores(
     }
 
 
+def judge_margin(
+    judges: Any, images: torch.Tensor, prompts: Sequence[sc.BenchmarkPrompt], concept: str
+) -> float:
+    """mean(UA, IRA, CRA) with the judges' probabilities in place of their decisions.
+
+    The search's tie-break: on a dozen validation prompts several settings often score the same,
+    and the first of them tends to sit at the edge (the weakest γ that still flips every image).
+    Preferring the largest margin picks the setting that flips the concept and keeps the rest
+    with the most room to spare.
+    """
+    domain = concept_domain(concept)
+    probs = judges.probabilities(images)
+    has = torch.tensor([getattr(p, domain) == concept for p in prompts])
+
+    def p_true(d: str) -> torch.Tensor:
+        labels = torch.tensor([p.label(d) for p in prompts])
+        return probs[d].gather(1, labels.unsqueeze(1)).squeeze(1).float()
+
+    own = p_true(domain)
+    parts = [1 - own[has], own[~has], torch.cat([p_true(d) for d in sc.DOMAINS if d != domain])]
+    return sum(float(x.mean()) if x.numel() else 0.0 for x in parts) / 3
+
+
 def split_prompts(
     concept: str, n: int, rng: np.random.Generator, prompts: Sequence[sc.BenchmarkPrompt] | None = None
 ) -> list[sc.BenchmarkPrompt]:
@@ -214,6 +267,16 @@ def split_prompts(
     return pick
 
 
+def _for_domain(value: tuple | dict[str, tuple], domain: str) -> tuple:
+    """A search grid axis: the same for every concept, or ``{domain: values}`` (missing: empty)."""
+    return tuple(value.get(domain, ())) if isinstance(value, dict) else tuple(value)
+
+
+def short_set(paths: Sequence[str]) -> str:
+    """``up_blocks.2.attentions.0.attn2+…`` for a log line (drops ``unet.`` and ``transformer_blocks.0.``)."""
+    return "+".join(p.removeprefix("unet.").replace("transformer_blocks.0.", "") for p in paths)
+
+
 def search_defaults(
     eraser: SAeUron,
     pipe: Any,
@@ -223,22 +286,28 @@ def search_defaults(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Step 4: per concept, the (hookpoint set, percentile, γ) maximising mean(UA, IRA, CRA) on validation."""
-    sets = cfg.search_sets or tuple((hp,) for hp in cfg.hookpoints)
     results: dict[str, Any] = {}
-    for ci, name in enumerate(concepts or eraser.concepts):
+    every = [w for words in sc.VOCABULARIES.values() for w in words]
+    for name in concepts or eraser.concepts:
+        ci = every.index(name)  # validation prompts and seeds depend on the concept, not on the loop
         rng = np.random.default_rng([cfg.seed, ci, 7])
         prompts = split_prompts(name, cfg.search_prompts, rng)
         texts = [p.prompt for p in prompts]
         seeds = [VALIDATION_SEED + 97 * ci + i for i in range(len(prompts))]
+        domain = concept_domain(name)
+        sets = _for_domain(cfg.search_sets, domain) or tuple((hp,) for hp in cfg.hookpoints)
+        grid = (sets, _for_domain(cfg.search_percentiles, domain), _for_domain(cfg.search_gammas, domain))
         best, trials = None, []
         t0 = time.time()
-        for hps, pct, gamma in itertools.product(sets, cfg.search_percentiles, cfg.search_gammas):
+        for hps, pct, gamma in itertools.product(*grid):
             with eraser.unlearn(pipe, name, hookpoints=list(hps), percentile=pct, strength=-gamma):
                 images = generate(pipe, texts, seeds, cfg.steps, cfg.guidance_scale)
             s = judge_scores(judges, images, prompts, name)
             score = (s["ua"] + s["ira"] + s["cra"]) / 3
-            trials.append({"hookpoints": list(hps), "percentile": pct, "gamma": gamma, **s, "score": score})
-            if best is None or score > best["score"]:
+            margin = judge_margin(judges, images, prompts, name)
+            trials.append({"hookpoints": list(hps), "percentile": pct, "gamma": gamma, **s, "score": score,
+                           "margin": margin})
+            if best is None or (score, margin) > (best["score"], best["margin"]):
                 best = trials[-1]
         assert best is not None
         for hp in cfg.hookpoints:
@@ -252,10 +321,35 @@ def search_defaults(
             )
         results[name] = {"best": best, "trials": trials}
         log(
-            f"{name:10s} best {'+'.join(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}: "
+            f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}: "
             f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f} ({time.time() - t0:.0f} s)"
         )
     return results
+
+
+TRAINED_FIELDS = ("model", "hookpoints", "steps", "guidance_scale", "collect_repeats", "tokens_per_step", "k",
+                  "expansion_factor", "train_epochs", "batch_size", "tau_buckets", "seed")
+"""The config fields steps 1-3 depend on; a saved result of those steps is reused only if they match."""
+
+
+def trained_eraser(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> SAeUron:
+    """Steps 1-3, or their saved result in ``work/trained`` when it was made with the same recipe.
+
+    The SAEs and statistics take most of a build; saving them lets an interrupted or re-tuned build
+    (a new search grid) start at the search.
+    """
+    folder = Path(cfg.work) / "trained"
+    recipe = {f: getattr(cfg, f) for f in TRAINED_FIELDS}
+    recipe = json.loads(json.dumps(recipe))  # tuples → lists, as stored
+    saved = folder / "recipe.json"
+    if saved.exists() and json.loads(saved.read_text()) == recipe:
+        log(f"reusing SAEs and statistics from {folder}")
+        return SAeUron.from_pretrained(folder)
+    eraser = collect_and_train(pipe, cfg, log)
+    add_statistics(eraser, pipe, cfg, log)
+    eraser.save_pretrained(folder)
+    saved.write_text(json.dumps(recipe, indent=1) + "\n")
+    return eraser
 
 
 def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = print) -> Path:
@@ -267,19 +361,20 @@ def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = p
     pipe = load_default(cfg.model)
     judges = Judges.from_pretrained(cfg.judges)
     t0 = time.time()
-    eraser = collect_and_train(pipe, cfg, log)
-    add_statistics(eraser, pipe, cfg, log)
+    eraser = trained_eraser(pipe, cfg, log)
     search = search_defaults(eraser, pipe, judges, cfg, log=log)
     used = [
         p
         for p, h in eraser.hookpoints.items()
-        if any(h.library.selection_defaults(c).active for c in h.library.names)
+        if p in cfg.keep_hookpoints or any(h.library.selection_defaults(c).active for c in h.library.names)
     ]
-    eraser = SAeUron([eraser.hookpoints[p] for p in used])  # drop hookpoints no concept chose
+    eraser = SAeUron([eraser.hookpoints[p] for p in used])  # drop hookpoints nobody needs
     log(f"hookpoints kept: {used}")
     out = Path(cfg.out)
-    eraser.save_pretrained(
-        out, metrics={"recipe": asdict(cfg), "validation_best": {k: v["best"] for k, v in search.items()}}
+    eraser.save_pretrained(  # float32 statistics: 18 hookpoints × 17 concepts fit the checkpoints' budget
+        out,
+        metrics={"recipe": asdict(cfg), "validation_best": {k: v["best"] for k, v in search.items()}},
+        stats_dtype=torch.float32,
     )
     (out / "search.json").write_text(
         json.dumps({"config": asdict(cfg), "seconds": round(time.time() - t0), "search": search}, indent=1)
