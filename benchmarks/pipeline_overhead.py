@@ -70,21 +70,24 @@ class TimedTracker(TimestepTracker):
         super().__init__(pipe)
 
 
-def pipeline_flops(pipe, prompts, steps, guidance, path: str) -> tuple[float, int]:
-    """(FLOPs of one plain call, tokens the hookpoint ``path`` outputs over that call)."""
-    seen = []
+def pipeline_flops(pipe, prompts, steps, guidance, paths: list[str]) -> tuple[float, dict[str, int]]:
+    """(FLOPs of one plain call, tokens each hookpoint of ``paths`` outputs over that call)."""
+    seen = dict.fromkeys(paths, 0)
+    handles = []
+    for path in paths:
+        hookpoint = resolve_hookpoint(pipe, path)
 
-    def count(module, args, output) -> None:
-        seen.append(to_tokens(output, hookpoint.output_index)[0].shape[:-1].numel())
+        def count(module, args, output, path=path, index=hookpoint.output_index) -> None:
+            seen[path] += to_tokens(output, index)[0].shape[:-1].numel()
 
-    hookpoint = resolve_hookpoint(pipe, path)
-    handle = hookpoint.module.register_forward_hook(count)
+        handles.append(hookpoint.module.register_forward_hook(count))
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt")
     finally:
-        handle.remove()
-    return float(counter.get_total_flops()), sum(seen)
+        for handle in handles:
+            handle.remove()
+    return float(counter.get_total_flops()), seen
 
 
 def selection_vs_gemm(tokens: int, n: int, d: int, k: int) -> tuple[float, float]:
@@ -139,12 +142,13 @@ def main() -> None:
 
     modes = {"threshold": "threshold", "topk": "topk", "topk-dense": "topk"}
     with eraser.unlearn(pipe, args.concept) as probe:
-        (path,) = probe.hookpoints
-    sae = eraser.hookpoints[path].sae
+        paths = list(probe.hookpoints)
+    saes = {p: eraser.hookpoints[p].sae for p in paths}
+    where = ", ".join(f"{p} (SAE d={s.d_in} n={s.num_latents} k={s.cfg.k})" for p, s in saes.items())
     print(f"setup   : {args.model}, {len(prompts)} prompts/call, {args.steps} DDIM steps, guidance "
-          f"{args.guidance}; concept {args.concept!r} at {path} (SAE d={sae.d_in} n={sae.num_latents} "
-          f"k={sae.cfg.k}); medians of {args.repeats} interleaved calls (each hooked call includes "
-          "installing and removing the hooks, not building the ablators)\n")
+          f"{args.guidance}; concept {args.concept!r} at {len(paths)} hookpoint(s): {where}; medians of "
+          f"{args.repeats} interleaved calls (each hooked call includes installing and removing the hooks, "
+          "not building the ablators)\n")
 
     editors = {}  # built once per mode (selection, row tables): the timed calls only hook and run
     for mode, encoder in modes.items():
@@ -172,10 +176,12 @@ def main() -> None:
         with eraser.unlearn(pipe, args.concept, encoder="threshold"):
             changed = int((run().images != plain_img).flatten(1).any(1).sum())
         rounds = time_rounds({"plain": run, **{m: hooked(m) for m in modes}}, args.repeats)
-        flops, tokens = pipeline_flops(pipe, prompts, args.steps, args.guidance, path)
+        flops, seen = pipeline_flops(pipe, prompts, args.steps, args.guidance, paths)
     times = {name: statistics.median(v) for name, v in rounds.items()}
     ratios = paired_ratios(rounds, "plain")
-    encode = 2.0 * tokens * sae.num_latents * sae.d_in  # full TopK encode of every token the hook saw
+    # full TopK encode of every token the hooks saw
+    encode = sum(2.0 * seen[p] * s.num_latents * s.d_in for p, s in saes.items())
+    tokens = sum(seen.values())
     predicted = encode / flops
     print(f"images changed by the ablation: {changed}/{len(prompts)}")
     print(f"{'mode':12s} {'s/call':>8s} {'vs plain':>9s}   (per-round paired ratio: median [min, max])")
@@ -201,10 +207,10 @@ def main() -> None:
         verdict = (f"{overhead / predicted:.2f}× the FLOP prediction" if mode != "threshold"
                    else f"target ≤ 1.01×: {'met' if overhead <= 0.01 else 'NOT met'}")
         print(f"  {mode:10s} {frac:6.2%} of the call → {1 + overhead:.4f}× plain ({verdict})")
-    per_call = tokens // args.steps  # tokens of one denoiser call at the hookpoint
-    print("\nwhy topk can exceed its arithmetic: per denoiser call, encode GEMM vs TopK selection")
-    for label, (t, n, d, k) in {"this SAE": (per_call, sae.num_latents, sae.d_in, sae.cfg.k),
-                                "SAeUron size": (512, 20_480, 1280, 32)}.items():
+    print("\nwhy topk-dense can exceed its arithmetic: per denoiser call, encode GEMM vs TopK selection")
+    sizes = {p.removeprefix("unet."): (seen[p] // args.steps, s.num_latents, s.d_in, s.cfg.k)
+             for p, s in saes.items()}
+    for label, (t, n, d, k) in {**sizes, "SAeUron size": (512, 20_480, 1280, 32)}.items():
         gemm, select = selection_vs_gemm(t, n, d, k)
         print(f"  {label:12s} {t} tokens, n={n}, d={d}, k={k}: GEMM {gemm * 1e3:.2f} ms, selection "
               f"{select * 1e3:.2f} ms ({select / gemm:.0%} of the GEMM)")
@@ -219,15 +225,15 @@ def main() -> None:
         counter = iter(range(10_000))
 
         def collect() -> object:
-            return collect_activations(pipe, prompts, [path], Path(tmp) / f"c{next(counter)}",
+            return collect_activations(pipe, prompts, paths, Path(tmp) / f"c{next(counter)}",
                                        num_inference_steps=args.steps, guidance_scale=args.guidance,
                                        batch_size=len(prompts), show_progress=False)
         t_collect = time_interleaved({"collect": collect}, args.repeats)["collect"]
-        rows = len(prompts) * args.steps * 16
-    bytes_per_prompt = args.steps * 16 * sae.d_in * 2  # fp16 store
-    print(f"\ncollection ({path}, cond rows, fp16 store): {t_collect:.3f} s vs plain latent generation "
-          f"{t_plain:.3f} s = {t_collect / t_plain:.3f}× (target ≤ 1.15×); {rows / t_collect:,.0f} rows/s; "
-          f"{bytes_per_prompt / 1024:.1f} KiB per prompt")
+    rows = tokens // 2  # the conditional rows of every step, all tokens
+    bytes_per_prompt = sum(seen[p] // 2 * s.d_in * 2 for p, s in saes.items()) / len(prompts)  # fp16 store
+    print(f"\ncollection ({len(paths)} hookpoint(s), cond rows, fp16 store): {t_collect:.3f} s vs plain "
+          f"latent generation {t_plain:.3f} s = {t_collect / t_plain:.3f}× (target ≤ 1.15×); "
+          f"{rows / t_collect:,.0f} rows/s; {bytes_per_prompt / 1024:.1f} KiB per prompt")
 
 
 if __name__ == "__main__":
