@@ -16,7 +16,7 @@ from saeuron_plugin.eval import shapescanvas as sc
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "checkpoints" / "shapescanvas-saeuron"
-ALL_CONCEPTS = [w for words in sc.VOCABULARIES.values() for w in words]
+ALL_CONCEPTS = list(sc.CONCEPTS)
 
 
 class FakeJudges:
@@ -26,8 +26,6 @@ class FakeJudges:
     def classify(self, images):
         return self.pred
 
-    def probabilities(self, images):
-        return self.pred  # already probabilities in the margin test
 
 
 def test_judge_scores_arithmetic():
@@ -47,6 +45,8 @@ def test_judge_scores_arithmetic():
     }  # 4 of 4 right
     s = B.judge_scores(FakeJudges(pred), None, prompts, "star")
     assert s == {"ua": 0.5, "ira": 0.5, "cra": 7 / 8}
+    probs = {d: torch.nn.functional.one_hot(v, len(sc.VOCABULARIES[d])).float() for d, v in pred.items()}
+    assert B.judge_scores(None, None, prompts, "star", probs) == s  # from probabilities: argmax
 
 
 def test_judge_margin_uses_probabilities():
@@ -60,8 +60,7 @@ def test_judge_margin_uses_probabilities():
     style[:, sc.STYLES.index("solid")] = 1.0
     color = torch.full((2, len(sc.COLORS)), 0.0)
     color[:, sc.COLORS.index("red")] = 0.5
-    judges = FakeJudges({"object": obj, "style": style, "color": color})
-    margin = B.judge_margin(judges, None, prompts, "star")
+    margin = B.judge_margin({"object": obj, "style": style, "color": color}, prompts, "star")
     assert margin == pytest.approx((0.75 + 0.5 + 0.75) / 3)
 
 
@@ -142,9 +141,10 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     monkeypatch.setattr(B, "generate", lambda *a: None)
     monkeypatch.setattr(B, "judge_scores", lambda *a: dict.fromkeys(("ua", "ira", "cra"), next(scores)))
     monkeypatch.setattr(B, "judge_margin", lambda *a: 0.0)
+    judges = type("NoJudges", (), {"probabilities": staticmethod(lambda images: None)})()
     cfg = B.BundleConfig(hookpoints=tuple(paths), search_sets=sets, search_percentiles=(99.0,),
                          search_gammas=(-2.0, -6.0), search_prompts=1)
-    out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None)
+    out = B.search_defaults(eraser, None, judges, cfg, concepts=["red"], log=lambda _: None)
     assert tried == [("red", [paths[0]], -2.0), ("red", [paths[0]], -6.0),
                      ("red", list(sets[1]), -2.0), ("red", list(sets[1]), -6.0)]
     best = out["red"]["best"]
@@ -155,7 +155,7 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     tried.clear()
     scores = iter([0.5] * 8)
     cfg.search_sets, cfg.search_gammas = {"color": (tuple(paths[:2]),)}, (-2.0,)
-    B.search_defaults(eraser, None, None, cfg, concepts=["red", "star"], log=lambda _: None)
+    B.search_defaults(eraser, None, judges, cfg, concepts=["red", "star"], log=lambda _: None)
     assert tried == [("red", paths[:2], -2.0)] + [("star", [p], -2.0) for p in paths]
 
 

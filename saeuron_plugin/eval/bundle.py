@@ -77,7 +77,7 @@ def concept_domain(name: str) -> str:
         if name in words:
             return domain
     raise KeyError(
-        f"{name!r} is not a ShapesCanvas concept; known: {[w for v in sc.VOCABULARIES.values() for w in v]}"
+        f"{name!r} is not a ShapesCanvas concept; known: {list(sc.CONCEPTS)}"
     )
 
 
@@ -205,25 +205,29 @@ def add_statistics(eraser: SAeUron, pipe: Any, cfg: BundleConfig, log: Callable[
 
 # ------------------------------------------------------------------------------------------ scoring
 def judge_scores(
-    judges: Any, images: torch.Tensor, prompts: Sequence[sc.BenchmarkPrompt], concept: str
+    judges: Any,
+    images: torch.Tensor,
+    prompts: Sequence[sc.BenchmarkPrompt],
+    concept: str,
+    probs: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """UA, IRA, CRA (fractions) of ``images`` made from ``prompts`` while ``concept`` is unlearned.
 
     UA: images of prompts with the concept that the domain's judge does not classify as it.
     IRA: domain-judge accuracy on prompts without the concept. CRA: accuracy of the other domains'
-    judges on every image. A set that is empty gives NaN.
+    judges on every image. A set that is empty gives NaN. ``probs``: the judges' probabilities for
+    ``images`` when already computed (then ``judges`` and ``images`` are not used).
     """
     domain = concept_domain(concept)
-    pred = judges.classify(images)
+    pred = judges.classify(images) if probs is None else {d: p.argmax(-1) for d, p in probs.items()}
     target = sc.VOCABULARIES[domain].index(concept)
-    has = torch.tensor([getattr(p, domain) == concept for p in prompts])
-    own = pred[domain]
-    labels = torch.tensor([p.label(domain) for p in prompts])
+    has = _has(prompts, concept)
+    own, labels = pred[domain], _labels(prompts, domain)
 
     def mean(x: torch.Tensor) -> float:
         return float(x.float().mean()) if x.numel() else float("nan")
 
-    cra = [pred[d] == torch.tensor([p.label(d) for p in prompts]) for d in sc.DOMAINS if d != domain]
+    cra = [pred[d] == _labels(prompts, d) for d in sc.DOMAINS if d != domain]
     return {
         "ua": mean(own[has] != target),
         "ira": mean(own[~has] == labels[~has]),
@@ -232,9 +236,9 @@ def judge_scores(
 
 
 def judge_margin(
-    judges: Any, images: torch.Tensor, prompts: Sequence[sc.BenchmarkPrompt], concept: str
+    probs: dict[str, torch.Tensor], prompts: Sequence[sc.BenchmarkPrompt], concept: str
 ) -> float:
-    """mean(UA, IRA, CRA) with the judges' probabilities in place of their decisions.
+    """mean(UA, IRA, CRA) with the judges' probabilities ``probs`` in place of their decisions.
 
     The search's tie-break: on a dozen validation prompts several settings often score the same,
     and the first of them tends to sit at the edge (the weakest γ that still flips every image).
@@ -242,16 +246,23 @@ def judge_margin(
     with the most room to spare.
     """
     domain = concept_domain(concept)
-    probs = judges.probabilities(images)
-    has = torch.tensor([getattr(p, domain) == concept for p in prompts])
+    has = _has(prompts, concept)
 
     def p_true(d: str) -> torch.Tensor:
-        labels = torch.tensor([p.label(d) for p in prompts])
-        return probs[d].gather(1, labels.unsqueeze(1)).squeeze(1).float()
+        return probs[d].gather(1, _labels(prompts, d).unsqueeze(1)).squeeze(1).float()
 
     own = p_true(domain)
     parts = [1 - own[has], own[~has], torch.cat([p_true(d) for d in sc.DOMAINS if d != domain])]
     return sum(float(x.mean()) if x.numel() else 0.0 for x in parts) / 3
+
+
+def _has(prompts: Sequence[sc.BenchmarkPrompt], concept: str) -> torch.Tensor:
+    domain = concept_domain(concept)
+    return torch.tensor([getattr(p, domain) == concept for p in prompts])
+
+
+def _labels(prompts: Sequence[sc.BenchmarkPrompt], domain: str) -> torch.Tensor:
+    return torch.tensor([p.label(domain) for p in prompts])
 
 
 def split_prompts(
@@ -287,9 +298,8 @@ def search_defaults(
 ) -> dict[str, Any]:
     """Step 4: per concept, the (hookpoint set, percentile, γ) maximising mean(UA, IRA, CRA) on validation."""
     results: dict[str, Any] = {}
-    every = [w for words in sc.VOCABULARIES.values() for w in words]
     for name in concepts or eraser.concepts:
-        ci = every.index(name)  # validation prompts and seeds depend on the concept, not on the loop
+        ci = sc.CONCEPTS.index(name)  # validation prompts and seeds depend on the concept, not on the loop
         rng = np.random.default_rng([cfg.seed, ci, 7])
         prompts = split_prompts(name, cfg.search_prompts, rng)
         texts = [p.prompt for p in prompts]
@@ -302,9 +312,10 @@ def search_defaults(
         for hps, pct, gamma in itertools.product(*grid):
             with eraser.unlearn(pipe, name, hookpoints=list(hps), percentile=pct, strength=-gamma):
                 images = generate(pipe, texts, seeds, cfg.steps, cfg.guidance_scale)
-            s = judge_scores(judges, images, prompts, name)
+            probs = judges.probabilities(images)  # one judge pass for the scores and the tie-break
+            s = judge_scores(judges, images, prompts, name, probs)
             score = (s["ua"] + s["ira"] + s["cra"]) / 3
-            margin = judge_margin(judges, images, prompts, name)
+            margin = judge_margin(probs, prompts, name)
             trials.append({"hookpoints": list(hps), "percentile": pct, "gamma": gamma, **s, "score": score,
                            "margin": margin})
             if best is None or (score, margin) > (best["score"], best["margin"]):
@@ -363,11 +374,8 @@ def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = p
     t0 = time.time()
     eraser = trained_eraser(pipe, cfg, log)
     search = search_defaults(eraser, pipe, judges, cfg, log=log)
-    used = [
-        p
-        for p, h in eraser.hookpoints.items()
-        if p in cfg.keep_hookpoints or any(h.library.selection_defaults(c).active for c in h.library.names)
-    ]
+    chosen = {p for name in eraser.concepts for p in eraser.active_hookpoints(name)}
+    used = [p for p in eraser.hookpoints if p in chosen or p in cfg.keep_hookpoints]
     eraser = SAeUron([eraser.hookpoints[p] for p in used])  # drop hookpoints nobody needs
     log(f"hookpoints kept: {used}")
     out = Path(cfg.out)

@@ -24,6 +24,8 @@ STYLES: tuple[str, ...] = ("solid", "striped", "dotted", "checkered", "outline")
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
 DOMAINS: tuple[str, ...] = ("object", "style", "color")
 VOCABULARIES: dict[str, tuple[str, ...]] = {"object": OBJECTS, "style": STYLES, "color": COLORS}
+CONCEPTS: tuple[str, ...] = (*OBJECTS, *STYLES, *COLORS)
+"""Every concept of every domain, in the vocabularies' order."""
 
 RGB: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

@@ -141,7 +141,7 @@ def run_benchmark(
     from .judges import Judges
 
     protocol = protocol or Protocol()
-    concepts = list(concepts or [w for words in sc.VOCABULARIES.values() for w in words])
+    concepts = list(concepts or sc.CONCEPTS)
     pipe = load_default(model)
     judges = Judges.from_pretrained(judges_path)
     eraser = SAeUron.from_pretrained(bundle) if "saeuron" in methods else None
@@ -359,7 +359,7 @@ def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     protocol = Protocol(steps=args.steps, seeds=tuple(args.seeds), others=args.others)
-    concepts = args.concepts or [w for words in sc.VOCABULARIES.values() for w in words]
+    concepts = args.concepts or list(sc.CONCEPTS)
     method_concepts = {"esd": [c for c in concepts if c in args.esd_concepts]}
     presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
     results = run_benchmark(args.methods, concepts=concepts, protocol=protocol, presets=presets,
