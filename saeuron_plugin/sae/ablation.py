@@ -416,7 +416,7 @@ class FeatureAblator:
         # TopK: the full encode decides membership, but only where a selected latent passes its gate
         # can anything change; on CPU only those tokens are fully encoded (margin: rounding)
         idx = self._few_tokens((pre > plan.gate - 1e-4 * (1 + plan.gate)).any(-1), x)
-        gate = plan.gate if self.sparse_tokens else None  # off: the device's path, timed on CPU
+        gate = plan.gate if self._host_path(x) else None  # membership by counting (host syncs)
         if idx is None:
             z = _topk_members(sae, x, plan.latents, gate)
         else:
@@ -425,10 +425,14 @@ class FeatureAblator:
                 z[idx] = _topk_members(sae, x[idx], plan.latents, gate)
         return self._edit(x, z, z > plan.gate, plan.a, plan.b, w_dec, rows, batched=False)
 
+    def _host_path(self, x: Tensor) -> bool:
+        """True where data-dependent shortcuts (host syncs) pay: CPU, unless ``sparse_tokens`` is off."""
+        return self.sparse_tokens and x.device.type == "cpu"
+
     def _few_tokens(self, mask: Tensor, x: Tensor) -> tuple[Tensor, ...] | None:
         """Indices of ``mask``'s True tokens when computing only those pays (CPU, at most half of
         them; one host sync), else None: the dense path, which devices always take."""
-        if not (self.sparse_tokens and x.device.type == "cpu") or 2 * int(mask.sum()) > mask.numel():
+        if not self._host_path(x) or 2 * int(mask.sum()) > mask.numel():
             return None
         return mask.nonzero(as_tuple=True)
 
@@ -519,7 +523,7 @@ def _topk_members(sae: SparseAutoencoder, x: Tensor, latents: Tensor, gate: Tens
 
     A latent is among a token's k winners iff its pre-activation reaches the token's k-th largest
     one (exact up to ties, whose order torch.topk leaves unspecified anyway); its value is the
-    ReLU'd pre-activation, as in ``SparseAutoencoder.encode``. With ``gate`` [S] (CPU), only
+    ReLU'd pre-activation, as in ``SparseAutoencoder.encode``. With ``gate`` [S] (host path), only
     latents above their gate can change anything, so only their membership is decided, by
     counting (:func:`_members_above_gate`); the others come out 0.
     """
@@ -527,7 +531,7 @@ def _topk_members(sae: SparseAutoencoder, x: Tensor, latents: Tensor, gate: Tens
     xs = (sae._standardise(x)[0] - sae.b_dec).reshape(-1, x.shape[-1])  # 2-D: one plain GEMM
     pre = F.linear(xs, sae.encoder.weight, sae.encoder.bias)
     sel = pre[:, latents]
-    if gate is not None and pre.device.type == "cpu":
+    if gate is not None:
         member = _members_above_gate(pre, sel, gate, sae.cfg.k)
     else:
         member = sel >= kth_largest(pre, sae.cfg.k).unsqueeze(-1)
