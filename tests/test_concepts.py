@@ -161,7 +161,7 @@ def test_library_float32_statistics_half_the_size_and_load_as_float64(tmp_path):
     sae = make_sae()
     lib = build_library(sae)
     lib.save(tmp_path / "f64")
-    lib.save(tmp_path / "f32", sums_dtype=torch.float32)
+    lib.save(tmp_path / "f32", stats_dtype=torch.float32)
     size = {d: sum(f.stat().st_size for f in (tmp_path / d / "concepts").glob("*.safetensors"))
             for d in ("f64", "f32")}
     tensor_bytes = sum(st.sums.numel() * 4 for st in [*lib.concepts.values(), lib.background])
@@ -171,8 +171,8 @@ def test_library_float32_statistics_half_the_size_and_load_as_float64(tmp_path):
         assert back.get(name).sums.dtype == torch.float64
         assert torch.equal(back.get(name).sums, lib.get(name).sums.float().double())
         assert torch.equal(back.get(name).counts, lib.get(name).counts)
-    with pytest.raises(ValueError, match="sums_dtype"):
-        lib.save(tmp_path / "f16", sums_dtype=torch.float16)
+    with pytest.raises(ValueError, match="stats_dtype"):
+        lib.save(tmp_path / "f16", stats_dtype=torch.float16)
 
 
 def test_library_refuses_other_sae(tmp_path):

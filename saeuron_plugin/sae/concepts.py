@@ -306,19 +306,19 @@ class ConceptStats:
         }
 
     def save(self, path: str | Path, include_prompts: bool = True,
-             sums_dtype: torch.dtype = torch.float64) -> Path:
+             stats_dtype: torch.dtype = torch.float64) -> Path:
         """Write ``sums``/``counts`` and the metadata (JSON in the safetensors header).
 
-        ``sums_dtype=torch.float32`` halves the file for shipping; loading reads either back into
+        ``stats_dtype=torch.float32`` halves the file for shipping; loading reads either back into
         float64, but sums rounded to float32 no longer merge exactly with new samples.
         """
-        if sums_dtype not in (torch.float64, torch.float32):
-            raise ValueError(f"sums_dtype must be torch.float64 or torch.float32, got {sums_dtype}")
+        if stats_dtype not in (torch.float64, torch.float32):
+            raise ValueError(f"stats_dtype must be torch.float64 or torch.float32, got {stats_dtype}")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps(self.metadata(include_prompts), ensure_ascii=False)
         tmp = path.with_name(path.name + ".tmp")
-        sums = self.sums.to(sums_dtype).contiguous().cpu()
+        sums = self.sums.to(stats_dtype).contiguous().cpu()
         save_file({"sums": sums, "counts": self.counts.contiguous().cpu()},
                   str(tmp), metadata={_HEADER_KEY: meta})
         tmp.replace(path)
@@ -622,23 +622,23 @@ class ConceptLibrary:
         return make_slugs(self.names)
 
     def save(self, folder: str | Path, include_prompts: bool = True,
-             sums_dtype: torch.dtype = torch.float64) -> Path:
+             stats_dtype: torch.dtype = torch.float64) -> Path:
         """Write ``folder/concepts/<slug>.safetensors`` and ``folder/concepts/index.json``
-        (``sums_dtype``: see :meth:`ConceptStats.save`)."""
+        (``stats_dtype``: see :meth:`ConceptStats.save`)."""
         out = Path(folder) / "concepts"
         out.mkdir(parents=True, exist_ok=True)
         slugs = self.slugs()
         entries: dict[str, Any] = {}
         for name, stats in self.concepts.items():
             file = f"{slugs[name]}.safetensors"
-            stats.save(out / file, include_prompts, sums_dtype)
+            stats.save(out / file, include_prompts, stats_dtype)
             entries[name] = {"file": file, "prompts": stats.prompts if include_prompts else None,
                              "prompts_sha256": stats.prompts_sha256, "num_prompts": stats.num_prompts,
                              "samples": stats.total_count,
                              "selection": self.selection_defaults(name).to_dict()}
         background = None
         if self.background is not None:
-            self.background.save(out / BACKGROUND_FILE, include_prompts, sums_dtype)
+            self.background.save(out / BACKGROUND_FILE, include_prompts, stats_dtype)
             background = {"file": BACKGROUND_FILE, "num_prompts": self.background.num_prompts,
                           "prompts_sha256": self.background.prompts_sha256}
         index = {
