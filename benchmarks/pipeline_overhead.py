@@ -208,9 +208,8 @@ def main() -> None:
                    else f"target ≤ 1.01×: {'met' if overhead <= 0.01 else 'NOT met'}")
         print(f"  {mode:10s} {frac:6.2%} of the call → {1 + overhead:.4f}× plain ({verdict})")
     print("\nwhy topk-dense can exceed its arithmetic: per denoiser call, encode GEMM vs TopK selection")
-    sizes = {p.removeprefix("unet."): (seen[p] // args.steps, s.num_latents, s.d_in, s.cfg.k)
-             for p, s in saes.items()}
-    for label, (t, n, d, k) in {**sizes, "SAeUron size": (512, 20_480, 1280, 32)}.items():
+    sizes = {(seen[p] // args.steps, s.num_latents, s.d_in, s.cfg.k): "this bundle" for p, s in saes.items()}
+    for (t, n, d, k), label in {**sizes, (512, 20_480, 1280, 32): "SAeUron size"}.items():  # each size once
         gemm, select = selection_vs_gemm(t, n, d, k)
         print(f"  {label:12s} {t} tokens, n={n}, d={d}, k={k}: GEMM {gemm * 1e3:.2f} ms, selection "
               f"{select * 1e3:.2f} ms ({select / gemm:.0%} of the GEMM)")
