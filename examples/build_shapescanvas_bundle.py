@@ -6,7 +6,13 @@ Collection, SAE training, the concept statistics pass and the per-concept hyperp
 run through the package's own code (``saeuron_plugin.eval.bundle``); intermediate activations go to
 ``--work`` and a re-run skips the prompts already collected. The SAEs and statistics (steps 1-3,
 about 20 min) are saved in ``--work``/trained; a re-run with the same recipe starts at the search
-(about 45 min), so an interrupted build or a new search grid does not retrain.
+(about 45 min), so an interrupted build or a new search grid does not retrain; the search saves its
+progress per concept in ``--work`` and resumes there too.
+
+    python examples/build_shapescanvas_bundle.py --from-bundle checkpoints/shapescanvas-saeuron
+
+re-tunes the shipped bundle in place: its SAEs and statistics are kept, trials its ``search.json``
+already holds are not rerun (only new grid points and the stage-2 refinement run).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ def main() -> None:
     p.add_argument("--work", default=d.work)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--search-prompts", type=int, default=d.search_prompts)
+    p.add_argument("--refine-prompts", type=int, default=d.refine_prompts)
     p.add_argument("--train-epochs", type=int, default=d.train_epochs)
+    p.add_argument("--from-bundle", default=None, metavar="PATH_OR_REPO",
+                   help="re-tune this bundle's defaults: skip steps 1-3 and reuse its search.json trials")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -143,7 +143,7 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     monkeypatch.setattr(B, "judge_margin", lambda *a: 0.0)
     judges = type("NoJudges", (), {"probabilities": staticmethod(lambda images: None)})()
     cfg = B.BundleConfig(hookpoints=tuple(paths), search_sets=sets, search_percentiles=(99.0,),
-                         search_gammas=(-2.0, -6.0), search_prompts=1)
+                         search_gammas=(-2.0, -6.0), search_prompts=1, refine_top=0)
     out = B.search_defaults(eraser, None, judges, cfg, concepts=["red"], log=lambda _: None)
     assert tried == [("red", [paths[0]], -2.0), ("red", [paths[0]], -6.0),
                      ("red", list(sets[1]), -2.0), ("red", list(sets[1]), -6.0)]
@@ -180,3 +180,75 @@ def test_trained_steps_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch
     cfg.k = 4
     B.trained_eraser(None, cfg, log=lambda _: None)
     assert runs == [8, 4]
+
+
+def _fake_trials(monkeypatch, score_of):
+    """Replace image generation + judging by ``score_of(stage, setting)``; returns the calls made."""
+    calls = []
+
+    def evaluate(eraser, pipe, judges, cfg, name, validation, setting):
+        stage = "search" if validation[1][0] < B.REFINE_SEED else "refine"
+        calls.append((stage, setting))
+        score = score_of(stage, setting)
+        return {"hookpoints": list(setting[0]), "percentile": setting[1], "gamma": setting[2],
+                "ua": score, "ira": score, "cra": score, "score": score, "margin": 0.0}
+
+    monkeypatch.setattr(B, "evaluate_setting", evaluate)
+    return calls
+
+
+def test_refinement_picks_among_the_finalists_on_fresh_validation(monkeypatch):
+    """Stage 2 re-judges the best ``refine_top`` stage-1 settings on other seeds and decides there."""
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    a, b = B.BLOCKS_UP1
+    stage1 = {-2.0: 1.0, -6.0: 0.9, -20.0: 0.1}  # γ -2 looks perfect on the small validation set ...
+    stage2 = {-2.0: 0.7, -6.0: 0.95}  # ... but γ -6 is better on the larger one
+    calls = _fake_trials(monkeypatch, lambda stage, s: (stage1 if stage == "search" else stage2)[s[2]])
+    cfg = B.BundleConfig(search_sets={"object": ((a,),)}, search_percentiles=(99.0,),
+                         search_gammas=(-2.0, -6.0, -20.0), refine_top={"object": 2})
+    out = B.search_defaults(eraser, None, None, cfg, concepts=["cross", "red"], log=lambda _: None)
+    refined = [c for c in calls if c[0] == "refine"]
+    assert refined == [("refine", ((a,), 99.0, -2.0)), ("refine", ((a,), 99.0, -6.0))]
+    assert out["cross"]["best"]["gamma"] == -6.0 and len(out["cross"]["refine"]) == 2
+    assert eraser.active_hookpoints("cross") == [a] and b not in eraser.active_hookpoints("cross")
+    assert "refine" not in out["red"] and out["red"]["best"]["gamma"] == -2.0  # colours: stage 1 decides
+    prompts, seeds = B.validation_set("cross", cfg.refine_prompts, cfg, "refine")
+    assert sum(p.object == "cross" for p in prompts) == len(sc.STYLES) * len(sc.COLORS)  # every caption
+    assert min(seeds) >= B.REFINE_SEED and max(seeds) < 50_000  # never the test seeds
+
+
+def test_search_reuses_saved_trials_and_resumes(monkeypatch, tmp_path):
+    """Trials of a matching saved search are not rerun; a changed validation size reruns them."""
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    a = B.BLOCKS_UP1[0]
+    calls = _fake_trials(monkeypatch, lambda stage, s: 0.5)
+    cfg = B.BundleConfig(search_sets={"object": ((a,),)}, search_percentiles=(99.0,),
+                         search_gammas=(-2.0, -6.0), refine_top={"object": 2})
+    saved_progress = []
+    first = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None,
+                              on_concept=lambda r: saved_progress.append(json.loads(json.dumps(r))))
+    assert len(calls) == 4 and saved_progress[-1]["cross"]["best"] == first["cross"]["best"]
+    saved = {"config": json.loads(json.dumps(B.asdict(cfg))), "search": saved_progress[-1]}
+
+    calls.clear()
+    cfg.search_gammas = (-2.0, -6.0, -1.0)  # a wider grid: only the new point runs (ties: grid order)
+    B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None,
+                      previous=B.reusable_search(saved, cfg))
+    assert calls == [("search", ((a,), 99.0, -1.0))]
+
+    cfg.refine_prompts = 10  # stage-2 trials belong to the old refinement size; stage 1 still matches
+    assert "refine" not in B.reusable_search(saved, cfg)["cross"]
+    cfg.search_prompts = 6
+    assert B.reusable_search(saved, cfg) == {}
+
+    # the build resumes from its progress file on top of the bundle it re-tunes
+    cfg = B.BundleConfig(work=str(tmp_path), from_bundle=str(BUNDLE))
+    progress = {"config": B.asdict(cfg), "search": {"cross": {"trials": []}}}
+    B._write_json(tmp_path / B.SEARCH_PROGRESS, progress)
+    start, previous = B.starting_point(None, cfg, log=lambda _: None)
+    assert sorted(start.concepts) == sorted(ALL_CONCEPTS)
+    assert previous["cross"] == {"trials": []} and previous["red"]["trials"]  # progress overrides search.json

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -63,12 +64,18 @@ SEARCH_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 # Objects need more latents and stronger edits than colours and styles (first search: every object
 # chose the lowest percentile; the block-output bundle before it chose γ down to -20 for them).
-SEARCH_PERCENTILES = {"object": (98.0, 99.0), "style": (99.0, 99.5, 99.8), "color": (99.0, 99.5, 99.8)}
-SEARCH_GAMMAS = {"object": (-2.0, -6.0, -20.0), "style": (-2.0, -6.0), "color": (-2.0, -6.0)}
+# Stage-2 validation then preferred p 97 and γ -1/-2 for objects, so the grid reaches down to p 95.
+SEARCH_PERCENTILES = {"object": (95.0, 96.0, 97.0, 98.0, 99.0), "style": (99.0, 99.5, 99.8),
+                      "color": (99.0, 99.5, 99.8)}
+SEARCH_GAMMAS = {"object": (-1.0, -2.0, -6.0, -20.0), "style": (-2.0, -6.0), "color": (-2.0, -6.0)}
 BASE_MODEL = "shapescanvas-sd"
 COLLECT_SEED = 10_000
 STATS_SEED = 20_000
 VALIDATION_SEED = 30_000
+REFINE_SEED = 40_000  # stage-2 validation; test images use 50_000 and up
+# Objects: validation of 12 prompts scored settings 100 % that the test put at 70 % (cross); styles
+# and colours met their targets on stage 1 alone.
+REFINE_TOP = {"object": 4}
 
 
 def concept_domain(name: str) -> str:
@@ -124,6 +131,14 @@ class BundleConfig:
     """Kept in the bundle even if no concept chose them (every other unchosen hookpoint is dropped)."""
     search_prompts: int = 12
     """Validation prompts per concept (with it) and as many without it, per search setting."""
+    refine_top: int | dict[str, int] = field(default_factory=lambda: dict(REFINE_TOP))
+    """Stage 2: re-judge this many best stage-1 settings on fresh validation (per domain, as the grid;
+    0 or 1: stage 1 decides)."""
+    refine_prompts: int = 30
+    """Stage-2 prompts with the concept (every caption of an object, at most) and as many without."""
+    from_bundle: str | None = None
+    """Skip steps 1-3: take the SAEs and statistics of this bundle (folder or Hub repo) and reuse its
+    ``search.json`` trials where the recipe matches (re-tuning a bundle's defaults)."""
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -283,9 +298,82 @@ def _for_domain(value: tuple | dict[str, tuple], domain: str) -> tuple:
     return tuple(value.get(domain, ())) if isinstance(value, dict) else tuple(value)
 
 
+def _for_domain_int(value: int | dict[str, int], domain: str) -> int:
+    return int(value.get(domain, 0)) if isinstance(value, dict) else int(value)
+
+
 def short_set(paths: Sequence[str]) -> str:
     """``up_blocks.2.attentions.0.attn2+…`` for a log line (drops ``unet.`` and ``transformer_blocks.0.``)."""
     return "+".join(p.removeprefix("unet.").replace("transformer_blocks.0.", "") for p in paths)
+
+
+def validation_set(
+    name: str, n: int, cfg: BundleConfig, stage: str = "search"
+) -> tuple[list[sc.BenchmarkPrompt], list[int]]:
+    """Prompts and seeds of a validation stage (``search`` or ``refine``) for ``name``; never test seeds.
+
+    They depend on the concept's place in the vocabulary, not on the loop order, so a search of a
+    few concepts draws the same prompts as a search of all.
+    """
+    ci = sc.CONCEPTS.index(name)
+    rng = np.random.default_rng([cfg.seed, ci, 7 if stage == "search" else 11])
+    prompts = split_prompts(name, n, rng)
+    base = VALIDATION_SEED if stage == "search" else REFINE_SEED
+    return prompts, [base + 97 * ci + i for i in range(len(prompts))]
+
+
+def evaluate_setting(
+    eraser: SAeUron,
+    pipe: Any,
+    judges: Any,
+    cfg: BundleConfig,
+    name: str,
+    validation: tuple[list[sc.BenchmarkPrompt], list[int]],
+    setting: Setting,
+) -> dict[str, Any]:
+    """One trial: the validation images with ``setting`` (hookpoints, percentile, γ), judged."""
+    hps, pct, gamma = setting
+    prompts, seeds = validation
+    with eraser.unlearn(pipe, name, hookpoints=list(hps), percentile=pct, strength=-gamma):
+        images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
+    probs = judges.probabilities(images)  # one judge pass for the scores and the tie-break
+    s = judge_scores(judges, images, prompts, name, probs)
+    return {"hookpoints": list(hps), "percentile": pct, "gamma": gamma, **s,
+            "score": (s["ua"] + s["ira"] + s["cra"]) / 3, "margin": judge_margin(probs, prompts, name)}
+
+
+Setting = tuple[tuple[str, ...], float, float]
+"""(hookpoints ablated together, percentile, γ)."""
+
+
+def _key(trial: dict[str, Any]) -> Setting:
+    return tuple(trial["hookpoints"]), float(trial["percentile"]), float(trial["gamma"])
+
+
+def _rank(trial: dict[str, Any]) -> tuple[float, float]:
+    return trial["score"], trial["margin"]
+
+
+def run_trials(
+    eraser: SAeUron,
+    pipe: Any,
+    judges: Any,
+    cfg: BundleConfig,
+    name: str,
+    stage: str,
+    settings: Sequence[Setting],
+    done: Sequence[dict[str, Any]] = (),
+) -> tuple[list[dict[str, Any]], int]:
+    """Judge every setting on the ``stage``'s validation set; trials in ``done`` are reused, not rerun.
+
+    Returns the trials in ``settings`` order and how many were reused.
+    """
+    n = cfg.search_prompts if stage == "search" else cfg.refine_prompts
+    validation = validation_set(name, n, cfg, stage)
+    known = {_key(t): t for t in done}
+    trials = [known[s] if s in known else evaluate_setting(eraser, pipe, judges, cfg, name, validation, s)
+              for s in settings]
+    return trials, sum(s in known for s in settings)
 
 
 def search_defaults(
@@ -295,32 +383,39 @@ def search_defaults(
     cfg: BundleConfig,
     concepts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    previous: dict[str, Any] | None = None,
+    on_concept: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Step 4: per concept, the (hookpoint set, percentile, γ) maximising mean(UA, IRA, CRA) on validation."""
+    """Step 4: per concept, the (hookpoint set, percentile, γ) maximising mean(UA, IRA, CRA) on validation.
+
+    Stage 1 tries the whole grid on ``search_prompts`` validation prompts. Where ``refine_top`` asks
+    for it, stage 2 re-judges the best few on ``refine_prompts`` fresh prompts and seeds and picks
+    among them there: the stage-1 maximum over many noisy trials overstates its winner (a setting
+    that scored 12/12 can be a 70 % setting), and independent data removes that bias.
+
+    ``previous``: an earlier search's ``{concept: {"trials": [...], "refine": [...]}}`` made with the
+    same SAEs, statistics and validation sets (see :func:`reusable_search`); its trials are reused
+    instead of generated again. ``on_concept(results)`` runs after each concept (to save progress).
+    """
     results: dict[str, Any] = {}
     for name in concepts or eraser.concepts:
-        ci = sc.CONCEPTS.index(name)  # validation prompts and seeds depend on the concept, not on the loop
-        rng = np.random.default_rng([cfg.seed, ci, 7])
-        prompts = split_prompts(name, cfg.search_prompts, rng)
-        texts = [p.prompt for p in prompts]
-        seeds = [VALIDATION_SEED + 97 * ci + i for i in range(len(prompts))]
         domain = concept_domain(name)
+        old = (previous or {}).get(name, {})
         sets = _for_domain(cfg.search_sets, domain) or tuple((hp,) for hp in cfg.hookpoints)
-        grid = (sets, _for_domain(cfg.search_percentiles, domain), _for_domain(cfg.search_gammas, domain))
-        best, trials = None, []
+        grid = [(tuple(h), float(p), float(g)) for h, p, g in itertools.product(
+            sets, _for_domain(cfg.search_percentiles, domain), _for_domain(cfg.search_gammas, domain))]
         t0 = time.time()
-        for hps, pct, gamma in itertools.product(*grid):
-            with eraser.unlearn(pipe, name, hookpoints=list(hps), percentile=pct, strength=-gamma):
-                images = generate(pipe, texts, seeds, cfg.steps, cfg.guidance_scale)
-            probs = judges.probabilities(images)  # one judge pass for the scores and the tie-break
-            s = judge_scores(judges, images, prompts, name, probs)
-            score = (s["ua"] + s["ira"] + s["cra"]) / 3
-            margin = judge_margin(probs, prompts, name)
-            trials.append({"hookpoints": list(hps), "percentile": pct, "gamma": gamma, **s, "score": score,
-                           "margin": margin})
-            if best is None or (score, margin) > (best["score"], best["margin"]):
-                best = trials[-1]
-        assert best is not None
+        trials, reused = run_trials(eraser, pipe, judges, cfg, name, "search", grid, old.get("trials", ()))
+        best = max(trials, key=_rank)  # the first of equals, in grid order
+        record: dict[str, Any] = {"trials": trials}
+        top = _for_domain_int(cfg.refine_top, domain)
+        if top > 1:
+            finalists = [_key(t) for t in sorted(trials, key=_rank, reverse=True)[:top]]
+            record["refine"], again = run_trials(
+                eraser, pipe, judges, cfg, name, "refine", finalists, old.get("refine", ()))
+            reused += again
+            best = max(record["refine"], key=_rank)
+        record["best"] = best
         for hp in cfg.hookpoints:
             eraser.set_defaults(
                 name,
@@ -330,11 +425,14 @@ def search_defaults(
                 gamma=best["gamma"],
                 active=hp in best["hookpoints"],
             )
-        results[name] = {"best": best, "trials": trials}
+        results[name] = record
         log(
             f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}: "
-            f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f} ({time.time() - t0:.0f} s)"
+            f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f}"
+            f"{' (stage 2)' if 'refine' in record else ''} ({time.time() - t0:.0f} s, {reused} trials reused)"
         )
+        if on_concept is not None:
+            on_concept(results)
     return results
 
 
@@ -363,8 +461,79 @@ def trained_eraser(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
     return eraser
 
 
+SEARCH_FIELDS = (*TRAINED_FIELDS, "search_prompts")
+"""Stage-1 trials of a saved search are reused only if these match (same SAEs, statistics, validation)."""
+REFINE_FIELDS = (*SEARCH_FIELDS, "refine_prompts")
+
+
+def reusable_search(saved: dict[str, Any] | None, cfg: BundleConfig) -> dict[str, Any]:
+    """The trials of a saved search (``search.json`` or a build's progress file) that ``cfg`` reproduces.
+
+    Stage-1 trials when steps 1-3 and the validation size match; stage-2 trials when the refinement
+    size matches too. Anything else gives ``{}`` (the search runs again).
+    """
+    if not saved or "config" not in saved:
+        return {}
+    old, new = saved["config"], json.loads(json.dumps(asdict(cfg)))
+
+    def same(fields: Sequence[str]) -> bool:
+        return all(old.get(f) == new.get(f) for f in fields)
+
+    if not same(SEARCH_FIELDS):
+        return {}
+    keep_refine = same(REFINE_FIELDS)
+    out = {}
+    for name, r in saved.get("search", {}).items():
+        out[name] = {"trials": r.get("trials", [])}
+        if keep_refine and "refine" in r:
+            out[name]["refine"] = r["refine"]
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (a temp file renamed over ``path``): an interrupt never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> tuple[SAeUron, dict]:
+    """The SAEs and statistics to search on, and the trials that need not run again.
+
+    ``cfg.from_bundle``: an existing bundle and its ``search.json``; otherwise steps 1-3 (or their
+    saved result). An interrupted search's progress file in ``work`` is reused on top of either.
+    """
+    previous: dict[str, Any] = {}
+    if cfg.from_bundle:
+        from ..sae.io import resolve_repo
+
+        source = resolve_repo(cfg.from_bundle)
+        eraser = SAeUron.from_pretrained(source)
+        previous = reusable_search(_read_json(source / "search.json"), cfg)
+        log(f"searching on the SAEs and statistics of {cfg.from_bundle} "
+            f"({len(previous)} concepts' trials reusable)")
+    else:
+        eraser = trained_eraser(pipe, cfg, log)
+    progress = reusable_search(_read_json(Path(cfg.work) / SEARCH_PROGRESS), cfg)
+    if progress:
+        log(f"resuming the search: {len(progress)} concepts already searched")
+    return eraser, {**previous, **progress}
+
+
+SEARCH_PROGRESS = "search-progress.json"
+
+
 def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = print) -> Path:
-    """Run steps 1-4 and write the bundle (with the search record in ``search.json``)."""
+    """Run steps 1-4 and write the bundle (with the search record in ``search.json``).
+
+    The bundle is written next to ``cfg.out`` and then swapped in, so an interrupted save (or a
+    re-tune of ``out`` itself with ``from_bundle=out``) never leaves a half-written or stale folder.
+    """
     from .judges import Judges
 
     cfg = cfg or BundleConfig()
@@ -372,21 +541,28 @@ def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = p
     pipe = load_default(cfg.model)
     judges = Judges.from_pretrained(cfg.judges)
     t0 = time.time()
-    eraser = trained_eraser(pipe, cfg, log)
-    search = search_defaults(eraser, pipe, judges, cfg, log=log)
+    eraser, previous = starting_point(pipe, cfg, log)
+    record = {"config": asdict(cfg)}
+    search = search_defaults(eraser, pipe, judges, cfg, log=log, previous=previous,
+                             on_concept=lambda r: _write_json(Path(cfg.work) / SEARCH_PROGRESS,
+                                                              {**record, "search": r}))
     chosen = {p for name in eraser.concepts for p in eraser.active_hookpoints(name)}
     used = [p for p in eraser.hookpoints if p in chosen or p in cfg.keep_hookpoints]
     eraser = SAeUron([eraser.hookpoints[p] for p in used])  # drop hookpoints nobody needs
     log(f"hookpoints kept: {used}")
     out = Path(cfg.out)
+    staging, old = out.with_name(out.name + ".new"), out.with_name(out.name + ".old")
+    shutil.rmtree(staging, ignore_errors=True)
     eraser.save_pretrained(  # float32 statistics: 18 hookpoints × 17 concepts fit the checkpoints' budget
-        out,
+        staging,
         metrics={"recipe": asdict(cfg), "validation_best": {k: v["best"] for k, v in search.items()}},
         stats_dtype=torch.float32,
     )
-    (out / "search.json").write_text(
-        json.dumps({"config": asdict(cfg), "seconds": round(time.time() - t0), "search": search}, indent=1)
-        + "\n"
-    )
+    _write_json(staging / "search.json", {**record, "seconds": round(time.time() - t0), "search": search})
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    staging.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
     log(f"bundle written to {out} in {time.time() - t0:.0f} s")
     return out
