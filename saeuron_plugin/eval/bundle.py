@@ -6,8 +6,9 @@
    every object, style and color concept, each contrasted with the other concepts of its domain;
 4. a per-concept search over hookpoint (or hookpoint set, ``search_sets``) × percentile × γ on
    validation seeds (never the test seeds), maximising mean(UA, IRA, CRA) as judged by the
-   ShapesCanvas judges; the winners are saved as the concept's selection defaults (the hookpoint
-   choice as ``active`` flags).
+   ShapesCanvas judges; for objects the best four are judged again on every caption of the object
+   with fresh seeds (stage 2), which decides. The winners are saved as the concept's selection
+   defaults (the hookpoint choice as ``active`` flags).
 
 ``python examples/build_shapescanvas_bundle.py`` runs it and writes ``checkpoints/shapescanvas-saeuron``.
 """
@@ -73,8 +74,9 @@ COLLECT_SEED = 10_000
 STATS_SEED = 20_000
 VALIDATION_SEED = 30_000
 REFINE_SEED = 40_000  # stage-2 validation; test images use 50_000 and up
-# Objects: validation of 12 prompts scored settings 100 % that the test put at 70 % (cross); styles
-# and colours met their targets on stage 1 alone.
+# Objects: stage 1's 12 captions (the same for every trial) scored cross settings 100 % that the
+# test seeds put at 70 %; all 30 captions of an object expose that. Styles and colours met their
+# targets on stage 1 alone.
 REFINE_TOP = {"object": 4}
 
 
@@ -307,6 +309,10 @@ def short_set(paths: Sequence[str]) -> str:
     return "+".join(p.removeprefix("unet.").replace("transformer_blocks.0.", "") for p in paths)
 
 
+Setting = tuple[tuple[str, ...], float, float]
+"""(hookpoints ablated together, percentile, γ)."""
+
+
 def validation_set(
     name: str, n: int, cfg: BundleConfig, stage: str = "search"
 ) -> tuple[list[sc.BenchmarkPrompt], list[int]]:
@@ -340,10 +346,6 @@ def evaluate_setting(
     s = judge_scores(judges, images, prompts, name, probs)
     return {"hookpoints": list(hps), "percentile": pct, "gamma": gamma, **s,
             "score": (s["ua"] + s["ira"] + s["cra"]) / 3, "margin": judge_margin(probs, prompts, name)}
-
-
-Setting = tuple[tuple[str, ...], float, float]
-"""(hookpoints ablated together, percentile, γ)."""
 
 
 def _key(trial: dict[str, Any]) -> Setting:
