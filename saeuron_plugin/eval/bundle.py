@@ -30,6 +30,7 @@ import torch
 from ..diffusion.collect import collect_activations
 from ..diffusion.unlearn import SAeUron
 from ..sae.concepts import TauGrid
+from ..sae.io import _atomic_write, resolve_repo
 from ..sae.store import ActivationStore
 from ..sae.train import TrainConfig, train_sae
 from . import shapescanvas as sc
@@ -443,6 +444,12 @@ TRAINED_FIELDS = ("model", "hookpoints", "steps", "guidance_scale", "collect_rep
 """The config fields steps 1-3 depend on; a saved result of those steps is reused only if they match."""
 
 
+def _recipe(config: dict[str, Any] | BundleConfig, fields: Sequence[str]) -> dict[str, Any]:
+    """The ``fields`` of a config (dataclass or saved JSON), JSON-normalised (tuples → lists) to compare."""
+    values = asdict(config) if isinstance(config, BundleConfig) else config
+    return json.loads(json.dumps({f: values.get(f) for f in fields}))
+
+
 def trained_eraser(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> SAeUron:
     """Steps 1-3, or their saved result in ``work/trained`` when it was made with the same recipe.
 
@@ -450,8 +457,7 @@ def trained_eraser(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
     (a new search grid) start at the search.
     """
     folder = Path(cfg.work) / "trained"
-    recipe = {f: getattr(cfg, f) for f in TRAINED_FIELDS}
-    recipe = json.loads(json.dumps(recipe))  # tuples → lists, as stored
+    recipe = _recipe(cfg, TRAINED_FIELDS)
     saved = folder / "recipe.json"
     if saved.exists() and json.loads(saved.read_text()) == recipe:
         log(f"reusing SAEs and statistics from {folder}")
@@ -459,13 +465,15 @@ def trained_eraser(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
     eraser = collect_and_train(pipe, cfg, log)
     add_statistics(eraser, pipe, cfg, log)
     eraser.save_pretrained(folder)
-    saved.write_text(json.dumps(recipe, indent=1) + "\n")
+    _write_json(saved, recipe)
     return eraser
 
 
 SEARCH_FIELDS = (*TRAINED_FIELDS, "search_prompts")
 """Stage-1 trials of a saved search are reused only if these match (same SAEs, statistics, validation)."""
 REFINE_FIELDS = (*SEARCH_FIELDS, "refine_prompts")
+SEARCH_PROGRESS = "search-progress.json"
+"""Saved in ``work`` after each searched concept; an interrupted build resumes from it."""
 
 
 def reusable_search(saved: dict[str, Any] | None, cfg: BundleConfig) -> dict[str, Any]:
@@ -476,14 +484,10 @@ def reusable_search(saved: dict[str, Any] | None, cfg: BundleConfig) -> dict[str
     """
     if not saved or "config" not in saved:
         return {}
-    old, new = saved["config"], json.loads(json.dumps(asdict(cfg)))
-
-    def same(fields: Sequence[str]) -> bool:
-        return all(old.get(f) == new.get(f) for f in fields)
-
-    if not same(SEARCH_FIELDS):
+    old = saved["config"]
+    if _recipe(old, SEARCH_FIELDS) != _recipe(cfg, SEARCH_FIELDS):
         return {}
-    keep_refine = same(REFINE_FIELDS)
+    keep_refine = _recipe(old, REFINE_FIELDS) == _recipe(cfg, REFINE_FIELDS)
     out = {}
     for name, r in saved.get("search", {}).items():
         out[name] = {"trials": r.get("trials", [])}
@@ -497,11 +501,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically (a temp file renamed over ``path``): an interrupt never leaves half a file."""
+    """Write JSON atomically (``sae.io``'s temp-file-and-rename): an interrupt never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> tuple[SAeUron, dict]:
@@ -512,8 +514,6 @@ def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
     """
     previous: dict[str, Any] = {}
     if cfg.from_bundle:
-        from ..sae.io import resolve_repo
-
         source = resolve_repo(cfg.from_bundle)
         eraser = SAeUron.from_pretrained(source)
         previous = reusable_search(_read_json(source / "search.json"), cfg)
@@ -525,9 +525,6 @@ def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
     if progress:
         log(f"resuming the search: {len(progress)} concepts already searched")
     return eraser, {**previous, **progress}
-
-
-SEARCH_PROGRESS = "search-progress.json"
 
 
 def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = print) -> Path:
