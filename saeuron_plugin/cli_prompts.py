@@ -1,4 +1,4 @@
-"""Prompt options shared by the adapters' subcommands (``--prompt`` and ``--prompts FILE``)."""
+"""Options shared by the adapters' subcommands (``--prompt``, ``--prompts FILE``, ``--contrast``)."""
 
 from __future__ import annotations
 
@@ -16,3 +16,14 @@ def prompt_args(args: argparse.Namespace) -> list[str]:
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
+
+
+CONTRAST_MODES = ("auto", "others", "worst", "background")
+"""The named contrast sets of :func:`saeuron_plugin.sae.selection.concept_scores`."""
+
+
+def contrast_arg(values: list[str] | None) -> str | list[str] | None:
+    """``--contrast`` as the core takes it: one named mode as a string, anything else as concept names."""
+    if values is not None and len(values) == 1 and values[0] in CONTRAST_MODES:
+        return values[0]
+    return values

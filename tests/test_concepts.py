@@ -316,6 +316,33 @@ def test_contrast_options():
         concept_scores(lib, "dog", ["nope"])
 
 
+def test_worst_contrast_rejects_a_latent_one_other_concept_shares():
+    """Pooling 9 other concepts dilutes a latent that only "heart" shares with "cross"; "worst" does not."""
+    sae = make_sae(n=8)
+    lib = ConceptLibrary.for_sae(sae, tau_grid=TauGrid(1))
+    cross = torch.zeros(4, 8)
+    cross[:, 0] = 4.0  # shared with heart
+    cross[:, 1] = 1.0  # cross only
+    heart = torch.zeros(4, 8)
+    heart[:, 0] = 3.0
+    heart[:, 2] = 1.0
+    lib.accumulate("cross", cross, 0.5)
+    lib.accumulate("heart", heart, 0.5)
+    for i in range(8):  # eight unrelated concepts on latents 3..7
+        filler = torch.zeros(4, 8)
+        filler[:, 3 + i % 5] = 1.0
+        lib.accumulate(f"other{i}", filler, 0.5)
+    pooled = concept_scores(lib, "cross", "others")[0]
+    worst = concept_scores(lib, "cross", "worst")[0]
+    assert pooled.argmax() == 0  # the shared latent looks most cross-like against the pool
+    assert worst.argmax() == 1 and worst[0] < worst[1]  # ... and not against heart alone
+    assert select_features(worst[None], top_n=1).bucket(0).tolist() == [1]
+    solo = ConceptLibrary.for_sae(sae)
+    solo.accumulate("only", torch.rand(3, 8), 0.5)
+    with pytest.raises(ValueError, match="only concept"):
+        concept_scores(solo, "only", "worst")
+
+
 # ---------------------------------------------------------------------------- calibration
 def test_calibrate_threshold_exact_and_streaming():
     sae = make_sae()

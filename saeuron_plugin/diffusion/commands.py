@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..cli_prompts import prompt_args
+from ..cli_prompts import contrast_arg, prompt_args
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -85,7 +85,7 @@ def concept_add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="concept name (omit with --background)")
     p.add_argument("--background", action="store_true", help="add the prompts to the background set")
     p.add_argument("--contrast", nargs="+", default=None,
-                   help="default contrast set: auto, others, background, or concept names")
+                   help="default contrast set: auto, others, worst, background, or concept names")
     p.add_argument("--hookpoint", action="append", default=None, help="only these hookpoints")
     p.add_argument("--out", default=None, help="where to write the bundle (default: --sae, in place)")
 
@@ -100,9 +100,7 @@ def concept_add(args: argparse.Namespace) -> int:
         raise ValueError(f"{out} is not a local bundle folder; give --out DIR to write the result")
     eraser = SAeUron.from_pretrained(args.sae)
     pipe = load_pipeline(args.model, args.device, args.dtype)
-    contrast: Any = args.contrast
-    if contrast is not None and len(contrast) == 1 and contrast[0] in ("auto", "others", "background"):
-        contrast = contrast[0]
+    contrast = contrast_arg(args.contrast)
     stats = eraser.add_concept(None if args.background else args.name, read_prompts(args), pipe,
                                hookpoints=args.hookpoint, contrast=contrast, num_inference_steps=args.steps,
                                guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)

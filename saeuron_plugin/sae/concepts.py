@@ -383,7 +383,8 @@ class SelectionDefaults:
     clamp_value: float = -1.0
     """Value the ``clamp`` rule writes into an active selected latent."""
     contrast: str | list[str] = "auto"
-    """Contrast set for the score: ``auto`` (others, else background), ``others``, ``background``, names."""
+    """Contrast set for the score: ``auto`` (others, else background), ``others``, ``worst``,
+    ``background``, or concept names (see :func:`.selection.concept_scores`)."""
     active: bool = True
     """False: the statistics stay (as contrast and gate) but adapters ablate the concept at this
     hookpoint only when asked for this hookpoint explicitly (e.g. styles at one block, objects at another)."""

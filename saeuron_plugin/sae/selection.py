@@ -48,15 +48,26 @@ def concept_scores(lib: ConceptLibrary, name: str, contrast: str | list[str] = "
                    delta: float = SCORE_DELTA) -> Tensor:
     """SAeUron score of every latent for concept ``name`` per τ bucket: [K, n] float64.
 
-    ``contrast``: ``"others"`` (the library's other concepts, pooled), ``"background"`` (its
+    ``contrast``: ``"others"`` (the library's other concepts, pooled), ``"worst"`` (each other
+    concept on its own; a latent scores against the one that uses it most), ``"background"`` (its
     background set), a list of concept names, or ``"auto"`` (others when there are any, else the
     background). Buckets without data borrow the nearest bucket that has some; a concept without
     any data scores NaN (and selects nothing).
+
+    ``"worst"`` exists because pooling dilutes a latent that one other concept shares: in a library
+    of 17 concepts, a latent that "cross" and "heart" both use looks cross-specific against the pool,
+    and ablating it erases hearts too.
     """
     stats = lib.get(name)
     mu_c = stats.means(fill_empty=True)
     if isinstance(contrast, str):
         others = [n for n in lib.names if n != name]
+        if contrast == "worst":
+            if not others:
+                raise ValueError(f"concept {name!r} is the only concept in the library: nothing to "
+                                 "contrast it with (contrast='background' uses the background set)")
+            rest = torch.stack([_share(lib.get(n).means(fill_empty=True), delta) for n in others])
+            return _share(mu_c, delta) - rest.max(0).values
         if contrast == "auto":
             contrast = "others" if others else "background"
         if contrast == "others":
@@ -70,7 +81,7 @@ def concept_scores(lib: ConceptLibrary, name: str, contrast: str | list[str] = "
                                  "(ConceptLibrary.accumulate_background) or add other concepts")
             mu_rest = lib.background.means(fill_empty=True)
         else:
-            raise ValueError("contrast must be 'auto', 'others', 'background' or a list of names, "
+            raise ValueError("contrast must be 'auto', 'others', 'worst', 'background' or a list of names, "
                              f"got {contrast!r}")
     else:
         names = list(contrast)
@@ -79,8 +90,12 @@ def concept_scores(lib: ConceptLibrary, name: str, contrast: str | list[str] = "
         if name in names:
             raise ValueError(f"concept {name!r} cannot be part of its own contrast set")
         mu_rest = lib.pooled_means(names)
-    return (mu_c / (mu_c.sum(-1, keepdim=True) + delta)
-            - mu_rest / (mu_rest.sum(-1, keepdim=True) + delta))
+    return _share(mu_c, delta) - _share(mu_rest, delta)
+
+
+def _share(means: Tensor, delta: float) -> Tensor:
+    """Each latent's share of a concept's total mean activation per bucket (the reference's score term)."""
+    return means / (means.sum(-1, keepdim=True) + delta)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..cli_prompts import prompt_args
+from ..cli_prompts import contrast_arg, prompt_args
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -248,7 +248,7 @@ def concept_args(p: argparse.ArgumentParser) -> None:
         "--contrast",
         nargs="+",
         default=None,
-        help="default contrast set: auto, others, background, or concept names",
+        help="default contrast set: auto, others, worst, background, or concept names",
     )
     p.add_argument("--hookpoint", action="append", default=None, help="only these hookpoints")
     p.add_argument("--out", default=None, help="where to write the bundle (default: --sae, in place)")
@@ -267,9 +267,7 @@ def concept(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device, args.dtype)
     images = read_images(args)
     prompts = read_prompts(args, len(images))
-    contrast: Any = args.contrast
-    if contrast is not None and len(contrast) == 1 and contrast[0] in ("auto", "others", "background"):
-        contrast = contrast[0]
+    contrast = contrast_arg(args.contrast)
     tokens = None if args.tokens == "auto" else args.tokens
     stats = unlearner.add_concept(
         None if args.background else args.name,
