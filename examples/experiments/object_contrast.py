@@ -8,11 +8,18 @@ crosses and also hearts and stars, which then come out as circles. ``contrast="w
 latent against the other concept that uses it most, so shared latents drop out of the selection.
 
     python examples/experiments/object_contrast.py [--concepts cross heart] [--threads 2]
+    python examples/experiments/object_contrast.py --test [--threads 2]
 
 Every setting is judged on the bundle search's stage-2 validation set (30 captions with the object
 plus 30 without, seeds 40,000+; never the test seeds 50,000+) with both contrasts, and the table is
 written to ``benchmarks/results/experiments/object_contrast/results.{json,md}``. About 20 s per
 setting and contrast on 2 cores.
+
+``--test`` then takes, per object, the ``worst``-contrast setting with the best mean(UA, IRA, CRA)
+in that validation table, writes a copy of the shipped bundle with those defaults to
+``runs/object-contrast-bundle`` and runs the unlearning benchmark's SAeUron arm on the six objects
+(test seeds) into ``benchmarks/results/experiments/object_contrast/test/``. The shipped bundle is
+not changed: its search does not yet try this hookpoint or contrast.
 """
 
 from __future__ import annotations
@@ -28,11 +35,37 @@ from saeuron_plugin.diffusion.unlearn import SAeUron
 from saeuron_plugin.eval import bundle as B
 from saeuron_plugin.eval.default_model import generate
 from saeuron_plugin.eval.judges import Judges
+from saeuron_plugin.eval.unlearning import run_benchmark, write_results
 from saeuron_plugin.sae.ablation import ConceptAblation
 
 D2_0 = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn2"
 SETTINGS = [((D2_0,), 99.8, -2.0), ((D2_0,), 99.8, -6.0), ((B.BLOCKS_UP1[0],), 99.0, -2.0)]
 OUT = Path("benchmarks/results/experiments/object_contrast")
+TEST_BUNDLE = Path("runs/object-contrast-bundle")
+
+
+def validation_winners(rows: list[dict]) -> dict[str, dict]:
+    """Per concept, the ``worst``-contrast row with the best mean(UA, IRA, CRA) (first of equals)."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        score = (r["ua"] + r["ira"] + r["cra"]) / 3
+        if r["contrast"] == "worst" and score > best.get(r["concept"], {}).get("score", -1):
+            best[r["concept"]] = {**r, "score": score}
+    return best
+
+
+def test_winners(bundle: str) -> None:
+    """Benchmark (test seeds) the validation winners in a copy of ``bundle``; the original is untouched."""
+    winners = validation_winners(json.loads((OUT / "results.json").read_text())["rows"])
+    eraser = SAeUron.from_pretrained(bundle)
+    for name, w in winners.items():
+        for hp in eraser.hookpoints:
+            eraser.set_defaults(name, hookpoints=[hp], percentile=w["percentile"], top_n=None,
+                                gamma=w["gamma"], contrast="worst", active=hp in w["hookpoints"])
+        print(f"{name}: {B.short_set(w['hookpoints'])} p{w['percentile']:g} γ{w['gamma']:g} contrast worst")
+    eraser.save_pretrained(TEST_BUNDLE, stats_dtype=torch.float32)
+    results = run_benchmark(["saeuron"], concepts=list(winners), bundle=str(TEST_BUNDLE))
+    write_results(results, OUT / "test", "python examples/experiments/object_contrast.py --test")
 
 
 def main() -> None:
@@ -40,9 +73,13 @@ def main() -> None:
     p.add_argument("--concepts", nargs="+", default=list(B.sc.OBJECTS))
     p.add_argument("--bundle", default="checkpoints/shapescanvas-saeuron")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--test", action="store_true", help="benchmark the validation winners on the test seeds")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.test:
+        test_winners(args.bundle)
+        return
     cfg = B.BundleConfig()
     pipe, judges = B.load_default(cfg.model), Judges.from_pretrained(cfg.judges)
     eraser = SAeUron.from_pretrained(args.bundle)
