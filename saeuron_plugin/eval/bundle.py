@@ -43,9 +43,10 @@ def _attn2(block: str, n: int) -> tuple[str, ...]:
 
 # Where each domain is searched (validation runs, README "ShapesCanvas"). Objects: block outputs of
 # up_blocks.1 (4x4), where the layout is set; attn2 edits there change nothing and attn2 edits
-# everywhere remove the shape but damage the others. Colors and styles: cross-attention outputs
-# (attn2), where the prompt enters; a colour edited out of one *block* output comes back, because
-# every later cross-attention reads the prompt again.
+# everywhere remove the shape but damage the others (with the pooled contrast; the "worst" contrast at
+# down_blocks.2.attentions.0 attn2 does better: examples/experiments/object_contrast.py).
+# Colors and styles: cross-attention outputs (attn2), where the prompt enters; a colour edited out of
+# one *block* output comes back, because every later cross-attention reads the prompt again.
 BLOCKS_UP1 = ("unet.up_blocks.1.attentions.1", "unet.up_blocks.1.attentions.2")
 ATTN2_UP1 = _attn2("up_blocks.1", 3)
 ATTN2_UP3 = _attn2("up_blocks.3", 3)
