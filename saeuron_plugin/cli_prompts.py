@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .sae.selection import CONTRAST_MODES
+
 
 def prompt_args(args: argparse.Namespace) -> list[str]:
     """``--prompt`` values plus the lines of ``--prompts FILE`` (blank lines and ``#`` comments skipped)."""
@@ -16,10 +18,6 @@ def prompt_args(args: argparse.Namespace) -> list[str]:
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts
-
-
-CONTRAST_MODES = ("auto", "others", "worst", "background")
-"""The named contrast sets of :func:`saeuron_plugin.sae.selection.concept_scores`."""
 
 
 def contrast_arg(values: list[str] | None) -> str | list[str] | None:

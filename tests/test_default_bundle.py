@@ -132,8 +132,10 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     tried = []
 
     @contextlib.contextmanager
-    def unlearn(pipe, name, hookpoints, percentile, strength):  # records instead of hooking a pipeline
-        tried.append((name, hookpoints, -strength))
+    def unlearn(pipe, concepts, hookpoints):  # records instead of hooking a pipeline
+        (ablation,) = concepts
+        assert ablation.percentile == 99.0 and ablation.contrast is None  # the concept's own contrast
+        tried.append((ablation.concept, hookpoints, ablation.gamma))
         yield
 
     scores = iter([0.2, 0.5, 0.9, 0.1])  # the third trial (the pair, γ = -2) scores best

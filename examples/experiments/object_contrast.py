@@ -9,6 +9,7 @@ latent against the other concept that uses it most, so shared latents drop out o
 
     python examples/experiments/object_contrast.py [--concepts cross heart] [--threads 2]
     python examples/experiments/object_contrast.py --test [--threads 2]
+    python examples/experiments/object_contrast.py --latents   # the shared latents, in seconds
 
 Every setting is judged on the bundle search's stage-2 validation set (30 captions with the object
 plus 30 without, seeds 40,000+; never the test seeds 50,000+) with both contrasts, and the table is
@@ -33,10 +34,9 @@ import torch
 
 from saeuron_plugin.diffusion.unlearn import SAeUron
 from saeuron_plugin.eval import bundle as B
-from saeuron_plugin.eval.default_model import generate
 from saeuron_plugin.eval.judges import Judges
 from saeuron_plugin.eval.unlearning import run_benchmark, write_results
-from saeuron_plugin.sae.ablation import ConceptAblation
+from saeuron_plugin.sae.selection import concept_scores, select_features
 
 D2_0 = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn2"
 SETTINGS = [((D2_0,), 99.8, -2.0), ((D2_0,), 99.8, -6.0), ((B.BLOCKS_UP1[0],), 99.0, -2.0)]
@@ -54,14 +54,27 @@ def validation_winners(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
-def test_winners(bundle: str) -> None:
+def shared_latents(eraser: SAeUron, name: str, percentile: float = 99.8) -> list[dict]:
+    """The latents the pooled score selects for ``name`` at D2_0 (middle τ bucket), and who else uses them."""
+    lib = eraser.hookpoints[D2_0].library
+    scores = concept_scores(lib, name, "others")
+    bucket = scores.shape[0] // 2
+    share = {n: lib.get(n).means(fill_empty=True)[bucket] for n in lib.names}
+    share = {n: m / m.sum() for n, m in share.items()}
+    out = []
+    for latent in select_features(scores, percentile=percentile).bucket(bucket).tolist():
+        rival = max((n for n in lib.names if n != name), key=lambda n: float(share[n][latent]))
+        out.append({"latent": latent, "share": float(share[name][latent]), "rival": rival,
+                    "rival_share": float(share[rival][latent])})
+    return out
+
+
+def benchmark_winners(bundle: str) -> None:
     """Benchmark (test seeds) the validation winners in a copy of ``bundle``; the original is untouched."""
     winners = validation_winners(json.loads((OUT / "results.json").read_text())["rows"])
     eraser = SAeUron.from_pretrained(bundle)
     for name, w in winners.items():
-        for hp in eraser.hookpoints:
-            eraser.set_defaults(name, hookpoints=[hp], percentile=w["percentile"], top_n=None,
-                                gamma=w["gamma"], contrast="worst", active=hp in w["hookpoints"])
+        B.set_winner(eraser, name, w, contrast="worst")
         print(f"{name}: {B.short_set(w['hookpoints'])} p{w['percentile']:g} γ{w['gamma']:g} contrast worst")
     eraser.save_pretrained(TEST_BUNDLE, stats_dtype=torch.float32)
     results = run_benchmark(["saeuron"], concepts=list(winners), bundle=str(TEST_BUNDLE))
@@ -74,26 +87,31 @@ def main() -> None:
     p.add_argument("--bundle", default="checkpoints/shapescanvas-saeuron")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--test", action="store_true", help="benchmark the validation winners on the test seeds")
+    p.add_argument("--latents", action="store_true",
+                   help="only list the latents the pooled score selects at down_blocks.2.attentions.0 attn2")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.test:
-        test_winners(args.bundle)
+        benchmark_winners(args.bundle)
+        return
+    eraser = SAeUron.from_pretrained(args.bundle)
+    if args.latents:
+        for name in args.concepts:
+            found = shared_latents(eraser, name)
+            print(name, ", ".join(f"{x['latent']} ({x['share']:.2f}; {x['rival']} {x['rival_share']:.2f})"
+                                  for x in found))
         return
     cfg = B.BundleConfig()
     pipe, judges = B.load_default(cfg.model), Judges.from_pretrained(cfg.judges)
-    eraser = SAeUron.from_pretrained(args.bundle)
     rows = []
     for name in args.concepts:
-        prompts, seeds = B.validation_set(name, cfg.refine_prompts, cfg, "refine")
-        for hps, pct, gamma in SETTINGS:
+        validation = B.validation_set(name, cfg.refine_prompts, cfg, "refine")
+        for setting in SETTINGS:
             for contrast in ("others", "worst"):
                 t0 = time.time()
-                ablation = ConceptAblation(name, percentile=pct, gamma=gamma, contrast=contrast)
-                with eraser.unlearn(pipe, [ablation], hookpoints=list(hps)):
-                    images = generate(pipe, [q.prompt for q in prompts], seeds, cfg.steps,
-                                      cfg.guidance_scale)
-                s = B.judge_scores(judges, images, prompts, name)
+                s = B.evaluate_setting(eraser, pipe, judges, cfg, name, validation, setting, contrast)
+                hps, pct, gamma = setting
                 r = {"concept": name, "hookpoints": list(hps), "percentile": pct, "gamma": gamma,
                      "contrast": contrast, **{k: 100 * s[k] for k in ("ua", "ira", "cra")}}
                 rows.append(r)

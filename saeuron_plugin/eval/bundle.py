@@ -29,6 +29,7 @@ import torch
 
 from ..diffusion.collect import collect_activations
 from ..diffusion.unlearn import SAeUron
+from ..sae.ablation import ConceptAblation
 from ..sae.concepts import TauGrid
 from ..sae.io import _atomic_write, resolve_repo
 from ..sae.store import ActivationStore
@@ -338,11 +339,16 @@ def evaluate_setting(
     name: str,
     validation: tuple[list[sc.BenchmarkPrompt], list[int]],
     setting: Setting,
+    contrast: str | None = None,
 ) -> dict[str, Any]:
-    """One trial: the validation images with ``setting`` (hookpoints, percentile, γ), judged."""
+    """One trial: the validation images with ``setting`` (hookpoints, percentile, γ), judged.
+
+    ``contrast`` overrides the concept's default score contrast (see ``concept_scores``).
+    """
     hps, pct, gamma = setting
     prompts, seeds = validation
-    with eraser.unlearn(pipe, name, hookpoints=list(hps), percentile=pct, strength=-gamma):
+    ablation = ConceptAblation(name, percentile=pct, gamma=gamma, contrast=contrast)
+    with eraser.unlearn(pipe, [ablation], hookpoints=list(hps)):
         images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
     probs = judges.probabilities(images)  # one judge pass for the scores and the tie-break
     s = judge_scores(judges, images, prompts, name, probs)
@@ -378,6 +384,13 @@ def run_trials(
     trials = [known[s] if s in known else evaluate_setting(eraser, pipe, judges, cfg, name, validation, s)
               for s in settings]
     return trials, sum(s in known for s in settings)
+
+
+def set_winner(eraser: SAeUron, name: str, trial: dict[str, Any], **defaults: Any) -> None:
+    """Make ``trial``'s setting ``name``'s defaults at every hookpoint; active only at its hookpoints."""
+    for hp in eraser.hookpoints:
+        eraser.set_defaults(name, hookpoints=[hp], percentile=trial["percentile"], top_n=None,
+                            gamma=trial["gamma"], active=hp in trial["hookpoints"], **defaults)
 
 
 def search_defaults(
@@ -420,15 +433,7 @@ def search_defaults(
             reused += again
             best = max(record["refine"], key=_rank)
         record["best"] = best
-        for hp in cfg.hookpoints:
-            eraser.set_defaults(
-                name,
-                hookpoints=[hp],
-                percentile=best["percentile"],
-                top_n=None,
-                gamma=best["gamma"],
-                active=hp in best["hookpoints"],
-            )
+        set_winner(eraser, name, best)
         results[name] = record
         log(
             f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}: "

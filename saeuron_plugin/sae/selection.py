@@ -44,6 +44,10 @@ def quantile_linear(rows: Tensor, q: float) -> Tensor:
     return out.masked_fill(rows.isnan().any(dim=-1), float("nan"))
 
 
+CONTRAST_MODES = ("auto", "others", "worst", "background")
+"""The named contrast sets of :func:`concept_scores` (anything else is a list of concept names)."""
+
+
 def concept_scores(lib: ConceptLibrary, name: str, contrast: str | list[str] = "auto",
                    delta: float = SCORE_DELTA) -> Tensor:
     """SAeUron score of every latent for concept ``name`` per τ bucket: [K, n] float64.
@@ -62,18 +66,15 @@ def concept_scores(lib: ConceptLibrary, name: str, contrast: str | list[str] = "
     mu_c = stats.means(fill_empty=True)
     if isinstance(contrast, str):
         others = [n for n in lib.names if n != name]
-        if contrast == "worst":
-            if not others:
-                raise ValueError(f"concept {name!r} is the only concept in the library: nothing to "
-                                 "contrast it with (contrast='background' uses the background set)")
-            rest = torch.stack([_share(lib.get(n).means(fill_empty=True), delta) for n in others])
-            return _share(mu_c, delta) - rest.max(0).values
         if contrast == "auto":
             contrast = "others" if others else "background"
-        if contrast == "others":
+        if contrast in ("others", "worst"):
             if not others:
                 raise ValueError(f"concept {name!r} is the only concept in the library: "
                                  "score it against a background set (contrast='background')")
+            if contrast == "worst":
+                rest = torch.stack([_share(lib.get(n).means(fill_empty=True), delta) for n in others])
+                return _share(mu_c, delta) - rest.max(0).values
             mu_rest = lib.pooled_means(others)
         elif contrast == "background":
             if lib.background is None:
@@ -81,8 +82,7 @@ def concept_scores(lib: ConceptLibrary, name: str, contrast: str | list[str] = "
                                  "(ConceptLibrary.accumulate_background) or add other concepts")
             mu_rest = lib.background.means(fill_empty=True)
         else:
-            raise ValueError("contrast must be 'auto', 'others', 'worst', 'background' or a list of names, "
-                             f"got {contrast!r}")
+            raise ValueError(f"contrast must be one of {CONTRAST_MODES} or a list of names, got {contrast!r}")
     else:
         names = list(contrast)
         if not names:
