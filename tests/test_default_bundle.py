@@ -161,6 +161,37 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     assert tried == [("red", paths[:2], -2.0)] + [("star", [p], -2.0) for p in paths]
 
 
+def test_a_search_set_brings_its_own_contrast_and_grid(monkeypatch):
+    """A ``SearchSet`` is tried with its contrast and grid; the winner's contrast becomes the default."""
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    a, b = list(eraser.hookpoints)[:2]
+    calls = _fake_trials(monkeypatch, lambda _, s: 0.9 if (s.contrast, s.gamma) == ("worst", -1.0) else 0.5)
+    sets = ((a,), B.SearchSet((b,), contrast="worst", percentiles=(99.9,), gammas=(-1.0, -2.0)))
+    cfg = B.BundleConfig(hookpoints=(a, b), search_sets={"object": sets}, search_percentiles=(99.0,),
+                         search_gammas=(-6.0,), refine_top=0)
+    out = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None)
+    assert [s for _, s in calls] == [((a,), 99.0, -6.0, None), ((b,), 99.9, -1.0, "worst"),
+                                     ((b,), 99.9, -2.0, "worst")]
+    assert out["cross"]["best"]["contrast"] == "worst"
+    assert eraser.active_hookpoints("cross") == [b]
+    assert eraser.hookpoints[b].library.selection_defaults("cross").contrast == "worst"
+
+    # a re-tune whose winner has no contrast of its own restores the domain's contrast, and a trial
+    # saved before contrasts were searched counts as the default contrast (not rerun)
+    old = {"trials": [dict(t) for t in out["cross"]["trials"]]}
+    old["trials"][0].pop("contrast")
+    old["trials"][0]["score"] = 1.0
+    calls.clear()
+    B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None,
+                      previous={"cross": old})
+    assert calls == [] and eraser.active_hookpoints("cross") == [a]
+    assert eraser.hookpoints[b].library.selection_defaults("cross").contrast == B.domain_contrast("cross")
+    with pytest.raises(TypeError, match="sequence of hookpoints"):
+        B.search_grid([a], (99.0,), (-2.0,))
+
+
 def test_trained_steps_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
     """An interrupted or re-tuned build starts at the search when steps 1-3 ran with the same recipe."""
     from saeuron_plugin.diffusion.unlearn import SAeUron
@@ -193,7 +224,8 @@ def _fake_trials(monkeypatch, score_of):
         calls.append((stage, setting))
         score = score_of(stage, setting)
         return {"hookpoints": list(setting[0]), "percentile": setting[1], "gamma": setting[2],
-                "ua": score, "ira": score, "cra": score, "score": score, "margin": 0.0}
+                "contrast": B.Setting(*setting).contrast, "ua": score, "ira": score, "cra": score,
+                "score": score, "margin": 0.0}
 
     monkeypatch.setattr(B, "evaluate_setting", evaluate)
     return calls
@@ -212,7 +244,7 @@ def test_refinement_picks_among_the_finalists_on_fresh_validation(monkeypatch):
                          search_gammas=(-2.0, -6.0, -20.0), refine_top={"object": 2})
     out = B.search_defaults(eraser, None, None, cfg, concepts=["cross", "red"], log=lambda _: None)
     refined = [c for c in calls if c[0] == "refine"]
-    assert refined == [("refine", ((a,), 99.0, -2.0)), ("refine", ((a,), 99.0, -6.0))]
+    assert refined == [("refine", ((a,), 99.0, -2.0, None)), ("refine", ((a,), 99.0, -6.0, None))]
     assert out["cross"]["best"]["gamma"] == -6.0 and len(out["cross"]["refine"]) == 2
     assert eraser.active_hookpoints("cross") == [a] and b not in eraser.active_hookpoints("cross")
     assert "refine" not in out["red"] and out["red"]["best"]["gamma"] == -2.0  # colours: stage 1 decides
@@ -240,7 +272,7 @@ def test_search_reuses_saved_trials_and_resumes(monkeypatch, tmp_path):
     cfg.search_gammas = (-2.0, -6.0, -1.0)  # a wider grid: only the new point runs (ties: grid order)
     B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None,
                       previous=B.reusable_search(saved, cfg))
-    assert calls == [("search", ((a,), 99.0, -1.0))]
+    assert calls == [("search", ((a,), 99.0, -1.0, None))]
 
     cfg.refine_prompts = 10  # stage-2 trials belong to the old refinement size; stage 1 still matches
     assert "refine" not in B.reusable_search(saved, cfg)["cross"]

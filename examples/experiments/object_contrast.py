@@ -74,7 +74,7 @@ def benchmark_winners(bundle: str) -> None:
     winners = validation_winners(json.loads((OUT / "results.json").read_text())["rows"])
     eraser = SAeUron.from_pretrained(bundle)
     for name, w in winners.items():
-        B.set_winner(eraser, name, w, contrast="worst")
+        B.set_winner(eraser, name, {**w, "contrast": "worst"})
         print(f"{name}: {B.short_set(w['hookpoints'])} p{w['percentile']:g} γ{w['gamma']:g} contrast worst")
     eraser.save_pretrained(TEST_BUNDLE, stats_dtype=torch.float32)
     results = run_benchmark(["saeuron"], concepts=list(winners), bundle=str(TEST_BUNDLE))
@@ -110,7 +110,8 @@ def main() -> None:
         for setting in SETTINGS:
             for contrast in ("others", "worst"):
                 t0 = time.time()
-                s = B.evaluate_setting(eraser, pipe, judges, cfg, name, validation, setting, contrast)
+                trial = B.Setting(*setting, contrast)
+                s = B.evaluate_setting(eraser, pipe, judges, cfg, name, validation, trial)
                 hps, pct, gamma = setting
                 r = {"concept": name, "hookpoints": list(hps), "percentile": pct, "gamma": gamma,
                      "contrast": contrast, **{k: 100 * s[k] for k in ("ua", "ira", "cra")}}

@@ -4,7 +4,8 @@
 2. ``train_sae`` per hookpoint on the activation store;
 3. ``SAeUron.add_concepts``: one statistics pass over every caption (statistics seeds) feeding
    every object, style and color concept, each contrasted with the other concepts of its domain;
-4. a per-concept search over hookpoint (or hookpoint set, ``search_sets``) × percentile × γ on
+4. a per-concept search over hookpoint (or hookpoint set, ``search_sets``, each with its score
+   contrast) × percentile × γ on
    validation seeds (never the test seeds), maximising mean(UA, IRA, CRA) as judged by the
    ShapesCanvas judges; for objects the best four are judged again on every caption of the object
    with fresh seeds (stage 2), which decides. The winners are saved as the concept's selection
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,10 +43,36 @@ def _attn2(block: str, n: int) -> tuple[str, ...]:
     return tuple(f"unet.{block}.attentions.{i}.transformer_blocks.0.attn2" for i in range(n))
 
 
+class SearchSet(NamedTuple):
+    """Hookpoints the search ablates together, with the contrast and grid they are tried with.
+
+    ``None`` fields take the concept's default contrast and the domain's percentile/γ grid; a set
+    with its own contrast usually needs its own grid (``worst`` selects fewer latents per percentile).
+    """
+
+    hookpoints: tuple[str, ...]
+    contrast: str | None = None
+    percentiles: tuple[float, ...] | None = None
+    gammas: tuple[float, ...] | None = None
+
+
+SetEntry = tuple[str, ...] | SearchSet
+"""A ``search_sets`` entry: hookpoints (default contrast and grid) or a :class:`SearchSet`."""
+
+
+def search_set(entry: Sequence[str] | SearchSet) -> SearchSet:
+    """A ``search_sets`` entry as a :class:`SearchSet` (a plain tuple is just its hookpoints)."""
+    if isinstance(entry, SearchSet):
+        return entry
+    if isinstance(entry, str):
+        raise TypeError(f"a search set is a sequence of hookpoints, got the string {entry!r}")
+    return SearchSet(tuple(entry))
+
+
 # Where each domain is searched (validation runs, README "ShapesCanvas"). Objects: block outputs of
-# up_blocks.1 (4x4), where the layout is set; attn2 edits there change nothing and attn2 edits
-# everywhere remove the shape but damage the others (with the pooled contrast; the "worst" contrast at
-# down_blocks.2.attentions.0 attn2 does better: examples/experiments/object_contrast.py).
+# up_blocks.1 (4x4), where the layout is set, and the cross-attention of down_blocks.2.attentions.0
+# (8x8) with the "worst" contrast: the pooled score there picks latents one other shape shares
+# (examples/experiments/object_contrast.py), attn2 edits in up_blocks.1 change nothing.
 # Colors and styles: cross-attention outputs (attn2), where the prompt enters; a colour edited out of
 # one *block* output comes back, because every later cross-attention reads the prompt again.
 BLOCKS_UP1 = ("unet.up_blocks.1.attentions.1", "unet.up_blocks.1.attentions.2")
@@ -61,8 +88,10 @@ ATTN2_ALL = (
     *_attn2("mid_block", 1),
 )  # in the UNet's module order, as ``list_hookpoints`` gives them
 HOOKPOINTS = (*BLOCKS_UP1, *ATTN2_ALL)
-SEARCH_SETS: dict[str, tuple[tuple[str, ...], ...]] = {
-    "object": ((BLOCKS_UP1[0],), (BLOCKS_UP1[1],), BLOCKS_UP1),
+OBJECT_ATTN2 = SearchSet(_attn2("down_blocks.2", 1), contrast="worst", percentiles=(99.5, 99.8, 99.9),
+                         gammas=(-1.0, -2.0, -6.0))
+SEARCH_SETS: dict[str, tuple[SetEntry, ...]] = {
+    "object": ((BLOCKS_UP1[0],), (BLOCKS_UP1[1],), BLOCKS_UP1, OBJECT_ATTN2),
     "style": (ATTN2_UP1, ATTN2_UP23, ATTN2_ALL),
     "color": (ATTN2_UP3, ATTN2_UP23, ATTN2_ALL),
 }
@@ -91,6 +120,11 @@ def concept_domain(name: str) -> str:
     raise KeyError(
         f"{name!r} is not a ShapesCanvas concept; known: {list(sc.CONCEPTS)}"
     )
+
+
+def domain_contrast(name: str) -> list[str]:
+    """The bundle's default score contrast of ``name``: the other concepts of its domain, pooled."""
+    return [w for w in sc.VOCABULARIES[concept_domain(name)] if w != name]
 
 
 def concept_prompts(prompts: Sequence[sc.BenchmarkPrompt] | None = None) -> dict[str, list[str]]:
@@ -128,10 +162,11 @@ class BundleConfig:
         default_factory=lambda: dict(SEARCH_PERCENTILES))
     search_gammas: tuple[float, ...] | dict[str, tuple[float, ...]] = field(
         default_factory=lambda: dict(SEARCH_GAMMAS))
-    search_sets: tuple[tuple[str, ...], ...] | dict[str, tuple[tuple[str, ...], ...]] = field(
+    search_sets: tuple[SetEntry, ...] | dict[str, tuple[SetEntry, ...]] = field(
         default_factory=lambda: dict(SEARCH_SETS))
     """Hookpoint sets the search tries, each ablated together, for every concept or per domain
-    (``{"object": sets, ...}``, like the percentiles and γ); empty: every hookpoint alone."""
+    (``{"object": sets, ...}``, like the percentiles and γ); empty: every hookpoint alone. A
+    :class:`SearchSet` entry brings its own contrast and grid."""
     keep_hookpoints: tuple[str, ...] = BLOCKS_UP1
     """Kept in the bundle even if no concept chose them (every other unchosen hookpoint is dropped)."""
     search_prompts: int = 12
@@ -218,8 +253,7 @@ def add_statistics(eraser: SAeUron, pipe: Any, cfg: BundleConfig, log: Callable[
         batch_size=60,
     )
     for name in eraser.concepts:
-        others = [w for w in sc.VOCABULARIES[concept_domain(name)] if w != name]
-        eraser.set_defaults(name, contrast=others)
+        eraser.set_defaults(name, contrast=domain_contrast(name))
     log(f"concept statistics for {len(eraser.concepts)} concepts in {time.time() - t0:.0f} s")
 
 
@@ -312,8 +346,27 @@ def short_set(paths: Sequence[str]) -> str:
     return "+".join(p.removeprefix("unet.").replace("transformer_blocks.0.", "") for p in paths)
 
 
-Setting = tuple[tuple[str, ...], float, float]
-"""(hookpoints ablated together, percentile, γ)."""
+class Setting(NamedTuple):
+    """One point of the search grid (equal to the plain tuple of its fields)."""
+
+    hookpoints: tuple[str, ...]
+    """Ablated together."""
+    percentile: float
+    gamma: float
+    contrast: str | None = None
+    """``None``: the concept's default contrast (:func:`domain_contrast`)."""
+
+
+def search_grid(sets: Sequence[Sequence[str] | SearchSet], percentiles: Sequence[float],
+                gammas: Sequence[float]) -> list[Setting]:
+    """Every set × its percentiles × its γ (a set's own grid, or the domain's), in that order."""
+    grid = []
+    for entry in map(search_set, sets):
+        pcts = percentiles if entry.percentiles is None else entry.percentiles
+        gams = gammas if entry.gammas is None else entry.gammas
+        grid += [Setting(entry.hookpoints, float(p), float(g), entry.contrast)
+                 for p, g in itertools.product(pcts, gams)]
+    return grid
 
 
 def validation_set(
@@ -339,25 +392,23 @@ def evaluate_setting(
     name: str,
     validation: tuple[list[sc.BenchmarkPrompt], list[int]],
     setting: Setting,
-    contrast: str | None = None,
 ) -> dict[str, Any]:
-    """One trial: the validation images with ``setting`` (hookpoints, percentile, γ), judged.
-
-    ``contrast`` overrides the concept's default score contrast (see ``concept_scores``).
-    """
-    hps, pct, gamma = setting
+    """One trial: the validation images with ``setting`` (hookpoints, percentile, γ, contrast), judged."""
+    hps, pct, gamma, contrast = Setting(*setting)
     prompts, seeds = validation
     ablation = ConceptAblation(name, percentile=pct, gamma=gamma, contrast=contrast)
     with eraser.unlearn(pipe, [ablation], hookpoints=list(hps)):
         images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
     probs = judges.probabilities(images)  # one judge pass for the scores and the tie-break
     s = judge_scores(judges, images, prompts, name, probs)
-    return {"hookpoints": list(hps), "percentile": pct, "gamma": gamma, **s,
+    return {"hookpoints": list(hps), "percentile": pct, "gamma": gamma, "contrast": contrast, **s,
             "score": (s["ua"] + s["ira"] + s["cra"]) / 3, "margin": judge_margin(probs, prompts, name)}
 
 
 def _key(trial: dict[str, Any]) -> Setting:
-    return tuple(trial["hookpoints"]), float(trial["percentile"]), float(trial["gamma"])
+    """A saved trial's setting (trials saved before contrasts were searched used the default)."""
+    return Setting(tuple(trial["hookpoints"]), float(trial["percentile"]), float(trial["gamma"]),
+                   trial.get("contrast"))
 
 
 def _rank(trial: dict[str, Any]) -> tuple[float, float]:
@@ -386,11 +437,15 @@ def run_trials(
     return trials, sum(s in known for s in settings)
 
 
-def set_winner(eraser: SAeUron, name: str, trial: dict[str, Any], **defaults: Any) -> None:
-    """Make ``trial``'s setting ``name``'s defaults at every hookpoint; active only at its hookpoints."""
+def set_winner(eraser: SAeUron, name: str, trial: dict[str, Any]) -> None:
+    """Make ``trial``'s setting ``name``'s defaults at every hookpoint; active only at its hookpoints.
+
+    The contrast is always written: a re-tuned bundle may hold another winner's contrast.
+    """
+    contrast = trial.get("contrast") or domain_contrast(name)
     for hp in eraser.hookpoints:
         eraser.set_defaults(name, hookpoints=[hp], percentile=trial["percentile"], top_n=None,
-                            gamma=trial["gamma"], active=hp in trial["hookpoints"], **defaults)
+                            gamma=trial["gamma"], contrast=contrast, active=hp in trial["hookpoints"])
 
 
 def search_defaults(
@@ -419,8 +474,8 @@ def search_defaults(
         domain = concept_domain(name)
         old = (previous or {}).get(name, {})
         sets = _for_domain(cfg.search_sets, domain) or tuple((hp,) for hp in cfg.hookpoints)
-        grid = [(tuple(h), float(p), float(g)) for h, p, g in itertools.product(
-            sets, _for_domain(cfg.search_percentiles, domain), _for_domain(cfg.search_gammas, domain))]
+        grid = search_grid(sets, _for_domain(cfg.search_percentiles, domain),
+                           _for_domain(cfg.search_gammas, domain))
         t0 = time.time()
         trials, reused = run_trials(eraser, pipe, judges, cfg, name, "search", grid, old.get("trials", ()))
         best = max(trials, key=_rank)  # the first of equals, in grid order
@@ -436,7 +491,8 @@ def search_defaults(
         set_winner(eraser, name, best)
         results[name] = record
         log(
-            f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}: "
+            f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}"
+            f"{' contrast ' + best['contrast'] if best.get('contrast') else ''}: "
             f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f}"
             f"{' (stage 2)' if 'refine' in record else ''} ({time.time() - t0:.0f} s, {reused} trials reused)"
         )
