@@ -1,11 +1,12 @@
 """Experiment for issue #5: score object latents against the *worst* other concept, not the pool.
 
-The shipped bundle's cross stays near 70 % UA at the ``up_blocks.1`` block outputs. At the attn2
-output of ``down_blocks.2.attentions.0`` (8×8), the default score (``contrast="others"``: the
-other 16 concepts pooled) picks latents that cross shares with one other object: its top three at
-p 99.8 are latent 569 (also star's), 808 (also heart's) and 337 (cross only). Ablating them removes
-crosses and also hearts and stars, which then come out as circles. ``contrast="worst"`` scores each
-latent against the other concept that uses it most, so shared latents drop out of the selection.
+Cross stayed near 70 % UA at the ``up_blocks.1`` block outputs (the bundle before commit
+ca6d8d4). At the attn2 output of ``down_blocks.2.attentions.0`` (8×8), the default score
+(``contrast="others"``: the other 16 concepts pooled) picks latents that cross shares with one
+other object: its top three at p 99.8 are latent 569 (also star's), 808 (also heart's) and 337
+(cross only). Ablating them removes crosses and also hearts and stars, which then come out as
+circles. ``contrast="worst"`` scores each latent against the other concept that uses it most, so
+shared latents drop out of the selection.
 
     python examples/experiments/object_contrast.py [--concepts cross heart] [--threads 2]
     python examples/experiments/object_contrast.py --test [--threads 2]
@@ -20,7 +21,8 @@ setting and contrast on 2 cores.
 in that validation table, writes a copy of the shipped bundle with those defaults to
 ``runs/object-contrast-bundle`` and runs the unlearning benchmark's SAeUron arm on the six objects
 (test seeds) into ``benchmarks/results/experiments/object_contrast/test/``. The shipped bundle is
-not changed: its search does not yet try this hookpoint or contrast.
+not changed. This experiment led to the object search set ``bundle.OBJECT_ATTN2`` (this hookpoint,
+``worst``, its own percentile/γ grid): the shipped bundle has been searched with it since.
 """
 
 from __future__ import annotations

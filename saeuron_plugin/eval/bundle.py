@@ -32,7 +32,7 @@ from ..diffusion.collect import collect_activations
 from ..diffusion.unlearn import SAeUron
 from ..sae.ablation import ConceptAblation
 from ..sae.concepts import TauGrid
-from ..sae.io import _atomic_write, resolve_repo
+from ..sae.io import atomic_write, resolve_repo
 from ..sae.store import ActivationStore
 from ..sae.train import TrainConfig, train_sae
 from . import shapescanvas as sc
@@ -565,7 +565,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (``sae.io``'s temp-file-and-rename): an interrupt never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> tuple[SAeUron, dict]:

@@ -38,8 +38,8 @@ CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
 TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
-__all__ = ["CFG_NAME", "TENSOR_NAMES", "WEIGHTS_NAME", "SaeLoadError", "list_hookpoint_folders",
-           "load_sae", "push_sae_to_hub", "resolve_repo", "save_sae"]
+__all__ = ["CFG_NAME", "TENSOR_NAMES", "WEIGHTS_NAME", "SaeLoadError", "atomic_write",
+           "list_hookpoint_folders", "load_sae", "push_sae_to_hub", "resolve_repo", "save_sae"]
 
 
 class SaeLoadError(OSError, ValueError):
@@ -47,7 +47,7 @@ class SaeLoadError(OSError, ValueError):
 
 
 # ------------------------------------------------------------------------------------------ save
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+def atomic_write(target: Path, write: Callable[[str], None]) -> None:
     """Run ``write(tmp_path)`` on a temp file next to ``target``, then rename it over ``target``."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
@@ -96,8 +96,8 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike[str], *,
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(cfg_text)
 
-    _atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / CFG_NAME, write_cfg)
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(folder / CFG_NAME, write_cfg)
     return folder
 
 
