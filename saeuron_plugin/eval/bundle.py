@@ -5,11 +5,10 @@
 3. ``SAeUron.add_concepts``: one statistics pass over every caption (statistics seeds) feeding
    every object, style and color concept, each contrasted with the other concepts of its domain;
 4. a per-concept search over hookpoint (or hookpoint set, ``search_sets``, each with its score
-   contrast) × percentile × γ on
-   validation seeds (never the test seeds), maximising mean(UA, IRA, CRA) as judged by the
-   ShapesCanvas judges; for objects the best four are judged again on every caption of the object
-   with fresh seeds (stage 2), which decides. The winners are saved as the concept's selection
-   defaults (the hookpoint choice as ``active`` flags).
+   contrast) × percentile × γ on validation seeds (never the test seeds), maximising
+   mean(UA, IRA, CRA) as judged by the ShapesCanvas judges; for objects the best four are judged
+   again on every caption of the object with fresh seeds (stage 2), which decides. The winners are
+   saved as the concept's selection defaults (the hookpoint choice as ``active`` flags).
 
 ``python examples/build_shapescanvas_bundle.py`` runs it and writes ``checkpoints/shapescanvas-saeuron``.
 """
