@@ -2,7 +2,8 @@
 
 A tiny SD-1.x-shaped diffusers UNet (stock 32-group norms) is loaded into ComfyUI's own
 ``UNetModel`` with ``comfy.utils.unet_to_diffusers``; the Unlearn node's outputs must equal the
-diffusers adapter's hooked UNet at the same τ (1e-4 + 1e-5·|x|, fp32) for a block-output and an attn2 bundle,
+diffusers adapter's hooked UNet at the same τ (within the two implementations' own fp32
+rounding, measured in the same test: see ``assert_edit_parity``) for a block-output and an attn2 bundle,
 whatever the CFG chunk order / batching, and equal the unpatched model without concepts. The node
 pack is loaded with ``nodes.load_custom_node`` (V3 entrypoint, and V1 when ``comfy_api.latest`` is
 missing) and a whole workflow runs through ComfyUI's executor.
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from test_comfyui_support import (  # noqa: F401  (keep_global_rng: an autouse fixture)
     ROOT,
+    assert_edit_parity,
     comfy_denoised,
     diffusers_denoised,
     keep_global_rng,
@@ -158,10 +160,8 @@ def test_unlearn_node_equals_diffusers_hooked_unet(pipe, eraser, model, conds, p
     with bundle.unlearn(pipe, ["red"]):
         ref = diffusers_denoised(pipe.unet, x, t, pe, ne, 7.5, sigmas)
     plain = diffusers_denoised(pipe.unet, x, t, pe, ne, 7.5, sigmas)
-    assert (ref - plain).abs().max() > 1e-2  # the concept is really edited at this τ
-    # two UNet implementations in fp32: outputs reach |x| ≈ 12 here, where their rounding differs by
-    # ~1e-4 (seen: 1.2e-4 at t=901 with transformers 5.24); the edit itself moves them by > 1e-2
-    assert torch.allclose(ours, ref, atol=1e-4, rtol=1e-5), float((ours - ref).abs().max())
+    # the concept is really edited at this τ, and both sides edit alike beyond their own rounding
+    assert_edit_parity(ours, ref, comfy_denoised(model, x, t, pos, neg, 7.5), plain)
     kind = "block" if path == BLOCK else "attn2"
     assert (
         patching.map_hookpoint(path, patching.diffusers_key_map(model.model.model_config.unet_config)).kind
@@ -193,12 +193,15 @@ def test_cond_only_any_batching(pipe, eraser, model, conds, monkeypatch):
     spy.set_model_attn2_output_patch(lambda n, extra: (seen.append(list(extra["cond_or_uncond"])), n)[1])
     fused = comfy_denoised(spy, x, 501, pos, neg, 7.5)
     assert sorted(seen[0]) == [0, 1]
+    plain_ref = diffusers_denoised(pipe.unet, x, 501, pe, ne, 7.5, sigmas)
+    plain_fused = comfy_denoised(model, x, 501, pos, neg, 7.5)
     monkeypatch.setattr(spy.model, "memory_required", lambda *a, **k: 1e30)  # too big to batch
     seen.clear()
     split = comfy_denoised(spy, x, 501, pos, neg, 7.5)
     assert {len(s) for s in seen} == {1}
-    for out in (fused, split):
-        assert torch.allclose(out, ref, atol=1e-4, rtol=0), float((out - ref).abs().max())
+    plain_split = comfy_denoised(model, x, 501, pos, neg, 7.5)  # the unpatched model, split the same way
+    for out, plain in ((fused, plain_fused), (split, plain_split)):
+        assert_edit_parity(out, ref, plain, plain_ref)
 
 
 def test_cfg_one_skips_uncond_and_still_edits(pipe, eraser, model, conds):
@@ -208,7 +211,8 @@ def test_cfg_one_skips_uncond_and_still_edits(pipe, eraser, model, conds):
     with eraser.unlearn(pipe, ["red"]):
         ref = diffusers_denoised(pipe.unet, x, 301, pe, ne, 1.0, sigmas)
     ours = comfy_denoised(core.unlearn(model, eraser, "red"), x, 301, pos, neg, 1.0)
-    assert torch.allclose(ours, ref, atol=1e-4, rtol=0)
+    plain_ref = diffusers_denoised(pipe.unet, x, 301, pe, ne, 1.0, sigmas)
+    assert_edit_parity(ours, ref, comfy_denoised(model, x, 301, pos, neg, 1.0), plain_ref)
 
 
 def test_percent_window(eraser, model, conds):

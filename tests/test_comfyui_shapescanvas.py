@@ -1,7 +1,8 @@
 """The shipped ShapesCanvas default in ComfyUI: its UNet loaded into ComfyUI's UNetModel (a matching
 unet_config, weights mapped with ``comfy.utils.unet_to_diffusers``), the shipped SAE bundle on it.
 
-* the Unlearn node's UNet outputs equal the diffusers hooked UNet's at the same τ (1e-4, fp32);
+* the Unlearn node's UNet outputs equal the diffusers hooked UNet's at the same τ, within the two
+  implementations' own fp32 rounding measured in the same test (``assert_edit_parity``);
 * a KSampler-style run (ComfyUI's own sampling code: ``comfy.sample.sample``, DDIM, 10 steps, ~10 s) with
   the node unlearns a style as the diffusers adapter does on the same prompts and seeds: the style
   judge's UA is high in both and close, and the images themselves nearly coincide;
@@ -18,6 +19,7 @@ import pytest
 import torch
 from test_comfyui_support import (  # noqa: F401  (keep_global_rng: an autouse fixture)
     ROOT,
+    assert_edit_parity,
     comfy_denoised,
     diffusers_denoised,
     keep_global_rng,
@@ -75,19 +77,15 @@ def test_shapescanvas_unet_in_comfyui_equals_diffusers(setup):
     patched = core.unlearn(model, bundle, style)
     effect = 0.0
     for t in (901, 501, 101):
-        assert torch.allclose(
-            comfy_denoised(model, x, t, pos, neg, CFG),
-            diffusers_denoised(pipe.unet, x, t, pe, ne, CFG, sigmas),
-            atol=1e-4,
-            rtol=0,
-        )
+        plain_ours = comfy_denoised(model, x, t, pos, neg, CFG).detach()
+        plain_ref = diffusers_denoised(pipe.unet, x, t, pe, ne, CFG, sigmas)
+        # the same weights in two implementations: equal up to fp32 rounding (|x| ≈ a few units here)
+        assert float((plain_ours - plain_ref).abs().max()) < 1e-3 * float(plain_ref.abs().max())
         with bundle.unlearn(pipe, [style]):
             ref = diffusers_denoised(pipe.unet, x, t, pe, ne, CFG, sigmas)
         ours = comfy_denoised(patched, x, t, pos, neg, CFG)
-        assert torch.allclose(ours, ref, atol=1e-4, rtol=0), float((ours - ref).abs().max())
-        effect = max(
-            effect, float((ref - diffusers_denoised(pipe.unet, x, t, pe, ne, CFG, sigmas)).abs().max())
-        )
+        m = assert_edit_parity(ours, ref, plain_ours, plain_ref, min_edit=0.0)
+        effect = max(effect, m["edit"])
     assert effect > 1e-2
 
 
