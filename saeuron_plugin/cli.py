@@ -10,6 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .errors import SAeUronError
+
 Handler = Callable[[argparse.Namespace], int]
 ArgsBuilder = Callable[[argparse.ArgumentParser], None]
 
@@ -164,24 +166,58 @@ def _add_commands(sub: Any, commands: dict[str, Any], prefix: str) -> None:
         help_text, build, handler = spec
         p = sub.add_parser(name, help=help_text, description=help_text)
         build(p)
+        _add_debug(p, argparse.SUPPRESS)  # SUPPRESS: `saeuron --debug CMD` is not reset by the subparser
         p.set_defaults(handler=handler, command_name=f"{prefix}{name}")
+
+
+def _add_debug(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show the full traceback of an error (default: one line, exit 2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="saeuron", description="Concept unlearning with sparse autoencoders (SAeUron).")
+    _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_commands(sub, COMMANDS, "")
     return parser
 
 
+# What a user's bad input raises: our own family, and the built-ins our messages use (a missing file,
+# a bad value). Anything else is a bug of ours: still one line, with how to get the traceback.
+USER_ERRORS = (SAeUronError, ValueError, OSError, KeyError, TypeError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("SAEURON_DEBUG", "") not in ("", "0")
     try:
         return int(args.handler(args))
-    except (ValueError, OSError, KeyError, TypeError) as exc:  # our errors carry clear messages
-        print(f"saeuron {args.command_name}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"saeuron {args.command_name}: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        if debug:
+            raise
+        print(f"saeuron {args.command_name}: error: {_message(exc)}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"saeuron {args.command_name}: internal error: {type(exc).__name__}: {_message(exc)} "
+              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+def _message(exc: BaseException) -> str:
+    """One line: the message, without KeyError's quotes or a multi-line tail."""
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__ \
+        and exc.args else str(exc)
+    lines = text.strip().splitlines() or [type(exc).__name__]
+    return lines[0] + (" [...]" if len(lines) > 1 else "")
 
 
 if __name__ == "__main__":

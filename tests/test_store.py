@@ -194,7 +194,7 @@ def test_bad_folders_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"manifest\.json not found"):
         ActivationStore(tmp_path)
     (tmp_path / "manifest.json").write_text('{"d_in": 4')
-    with pytest.raises(ActivationStoreError, match="is corrupt"):
+    with pytest.raises(ActivationStoreError, match="not valid JSON"):
         ActivationStore(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"d_in": 4}))
     with pytest.raises(ActivationStoreError, match="not an activation store"):

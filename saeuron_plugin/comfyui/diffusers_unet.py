@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..sae.files import read_json_object
+
 _DOWN = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
 _UP = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 _REQUIRED = {
@@ -137,7 +139,6 @@ def load_diffusers_unet(
     training steps and the prediction type; ``latent_scale`` is the VAE scaling factor (default
     0.18215, SD's).
     """
-    import json
 
     import comfy.latent_formats
     import comfy.model_base
@@ -153,9 +154,9 @@ def load_diffusers_unet(
         unet = UNet2DConditionModel.from_pretrained(folder / "unet" if (folder / "unet").is_dir() else folder)
         sched_file, vae_file = folder / "scheduler" / "scheduler_config.json", folder / "vae" / "config.json"
         if scheduler_config is None and sched_file.is_file():
-            scheduler_config = json.loads(sched_file.read_text(encoding="utf-8"))
+            scheduler_config = read_json_object(sched_file, "scheduler config")
         if latent_scale is None and vae_file.is_file():
-            latent_scale = json.loads(vae_file.read_text(encoding="utf-8")).get("scaling_factor")
+            latent_scale = read_json_object(vae_file, "VAE config").get("scaling_factor")
     latent_scale = 0.18215 if latent_scale is None else float(latent_scale)
     unet_config = unet_config_from_diffusers(unet.config)
     unet_config["dtype"] = dtype

@@ -44,6 +44,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ..errors import SAeUronError
+
 log = logging.getLogger("saeuron.comfyui")
 
 Kind = Literal["block", "attn2"]
@@ -57,7 +59,7 @@ _ATTN2_RE = re.compile(r"^(.+\.attentions\.\d+)\.transformer_blocks\.(\d+)\.attn
 _COMFY_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.1$|^middle_block\.1$")
 
 
-class IncompatibleBundleError(ValueError):
+class IncompatibleBundleError(SAeUronError, ValueError):
     """The SAE bundle cannot be applied to this ComfyUI model (other family, width or hookpoint)."""
 
 

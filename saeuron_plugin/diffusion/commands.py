@@ -98,10 +98,12 @@ def concept_add(args: argparse.Namespace) -> int:
     out = args.out or args.sae
     if not Path(out).is_dir():
         raise ValueError(f"{out} is not a local bundle folder; give --out DIR to write the result")
-    eraser = SAeUron.from_pretrained(args.sae)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    prompts = read_prompts(args)  # every cheap check before the model loads
     contrast = contrast_arg(args.contrast)
-    stats = eraser.add_concept(None if args.background else args.name, read_prompts(args), pipe,
+    eraser = SAeUron.from_pretrained(args.sae)
+    eraser.paths(args.hookpoint)  # unknown --hookpoint: fail now
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    stats = eraser.add_concept(None if args.background else args.name, prompts, pipe,
                                hookpoints=args.hookpoint, contrast=contrast, num_inference_steps=args.steps,
                                guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
     eraser.save_pretrained(out)
@@ -181,8 +183,10 @@ def generate(args: argparse.Namespace) -> int:
     if args.unlearn and not args.sae:
         raise ValueError("--unlearn needs --sae BUNDLE")
     prompts = read_prompts(args)
-    pipe = load_pipeline(args.model, args.device, args.dtype)
     eraser = SAeUron.from_pretrained(args.sae) if args.sae else None
+    if eraser is not None and args.unlearn:  # unknown concepts, a bad --strength: fail before loading
+        eraser.resolve(args.unlearn, strength=args.strength)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []

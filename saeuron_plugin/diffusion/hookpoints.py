@@ -31,6 +31,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
+from ..errors import SAeUronError
+
 Family = Literal["sd1", "sd2", "sdxl", "pixart", "sd3", "flux"]
 Kind = Literal["block", "attn", "transformer_block"]
 FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "pixart", "sd3", "flux")
@@ -44,11 +46,11 @@ _JOINT_BLOCKS = (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransfor
 _TRANSFORMER_BLOCKS = (BasicTransformerBlock, *_JOINT_BLOCKS)
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(SAeUronError, TypeError):
     """The denoiser is not one of the supported families."""
 
 
-class HookpointError(KeyError):
+class HookpointError(SAeUronError, KeyError):
     """A hookpoint path that does not exist or names a module that cannot be hooked."""
 
     def __str__(self) -> str:  # KeyError would repr() the message

@@ -32,6 +32,7 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import SAeUronError
 from .hookpoints import Hookpoint, resolve_hookpoint, to_tokens
 from .timestep import TimestepTracker
 
@@ -44,7 +45,7 @@ class Editor(Protocol):
     def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor: ...
 
 
-class HookConflictError(RuntimeError):
+class HookConflictError(SAeUronError, RuntimeError):
     """A hook of ours is already installed on this module."""
 
 

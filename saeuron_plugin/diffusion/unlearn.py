@@ -27,7 +27,15 @@ import torch
 from torch import Tensor
 
 from ..sae.ablation import ConceptAblation, FeatureAblator
-from ..sae.bundle import BundleEntry, DeviceFollowingAblator, PerConcept, SaeBundle, SaeWidthError, same_model
+from ..sae.bundle import (
+    BundleEntry,
+    DeviceFollowingAblator,
+    PerConcept,
+    SaeBundle,
+    SaeWidthError,
+    StatisticsTransaction,
+    same_model,
+)
 from ..sae.concepts import ConceptStats
 from .collect import Prompt, prompt_key, run_prompts
 from .hookpoints import detect_family, resolve_hookpoint
@@ -217,11 +225,10 @@ class SAeUron(SaeBundle):
         paths = self.paths(hookpoints)
         self._check_pipe(pipe, paths)
         images_per_prompt = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
-        self.prepare_calibrators(paths, calibrate)
+        txn = self.statistics_pass(paths, calibrate)
         passes = {}
         for path in paths:
-            entry = self.hookpoints[path]
-            passes[path] = _StatisticsPass(entry, images_per_prompt)
+            passes[path] = _StatisticsPass(self.hookpoints[path], images_per_prompt, txn)
             for name in prompts_by_concept:
                 passes[path].stats(name)  # exists even if a pass sees no rows
 
@@ -241,7 +248,7 @@ class SAeUron(SaeBundle):
 
         what = ", ".join("background" if n is None else str(n) for n in list(prompts_by_concept)[:3])
         more = f" +{len(prompts_by_concept) - 3}" if len(prompts_by_concept) > 3 else ""
-        with torch.no_grad():
+        with torch.no_grad(), txn:  # the libraries change only if every prompt ran
             run_prompts(
                 pipe,
                 list(enumerate(unique)),
@@ -256,28 +263,23 @@ class SAeUron(SaeBundle):
                 on_batch_end=record,
                 **pipe_kwargs,
             )
-        self.record_calibration(paths)
-        return {path: {name: p.stats(name) for name in prompts_by_concept} for path, p in passes.items()}
+        assert txn.committed is not None
+        return {path: {name: txn.committed[path][name] for name in prompts_by_concept} for path in paths}
 
 
 class _StatisticsPass:
     """Editor for the statistics pass: never edits; adds token-averaged latents of conditional rows
     to the concepts of the prompt each row belongs to (``batch_names``, one list per prompt)."""
 
-    def __init__(self, entry: HookpointSAE, images_per_prompt: int) -> None:
+    def __init__(self, entry: HookpointSAE, images_per_prompt: int, txn: StatisticsTransaction) -> None:
         self.entry = entry
         self.images_per_prompt = images_per_prompt
+        self.txn = txn
         self.batch_names: list[list[str | None]] = []
 
     def stats(self, name: str | None) -> ConceptStats:
-        lib = self.entry.library
-        if name is None:
-            if lib.background is None:
-                lib.background = lib.new_stats("background")
-            return lib.background
-        if name not in lib:
-            lib.add_stats(lib.new_stats(name))
-        return lib.get(name)
+        """This pass's (uncommitted) statistics for ``name``."""
+        return self.txn.stats(self.entry.path, name)
 
     def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor:
         if tau is None:

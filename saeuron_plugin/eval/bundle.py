@@ -31,6 +31,7 @@ from ..diffusion.collect import collect_activations
 from ..diffusion.unlearn import SAeUron
 from ..sae.ablation import ConceptAblation
 from ..sae.concepts import TauGrid
+from ..sae.files import read_json, read_json_object
 from ..sae.io import atomic_write, resolve_repo
 from ..sae.store import ActivationStore
 from ..sae.train import TrainConfig, train_sae
@@ -520,7 +521,7 @@ def trained_eraser(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
     folder = Path(cfg.work) / "trained"
     recipe = _recipe(cfg, TRAINED_FIELDS)
     saved = folder / "recipe.json"
-    if saved.exists() and json.loads(saved.read_text()) == recipe:
+    if saved.exists() and read_json(saved, "bundle recipe") == recipe:
         log(f"reusing SAEs and statistics from {folder}")
         return SAeUron.from_pretrained(folder)
     eraser = collect_and_train(pipe, cfg, log)
@@ -558,7 +559,7 @@ def reusable_search(saved: dict[str, Any] | None, cfg: BundleConfig) -> dict[str
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json_object(path, "bundle search file") if path.is_file() else None
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

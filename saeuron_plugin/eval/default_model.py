@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.sae.files import read_json_object, read_safetensors
 
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_STEPS = 25
@@ -409,12 +410,14 @@ def train_default_model(
     state_dir = out / "state"
     start = 0
     if (state_dir / "train_state.json").exists():
-        meta = json.loads((state_dir / "train_state.json").read_text())
-        unet.load_state_dict(load_file(str(state_dir / "unet.safetensors")))
-        text.load_state_dict(load_file(str(state_dir / "text_encoder.safetensors")))
-        shadow = load_file(str(state_dir / "ema.safetensors"))
+        meta = read_json_object(state_dir / "train_state.json", "training state")
+        unet.load_state_dict(read_safetensors(state_dir / "unet.safetensors", "UNet checkpoint").tensors)
+        text_state = read_safetensors(state_dir / "text_encoder.safetensors", "text encoder checkpoint")
+        text.load_state_dict(text_state.tensors)
+        shadow = read_safetensors(state_dir / "ema.safetensors", "EMA checkpoint").tensors
         ema.shadow = [shadow[str(i)].to(dev) for i in range(len(params))]
-        optimizer_from_tensors(opt, load_file(str(state_dir / "optimizer.safetensors")), meta["optimizer"])
+        optim = read_safetensors(state_dir / "optimizer.safetensors", "optimizer checkpoint").tensors
+        optimizer_from_tensors(opt, optim, meta["optimizer"])
         start = meta["step"]
         log(f"resuming UNet training at step {start}")
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.sae.files import read_json_object, read_safetensors
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -91,9 +92,9 @@ class Judges:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Judges:
         path = Path(path)
-        cfg = JudgeConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        cfg = JudgeConfig.from_dict(read_json_object(path / CONFIG_NAME, "judge config"))
         model = JudgeNet(cfg)
-        model.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        model.load_state_dict(read_safetensors(path / WEIGHTS_NAME, "judge weights").tensors)
         return cls(model.to(device), cfg)
 
     def save_pretrained(self, path: str | Path, metrics: dict | None = None) -> None:

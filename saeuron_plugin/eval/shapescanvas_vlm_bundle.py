@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..sae.files import read_json_object
 from ..sae.store import ActivationStore
 from ..sae.train import train_sae
 from ..vlm.collect import collect_activations
@@ -368,7 +369,7 @@ def run_benchmark(
     base = evaluate(model, processor, test)
     out = {v: scores(v, base, evaluate_unlearned(model, processor, unlearner, v, test)) for v in targets}
     search_file = Path(bundle) / "search.json"
-    search = json.loads(search_file.read_text(encoding="utf-8"))["search"] if search_file.is_file() else {}
+    search = read_json_object(search_file, "bundle search file")["search"] if search_file.is_file() else {}
     settings = {
         v: {k: search[v]["best_image_tokens"][k] for k in ("hookpoint", "top_n", "strength")}
         for v in targets if "best_image_tokens" in search.get(v, {})

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import NonFiniteError
 from .calibration import ThresholdCalibrator, calibrate_threshold
 from .concepts import ConceptLibrary, TauGrid
 from .model import SparseAutoencoder
@@ -99,6 +101,12 @@ class ConceptAblation:
             -self.strength if self.strength is not None else d.gamma)
         rule = AblationRule(self.rule or d.rule)
         clamp_value = self.clamp_value if self.clamp_value is not None else d.clamp_value
+        _check_finite(self.concept, "gamma (= -strength)", gamma, MAX_ABS_GAMMA)
+        _check_finite(self.concept, "clamp_value", clamp_value, MAX_ABS_GAMMA)
+        if percentile is not None and not 0 <= float(percentile) <= 100:
+            raise ValueError(f"{self.concept!r}: percentile must be in [0, 100], got {percentile}")
+        if top_n is not None and (isinstance(top_n, bool) or int(top_n) != top_n or top_n < 0):
+            raise ValueError(f"{self.concept!r}: top_n must be a non-negative integer, got {top_n!r}")
         if rule is AblationRule.REFERENCE and not gamma < 0:
             raise ValueError(f"{self.concept!r}: the reference rule needs gamma < 0 (strength > 0), got "
                              f"gamma={gamma}; to leave a concept alone, do not list it")
@@ -106,6 +114,16 @@ class ConceptAblation:
             raise ValueError(f"{self.concept!r}: clamp_value must be ≤ 0, got {clamp_value}")
         return ResolvedAblation(self.concept, rule, percentile, top_n, float(gamma), float(clamp_value),
                                 self.contrast if self.contrast is not None else d.contrast)
+
+
+MAX_ABS_GAMMA = 1e3
+"""Largest |γ| (strength) accepted: the field tunes γ in −1 … −30; beyond ~1e3 the scaled latents
+overflow half-precision activations downstream and the images turn to NaN."""
+
+
+def _check_finite(concept: str, name: str, value: float, limit: float) -> None:
+    if not math.isfinite(float(value)) or abs(float(value)) > limit:
+        raise NonFiniteError(f"{concept!r}: {name} must be finite and at most {limit:g} in size, got {value}")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from ..errors import SAeUronError
 from .ablation import ApplyTo, ConceptAblation, FeatureAblator
 from .calibration import ThresholdCalibrator
 from .concepts import ConceptLibrary, TauGrid, UnknownConceptError
@@ -36,11 +37,11 @@ CARD_NAME = "README.md"
 PerConcept = float | Mapping[str, float] | None
 
 
-class SaeWidthError(ValueError):
+class SaeWidthError(SAeUronError, ValueError):
     """An SAE whose d_in differs from the width of the module it is meant for."""
 
 
-class UnknownHookpointError(KeyError):
+class UnknownHookpointError(SAeUronError, KeyError):
     """A hookpoint the bundle has no SAE for."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -56,6 +57,73 @@ class BundleEntry:
     library: ConceptLibrary
     calibrator: ThresholdCalibrator | None = None
     """Sees pre-activations during statistics passes when the SAE has no θ."""
+
+
+class StatisticsTransaction:
+    """One statistics pass, all or nothing: samples go into fresh statistics, merged into the
+    libraries (and θ calibration recorded) only by :meth:`commit`.
+
+    Used as ``with bundle.statistics_pass(paths, calibrate) as txn:`` around the generation loop:
+    leaving the block normally commits; an exception (a failing pipeline, Ctrl-C) leaves every
+    library and calibrator exactly as it was, so no concept is left half-made (listed with
+    statistics from 0 prompts) and no existing concept gains samples without its prompt count.
+    """
+
+    def __init__(self, bundle: SaeBundle, paths: Sequence[str], calibrate: bool | None) -> None:
+        self.bundle = bundle
+        self.paths = list(paths)
+        self.fresh: dict[str, dict[str | None, Any]] = {p: {} for p in self.paths}
+        self._saved_calibrators = {p: _calibrator_snapshot(bundle.hookpoints[p].calibrator)
+                                   for p in self.paths}
+        bundle.prepare_calibrators(self.paths, calibrate)
+        self.committed: dict[str, dict[str | None, Any]] | None = None
+
+    def stats(self, path: str, name: str | None) -> Any:
+        """This pass's statistics for concept ``name`` (None: the background set) at ``path``."""
+        fresh = self.fresh[path]
+        if name not in fresh:
+            library = self.bundle.hookpoints[path].library
+            fresh[name] = library.new_stats("background" if name is None else name)
+        return fresh[name]
+
+    def commit(self) -> dict[str, dict[str | None, Any]]:
+        """Merge the pass into the libraries; returns hookpoint → concept → the library's statistics."""
+        out: dict[str, dict[str | None, Any]] = {}
+        for path in self.paths:
+            library = self.bundle.hookpoints[path].library
+            out[path] = {name: library.set_background(stats) if name is None else library.add_stats(stats)
+                         for name, stats in self.fresh[path].items()}
+        self.bundle.record_calibration(self.paths)
+        self.committed = out
+        return out
+
+    def rollback(self) -> None:
+        """Put every calibrator back as it was before the pass (the libraries were never touched)."""
+        for path, saved in self._saved_calibrators.items():
+            self.bundle.hookpoints[path].calibrator = _restore_calibrator(saved)
+
+    def __enter__(self) -> StatisticsTransaction:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+
+def _calibrator_snapshot(calibrator: ThresholdCalibrator | None) -> tuple[Any, ...] | None:
+    if calibrator is None:
+        return None
+    return calibrator, calibrator.hist.clone(), calibrator.above, calibrator.tokens
+
+
+def _restore_calibrator(saved: tuple[Any, ...] | None) -> ThresholdCalibrator | None:
+    if saved is None:
+        return None
+    calibrator, hist, above, tokens = saved
+    calibrator.hist, calibrator.above, calibrator.tokens = hist, above, tokens
+    return calibrator
 
 
 def per_concept(value: Any, name: str) -> Any:
@@ -235,6 +303,10 @@ class SaeBundle:
             else:
                 entry.calibrator = None
 
+    def statistics_pass(self, paths: Sequence[str], calibrate: bool | None) -> StatisticsTransaction:
+        """A transaction for one statistics pass at ``paths`` (see :class:`StatisticsTransaction`)."""
+        return StatisticsTransaction(self, paths, calibrate)
+
     def record_calibration(self, paths: Sequence[str]) -> None:
         """Store the calibrated θ of each entry that had a calibrator in its library."""
         for path in paths:
@@ -296,6 +368,14 @@ class SaeBundle:
         if not targets:
             raise ValueError(f"none of {[s.concept for s in specs]} is held at hookpoints {hookpoints}")
         return targets
+
+    def resolve(
+        self, concepts: str | Sequence[str | ConceptAblation], **overrides: Any
+    ) -> dict[str, list[Any]]:
+        """:meth:`plan` with every option resolved against the libraries (hookpoint → resolved specs):
+        checks names, strengths, percentiles before any model is loaded or hooked."""
+        return {path: [spec.resolve(self.hookpoints[path].library) for spec in specs]
+                for path, specs in self.plan(concepts, **overrides).items()}
 
     def ablators(
         self,

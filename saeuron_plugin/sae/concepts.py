@@ -33,9 +33,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from ..errors import BadFileError, MissingFileError, SAeUronError
+from .files import read_json_object, read_safetensors, typed_field
 
 if TYPE_CHECKING:
     from .calibration import ThresholdCalibrator
@@ -49,7 +51,7 @@ _HEADER_KEY = "saeuron_concept"
 _TAU_TOLERANCE = 1e-6
 
 
-class ConceptError(ValueError):
+class ConceptError(SAeUronError, ValueError):
     """Base class of the concept errors."""
 
 
@@ -57,7 +59,7 @@ class ConceptMismatchError(ConceptError):
     """Statistics made for another SAE, hookpoint or τ grid than the one they are used with."""
 
 
-class UnknownConceptError(KeyError):
+class UnknownConceptError(SAeUronError, KeyError):
     """A concept name the library does not hold; the message lists the known ones."""
 
     def __init__(self, name: str, known: Sequence[str]) -> None:
@@ -326,22 +328,48 @@ class ConceptStats:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptStats:
+        """Read one statistics file; any problem (truncated, a pickle, a bad header, NaN/inf sums)
+        is a :class:`~saeuron_plugin.errors.BadFileError` naming the file and the field."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no concept statistics file at {path}")
-        with safe_open(str(path), framework="pt") as fh:
-            raw = (fh.metadata() or {}).get(_HEADER_KEY)
-            if raw is None:
-                raise ConceptError(f"{path} is not a concept statistics file (no '{_HEADER_KEY}' header)")
-            sums, counts = fh.get_tensor("sums"), fh.get_tensor("counts")
-        meta = json.loads(raw)
-        if meta.get("format") != STATS_FORMAT or int(meta.get("version", 0)) > FORMAT_VERSION:
+        read = read_safetensors(path, "concept statistics file", ["sums", "counts"])
+        sums, counts = read.tensors["sums"], read.tensors["counts"]
+        raw = read.metadata.get(_HEADER_KEY)
+        if raw is None:
+            raise BadFileError(path, f"not a concept statistics file (no '{_HEADER_KEY}' header)")
+        try:
+            meta = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise BadFileError(path, f"the header is not valid JSON: {err}", field=_HEADER_KEY) from err
+        if not isinstance(meta, dict):
+            raise BadFileError(path, "the header must be a JSON object", field=_HEADER_KEY)
+        if meta.get("format") != STATS_FORMAT or _version(meta, path) > FORMAT_VERSION:
             raise ConceptError(f"{path}: unsupported format {meta.get('format')!r} v{meta.get('version')}")
-        return cls(name=meta["name"], num_latents=int(meta["num_latents"]),
-                   tau_grid=TauGrid.from_dict(meta["tau_grid"]), sae_fingerprint=meta.get("sae_fingerprint"),
-                   d_in=meta.get("d_in"), hookpoint=meta.get("hookpoint"), prompts=meta.get("prompts"),
-                   prompts_sha256=meta.get("prompts_sha256"), num_prompts=int(meta.get("num_prompts", 0)),
-                   extra=meta.get("extra") or {}, sums=sums, counts=counts)
+        prompts = typed_field(meta, "prompts", list, path, default=None)
+        try:
+            return cls(name=typed_field(meta, "name", str, path),
+                       num_latents=typed_field(meta, "num_latents", int, path, positive=True),
+                       tau_grid=_tau_grid(meta, path),
+                       sae_fingerprint=typed_field(meta, "sae_fingerprint", str, path, default=None),
+                       d_in=typed_field(meta, "d_in", int, path, default=None, positive=True),
+                       hookpoint=typed_field(meta, "hookpoint", str, path, default=None),
+                       prompts=None if prompts is None else [str(p) for p in prompts],
+                       prompts_sha256=typed_field(meta, "prompts_sha256", str, path, default=None),
+                       num_prompts=typed_field(meta, "num_prompts", int, path, default=0),
+                       extra=typed_field(meta, "extra", dict, path, default={}), sums=sums, counts=counts)
+        except ConceptMismatchError as err:
+            raise BadFileError(path, str(err), field="sums") from err
+
+
+def _version(meta: dict[str, Any], path: Path) -> int:
+    return typed_field(meta, "version", int, path, default=0)
+
+
+def _tau_grid(meta: dict[str, Any], path: Path) -> TauGrid:
+    raw = typed_field(meta, "tau_grid", dict, path)
+    try:
+        return TauGrid.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as err:
+        raise BadFileError(path, f"not a τ grid ({type(err).__name__}: {err})", field="tau_grid") from err
 
 
 def _means(sums: Tensor, counts: Tensor, grid: TauGrid, fill_empty: bool) -> Tensor:
@@ -663,30 +691,40 @@ class ConceptLibrary:
         root = folder if (folder / "index.json").is_file() else folder / "concepts"
         index_path = root / "index.json"
         if not index_path.is_file():
-            raise FileNotFoundError(f"no concept library at {folder} "
-                                    f"(expected {folder / 'concepts' / 'index.json'})")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != INDEX_FORMAT or int(index.get("version", 0)) > FORMAT_VERSION:
+            raise MissingFileError(f"no concept library at {folder} "
+                                   f"(expected {folder / 'concepts' / 'index.json'})")
+        index = read_json_object(index_path, "concept library index")
+        if index.get("format") != INDEX_FORMAT or _version(index, index_path) > FORMAT_VERSION:
             raise ConceptError(f"{index_path}: unsupported format {index.get('format')!r} "
                                f"v{index.get('version')}")
-        lib = cls(int(index["num_latents"]), tau_grid=TauGrid.from_dict(index["tau_grid"]),
-                  sae_fingerprint=index.get("sae_fingerprint"), d_in=index.get("d_in"),
-                  hookpoint=index.get("hookpoint"))
+        lib = cls(typed_field(index, "num_latents", int, index_path, positive=True),
+                  tau_grid=_tau_grid(index, index_path),
+                  sae_fingerprint=typed_field(index, "sae_fingerprint", str, index_path, default=None),
+                  d_in=typed_field(index, "d_in", int, index_path, default=None, positive=True),
+                  hookpoint=typed_field(index, "hookpoint", str, index_path, default=None))
         if sae is not None:
-            lib.check_sae(sae)
-        lib.calibrated_threshold = index.get("calibrated_threshold")
-        lib.calibration = index.get("calibration")
-        for name, entry in index.get("concepts", {}).items():
-            stats = ConceptStats.load(root / entry["file"])
+            try:
+                lib.check_sae(sae)
+            except ConceptMismatchError as err:
+                raise ConceptMismatchError(f"{index_path}: {err}") from None
+        lib.calibrated_threshold = typed_field(index, "calibrated_threshold", float, index_path, default=None)
+        lib.calibration = typed_field(index, "calibration", dict, index_path, default=None)
+        for name, entry in typed_field(index, "concepts", dict, index_path, default={}).items():
+            file = _entry_file(entry, index_path, f"concepts.{name}")
+            stats = ConceptStats.load(root / file)
             if stats.name != name:
-                raise ConceptError(f"{root / entry['file']} holds concept {stats.name!r}, "
-                                   f"the index says {name!r}")
-            lib._check_file(stats, root / entry["file"])
+                raise ConceptError(f"{root / file} holds concept {stats.name!r}, the index says {name!r}")
+            lib._check_file(stats, root / file)
             lib.concepts[name] = stats
             if entry.get("selection"):
-                lib.defaults[name] = SelectionDefaults.from_dict(entry["selection"])
-        if index.get("background"):
-            path = root / index["background"]["file"]
+                try:
+                    lib.defaults[name] = SelectionDefaults.from_dict(entry["selection"])
+                except (KeyError, TypeError, ValueError) as err:
+                    raise BadFileError(index_path, f"not selection defaults ({err})",
+                                       field=f"concepts.{name}.selection") from err
+        background = typed_field(index, "background", dict, index_path, default=None)
+        if background:
+            path = root / _entry_file(background, index_path, "background")
             bg = ConceptStats.load(path)
             lib._check_file(bg, path)
             lib.background = bg
@@ -697,6 +735,15 @@ class ConceptLibrary:
             self._check(stats)
         except ConceptMismatchError as err:
             raise ConceptMismatchError(f"{path}: {err}") from None
+
+
+def _entry_file(entry: Any, index_path: Path, where: str) -> str:
+    """The ``file`` of an index entry: a plain file name inside the library folder."""
+    file = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(file, str) or not file or "/" in file or "\\" in file or file.startswith("."):
+        raise BadFileError(index_path, f"must name a statistics file in the library folder, got {file!r}",
+                           field=f"{where}.file")
+    return file
 
 
 # Scores and selection are part of this module's public API.

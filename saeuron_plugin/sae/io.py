@@ -32,6 +32,7 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..errors import NonFiniteError, SAeUronError
 from .model import SaeConfig, SaeConfigError, SparseAutoencoder
 
 CFG_NAME = "cfg.json"
@@ -42,7 +43,7 @@ __all__ = ["CFG_NAME", "TENSOR_NAMES", "WEIGHTS_NAME", "SaeLoadError", "atomic_w
            "list_hookpoint_folders", "load_sae", "push_sae_to_hub", "resolve_repo", "save_sae"]
 
 
-class SaeLoadError(OSError, ValueError):
+class SaeLoadError(SAeUronError, OSError, ValueError):
     """An SAE folder or Hub repo that cannot be found or read (catchable as OSError or ValueError)."""
 
 
@@ -91,6 +92,11 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike[str], *,
     except TypeError as e:
         raise ValueError(f"SAE config is not JSON-serialisable (check cfg.extra): {e}") from e
     tensors = sae_state_tensors(sae)
+    for name, t in tensors.items():  # our own loader refuses NaN/inf weights: never write them
+        if not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise NonFiniteError(f"refusing to save an SAE whose tensor {name!r} holds {bad} NaN/inf "
+                                 "value(s) (did training diverge?)")
 
     def write_cfg(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:

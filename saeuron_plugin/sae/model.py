@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -17,13 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import SAeUronError
+
 EncoderMode = Literal["topk", "threshold"]
 
 # The sparse backward uses CSR matmuls, stable for this use but flagged "beta" by torch.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
-class SaeConfigError(ValueError):
+class SaeConfigError(SAeUronError, ValueError):
     """A configuration that cannot describe a valid SAE."""
 
 
@@ -87,6 +90,8 @@ class SaeConfig:
         if "k" not in raw:
             raise SaeConfigError("cfg.json has no 'k': cannot tell how many latents are active")
         known = {k: raw[k] for k in cls._KNOWN if k in raw and raw[k] is not None}
+        for name, value in known.items():
+            _check_type(name, value)
         if raw.get("num_latents") in (0, None) and "expansion_factor" not in raw:
             raise SaeConfigError("cfg.json has neither 'num_latents' nor 'expansion_factor'")
         known.setdefault("encoder", "topk")
@@ -95,6 +100,25 @@ class SaeConfig:
 
     def replace(self, **changes: Any) -> SaeConfig:
         return dataclasses.replace(self, **changes)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "d_in": (int,), "num_latents": (int,), "expansion_factor": (int,), "k": (int,), "encoder": (str,),
+    "threshold": (int, float), "input_unit_norm": (bool,), "hookpoint": (str,), "model_family": (str,),
+    "base_model": (str,),
+}
+
+
+def _check_type(name: str, value: Any) -> None:
+    """A cfg.json value of the wrong JSON type is refused here, naming the field (``k: "8"``,
+    ``k: 8.5``, ``d_in: 32.0``, ``threshold: "abc"`` would otherwise fail far from the file)."""
+    kinds = _FIELD_TYPES[name]
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        want = " or ".join("an integer" if k is int else "a number" if k is float else
+                           "true/false" if k is bool else "a string" for k in kinds)
+        raise SaeConfigError(f"cfg.json field {name!r} must be {want}, got {type(value).__name__} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SaeConfigError(f"cfg.json field {name!r} must be finite, got {value!r}")
 
 
 class SparseCode(NamedTuple):

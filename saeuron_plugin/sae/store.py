@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -36,14 +37,22 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..errors import BadFileError, MissingFileError, SAeUronError
+from .files import read_json_object, safetensors_shapes, typed_field
+
 MANIFEST = "manifest.json"
 FORMAT = "saeuron-activation-store"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_HEADER_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
 _SHARD_FILE = re.compile(r"^shard-(\d+)\.safetensors(\.tmp)?$")
 
 
-class ActivationStoreError(ValueError):
+class ActivationStoreError(SAeUronError, ValueError):
     """A folder that is not a readable activation store (missing, corrupt or inconsistent)."""
+
+
+class StoreFileError(BadFileError, ActivationStoreError):
+    """A manifest or shard of an activation store that cannot be used; names the file and the field."""
 
 
 class ShardInfo(NamedTuple):
@@ -85,29 +94,33 @@ class ActivationStore:
         manifest = self.path / MANIFEST
         if not manifest.is_file():
             what = "folder does not exist" if not self.path.exists() else f"{MANIFEST} not found"
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no activation store at {self.path}: {what} (make one with ActivationStore.create)")
         try:
-            raw = json.loads(manifest.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ActivationStoreError(f"activation store manifest {manifest} is corrupt: {err}") from err
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ActivationStoreError(
-                f"{manifest} is not an activation store manifest (expected format {FORMAT!r})")
-        try:
-            self.d_in: int = int(raw["d_in"])
-            self.dtype: torch.dtype = _DTYPES[raw["dtype"]]
-            self.shard_rows: int = int(raw["shard_rows"])
-            self.has_tau: bool | None = raw["has_tau"]
-            self._shards = [ShardInfo(str(s["file"]), int(s["rows"])) for s in raw["shards"]]
-            self._keys: list[str] = list(raw["keys"])
-            self._metadata: dict[str, Any] = dict(raw["metadata"])
-            indices = [int(_SHARD_FILE.match(s.file)[1]) for s in self._shards]  # type: ignore[index]
-        except (KeyError, TypeError, ValueError) as err:
-            raise ActivationStoreError(f"activation store manifest {manifest} is corrupt: {err!r}") from err
+            raw = read_json_object(manifest, "activation store manifest")
+        except BadFileError as err:
+            raise StoreFileError(manifest, err.problem) from err
+        if raw.get("format") != FORMAT:
+            raise StoreFileError(manifest, f"not an activation store manifest (expected format {FORMAT!r})",
+                                 field="format")
+        self.d_in: int = _manifest_field(raw, "d_in", int, manifest, positive=True)
+        dtype = _manifest_field(raw, "dtype", str, manifest)
+        if dtype not in _DTYPES:
+            raise StoreFileError(manifest, f"must be one of {sorted(_DTYPES)}, got {dtype!r}", field="dtype")
+        self.dtype: torch.dtype = _DTYPES[dtype]
+        self.shard_rows: int = _manifest_field(raw, "shard_rows", int, manifest, positive=True)
+        self.has_tau: bool | None = _manifest_field(raw, "has_tau", bool, manifest, default=None)
+        self._shards = _read_shard_list(raw, manifest)
+        self._keys: list[str] = _manifest_field(raw, "keys", list, manifest)
+        if not all(isinstance(k, str) for k in self._keys):
+            raise StoreFileError(manifest, "must be a list of strings", field="keys")
+        self._metadata: dict[str, Any] = dict(_manifest_field(raw, "metadata", dict, manifest))
+        indices = [int(_SHARD_FILE.match(s.file)[1]) for s in self._shards]  # type: ignore[index]
         missing = [s.file for s in self._shards if not (self.path / s.file).is_file()]
         if missing:
             raise ActivationStoreError(f"activation store at {self.path} is missing shards {missing[:5]}")
+        for shard in self._shards:  # headers only: a truncated or foreign shard fails now, not mid-training
+            self._check_shard_header(shard)
         self._key_set = set(self._keys)
         self._next_index = 1 + max(indices, default=-1)
         self._pending: list[Tensor] = []
@@ -126,8 +139,9 @@ class ActivationStore:
         name = next((k for k, v in _DTYPES.items() if v == dtype), None)
         if name is None:
             raise ValueError(f"store dtype must be float16, bfloat16 or float32, got {dtype}")
-        if d_in <= 0 or shard_rows <= 0:
-            raise ValueError(f"d_in and shard_rows must be positive, got {d_in} and {shard_rows}")
+        if not (_positive_int(d_in) and _positive_int(shard_rows)):
+            raise ValueError(f"d_in and shard_rows must be positive integers, got {d_in!r} and "
+                             f"{shard_rows!r}")
         if (path / MANIFEST).exists():
             if not exist_ok:
                 raise FileExistsError(f"an activation store already exists at {path} (pass exist_ok=True "
@@ -214,7 +228,24 @@ class ActivationStore:
         if key is not None:
             self._pending_keys[str(key)] = len(self)
         while self._pending_rows >= self.shard_rows:
-            self._flush_rows(self.shard_rows)
+            cut = self._next_cut()
+            if cut == 0:  # a keyed unit longer than a shard is still open: wait for its key
+                break
+            self._flush_rows(cut)
+
+    def _next_cut(self) -> int:
+        """Rows of the next full shard. A keyed store cuts only where a key's rows end, so a shard
+        never holds part of a unit whose key is not recorded (a crash would otherwise leave those
+        rows behind, and the resumed run would append the unit again: duplicated rows)."""
+        if not (self._keys or self._pending_keys):
+            return self.shard_rows
+        durable = len(self) - self._pending_rows
+        ends = sorted(end - durable for end in self._pending_keys.values()
+                      if 0 < end - durable <= self._pending_rows)
+        within = [e for e in ends if e <= self.shard_rows]
+        if within:
+            return within[-1]
+        return ends[0] if ends else 0
 
     def flush(self) -> None:
         """Write buffered rows (a partial shard) and record their keys."""
@@ -276,10 +307,35 @@ class ActivationStore:
         self._cleaned = True
 
     # --------------------------------------------------------------- reading
+    def _check_shard_header(self, shard: ShardInfo) -> None:
+        """The shard's header says what the manifest says: x [rows, d_in] in the store dtype (+ τ)."""
+        path = self.path / shard.file
+        try:
+            shapes = safetensors_shapes(path, "activation shard")
+        except BadFileError as err:
+            raise StoreFileError(path, err.problem) from err
+        want = {"x": ((shard.rows, self.d_in), _HEADER_DTYPES[self.dtype])}
+        if self.has_tau:
+            want["tau"] = ((shard.rows,), "F32")
+        for name, (shape, dtype) in want.items():
+            if name not in shapes:
+                raise StoreFileError(path, "missing from the shard", field=name)
+            if shapes[name] != (shape, dtype):
+                raise StoreFileError(path, f"holds {list(shapes[name][0])} {shapes[name][1]}, the manifest "
+                                           f"says {list(shape)} {dtype}", field=name)
+
     def _load(self, shard: ShardInfo, with_tau: bool) -> tuple[Tensor, Tensor | None]:
-        with safe_open(str(self.path / shard.file), framework="pt") as f:
-            x = f.get_tensor("x")
-            tau = f.get_tensor("tau") if with_tau else None
+        path = self.path / shard.file
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                x = f.get_tensor("x")
+                tau = f.get_tensor("tau") if with_tau else None
+        except Exception as err:  # changed on disk since the store was opened
+            raise StoreFileError(path, f"unreadable activation shard ({type(err).__name__}: {err})") from err
+        for name, t in (("x", x), ("tau", tau)):
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise StoreFileError(path, "holds NaN/inf values (appends refuse them: the file was changed)",
+                                     field=name)
         if tuple(x.shape) != (shard.rows, self.d_in) or x.dtype != self.dtype:
             raise ActivationStoreError(f"shard {self.path / shard.file} holds {tuple(x.shape)} {x.dtype}, "
                                        f"the manifest says ({shard.rows}, {self.d_in}) {self.dtype}")
@@ -367,6 +423,35 @@ class ActivationStore:
         if not with_tau:
             return x
         return x, (torch.cat(ts) if ts else torch.empty(0))[:limit]
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _manifest_field(raw: dict[str, Any], name: str, kind: type, manifest: Path, **kw: Any) -> Any:
+    try:
+        return typed_field(raw, name, kind, manifest, **kw)
+    except BadFileError as err:
+        raise StoreFileError(manifest, err.problem, field=name) from err
+
+
+def _read_shard_list(raw: dict[str, Any], manifest: Path) -> list[ShardInfo]:
+    entries = _manifest_field(raw, "shards", list, manifest)
+    shards = []
+    for i, entry in enumerate(entries):
+        where = f"shards[{i}]"
+        if not isinstance(entry, dict):
+            raise StoreFileError(manifest, f"must be an object, got {type(entry).__name__}", field=where)
+        file = entry.get("file")
+        rows = entry.get("rows")
+        if not isinstance(file, str) or not _SHARD_FILE.match(file) or file.endswith(".tmp"):
+            raise StoreFileError(manifest, f"not a shard file name: {file!r}", field=f"{where}.file")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise StoreFileError(manifest, f"must be a non-negative integer, got {rows!r}",
+                                 field=f"{where}.rows")
+        shards.append(ShardInfo(file, rows))
+    return shards
 
 
 def _cat(parts: list[Tensor]) -> Tensor:

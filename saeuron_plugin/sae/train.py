@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
+from ..errors import BadFileError, SAeUronError, TrainingDivergedError
+from .files import read_json_object, read_safetensors
 from .model import EncoderMode, SaeConfig, SparseAutoencoder
 
 DataSource = Iterable[Tensor] | Callable[[], Iterable[Tensor]] | Any
@@ -95,7 +97,7 @@ class TrainConfig:
         return self.lr if self.lr is not None else 2e-4 / math.sqrt(num_latents / 2**14)
 
 
-class TrainingDataError(ValueError):
+class TrainingDataError(SAeUronError, ValueError):
     """The activation stream cannot be trained on (empty, wrong width, NaN/inf)."""
 
 
@@ -264,31 +266,55 @@ def _save_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Opti
 
 def _load_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
                      since_fired: Tensor) -> TrainState:
+    hint = "; delete the checkpoint folder or start without resume"
+    state_path, tensors_path = folder / _CKPT_STATE, folder / _CKPT_TENSORS
     try:
-        meta = json.loads((folder / _CKPT_STATE).read_text())
-        tensors = load_file(str(folder / _CKPT_TENSORS))
-    except (OSError, ValueError, json.JSONDecodeError) as exc:
-        raise OSError(f"training checkpoint at {folder} is unreadable ({exc}); delete it or "
-                      "start without resume") from exc
-    saved_cfg = meta["sae_config"]
-    if (saved_cfg["d_in"], saved_cfg["num_latents"]) != (sae.d_in, sae.num_latents):
+        meta = read_json_object(state_path, "training checkpoint state")
+        tensors = read_safetensors(tensors_path, "training checkpoint").tensors
+    except BadFileError as err:
+        raise BadFileError(err.path, err.problem + hint, err.field) from err
+    saved_cfg, saved_state = meta.get("sae_config"), meta.get("state")
+    if not isinstance(saved_cfg, dict) or not isinstance(saved_state, dict):
+        raise BadFileError(state_path, "must hold 'sae_config' and 'state' objects" + hint)
+    dims = (saved_cfg.get("d_in"), saved_cfg.get("num_latents"))
+    if dims != (sae.d_in, sae.num_latents):
         raise ValueError(
-            f"checkpoint at {folder} is for an SAE of d_in={saved_cfg['d_in']}, "
-            f"n={saved_cfg['num_latents']}; this run builds d_in={sae.d_in}, n={sae.num_latents}")
-    sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
-    params = list(sae.parameters())
-    opt_state = opt.state_dict()
-    opt_state["state"] = {}
-    for name, value in tensors.items():
-        if name.startswith("opt."):
-            _, idx, key = name.split(".", 2)
-            opt_state["state"].setdefault(int(idx), {})[key] = value.to(params[int(idx)].device)
-    opt.load_state_dict(opt_state)
-    since_fired.copy_(tensors["since_fired"].to(since_fired.device))
-    return TrainState(**meta["state"])
+            f"checkpoint at {folder} is for an SAE of d_in={dims[0]}, n={dims[1]}; "
+            f"this run builds d_in={sae.d_in}, n={sae.num_latents}")
+    try:
+        state = TrainState(**saved_state)
+        sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        params = list(sae.parameters())
+        opt_state = opt.state_dict()
+        opt_state["state"] = {}
+        for name, value in tensors.items():
+            if name.startswith("opt."):
+                _, idx, key = name.split(".", 2)
+                opt_state["state"].setdefault(int(idx), {})[key] = value.to(params[int(idx)].device)
+        opt.load_state_dict(opt_state)
+        since_fired.copy_(tensors["since_fired"].to(since_fired.device))
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as err:
+        problem = f"does not fit this run ({type(err).__name__}: {err})"
+        raise BadFileError(tensors_path, problem + hint) from err
+    return state
 
 
 # --------------------------------------------------------------------------- train
+def _diverged(step: int, what: str, ckpt: Path | None) -> TrainingDivergedError:
+    saved = ckpt is not None and (ckpt / _CKPT_STATE).exists()
+    kept = f"the last finite checkpoint in {ckpt} is kept" if saved else "nothing was saved"
+    return TrainingDivergedError(
+        f"SAE training diverged at step {step}: {what}; {kept}. Lower the learning rate (--lr), "
+        "check the activations' scale (input_unit_norm=True standardises each token), or keep grad_clip on")
+
+
+def _check_weights(sae: SparseAutoencoder, step: int, ckpt: Path | None) -> None:
+    """Raise before anything non-finite can be checkpointed or returned."""
+    for name, p in sae.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise _diverged(step, f"parameter {name} holds NaN/inf", ckpt)
+
+
 def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
@@ -406,11 +432,14 @@ def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | N
         state.step += 1
         state.tokens += x.shape[0] * world
         state.last_fvu, state.last_l0 = float(out.fvu.detach()), float(out.l0)
+        if not math.isfinite(float(loss.detach())):  # the fvu read above already synchronised
+            raise _diverged(state.step - 1, f"the loss is {float(loss.detach())}", ckpt)
         state.dead_fraction = float((since_fired > cfg.dead_tokens_threshold).float().mean())
         bar.update(1)
         bar.set_postfix(fvu=f"{state.last_fvu:.3f}", l0=f"{state.last_l0:.1f}",
                         dead=f"{100 * state.dead_fraction:.1f}%", refresh=False)
         if ckpt is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+            _check_weights(core, state.step - 1, ckpt)
             if rank == 0:
                 _save_checkpoint(ckpt, core, opt, since_fired, state, cfg)
             accelerator.wait_for_everyone()
@@ -419,6 +448,7 @@ def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | N
         raise TrainingDataError(
             f"the data ran out after {state.step} of {total_steps} steps; lower `steps` or "
             "pass a re-iterable source")
+    _check_weights(core, state.step - 1, ckpt)
     if ckpt is not None and rank == 0:
         _save_checkpoint(ckpt, core, opt, since_fired, state, cfg)
     accelerator.wait_for_everyone()

@@ -142,12 +142,12 @@ def collect_args(p: argparse.ArgumentParser) -> None:
 def collect(args: argparse.Namespace) -> int:
     from .collect import collect_activations
 
-    model = load_model(args.model, args.device, args.dtype)
-    hookpoints = _hookpoints(args, model)
-    if not hookpoints:
+    if not (args.hookpoint or args.layer):  # every cheap check before the model loads
         raise ValueError("give --hookpoint PATH or --layer N (repeatable)")
     images = read_images(args)
     prompts = read_prompts(args, len(images))
+    model = load_model(args.model, args.device, args.dtype)
+    hookpoints = _hookpoints(args, model)
     result = collect_activations(
         model,
         images,
@@ -264,10 +264,11 @@ def concept(args: argparse.Namespace) -> int:
         raise ValueError("give --out DIR to write the bundle (several --sae, or a Hub repo)")
     parts = [VLMUnlearner.from_pretrained(s) for s in args.sae]
     unlearner = VLMUnlearner([h for part in parts for h in part.hookpoints.values()])
-    model = load_model(args.model, args.device, args.dtype)
-    images = read_images(args)
+    unlearner.paths(args.hookpoint)  # unknown --hookpoint: fail now
+    images = read_images(args)  # files and prompts are checked before the model loads
     prompts = read_prompts(args, len(images))
     contrast = contrast_arg(args.contrast)
+    model = load_model(args.model, args.device, args.dtype)
     tokens = None if args.tokens == "auto" else args.tokens
     stats = unlearner.add_concept(
         None if args.background else args.name,
@@ -336,9 +337,11 @@ def ask(args: argparse.Namespace) -> int:
     if args.unlearn and not args.sae:
         raise ValueError("--unlearn needs --sae BUNDLE")
     unlearner = VLMUnlearner.from_pretrained(args.sae) if args.sae else None
+    if unlearner is not None and args.unlearn:  # unknown concepts: fail before the model loads
+        unlearner.resolve(args.unlearn, strength=args.strength)
+    image = read_images(argparse.Namespace(image=[args.image], images=None))[0]
     model = load_model(args.model, args.device, args.dtype)
     processor = load_processor(args.processor or args.model)
-    image = read_images(argparse.Namespace(image=[args.image], images=None))[0]
     prompt = build_prompt(processor, args.question, args.raw_prompt)
     inputs = dict(
         processor(

@@ -36,6 +36,8 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from ..errors import SAeUronError
+
 Kind = Literal["decoder", "projector", "vision"]
 TokenMode = Literal["image", "text", "all"]
 TOKEN_MODES: tuple[str, ...] = ("image", "text", "all")
@@ -72,11 +74,11 @@ _VISION_ROOTS = (
 _LAYER_LISTS = ("layers", "blocks")
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(SAeUronError, TypeError):
     """The model is not one of the supported vision-language families."""
 
 
-class HookpointError(KeyError):
+class HookpointError(SAeUronError, KeyError):
     """A hookpoint path that does not exist, or an index out of range; the message lists valid ones."""
 
     def __str__(self) -> str:  # KeyError would repr() the message

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import SAeUronError
 from .hookpoints import (
     HookpointIndex,
     TokenMode,
@@ -44,7 +45,7 @@ Callback = Callable[[Tensor, "TokenSite"], Tensor]
 _SITE_ATTR = "_saeuron_vlm_sites"
 
 
-class HookConflictError(RuntimeError):
+class HookConflictError(SAeUronError, RuntimeError):
     """An editing hook of ours is already installed on this module."""
 
 

@@ -34,6 +34,7 @@ from ..sae.bundle import (
     PerConcept,
     SaeBundle,
     SaeWidthError,
+    StatisticsTransaction,
     per_concept,
     same_model,
 )
@@ -317,67 +318,61 @@ class VLMUnlearner(SaeBundle):
                     f"{path}: the concept statistics there were made from {sorted(made)} tokens, this pass "
                     f"would read {mode!r} tokens; use the same token set (tokens=...) or a fresh library"
                 )
-        for path in paths:
-            entry = self.hookpoints[path]
-            entry.sae.cfg.extra[TOKENS_KEY] = checked[path][1]
-        self.prepare_calibrators(paths, calibrate)
-        passes = {p: _StatisticsPass(self.hookpoints[p], checked[p][1]) for p in paths}
-        for name, spec in samples_by_concept.items():
-            if not isinstance(spec, tuple | list) or len(spec) != 3:
-                raise TypeError(f"concept {name!r}: expected (images, prompts, processor_or_inputs)")
-            samples = make_samples(*spec)
-            processor = spec[2] if samples[0].inputs is None else None
-            for p in passes.values():
-                p.stats(name)
-                p.name = name
-                p.batch_labels = []
-
-            def start(chunk: list[int], samples: list[Any] = samples) -> None:
+        txn = self.statistics_pass(paths, calibrate)
+        passes = {p: _StatisticsPass(self.hookpoints[p], checked[p][1], txn) for p in paths}
+        with txn:  # the libraries and SAE configs change only if every sample ran
+            for name, spec in samples_by_concept.items():
+                if not isinstance(spec, tuple | list) or len(spec) != 3:
+                    raise TypeError(f"concept {name!r}: expected (images, prompts, processor_or_inputs)")
+                samples = make_samples(*spec)
+                processor = spec[2] if samples[0].inputs is None else None
                 for p in passes.values():
-                    p.batch_labels = [samples[i].label for i in chunk]
+                    p.stats(name)
+                    p.name = name
+                    p.batch_labels = []
 
-            def end(chunk: list[int]) -> None:
-                for p in passes.values():
-                    p.finish_batch()
+                def start(chunk: list[int], samples: list[Any] = samples) -> None:
+                    for p in passes.values():
+                        p.batch_labels = [samples[i].label for i in chunk]
 
-            run_samples(
-                model,
-                samples,
-                passes,
-                {p: checked[p][1] for p in paths},
-                processor=processor,
-                batch_size=batch_size,
-                add_image_token=add_image_token,
-                show_progress=show_progress,
-                desc=f"concept {'background' if name is None else name}",
-                on_batch_start=start,
-                on_batch_end=end,
-            )
-        self.record_calibration(paths)
-        return {path: {name: p.stats(name) for name in samples_by_concept} for path, p in passes.items()}
+                def end(chunk: list[int]) -> None:
+                    for p in passes.values():
+                        p.finish_batch()
+
+                run_samples(
+                    model,
+                    samples,
+                    passes,
+                    {p: checked[p][1] for p in paths},
+                    processor=processor,
+                    batch_size=batch_size,
+                    add_image_token=add_image_token,
+                    show_progress=show_progress,
+                    desc=f"concept {'background' if name is None else name}",
+                    on_batch_start=start,
+                    on_batch_end=end,
+                )
+            for path in paths:  # the ablation must edit the tokens the statistics saw
+                self.hookpoints[path].sae.cfg.extra[TOKENS_KEY] = checked[path][1]
+        assert txn.committed is not None
+        return {path: {name: txn.committed[path][name] for name in samples_by_concept} for path in paths}
 
 
 class _StatisticsPass:
     """Callback of the statistics pass: never edits; encodes the selected tokens, averages them per
     sample and adds each sample to the current concept (``name``), labelled by ``batch_labels``."""
 
-    def __init__(self, entry: VLMHookpointSAE, tokens: str) -> None:
+    def __init__(self, entry: VLMHookpointSAE, tokens: str, txn: StatisticsTransaction) -> None:
         self.entry = entry
         self.tokens = tokens
+        self.txn = txn
         self.name: str | None = None
         self.batch_labels: list[str] = []
         self.seen: set[int] = set()
 
     def stats(self, name: str | None) -> ConceptStats:
-        lib = self.entry.library
-        if name is None:
-            if lib.background is None:
-                lib.background = lib.new_stats("background")
-            stats = lib.background
-        else:
-            if name not in lib:
-                lib.add_stats(lib.new_stats(name))
-            stats = lib.get(name)
+        """This pass's (uncommitted) statistics for ``name``, tagged with the token set it reads."""
+        stats = self.txn.stats(self.entry.path, name)
         stats.extra.setdefault(TOKENS_KEY, self.tokens)
         return stats
 
