@@ -37,6 +37,21 @@ class MissingFileError(SAeUronError, FileNotFoundError):
     """A file or folder we need does not exist."""
 
 
+class UnsupportedModelError(SAeUronError, TypeError):
+    """The model (pipeline, denoiser, VLM) is not one of the supported families."""
+
+
+class HookpointError(SAeUronError, KeyError):
+    """A hookpoint path that does not exist or cannot be hooked; the message lists the valid ones."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class HookConflictError(SAeUronError, RuntimeError):
+    """An editing hook of ours is already installed on this module."""
+
+
 class NonFiniteError(SAeUronError, FloatingPointError):
     """NaN or inf where a finite value is required (weights about to be saved, an ablation strength)."""
 
@@ -45,4 +60,5 @@ class TrainingDivergedError(NonFiniteError):
     """SAE training produced a non-finite loss or weights; nothing non-finite was written."""
 
 
-__all__ = ["BadFileError", "MissingFileError", "NonFiniteError", "SAeUronError", "TrainingDivergedError"]
+__all__ = ["BadFileError", "HookConflictError", "HookpointError", "MissingFileError", "NonFiniteError",
+           "SAeUronError", "TrainingDivergedError", "UnsupportedModelError"]

@@ -111,8 +111,9 @@ def test_tiny_pipeline_tables():
     assert inner.kind == "transformer_block"
     pixart = tiny_pixart_pipeline()
     assert detect_family(pixart) == "pixart"
-    assert [(h.path, h.output_index) for h in list_hookpoints(pixart)] == [
-        ("transformer.transformer_blocks.0", 0), ("transformer.transformer_blocks.1", 0)]
+    assert [(h.path, h.output_index) for h in list_hookpoints(pixart)] == [  # attn2: PixArt's cross-attention
+        ("transformer.transformer_blocks.0", 0), ("transformer.transformer_blocks.0.attn2", 0),
+        ("transformer.transformer_blocks.1", 0), ("transformer.transformer_blocks.1.attn2", 0)]
     assert resolve_hookpoint(pixart, "transformer.transformer_blocks.0.attn2").kind == "attn"
     sd3 = tiny_sd3_pipeline()
     assert detect_family(sd3) == "sd3"

@@ -1,8 +1,9 @@
-"""Editing hooks on tiny pipelines: identity, edits, τ, CFG rows, processor wrapping, clean removal."""
+"""Editing hooks on tiny pipelines: identity, edits, τ, CFG rows, processor swaps, clean removal."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -25,12 +26,7 @@ from tiny_pipelines import (
 )
 
 from saeuron_plugin.diffusion.hookpoints import list_hookpoints
-from saeuron_plugin.diffusion.hooks import (
-    WRAPPED_PROCESSOR_ATTR,
-    EditingAttnProcessor,
-    HookConflictError,
-    install_hooks,
-)
+from saeuron_plugin.diffusion.hooks import HookConflictError, install_hooks
 from saeuron_plugin.diffusion.timestep import TimestepTracker
 
 BLOCK = "unet.up_blocks.1.attentions.1"
@@ -92,7 +88,6 @@ def assert_clean(denoiser, before):
         b_hooks, b_pre, b_proc, b_proc_mod, b_ctx = before[name]
         assert hooks.keys() == b_hooks.keys() and pre.keys() == b_pre.keys(), name
         assert proc is b_proc and proc_mod is b_proc_mod and ctx == b_ctx, name
-        assert WRAPPED_PROCESSOR_ATTR not in denoiser.get_submodule(name)._modules
 
 
 @pytest.mark.parametrize("which", ["sd", "sdxl"])
@@ -161,28 +156,21 @@ def test_cond_mask_layout_overrides(sd):
         TimestepTracker(sd, cfg_layout="bogus")
 
 
-def test_processor_replaced_mid_install_is_rewrapped(sd):
+def test_processor_replaced_mid_install_keeps_the_edit_and_is_never_touched(sd):
     attn = sd.unet.get_submodule(ATTN[len("unet."):])
-    before = snapshot(sd.unet)
     assert type(attn.processor) is AttnProcessor2_0
     base = generate(sd)
-    with install_hooks(sd, {ATTN: add_one}) as hooks:
-        wrapper = attn.processor
-        assert type(wrapper) is EditingAttnProcessor
-        assert isinstance(wrapper, AttnProcessor2_0)  # transparent to diffusers' class checks
+    with install_hooks(sd, {ATTN: add_one}):
+        assert type(attn.processor) is AttnProcessor2_0  # the user's processor is never wrapped
         edited = generate(sd)
-        sd.unet.set_default_attn_processor()  # would raise on an opaque wrapper class
+        sd.unet.set_default_attn_processor()
         assert type(attn.processor) is AttnProcessor
         edited_default = generate(sd)
-        assert attn.processor is wrapper and type(wrapper.inner) is AttnProcessor
-        assert hooks.hooks[ATTN].rewraps == 1
     assert not (edited == base).all()
     assert torch.allclose(torch.from_numpy(edited_default), torch.from_numpy(edited), atol=1e-5)
-    # removal puts back the processor that was current (the default one), not a stale original
-    assert type(attn.processor) is AttnProcessor
+    assert type(attn.processor) is AttnProcessor  # removal leaves the processor the user set
+    assert torch.allclose(torch.from_numpy(generate(sd)), torch.from_numpy(base), atol=1e-5)
     sd.unet.set_attn_processor(AttnProcessor2_0())
-    restored = snapshot(sd.unet)
-    assert {k: type(v[2]) for k, v in restored.items()} == {k: type(v[2]) for k, v in before.items()}
 
 
 class StandInXFormers:
@@ -209,7 +197,7 @@ class ModuleProcessor(torch.nn.Module):
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask) * self.scale
 
 
-def test_standin_and_module_processors_are_wrapped(sd):
+def test_standin_and_module_processors_are_edited_in_place(sd):
     attn: Attention = sd.unet.get_submodule(ATTN[len("unet."):])
     original = attn.processor
     try:
@@ -220,27 +208,18 @@ def test_standin_and_module_processors_are_wrapped(sd):
         with install_hooks(sd, {ATTN: rec}):
             assert generate(sd).tolist() == base.tolist()
             assert standin.calls == 4 and len(rec.calls) == 2
-            attn.set_processor(ModuleProcessor(attn.out_dim))  # e.g. an IP-adapter load mid-install
+            module_processor = ModuleProcessor(attn.out_dim)
+            attn.set_processor(module_processor)  # e.g. an IP-adapter load mid-install
             generate(sd)
             assert len(rec.calls) == 4
-            # its weights stay registered (so .to() moves them), under another name while wrapped
-            assert attn._modules[WRAPPED_PROCESSOR_ATTR] is attn.processor.inner
-            assert isinstance(attn.processor, EditingAttnProcessor)
-            assert not isinstance(attn.processor, torch.nn.Module)
-        assert isinstance(attn.processor, ModuleProcessor) and attn._modules["processor"] is attn.processor
-        assert WRAPPED_PROCESSOR_ATTR not in attn._modules
-        with install_hooks(sd, {ATTN: identity}):
-            assert WRAPPED_PROCESSOR_ATTR in attn._modules
-            attn.set_processor(AttnProcessor2_0())  # a plain processor again: the alias goes
-            generate(sd)
-            assert WRAPPED_PROCESSOR_ATTR not in attn._modules and "processor" not in attn._modules
-        assert type(attn.processor) is AttnProcessor2_0
+            assert attn.processor is module_processor and attn._modules["processor"] is module_processor
+        assert attn.processor is module_processor and attn._modules["processor"] is module_processor
     finally:
         attn.set_processor(original)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("xformers") is None, reason="xformers is not installed")
-def test_xformers_processor_is_wrapped(sd):  # pragma: no cover - needs xformers (and usually CUDA)
+def test_xformers_processor_is_edited(sd):  # pragma: no cover - needs xformers (and usually CUDA)
     base = generate(sd)
     try:
         sd.enable_xformers_memory_efficient_attention()
@@ -399,3 +378,136 @@ def test_cuda_fp16_identity_tau_and_collect():
                         show_progress=False)
     assert [(h, tuple(r.shape), r.device.type, r.dtype) for h, r, _ in got] == [
         (BLOCK, (2 * 2 * 8, 16), "cpu", torch.float16), (ATTN, (2 * 2 * 8, 16), "cpu", torch.float16)]
+
+
+# ------------------------------------------------------------------ issue #18: processors, time
+def _attn_case(which):
+    """(pipeline, its cross-attention hookpoint, a deterministic run returning a tensor)."""
+    if which == "pixart":
+        pipe = tiny_pixart_pipeline()
+        return pipe, "transformer.transformer_blocks.0.attn2", lambda: run_transformer(
+            pipe, pixart_embeds(), use_resolution_binning=False)
+    pipe = tiny_sd_pipeline() if which == "sd" else tiny_sdxl_pipeline()
+    return pipe, ATTN if which == "sd" else XL_ATTN, lambda: torch.from_numpy(generate(pipe))
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl", "pixart"])
+def test_processor_swaps_while_applied_leave_no_edit_after_removal(which):
+    """fuse_qkv_projections() while applied, unfuse after exit: bit-identical to the plain run;
+    restoring processors saved while applied: no edit either (the old processor wrapper failed both)."""
+    pipe, path, run = _attn_case(which)
+    denoiser = pipe.unet if which != "pixart" else pipe.transformer
+    original = dict(denoiser.attn_processors)
+    plain = run()
+    try:
+        with install_hooks(pipe, {path: add_one}):
+            denoiser.fuse_qkv_projections()
+            saved = dict(denoiser.attn_processors)
+            edited = run()
+        fused_plain = run()  # the hook is gone, the fused processors stay
+        assert not torch.equal(edited, fused_plain)
+        denoiser.unfuse_qkv_projections()
+        assert torch.equal(run(), plain)
+        denoiser.set_attn_processor(saved)
+        assert torch.equal(run(), fused_plain)
+    finally:
+        denoiser.set_attn_processor(original)
+
+
+def test_edm_scheduler_on_sdxl_moves_tau_with_sigma(sdxl):
+    from diffusers import EDMEulerScheduler
+
+    from saeuron_plugin.sae.concepts import TauGrid
+
+    original = sdxl.scheduler
+    sdxl.scheduler = EDMEulerScheduler()
+    try:
+        rec = Recorder()
+        with _no_warning(), install_hooks(sdxl, {XL_BLOCK: rec}, record_tau=True) as hooks:
+            generate(sdxl, steps=8)
+        taus = torch.stack([t[0] for t in hooks.seen_tau(XL_BLOCK)])
+        sigmas = sdxl.scheduler.sigmas[:8].float()
+        expected = (sigmas.log() - math.log(0.002)) / (math.log(80.0) - math.log(0.002))
+        assert torch.allclose(taus, expected, atol=1e-5)
+        assert bool((taus[1:] < taus[:-1]).all()) and float(taus.min()) >= 0 and float(taus.max()) <= 1
+        assert len(set(TauGrid(10).index(taus).tolist())) >= 5  # several buckets, not all in bucket 0
+    finally:
+        sdxl.scheduler = original
+
+
+class _no_warning:
+    """Fail if a warning is raised inside the block."""
+
+    def __enter__(self):
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("error")
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+
+def test_tau_outside_the_unit_range_warns_and_clamps(sd):
+    rec = Recorder()
+    tracker = TimestepTracker(sd, time_scale=100.0)
+    with pytest.warns(UserWarning, match=r"outside \[0, 1\]"), tracker, \
+            install_hooks(sd, {BLOCK: rec}, tracker=tracker):
+        generate(sd)
+    assert all(float(tau.max()) <= 1.0 for _, tau, _ in rec.calls)
+
+
+def test_sd2_v_prediction_and_img2img_tau(sd):
+    """SD 2.x v-prediction (DDPM timesteps, 1024-d text) and img2img (a partial schedule) key τ by
+    the denoiser's own timestep: img2img at strength 0.5 starts halfway down the schedule."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from saeuron_plugin.diffusion.hookpoints import detect_family
+
+    v = tiny_sd_pipeline(cross_attention_dim=1024)
+    v.scheduler = DDIMScheduler.from_config(v.scheduler.config, prediction_type="v_prediction")
+    assert detect_family(v) == "sd2"
+    with install_hooks(v, {ATTN: Recorder()}, record_tau=True) as hooks:
+        generate(v, steps=4)
+    taus = torch.stack([t[0] for t in hooks.seen_tau(ATTN)])
+    assert torch.allclose(taus, v.scheduler.timesteps.float() / 1000)
+    img2img = StableDiffusionImg2ImgPipeline(**sd.components)
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16)
+    with install_hooks(img2img, {BLOCK: Recorder()}, record_tau=True) as hooks:
+        img2img("a red star", image=image, strength=0.5, num_inference_steps=10, output_type="np",
+                generator=torch.Generator().manual_seed(0))
+    taus = torch.stack([t[0] for t in hooks.seen_tau(BLOCK)])
+    assert len(taus) == 5 and float(taus.max()) < 0.55  # 5 of 10 steps, from mid-schedule down
+    assert torch.allclose(taus, img2img.scheduler.timesteps[-5:].float() / 1000)
+
+
+def test_pixart_sigma_and_its_cross_attention_hookpoints():
+    from diffusers import PixArtSigmaPipeline
+
+    alpha = tiny_pixart_pipeline()
+    pipe = PixArtSigmaPipeline(**alpha.components)
+    pipe.set_progress_bar_config(disable=True)
+    paths = [hp.path for hp in list_hookpoints(pipe)]
+    assert "transformer.transformer_blocks.0.attn2" in paths and "transformer.transformer_blocks.1" in paths
+    base = run_transformer(pipe, pixart_embeds(), use_resolution_binning=False)
+    rec = Recorder()
+    with install_hooks(pipe, {"transformer.transformer_blocks.1.attn2": rec}, record_tau=True) as hooks:
+        assert torch.equal(run_transformer(pipe, pixart_embeds(), use_resolution_binning=False), base)
+    taus = torch.stack([t[0] for t in hooks.seen_tau("transformer.transformer_blocks.1.attn2")])
+    assert torch.allclose(taus, pipe.scheduler.timesteps.float() / 1000)
+    with install_hooks(pipe, {"transformer.transformer_blocks.1.attn2": add_one}):
+        assert not torch.equal(run_transformer(pipe, pixart_embeds(), use_resolution_binning=False), base)
+
+
+def test_active_diffusers_cache_hook_warns(sd):
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    registry = HookRegistry.check_if_exists_or_initialize(sd.unet.up_blocks[1])
+    registry.register_hook(ModelHook(), "first_block_cache_stand_in")
+    try:
+        with pytest.warns(UserWarning, match="cache hooks are active"), install_hooks(sd, {BLOCK: identity}):
+            pass
+    finally:
+        registry.remove_hook("first_block_cache_stand_in")

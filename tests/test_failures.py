@@ -416,7 +416,8 @@ def test_every_error_class_is_in_the_family():
     import importlib
     import inspect
 
-    modules = ["saeuron_plugin.sae.model", "saeuron_plugin.sae.io", "saeuron_plugin.sae.bundle",
+    modules = ["saeuron_plugin.errors", "saeuron_plugin.sae.model", "saeuron_plugin.sae.io",
+               "saeuron_plugin.sae.bundle",
                "saeuron_plugin.sae.store", "saeuron_plugin.sae.train", "saeuron_plugin.sae.concepts",
                "saeuron_plugin.diffusion.hookpoints", "saeuron_plugin.diffusion.hooks",
                "saeuron_plugin.vlm.hookpoints", "saeuron_plugin.vlm.hooks", "saeuron_plugin.comfyui.patching"]

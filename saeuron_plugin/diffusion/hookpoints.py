@@ -31,7 +31,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
-from ..errors import SAeUronError
+from ..errors import HookpointError, UnsupportedModelError
 
 Family = Literal["sd1", "sd2", "sdxl", "pixart", "sd3", "flux"]
 Kind = Literal["block", "attn", "transformer_block"]
@@ -46,15 +46,6 @@ _JOINT_BLOCKS = (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransfor
 _TRANSFORMER_BLOCKS = (BasicTransformerBlock, *_JOINT_BLOCKS)
 
 
-class UnsupportedModelError(SAeUronError, TypeError):
-    """The denoiser is not one of the supported families."""
-
-
-class HookpointError(SAeUronError, KeyError):
-    """A hookpoint path that does not exist or names a module that cannot be hooked."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)
@@ -133,22 +124,40 @@ def _classify(module: nn.Module) -> tuple[Kind, int, int] | str:
         return "attn", int(module.out_dim), 0
     if isinstance(module, _TRANSFORMER_BLOCKS):
         attn = getattr(module, "attn1", None) or module.attn
-        return "transformer_block", int(attn.query_dim), 1 if isinstance(module, _JOINT_BLOCKS) else 0
+        return "transformer_block", int(attn.query_dim), _image_stream_index(module)
     return f"{type(module).__name__} is not a hookable module type"
+
+
+def _image_stream_index(block: nn.Module) -> int:
+    """Which element of a transformer block's output holds the image tokens: diffusers' own table
+    (``hooks._helpers.TransformerBlockRegistry``, private, read defensively), else ours."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
+        index = TransformerBlockRegistry.get(type(block)).return_hidden_states_index
+        if isinstance(index, int):
+            return index
+    except (ImportError, AttributeError, ValueError, KeyError):
+        pass
+    return 1 if isinstance(block, _JOINT_BLOCKS) else 0
 
 
 def list_hookpoints(pipe: Any) -> list[Hookpoint]:
     """Every standard hookpoint of a pipeline, in module order.
 
     UNets: every ``Transformer2DModel`` block and every cross-attention ``Attention`` inside.
-    Transformers: every block of ``transformer_blocks`` (and FLUX's ``single_transformer_blocks``).
+    Transformers: every block of ``transformer_blocks`` (and FLUX's ``single_transformer_blocks``),
+    and the block's cross-attention ``attn2`` where it has one (PixArt).
     """
     denoiser, prefix, family = get_denoiser(pipe), denoiser_name(pipe), detect_family(pipe)
     if isinstance(denoiser, UNet2DConditionModel):
         candidates: Any = denoiser.named_modules()
     else:
-        candidates = ((f"{group}.{i}", block) for group in ("transformer_blocks", "single_transformer_blocks")
-                      for i, block in enumerate(getattr(denoiser, group, ())))
+        candidates = ((name, module) for group in ("transformer_blocks", "single_transformer_blocks")
+                      for i, block in enumerate(getattr(denoiser, group, ()))
+                      for name, module in ((f"{group}.{i}", block),
+                                           (f"{group}.{i}.attn2", getattr(block, "attn2", None)))
+                      if module is not None)
     unet = isinstance(denoiser, UNet2DConditionModel)
     found = []
     for name, module in candidates:

@@ -6,6 +6,13 @@ pipeline passes and converts it per family (verified in the diffusers 0.42 pipel
 * SD 1.x / 2.x / XL and PixArt pass the DDPM timestep t ∈ [0, num_train_timesteps): τ = t / N.
 * SD3 passes sigma · N (``FlowMatchEulerDiscreteScheduler.timesteps``): τ = t / N = sigma.
 * FLUX passes ``timestep / 1000`` (the transformer multiplies by 1000 again): τ = t = sigma.
+* EDM schedulers (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``: Playground v2.5 on
+  SDXL) pass c_noise = ``scheduler.precondition_noise(σ)`` (0.25·ln σ, negative at low noise):
+  τ = (c − c(σ_min)) / (c(σ_max) − c(σ_min)), the position of ln σ in the scheduler's own range,
+  computed with the scheduler's own ``precondition_noise``.
+
+A τ outside [0, 1] (a timestep convention not listed here, or a wrong ``time_scale``) is clamped
+with a warning, never silently.
 
 τ is kept per batch row ([B], float32, on the timestep's device, no host sync). Steps are never
 counted, so any scheduler, step count, img2img strength or split CFG call works.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -65,6 +73,9 @@ class TimestepTracker:
         self.cond_mask: Tensor | None = None
         self.timestep: Tensor | float | None = None
         self._branch: str | None = None
+        self._warned_range = False
+        self._checked_device = False
+        self._edm_cache: tuple[tuple[int, float, float], tuple[float, float]] | None = None
         self._masks: dict[tuple[int, int, str], Tensor] = {}
         self._handles: list[RemovableHandle] = []
         self._context_wrapper: Callable[..., Any] | None = None
@@ -131,10 +142,35 @@ class TimestepTracker:
     def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self.tau = self.cond_mask = self.timestep = None
 
+    def _edm_range(self) -> tuple[float, float] | None:
+        """(c_noise at σ_min, at σ_max) when the scheduler conditions on EDM's c_noise, else None."""
+        scheduler = getattr(self._scheduler_owner, "scheduler", None)
+        precondition = getattr(scheduler, "precondition_noise", None)
+        config = getattr(scheduler, "config", None)
+        if self._time_scale is not None or not callable(precondition) or config is None:
+            return None
+        key = (id(scheduler), float(config.sigma_min), float(config.sigma_max))
+        if self._edm_cache is None or self._edm_cache[0] != key:
+            lo, hi = (float(precondition(torch.tensor(v))) for v in key[1:])
+            self._edm_cache = (key, (lo, hi))
+        return self._edm_cache[1]
+
     def _normalise(self, t: Tensor | float, batch: int, device: torch.device) -> Tensor:
         if not isinstance(t, Tensor):
             t = torch.tensor(float(t), device=device)
-        tau = (t.float() / self.time_scale).clamp_(0.0, 1.0)  # the division makes a new tensor
+        edm = self._edm_range()
+        tau = (t.float() - edm[0]) / (edm[1] - edm[0]) if edm else t.float() / self.time_scale
+        # a range check reads τ on the host: every call on CPU, only the first call on an accelerator
+        if not self._warned_range and (tau.device.type == "cpu" or not self._checked_device):
+            self._checked_device = True
+            if not bool(((tau >= -1e-3) & (tau <= 1 + 1e-3)).all()):
+                self._warned_range = True
+                warnings.warn(
+                    f"{type(self.denoiser).__name__} got timestep {t.flatten()[:4].tolist()}, which maps to "
+                    f"τ {tau.flatten()[:4].tolist()} outside [0, 1] (time_scale {self.time_scale:g}); τ is "
+                    "clamped. Is this scheduler's timestep convention supported? Pass time_scale=... to "
+                    "the tracker", stacklevel=2)
+        tau = tau.clamp_(0.0, 1.0)  # the division made a new tensor
         if tau.dim() == 0 or tau.numel() == 1:
             return tau.reshape(1).expand(batch)
         if tau.shape[0] != batch:

@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from ..errors import SAeUronError
+from ..errors import HookpointError, UnsupportedModelError
 
 Kind = Literal["decoder", "projector", "vision"]
 TokenMode = Literal["image", "text", "all"]
@@ -74,15 +74,6 @@ _VISION_ROOTS = (
 _LAYER_LISTS = ("layers", "blocks")
 
 
-class UnsupportedModelError(SAeUronError, TypeError):
-    """The model is not one of the supported vision-language families."""
-
-
-class HookpointError(SAeUronError, KeyError):
-    """A hookpoint path that does not exist, or an index out of range; the message lists valid ones."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 @dataclass(frozen=True)

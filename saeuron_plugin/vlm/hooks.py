@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ..errors import SAeUronError
+from ..errors import HookConflictError
 from .hookpoints import (
     HookpointIndex,
     TokenMode,
@@ -44,9 +44,6 @@ from .hookpoints import (
 Callback = Callable[[Tensor, "TokenSite"], Tensor]
 _SITE_ATTR = "_saeuron_vlm_sites"
 
-
-class HookConflictError(SAeUronError, RuntimeError):
-    """An editing hook of ours is already installed on this module."""
 
 
 class InputTracker:

@@ -1,0 +1,151 @@
+"""The site layer every runtime shares: installed-hooks handles, the unlearn handle, the statistics
+recorder. Tensors only; each adapter (diffusers, transformers VLMs, ComfyUI) supplies just how to find
+a module and what time / branch / sample a call is.
+
+* :class:`InstalledSites` - what one install call put in place (per-hookpoint *sites*, each with a
+  ``remove()``), removed together, idempotently, also from a ``with`` block that raised.
+* :class:`UnlearnHandle` - what ``apply`` returns: the installed sites plus the ablator per
+  hookpoint; ``remove()``, ``describe()``, per-site counters.
+* :class:`StatisticsRecorder` - the statistics pass at one hookpoint: encode the rows a call
+  selected, average them per sample (prompt image, VLM sample), add each sample to the concepts
+  it belongs to, inside a :class:`~.bundle.StatisticsTransaction` (nothing lands unless the whole
+  pass succeeds).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from .concepts import ConceptLibrary
+
+
+class Site(Protocol):
+    """One installed hook at one hookpoint."""
+
+    def remove(self) -> None: ...
+
+
+class InstalledSites:
+    """Every site one install call put in place; :meth:`remove` undoes all of it (idempotent).
+
+    ``on_remove`` runs after the sites are gone (e.g. removing a time or input tracker the
+    install created).
+    """
+
+    def __init__(self, on_remove: Callable[[], None] | None = None) -> None:
+        self.sites: dict[str, Any] = {}
+        self._on_remove = on_remove
+        self.removed = False
+
+    def remove(self) -> None:
+        for site in reversed(list(self.sites.values())):
+            site.remove()
+        if self._on_remove is not None and not self.removed:
+            self._on_remove()
+        self.removed = True
+
+    def __enter__(self) -> InstalledSites:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class UnlearnHandle:
+    """What ``apply`` installed; :meth:`remove` (idempotent) takes all of it out.
+
+    ``notes`` adds a per-hookpoint remark to :meth:`describe` (the VLM adapter's token set).
+    """
+
+    def __init__(self, hooks: InstalledSites, ablators: Mapping[str, Any],
+                 notes: Mapping[str, str] | None = None) -> None:
+        self.hooks = hooks
+        self.ablators = dict(ablators)
+        self.notes = dict(notes or {})
+
+    @property
+    def removed(self) -> bool:
+        return self.hooks.removed
+
+    @property
+    def hookpoints(self) -> list[str]:
+        return list(self.ablators)
+
+    def edits(self, path: str) -> int:
+        """Calls at ``path`` where the ablation changed something."""
+        return int(self.hooks.sites[path].edits)
+
+    def seen_tau(self, path: str) -> list[Tensor | None]:
+        """τ per call seen at ``path`` (when installed with ``record_tau=True``)."""
+        return self.hooks.sites[path].seen_tau
+
+    def remove(self) -> None:
+        self.hooks.remove()
+
+    def describe(self) -> str:
+        """Which latents each concept ablates, where and when."""
+        return "\n".join(a.describe() + (f" [{self.notes[p]}]" if p in self.notes else "")
+                         for p, a in self.ablators.items())
+
+    def __enter__(self) -> UnlearnHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"UnlearnHandle({state}, {', '.join(f'{p}: {a.concepts}' for p, a in self.ablators.items())})"
+
+
+class StatisticsRecorder:
+    """The statistics pass at one hookpoint (never edits).
+
+    :meth:`record` takes the rows one call selected, ``[M, d]``, the sample each row belongs to
+    and, per sample, its τ and the concepts it feeds; it encodes the rows once (the entry's θ
+    calibrator sees the same pre-activations), averages them per sample and adds the means to the
+    pass's statistics (:meth:`~.bundle.StatisticsTransaction.stats`).
+    """
+
+    def __init__(self, entry: Any, txn: Any, extra: Mapping[str, Any] | None = None) -> None:
+        self.entry = entry
+        self.txn = txn
+        self.extra = dict(extra or {})
+
+    @property
+    def path(self) -> str:
+        return self.entry.path
+
+    def stats(self, name: str | None) -> Any:
+        """This pass's (uncommitted) statistics for ``name`` (None: the background set)."""
+        stats = self.txn.stats(self.entry.path, name)
+        for key, value in self.extra.items():
+            stats.extra.setdefault(key, value)
+        return stats
+
+    @torch.no_grad()
+    def record(self, rows: Tensor, owner: Tensor, names: Sequence[Sequence[str | None]],
+               tau: Tensor | None = None) -> list[int]:
+        """Add rows [M, d] of samples ``owner`` [M] (indices into ``names`` / ``tau``); returns the
+        samples that had rows."""
+        sae = self.entry.sae
+        flat = rows.detach().reshape(-1, rows.shape[-1]).to(sae.device, torch.float32)
+        z = ConceptLibrary.encode_pooled(sae, flat, self.entry.calibrator)  # 2-D: per-row latents [M, n]
+        owner = owner.to(z.device)
+        sums = torch.zeros(len(names), z.shape[-1], dtype=torch.float64, device=z.device)
+        sums.index_add_(0, owner, z.double())
+        counts = torch.bincount(owner, minlength=len(names)).cpu()
+        present = (counts > 0).nonzero().flatten().tolist()
+        means = (sums[present] / counts[present].to(sums.device).unsqueeze(1)).float().cpu()
+        sample_tau = None if tau is None else tau.detach().float().cpu()[present]
+        for name in dict.fromkeys(n for i in present for n in names[i]):
+            sel = torch.tensor([name in names[i] for i in present])
+            self.stats(name).update(means[sel], None if sample_tau is None else sample_tau[sel])
+        return present
+
+
+__all__ = ["InstalledSites", "Site", "StatisticsRecorder", "UnlearnHandle"]
