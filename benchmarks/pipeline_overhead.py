@@ -155,7 +155,7 @@ def main() -> None:
         handle = eraser.apply(pipe, args.concept, encoder=encoder)
         for ablator in handle.ablators.values():
             ablator.sparse_tokens = mode != "topk-dense"
-        editors[mode] = {p: site.editor for p, site in handle.hooks.hooks.items()}
+        editors[mode] = {p: site.editor for p, site in handle.hooks.sites.items()}
         handle.remove()
 
     spent: dict[str, list[float]] = {m: [] for m in modes}  # seconds inside our hooks, per timed call

@@ -97,9 +97,9 @@ def test_identity_editor_is_bit_identical_both_mechanisms(which, request):
     before = snapshot(pipe.unet)
     base = generate(pipe)
     with install_hooks(pipe, {p: identity for p in paths}) as hooks:
-        assert all(h.calls == 0 for h in hooks.hooks.values())
+        assert all(h.calls == 0 for h in hooks.sites.values())
         out = generate(pipe)
-        assert all(h.calls == 2 for h in hooks.hooks.values())  # 2 steps, one fused CFG call each
+        assert all(h.calls == 2 for h in hooks.sites.values())  # 2 steps, one fused CFG call each
     assert (out == base).all()
     assert_clean(pipe.unet, before)
     # an edited copy equal in value (another dtype, another layout) goes back exactly
@@ -267,7 +267,7 @@ def test_double_install_raises_or_stacks(sd):
             once = generate(sd)
             with install_hooks(sd, {path: add_one}, allow_stack=True) as second:
                 twice = generate(sd)
-                assert second.hooks[path].calls == 2
+                assert second.sites[path].calls == 2
             assert (generate(sd) == once).all()
         assert not (once == base).all() and not (twice == once).all()
         assert (generate(sd) == base).all()
@@ -280,10 +280,10 @@ def test_stacked_wrappers_removed_in_any_order(sd):
     second = install_hooks(sd, {ATTN: identity}, allow_stack=True)
     sd.unet.set_default_attn_processor()
     generate(sd)
-    assert first.hooks[ATTN].calls == 2 and second.hooks[ATTN].calls == 2
+    assert first.sites[ATTN].calls == 2 and second.sites[ATTN].calls == 2
     first.remove()
     generate(sd)
-    assert first.hooks[ATTN].calls == 2 and second.hooks[ATTN].calls == 4
+    assert first.sites[ATTN].calls == 2 and second.sites[ATTN].calls == 4
     second.remove()
     assert type(attn.processor) is AttnProcessor
     attn.set_processor(original)

@@ -202,7 +202,7 @@ def test_ablation_is_keyed_by_tau_not_by_call_count(sd, steps):
     eraser = planted_eraser(sd, latent, from_bucket=5)
     with eraser.unlearn(sd, "late", percentile=90.0, strength=5.0, record_tau=True) as handle:
         spy = ChangeSpy(handle.ablators[BLOCK])
-        handle.hooks.hooks[BLOCK].editor.ablator = spy
+        handle.hooks.sites[BLOCK].editor.ablator = spy
         images(sd, steps=steps, guidance_scale=7.5)
     sd.scheduler.set_timesteps(steps)
     expected_tau = (sd.scheduler.timesteps.float() / 1000).tolist()

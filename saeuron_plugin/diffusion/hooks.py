@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import HookConflictError
+from ..sae.sites import InstalledSites
 from .hookpoints import Hookpoint, get_denoiser, resolve_hookpoint, to_tokens
 from .timestep import TimestepTracker
 
@@ -54,7 +55,7 @@ class EditHook:
         self.tracker = tracker
         self.record_tau = record_tau
         self.seen_tau: list[Tensor | None] = []
-        self.calls = 0
+        self.calls = self.edits = 0
         module = hookpoint.module
         if not allow_stack and any(isinstance(h, EditHook) for h in module._forward_hooks.values()):
             raise HookConflictError(f"{hookpoint.path} already has an editing hook installed (remove it "
@@ -71,7 +72,10 @@ class EditHook:
         if self.record_tau:
             self.seen_tau.append(None if tau is None else tau.detach().clone())
         edited = self.editor(tokens, tau, mask)
-        return output if edited is tokens else restore(edited)
+        if edited is tokens:
+            return output
+        self.edits += 1
+        return restore(edited)
 
     def remove(self) -> None:
         if self._handle is not None:
@@ -90,32 +94,8 @@ def cache_hooks(denoiser: nn.Module) -> list[str]:
     return found
 
 
-class InstalledHooks:
-    """Every hook one :func:`install_hooks` call put in place; :meth:`remove` undoes all of it."""
-
-    def __init__(self, tracker: TimestepTracker, owns_tracker: bool) -> None:
-        self.tracker = tracker
-        self.hooks: dict[str, EditHook] = {}
-        self._owns_tracker = owns_tracker
-        self.removed = False
-
-    def remove(self) -> None:
-        """Remove the hooks and drop the tracker (if ours); idempotent."""
-        for hook in reversed(list(self.hooks.values())):
-            hook.remove()
-        if self._owns_tracker:
-            self.tracker.remove()
-        self.removed = True
-
-    def seen_tau(self, path: str) -> list[Tensor | None]:
-        """τ tensors the hook at ``path`` saw (with ``record_tau=True``), one per call."""
-        return self.hooks[path].seen_tau
-
-    def __enter__(self) -> InstalledHooks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+InstalledHooks = InstalledSites
+"""What :func:`install_hooks` returns (the core's handle; ``.tracker`` is the τ tracker)."""
 
 
 def install_hooks(pipe: Any, editors: Mapping[str, Editor], *, tracker: TimestepTracker | None = None,
@@ -132,10 +112,10 @@ def install_hooks(pipe: Any, editors: Mapping[str, Editor], *, tracker: Timestep
                       "forwards, so the SAeUron edit is skipped or cached on those steps; disable the cache "
                       "(e.g. denoiser.disable_cache()) for a faithful edit", stacklevel=3)
     owns = tracker is None
-    installed = InstalledHooks(tracker if tracker is not None else TimestepTracker(pipe), owns)
+    installed = InstalledSites(tracker if tracker is not None else TimestepTracker(pipe), owns)
     try:
         for hp in hookpoints:
-            installed.hooks[hp.path] = EditHook(hp, editors[hp.path], installed.tracker,
+            installed.sites[hp.path] = EditHook(hp, editors[hp.path], installed.tracker,
                                                 record_tau=record_tau, allow_stack=allow_stack)
     except BaseException:
         installed.remove()

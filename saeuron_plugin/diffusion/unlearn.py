@@ -19,14 +19,13 @@ wrapping attention processor, chosen by module type) with τ from the denoiser's
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
 
-from ..sae.ablation import ConceptAblation, FeatureAblator
+from ..sae.ablation import ConceptAblation
 from ..sae.bundle import (
     BundleEntry,
     DeviceFollowingAblator,
@@ -34,52 +33,15 @@ from ..sae.bundle import (
     SaeBundle,
     SaeWidthError,
     StatisticsTransaction,
-    same_model,
 )
 from ..sae.concepts import ConceptStats
+from ..sae.sites import StatisticsRecorder, UnlearnHandle
 from .collect import Prompt, prompt_key, run_prompts
 from .hookpoints import detect_family, resolve_hookpoint
-from .hooks import InstalledHooks, install_hooks
+from .hooks import install_hooks
 
 HookpointSAE = BundleEntry
 """One hookpoint of a bundle: its SAE and its concept library (the core's :class:`BundleEntry`)."""
-
-
-class UnlearnHandle:
-    """What :meth:`SAeUron.apply` installed; :meth:`remove` (idempotent) takes all of it out."""
-
-    def __init__(self, hooks: InstalledHooks, ablators: dict[str, FeatureAblator]) -> None:
-        self.hooks = hooks
-        self.ablators = ablators
-
-    @property
-    def removed(self) -> bool:
-        return self.hooks.removed
-
-    @property
-    def hookpoints(self) -> list[str]:
-        return list(self.ablators)
-
-    def remove(self) -> None:
-        self.hooks.remove()
-
-    def seen_tau(self, path: str) -> list[Tensor | None]:
-        """τ per denoiser call seen at ``path`` (when applied with ``record_tau=True``)."""
-        return self.hooks.seen_tau(path)
-
-    def describe(self) -> str:
-        """Which latents each concept ablates, where and when."""
-        return "\n".join(a.describe() for a in self.ablators.values())
-
-    def __enter__(self) -> UnlearnHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        state = "removed" if self.removed else "active"
-        return f"UnlearnHandle({state}, {', '.join(f'{p}: {a.concepts}' for p, a in self.ablators.items())})"
 
 
 def _pipe_model_id(pipe: Any) -> str | None:
@@ -122,13 +84,7 @@ class SAeUron(SaeBundle):
         for path in paths:
             hp = resolve_hookpoint(pipe, path)
             self.check_width(path, hp.width, "pipeline")
-            base = self.hookpoints[path].sae.cfg.base_model
-            if base and model_id and not same_model(base, model_id):
-                warnings.warn(
-                    f"the SAE for {path} was trained on {base!r}, this pipeline is {model_id!r}; "
-                    "features may not mean the same here",
-                    stacklevel=3,
-                )
+            self.warn_other_base_model(path, model_id, "pipeline")
             resolved[path] = hp
         return resolved
 
@@ -267,42 +223,31 @@ class SAeUron(SaeBundle):
         return {path: {name: txn.committed[path][name] for name in prompts_by_concept} for path in paths}
 
 
-class _StatisticsPass:
-    """Editor for the statistics pass: never edits; adds token-averaged latents of conditional rows
-    to the concepts of the prompt each row belongs to (``batch_names``, one list per prompt)."""
+class _StatisticsPass(StatisticsRecorder):
+    """Editor of the statistics pass: never edits; each conditional row (one generated image) is a
+    sample of the concepts of its prompt (``batch_names``, one list per prompt of the batch)."""
 
     def __init__(self, entry: HookpointSAE, images_per_prompt: int, txn: StatisticsTransaction) -> None:
-        self.entry = entry
+        super().__init__(entry, txn)
         self.images_per_prompt = images_per_prompt
-        self.txn = txn
         self.batch_names: list[list[str | None]] = []
-
-    def stats(self, name: str | None) -> ConceptStats:
-        """This pass's (uncommitted) statistics for ``name``."""
-        return self.txn.stats(self.entry.path, name)
 
     def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor:
         if tau is None:
-            raise RuntimeError(f"{self.entry.path}: no timestep seen for this call")
-        rows = x
-        tau_t = torch.as_tensor(tau, dtype=torch.float32).reshape(-1).expand(x.shape[0])
+            raise RuntimeError(f"{self.path}: no timestep seen for this call")
+        rows, tau_t = x, torch.as_tensor(tau, dtype=torch.float32).reshape(-1).expand(x.shape[0])
         if cond_mask is not None:
             rows, tau_t = x[cond_mask], tau_t[cond_mask.to(tau_t.device)]
-        if rows.shape[0] == 0:
-            return x
         expected = len(self.batch_names) * self.images_per_prompt
-        if rows.shape[0] != expected:
+        if rows.shape[0] and rows.shape[0] != expected:
             raise RuntimeError(
-                f"{self.entry.path}: {rows.shape[0]} conditional rows for {expected} images; "
+                f"{self.path}: {rows.shape[0]} conditional rows for {expected} images; "
                 "the CFG layout of this pipeline is not understood (use batch_size=1)"
             )
-        sae, lib = self.entry.sae, self.entry.library
-        pooled = lib.encode_pooled(sae, rows.detach().to(sae.device, torch.float32), self.entry.calibrator)
-        tau_t = tau_t.cpu()
-        owner = torch.arange(rows.shape[0]) // self.images_per_prompt
-        for name in dict.fromkeys(n for names in self.batch_names for n in names):
-            sel = torch.tensor([name in self.batch_names[int(o)] for o in owner])
-            self.stats(name).update(pooled[sel.to(pooled.device)], tau_t[sel])
+        if rows.shape[0]:
+            owner = torch.arange(rows.shape[0]).repeat_interleave(rows.shape[1])
+            names = [self.batch_names[r // self.images_per_prompt] for r in range(rows.shape[0])]
+            self.record(rows.reshape(-1, rows.shape[-1]), owner, names, tau_t)
         return x
 
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,6 +288,13 @@ class SaeBundle:
                 f"the SAE for {path} reads {sae.d_in}-wide activations (d_in={sae.d_in}), but "
                 f"this {what}'s {path} outputs {noun} {width}: the SAE was made for another model"
             )
+
+    def warn_other_base_model(self, path: str, model_id: str | None, what: str = "model") -> None:
+        """Warn when the SAE at ``path`` was trained on another base model than ``model_id``."""
+        base = self.hookpoints[path].sae.cfg.base_model
+        if base and model_id and not same_model(base, model_id):
+            warnings.warn(f"the SAE for {path} was trained on {base!r}, this {what} is {model_id!r}; "
+                          "features may not mean the same here", stacklevel=4)
 
     def set_defaults(self, concept: str, *, hookpoints: Sequence[str] | None = None, **defaults: Any) -> None:
         """Set a concept's selection defaults (percentile, top_n, gamma, rule, active, ...) where held."""

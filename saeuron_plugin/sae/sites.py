@@ -3,7 +3,8 @@ recorder. Tensors only; each adapter (diffusers, transformers VLMs, ComfyUI) sup
 a module and what time / branch / sample a call is.
 
 * :class:`InstalledSites` - what one install call put in place (per-hookpoint *sites*, each with a
-  ``remove()``), removed together, idempotently, also from a ``with`` block that raised.
+  ``remove()``, and the call-context tracker), removed together, idempotently, also from a ``with``
+  block that raised.
 * :class:`UnlearnHandle` - what ``apply`` returns: the installed sites plus the ablator per
   hookpoint; ``remove()``, ``describe()``, per-site counters.
 * :class:`StatisticsRecorder` - the statistics pass at one hookpoint: encode the rows a call
@@ -14,7 +15,7 @@ a module and what time / branch / sample a call is.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -32,21 +33,27 @@ class Site(Protocol):
 class InstalledSites:
     """Every site one install call put in place; :meth:`remove` undoes all of it (idempotent).
 
-    ``on_remove`` runs after the sites are gone (e.g. removing a time or input tracker the
-    install created).
+    ``tracker`` is the adapter's call-context tracker (diffusers: τ and CFG branch of the denoiser
+    call; VLMs: the token layout of the model call); it is removed with the sites when the install
+    created it (``owns_tracker``).
     """
 
-    def __init__(self, on_remove: Callable[[], None] | None = None) -> None:
+    def __init__(self, tracker: Any = None, owns_tracker: bool = True) -> None:
+        self.tracker = tracker
         self.sites: dict[str, Any] = {}
-        self._on_remove = on_remove
+        self._owns_tracker = owns_tracker
         self.removed = False
 
     def remove(self) -> None:
         for site in reversed(list(self.sites.values())):
             site.remove()
-        if self._on_remove is not None and not self.removed:
-            self._on_remove()
+        if self._owns_tracker and self.tracker is not None:
+            self.tracker.remove()
         self.removed = True
+
+    def seen_tau(self, path: str) -> list[Tensor | None]:
+        """τ per call the site at ``path`` saw (sites installed with ``record_tau=True``)."""
+        return self.sites[path].seen_tau
 
     def __enter__(self) -> InstalledSites:
         return self
@@ -81,7 +88,7 @@ class UnlearnHandle:
 
     def seen_tau(self, path: str) -> list[Tensor | None]:
         """τ per call seen at ``path`` (when installed with ``record_tau=True``)."""
-        return self.hooks.sites[path].seen_tau
+        return self.hooks.seen_tau(path)
 
     def remove(self) -> None:
         self.hooks.remove()

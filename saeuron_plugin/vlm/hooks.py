@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import HookConflictError
+from ..sae.sites import InstalledSites
 from .hookpoints import (
     HookpointIndex,
     TokenMode,
@@ -246,25 +247,8 @@ class TokenSite:
             self.hookpoint.module.__dict__.pop(_SITE_ATTR, None)
 
 
-class InstalledHooks:
-    """Every hook one :func:`install_sites` call put in place; :meth:`remove` undoes all of it."""
-
-    def __init__(self, tracker: InputTracker) -> None:
-        self.tracker = tracker
-        self.sites: dict[str, TokenSite] = {}
-        self.removed = False
-
-    def remove(self) -> None:
-        for site in reversed(list(self.sites.values())):
-            site.remove()
-        self.tracker.remove()
-        self.removed = True
-
-    def __enter__(self) -> InstalledHooks:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+InstalledHooks = InstalledSites
+"""What :func:`install_sites` returns (the core's handle; ``.tracker`` is the input tracker)."""
 
 
 def install_sites(
@@ -286,7 +270,7 @@ def install_sites(
         hp.path: check_tokens(hp, tokens.get(hp.path) if isinstance(tokens, Mapping) else tokens, model)
         for hp in resolved
     }
-    installed = InstalledHooks(InputTracker(model))
+    installed = InstalledSites(InputTracker(model))
     try:
         for hp in resolved:
             installed.sites[hp.path] = TokenSite(

@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
-import torch
 from torch import Tensor, nn
 
 from ..sae.ablation import ConceptAblation, FeatureAblator
@@ -36,10 +35,10 @@ from ..sae.bundle import (
     SaeWidthError,
     StatisticsTransaction,
     per_concept,
-    same_model,
 )
 from ..sae.concepts import ConceptLibrary, ConceptStats, TauGrid
 from ..sae.model import SparseAutoencoder
+from ..sae.sites import StatisticsRecorder, UnlearnHandle
 from .collect import model_name, run_samples
 from .hookpoints import (
     TokenMode,
@@ -49,7 +48,7 @@ from .hookpoints import (
     hookpoint_index,
     resolve_hookpoint,
 )
-from .hooks import InstalledHooks, TokenSite, install_sites
+from .hooks import TokenSite, install_sites
 from .inputs import make_samples
 
 TOKENS_KEY = "tokens"
@@ -79,45 +78,6 @@ class _SiteEditor:
 
     def __call__(self, tokens: Tensor, site: TokenSite) -> Tensor:
         return self.ablator(tokens)
-
-
-class UnlearnHandle:
-    """What :meth:`VLMUnlearner.apply` installed; :meth:`remove` (idempotent) takes all of it out."""
-
-    def __init__(
-        self, hooks: InstalledHooks, ablators: dict[str, FeatureAblator], tokens: dict[str, str]
-    ) -> None:
-        self.hooks = hooks
-        self.ablators = ablators
-        self.tokens = tokens
-
-    @property
-    def removed(self) -> bool:
-        return self.hooks.removed
-
-    @property
-    def hookpoints(self) -> list[str]:
-        return list(self.ablators)
-
-    def edits(self, path: str) -> int:
-        """Calls at ``path`` where the ablation changed something."""
-        return self.hooks.sites[path].edits
-
-    def remove(self) -> None:
-        self.hooks.remove()
-
-    def describe(self) -> str:
-        return "\n".join(f"{a.describe()} [tokens: {self.tokens[p]}]" for p, a in self.ablators.items())
-
-    def __enter__(self) -> UnlearnHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
-    def __repr__(self) -> str:
-        state = "removed" if self.removed else "active"
-        return f"UnlearnHandle({state}, {', '.join(f'{p}: {a.concepts}' for p, a in self.ablators.items())})"
 
 
 class VLMUnlearner(SaeBundle):
@@ -208,7 +168,6 @@ class VLMUnlearner(SaeBundle):
         for path in paths if paths is not None else list(self.hookpoints):
             hp = resolve_hookpoint(model, path, index)
             entry = self.hookpoints[path]
-            sae = entry.sae
             self.check_width(path, hp.width, "model", "hidden size")
             wanted = per_concept(tokens, path) if tokens is not None else entry.tokens
             mode = check_tokens(hp, wanted, model)
@@ -220,13 +179,7 @@ class VLMUnlearner(SaeBundle):
                         "activations do not depend on the image",
                         stacklevel=3,
                     )
-            base = sae.cfg.base_model
-            if base and name and not same_model(base, name):
-                warnings.warn(
-                    f"the SAE for {path} was trained on {base!r}, this model is {name!r}; features may "
-                    "not mean the same here",
-                    stacklevel=3,
-                )
+            self.warn_other_base_model(path, name)
             out[path] = (hp, mode)
         return out
 
@@ -262,7 +215,7 @@ class VLMUnlearner(SaeBundle):
         hooks = install_sites(
             model, {p: _SiteEditor(a) for p, a in ablators.items()}, modes, allow_stack=allow_stack
         )
-        return UnlearnHandle(hooks, ablators, modes)
+        return UnlearnHandle(hooks, ablators, {p: f"tokens: {m}" for p, m in modes.items()})
 
     # --------------------------------------------------------------- concepts
     def add_concept(
@@ -358,38 +311,19 @@ class VLMUnlearner(SaeBundle):
         return {path: {name: txn.committed[path][name] for name in samples_by_concept} for path in paths}
 
 
-class _StatisticsPass:
-    """Callback of the statistics pass: never edits; encodes the selected tokens, averages them per
-    sample and adds each sample to the current concept (``name``), labelled by ``batch_labels``."""
+class _StatisticsPass(StatisticsRecorder):
+    """Callback of the statistics pass: never edits; each sample (labelled by ``batch_labels``) is one
+    sample of the current concept (``name``), averaged over its selected tokens."""
 
     def __init__(self, entry: VLMHookpointSAE, tokens: str, txn: StatisticsTransaction) -> None:
-        self.entry = entry
-        self.tokens = tokens
-        self.txn = txn
+        super().__init__(entry, txn, extra={TOKENS_KEY: tokens})
         self.name: str | None = None
         self.batch_labels: list[str] = []
         self.seen: set[int] = set()
 
-    def stats(self, name: str | None) -> ConceptStats:
-        """This pass's (uncommitted) statistics for ``name``, tagged with the token set it reads."""
-        stats = self.txn.stats(self.entry.path, name)
-        stats.extra.setdefault(TOKENS_KEY, self.tokens)
-        return stats
-
     def __call__(self, selected: Tensor, site: TokenSite) -> Tensor:
-        sae, lib = self.entry.sae, self.entry.library
-        flat = selected.detach().reshape(-1, selected.shape[-1]).to(sae.device, torch.float32)
-        owner = site.sample_index(selected).to(sae.device)
-        z = lib.encode_pooled(sae, flat, self.entry.calibrator)  # 2-D input: per-token latents [M, n]
-        b = len(self.batch_labels)
-        sums = torch.zeros(b, z.shape[-1], dtype=torch.float64, device=z.device).index_add_(
-            0, owner, z.double()
-        )
-        counts = torch.bincount(owner, minlength=b)
-        present = (counts > 0).nonzero().flatten().tolist()
-        pooled = sums[present] / counts[present].unsqueeze(1)
-        self.stats(self.name).update(pooled.float().cpu(), None)
-        self.seen.update(present)
+        names = [[self.name]] * len(self.batch_labels)
+        self.seen.update(self.record(selected, site.sample_index(selected), names))
         return selected
 
     def finish_batch(self) -> None:
@@ -397,7 +331,7 @@ class _StatisticsPass:
         self.seen = set()
         if missing:
             raise RuntimeError(
-                f"{self.entry.path}: no selected tokens for samples {missing[:3]} (does the prompt "
+                f"{self.path}: no selected tokens for samples {missing[:3]} (does the prompt "
                 "contain the image placeholder? are image tokens what this hookpoint reads?)"
             )
         self.stats(self.name).record_prompts(self.batch_labels)
