@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .cli_config import add_dataclass_options, dataclass_from_args
 from .errors import SAeUronError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -17,51 +18,45 @@ ArgsBuilder = Callable[[argparse.ArgumentParser], None]
 
 
 # ----------------------------------------------------------------------------- train
+# Set by the command itself (from --out and the store's metadata), or not meaningful on the command line.
+_TRAIN_SKIP = ("checkpoint_dir", "hookpoint", "model_family", "base_model", "extra", "progress")
+_PROVENANCE = ("hookpoint", "model_family", "base_model")
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--activations", required=True, help="activation store folder (saeuron collect)")
-    p.add_argument("--out", required=True, help="output folder: cfg.json + sae.safetensors")
-    p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
-    p.add_argument("--expansion-factor", type=int, default=16, help="n = d_in × this (default 16)")
-    p.add_argument("--num-latents", type=int, default=0, help="dictionary size (overrides expansion)")
-    p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4/sqrt(n/2^14))")
-    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step and process")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: --epochs passes)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--encoder", choices=["topk", "threshold"], default="topk",
-                   help="inference encoder saved in cfg.json (θ is calibrated either way)")
-    p.add_argument("--per-token-topk", action="store_true", help="train with TopK instead of BatchTopK")
-    p.add_argument("--auxk-alpha", type=float, default=1 / 32)
-    p.add_argument("--dead-tokens", type=int, default=10_000_000, help="tokens without firing = dead")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: accelerate's choice)")
-    p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    from .sae.train import TrainConfig
+
+    p.add_argument("--activations", required=True, help="activation store (saeuron collect / vlm collect)")
+    p.add_argument("--out", required=True, help="output folder: cfg.json + sae.safetensors (+ checkpoint/)")
+    aliases = {"dead_tokens_threshold": ("--dead-tokens",), "batch_topk": ("--per-token-topk",)}
+    add_dataclass_options(p, TrainConfig, skip=_TRAIN_SKIP, aliases=aliases)
 
 
 def _train(args: argparse.Namespace) -> int:
+    """Train on any activation store (diffusers or VLM): the store's provenance (hookpoint, family,
+    base model) and its other metadata (e.g. the VLM token set) go into cfg.json."""
     from .sae.store import ActivationStore
     from .sae.train import TrainConfig, train_sae
 
     store = ActivationStore(args.activations)
     meta = store.metadata or {}
-    cfg = TrainConfig(
-        k=args.k, expansion_factor=args.expansion_factor, num_latents=args.num_latents, lr=args.lr,
-        batch_size=args.batch_size, steps=args.steps, epochs=args.epochs, encoder=args.encoder,
-        batch_topk=not args.per_token_topk, auxk_alpha=args.auxk_alpha,
-        dead_tokens_threshold=args.dead_tokens, seed=args.seed,
-        checkpoint_dir=str(Path(args.out) / "checkpoint"), checkpoint_every=args.checkpoint_every,
-        resume=args.resume, device=args.device, mixed_precision=args.mixed_precision,
-        hookpoint=meta.get("hookpoint"), model_family=meta.get("model_family"),
-        base_model=meta.get("base_model"))
+    cfg = dataclass_from_args(
+        TrainConfig, args, checkpoint_dir=str(Path(args.out) / "checkpoint"),
+        extra={k: v for k, v in meta.items() if k not in _PROVENANCE},
+        **{k: meta.get(k) for k in _PROVENANCE})
     sae = train_sae(store, cfg)
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate
         sae.save_pretrained(args.out)
         s = sae.training_state
-        print(json.dumps({"out": str(args.out), "steps": s.step, "tokens": s.tokens,
-                          "fvu": round(s.last_fvu, 4), "dead_fraction": round(s.dead_fraction, 4),
-                          "threshold": s.threshold}))
+        print(json.dumps({"out": str(args.out), "hookpoint": sae.cfg.hookpoint, "steps": s.step,
+                          "tokens": s.tokens, "fvu": round(s.last_fvu, 4),
+                          "dead_fraction": round(s.dead_fraction, 4), "threshold": s.threshold}))
     return 0
+
+
+def _vlm_train(args: argparse.Namespace) -> int:
+    print("saeuron vlm train: deprecated, use `saeuron train` (the same options, any store)", file=sys.stderr)
+    return _train(args)
 
 
 # ------------------------------------------------------------------------------ info
@@ -144,7 +139,7 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
     "vlm": ("the same for transformers vision-language models", {
         "collect": ("collect VLM hookpoint activations from (image, prompt) pairs",
                     _lazy(_VLM, "collect_args"), _lazy(_VLM, "collect")),
-        "train": ("train an SAE on a VLM activation store", _lazy(_VLM, "train_args"), _lazy(_VLM, "train")),
+        "train": ("deprecated: `saeuron train` trains on any store", _train_args, _vlm_train),
         "concept": ("concept statistics from images with / without the concept",
                     _lazy(_VLM, "concept_args"), _lazy(_VLM, "concept")),
         "ask": ("answer a question about an image, with and without unlearning",

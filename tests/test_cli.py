@@ -150,3 +150,22 @@ def test_diffusion_commands_end_to_end(tmp_path, capsys):
     assert {p.rsplit("/", 1)[1] for p in written} == {"0000_unlearned.png", "0000_compare.png"}
     assert main(["concept", "show", "--sae", str(bundle), "--name", "green"]) == 2
     assert "unknown concept 'green'" in capsys.readouterr().err
+
+
+def test_train_options_come_from_the_config_and_vlm_train_is_an_alias(capsys):
+    from saeuron_plugin.sae.train import TrainConfig
+
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--lr-warmup-steps" in text and "Linear warm-up steps before the linear decay to zero." in text
+    assert "--no-batch-topk, --per-token-topk" in text and "--dead-tokens" in text
+    args = parser.parse_args(["train", "--activations", "a", "--out", "o", "--k", "8", "--per-token-topk",
+                              "--encoder", "threshold"])
+    from saeuron_plugin.cli_config import dataclass_from_args
+
+    cfg = dataclass_from_args(TrainConfig, args)
+    assert (cfg.k, cfg.batch_topk, cfg.encoder, cfg.lr) == (8, False, "threshold", None)
+    vlm = parser.parse_args(["vlm", "train", "--activations", "a", "--out", "o", "--resume"])
+    assert vlm.resume and vlm.command_name == "vlm train"

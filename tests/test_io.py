@@ -15,12 +15,13 @@ from saeuron_plugin.sae import io as sae_io
 from saeuron_plugin.sae.io import (
     SaeLoadError,
     list_hookpoint_folders,
-    load_sae,
     push_sae_to_hub,
     resolve_repo,
     save_sae,
 )
 from saeuron_plugin.sae.model import SaeConfig, SparseAutoencoder
+
+load_sae = SparseAutoencoder.from_pretrained  # io.load_sae with the class passed in
 
 HOOK = "unet.up_blocks.1.attentions.1"
 SPARSIFY_CFG = {"expansion_factor": 4, "normalize_decoder": True, "num_latents": 0, "k": 4,

@@ -1,4 +1,4 @@
-"""``saeuron vlm collect | train | concept | ask`` handlers on a tiny LLaVA saved to disk (offline)."""
+"""``saeuron vlm collect | concept | ask`` and ``saeuron train`` on a tiny LLaVA saved to disk (offline)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ torch.set_num_threads(1)
 
 from tiny_vlms import image, tiny_llava  # noqa: E402
 
+from saeuron_plugin import cli  # noqa: E402
 from saeuron_plugin.vlm import commands  # noqa: E402
 
 LAYER = "model.language_model.layers.1"
@@ -82,9 +83,9 @@ def test_collect_train_concept_ask(files, capsys):
         capsys,
     )
     assert out["skipped"] == 4 and out["rows"] == {LAYER: 0}  # already stored: resumed
-    out = _run(
-        commands.train_args,
-        commands.train,
+    out = _run(  # one `saeuron train` for every adapter: the store's token set goes into cfg.json
+        cli._train_args,
+        cli._train,
         [
             "--activations",
             str(files / "acts" / LAYER),

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..sae.sites import CollectResult
 from ..sae.store import open_stores
 from .hookpoints import Hookpoint, detect_family, resolve_hookpoint
 from .hooks import install_hooks
@@ -26,14 +26,6 @@ from .hooks import install_hooks
 Sink = Callable[[str, Tensor, Tensor], None]
 Prompt = str | Mapping[str, Any]
 
-
-@dataclass
-class CollectResult:
-    """What a collection run did: prompts generated / skipped as already stored, rows per hookpoint."""
-
-    collected: int = 0
-    skipped: int = 0
-    rows: dict[str, int] = field(default_factory=dict)
 
 
 def prompt_key(index: int, prompt: Prompt) -> str:

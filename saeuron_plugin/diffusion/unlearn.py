@@ -20,16 +20,15 @@ wrapping attention processor, chosen by module type) with τ from the denoiser's
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..sae.ablation import ConceptAblation
+from ..sae.ablation import FeatureAblator
 from ..sae.bundle import (
     BundleEntry,
     DeviceFollowingAblator,
-    PerConcept,
     SaeBundle,
     SaeWidthError,
     StatisticsTransaction,
@@ -89,37 +88,13 @@ class SAeUron(SaeBundle):
         return resolved
 
     # ------------------------------------------------------------------ unlearn
-    def apply(
-        self,
-        pipe: Any,
-        concepts: str | Sequence[str | ConceptAblation],
-        *,
-        strength: PerConcept = None,
-        percentile: PerConcept = None,
-        top_n: int | Mapping[str, int] | None = None,
-        rule: str | None = None,
-        encoder: Literal["topk", "threshold"] | None = None,
-        apply_to: Literal["all", "cond", "uncond"] = "all",
-        hookpoints: Sequence[str] | None = None,
-        legacy_error_sign: bool = False,
-        record_tau: bool = False,
-    ) -> UnlearnHandle:
-        """Install the ablation of ``concepts`` on ``pipe``; returns a handle whose ``remove()`` undoes it.
-
-        ``strength`` (γ = −strength for the reference rule), ``percentile`` and ``top_n`` override
-        the library defaults, for all concepts or per concept (a dict). ``encoder="threshold"``
-        uses the fast subset encoder (needs θ in the SAE or the library). ``apply_to="cond"``
-        edits only conditional CFG rows. ``hookpoints`` restricts where concepts are ablated.
-        Installing on modules that already carry an ablation raises ``HookConflictError`` (also for
-        pipelines made with ``from_pipe``, which share modules).
-        """
-        targets = self.plan(
-            concepts, strength=strength, percentile=percentile, top_n=top_n, rule=rule, hookpoints=hookpoints
-        )
-        self._check_pipe(pipe, list(targets))
-        ablators = self.ablators(
-            targets, encoder=encoder, apply_to=apply_to, legacy_error_sign=legacy_error_sign
-        )
+    def install_ablators(self, pipe: Any, ablators: Mapping[str, FeatureAblator], *,
+                         record_tau: bool = False) -> UnlearnHandle:
+        """Module hooks on ``pipe`` (checked: hookpoints, widths, base model) running the ablators with
+        the denoiser's τ and CFG branch; ``record_tau`` keeps the τ each hook saw (``seen_tau``).
+        Pipelines made with ``from_pipe`` share modules, so installing on both raises
+        ``HookConflictError``."""
+        self._check_pipe(pipe, list(ablators))
         editors = {p: DeviceFollowingAblator(a) for p, a in ablators.items()}
         return UnlearnHandle(install_hooks(pipe, editors, record_tau=record_tau), ablators)
 
@@ -219,8 +194,7 @@ class SAeUron(SaeBundle):
                 on_batch_end=record,
                 **pipe_kwargs,
             )
-        assert txn.committed is not None
-        return {path: {name: txn.committed[path][name] for name in prompts_by_concept} for path in paths}
+        return txn.results(list(prompts_by_concept))
 
 
 class _StatisticsPass(StatisticsRecorder):

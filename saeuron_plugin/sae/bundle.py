@@ -33,6 +33,7 @@ from .calibration import ThresholdCalibrator
 from .concepts import ConceptLibrary, TauGrid, UnknownConceptError
 from .io import CFG_NAME, WEIGHTS_NAME, SaeLoadError, list_hookpoint_folders, load_sae_folder, resolve_repo
 from .model import SparseAutoencoder
+from .sites import UnlearnHandle
 
 CARD_NAME = "README.md"
 PerConcept = float | Mapping[str, float] | None
@@ -97,6 +98,12 @@ class StatisticsTransaction:
         self.bundle.record_calibration(self.paths)
         self.committed = out
         return out
+
+    def results(self, names: Sequence[str | None]) -> dict[str, dict[str | None, Any]]:
+        """After :meth:`commit`: hookpoint → concept → the library's statistics, for ``names``."""
+        if self.committed is None:
+            raise RuntimeError("the statistics pass did not commit")
+        return {path: {name: self.committed[path][name] for name in names} for path in self.paths}
 
     def rollback(self) -> None:
         """Put every calibrator back as it was before the pass (the libraries were never touched)."""
@@ -201,7 +208,7 @@ class SaeBundle:
         )
         available = list_hookpoint_folders(root)
         if not available and (root / CFG_NAME).is_file():  # a single SAE folder naming its hookpoint
-            sae = load_sae_folder(root, device=device, dtype=torch.float32)
+            sae = load_sae_folder(root, sae_class=SparseAutoencoder, device=device, dtype=torch.float32)
             if not sae.cfg.hookpoint:
                 raise SaeLoadError(
                     f"{root} holds one SAE whose cfg.json names no hookpoint; put it in a "
@@ -220,7 +227,8 @@ class SaeBundle:
                 cls._load_entry(
                     root / name,
                     name,
-                    load_sae_folder(root / name, device=device, dtype=torch.float32, hookpoint=name),
+                    load_sae_folder(root / name, sae_class=SparseAutoencoder, device=device,
+                                    dtype=torch.float32, hookpoint=name),
                     tau_grid,
                 )
                 for name in wanted
@@ -406,8 +414,44 @@ class SaeBundle:
             for path, specs in targets.items()
         }
 
-    def apply(self, model: Any, concepts: Any, **options: Any) -> Any:  # pragma: no cover - adapters
-        raise NotImplementedError
+    def apply(
+        self,
+        model: Any,
+        concepts: str | Sequence[str | ConceptAblation],
+        *,
+        strength: PerConcept = None,
+        percentile: PerConcept = None,
+        top_n: int | Mapping[str, int] | None = None,
+        rule: str | None = None,
+        encoder: Literal["topk", "threshold"] | None = None,
+        apply_to: ApplyTo = "all",
+        hookpoints: Sequence[str] | None = None,
+        legacy_error_sign: bool = False,
+        **install: Any,
+    ) -> UnlearnHandle:
+        """Install the ablation of ``concepts`` on ``model``; returns a handle whose ``remove()`` undoes it.
+
+        ``strength`` (γ = −strength for the reference rule), ``percentile``, ``top_n`` and ``rule``
+        override the library defaults, for all concepts or per concept (a dict).
+        ``encoder="threshold"`` uses the fast subset encoder (needs θ in the SAE or the library).
+        ``apply_to="cond"`` edits only rows of the conditional CFG branch (where the runtime knows
+        it). ``hookpoints`` restricts where concepts are ablated (and ablates concepts marked
+        inactive there). Everything else goes to the adapter's :meth:`install_ablators` (diffusers:
+        ``record_tau``; VLMs: ``tokens``, ``allow_stack``). Installing on modules that already carry
+        an ablation raises ``HookConflictError``.
+        """
+        targets = self.plan(
+            concepts, strength=strength, percentile=percentile, top_n=top_n, rule=rule, hookpoints=hookpoints
+        )
+        ablators = self.ablators(
+            targets, encoder=encoder, apply_to=apply_to, legacy_error_sign=legacy_error_sign
+        )
+        return self.install_ablators(model, ablators, **install)
+
+    def install_ablators(self, model: Any, ablators: Mapping[str, FeatureAblator],
+                         **options: Any) -> UnlearnHandle:  # pragma: no cover - adapters
+        """Check ``model`` and hook one ablator per hookpoint into it (each adapter implements this)."""
+        raise NotImplementedError(f"{type(self).__name__} has no runtime to install ablators into")
 
     @contextlib.contextmanager
     def unlearn(

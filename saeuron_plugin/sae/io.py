@@ -17,7 +17,7 @@ import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from huggingface_hub import HfApi, constants, snapshot_download
@@ -33,7 +33,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import NonFiniteError, SAeUronError
-from .model import SaeConfig, SaeConfigError, SparseAutoencoder
+from .config import SaeConfig, SaeConfigError
+
+if TYPE_CHECKING:  # io builds on the config only; the model class is passed in (no io <-> model cycle)
+    from .model import SparseAutoencoder
 
 CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
@@ -265,12 +268,14 @@ def _missing_subfolder_error(root: Path, subfolder: str, available: list[str], s
     return SaeLoadError(f"no SAE subfolder '{subfolder}' in {source} ({root}); {hint}")
 
 
-def load_sae_folder(folder: str | os.PathLike[str], *, device: torch.device | str | None = None,
-                    dtype: torch.dtype | None = None, hookpoint: str | None = None) -> SparseAutoencoder:
-    """Load one local SAE folder (``cfg.json`` + ``sae.safetensors``), validating everything.
+def load_sae_folder(folder: str | os.PathLike[str], *, sae_class: type[SparseAutoencoder],
+                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                    hookpoint: str | None = None) -> SparseAutoencoder:
+    """Load one local SAE folder (``cfg.json`` + ``sae.safetensors``) as ``sae_class``, validating everything.
 
     ``hookpoint`` fills ``cfg.hookpoint`` when the file does not name one (sparsify and SAeUron
-    folders are named after their hookpoint but do not record it).
+    folders are named after their hookpoint but do not record it). Users call
+    ``SparseAutoencoder.from_pretrained``, which passes its own class.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -290,7 +295,7 @@ def load_sae_folder(folder: str | os.PathLike[str], *, device: torch.device | st
     tensors = {k: v.to(target_dtype) for k, v in tensors.items()}
     # Build on the meta device: no random init of a 50M-parameter module just to overwrite it.
     with torch.device("meta"):
-        sae = SparseAutoencoder(cfg, dtype=target_dtype)
+        sae = sae_class(cfg, dtype=target_dtype)
     sae.load_state_dict(tensors, strict=True, assign=True)
     if device is not None:
         sae = sae.to(device)
@@ -298,7 +303,8 @@ def load_sae_folder(folder: str | os.PathLike[str], *, device: torch.device | st
 
 
 def load_sae(path_or_repo_id: str | os.PathLike[str], subfolder: str | None = None, *,
-             revision: str | None = None, device: torch.device | str | None = None,
+             sae_class: type[SparseAutoencoder], revision: str | None = None,
+             device: torch.device | str | None = None,
              dtype: torch.dtype | None = None, cache_dir: str | os.PathLike[str] | None = None,
              token: str | bool | None = None, local_files_only: bool | None = None) -> SparseAutoencoder:
     """Load an SAE from a local folder or a Hugging Face Hub repo (``subfolder`` = hookpoint folder).
@@ -319,7 +325,7 @@ def load_sae(path_or_repo_id: str | os.PathLike[str], subfolder: str | None = No
     is_local = Path(str(path_or_repo_id)).expanduser().exists()
     source = f"local folder {path_or_repo_id}" if is_local else f"Hub repo '{path_or_repo_id}'"
     if not sub:
-        return load_sae_folder(root, device=device, dtype=dtype)
+        return load_sae_folder(root, sae_class=sae_class, device=device, dtype=dtype)
     folder = root / sub
     if not (folder / CFG_NAME).is_file() and not (folder / WEIGHTS_NAME).is_file():
         available = list_hookpoint_folders(root)
@@ -331,7 +337,7 @@ def load_sae(path_or_repo_id: str | os.PathLike[str], subfolder: str | None = No
             except SaeLoadError:
                 available = []
         raise _missing_subfolder_error(root, sub, available, source)
-    return load_sae_folder(folder, device=device, dtype=dtype, hookpoint=Path(sub).name)
+    return load_sae_folder(folder, sae_class=sae_class, device=device, dtype=dtype, hookpoint=Path(sub).name)
 
 
 # ------------------------------------------------------------------------------------------ push

@@ -7,6 +7,7 @@ a module and what time / branch / sample a call is.
   block that raised.
 * :class:`UnlearnHandle` - what ``apply`` returns: the installed sites plus the ablator per
   hookpoint; ``remove()``, ``describe()``, per-site counters.
+* :class:`CollectResult` - what an activation collection did (either runtime).
 * :class:`StatisticsRecorder` - the statistics pass at one hookpoint: encode the rows a call
   selected, average them per sample (prompt image, VLM sample), add each sample to the concepts
   it belongs to, inside a :class:`~.bundle.StatisticsTransaction` (nothing lands unless the whole
@@ -16,6 +17,7 @@ a module and what time / branch / sample a call is.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -109,6 +111,15 @@ class UnlearnHandle:
         return f"UnlearnHandle({state}, {', '.join(f'{p}: {a.concepts}' for p, a in self.ablators.items())})"
 
 
+@dataclass
+class CollectResult:
+    """What a collection run did: prompts / samples run, skipped as already stored, rows per hookpoint."""
+
+    collected: int = 0
+    skipped: int = 0
+    rows: dict[str, int] = field(default_factory=dict)
+
+
 class StatisticsRecorder:
     """The statistics pass at one hookpoint (never edits).
 
@@ -155,4 +166,4 @@ class StatisticsRecorder:
         return present
 
 
-__all__ = ["InstalledSites", "Site", "StatisticsRecorder", "UnlearnHandle"]
+__all__ = ["CollectResult", "InstalledSites", "Site", "StatisticsRecorder", "UnlearnHandle"]

@@ -30,8 +30,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import BadFileError, SAeUronError, TrainingDivergedError
+from .config import EncoderMode, SaeConfig
 from .files import read_json_object, read_safetensors
-from .model import EncoderMode, SaeConfig, SparseAutoencoder
+from .model import SparseAutoencoder
 
 DataSource = Iterable[Tensor] | Callable[[], Iterable[Tensor]] | Any
 

@@ -10,13 +10,13 @@ re-run. A callable ``sink(hookpoint, rows)`` can take the rows instead (streamin
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..sae.sites import CollectResult
 from ..sae.store import open_stores
 from .hookpoints import VLMHookpoint, check_tokens, hookpoint_index, pad_token_id, resolve_hookpoint
 from .hooks import Callback, TokenSite, install_sites
@@ -24,14 +24,6 @@ from .inputs import Sample, iter_batches, make_samples, to_device
 
 Sink = Callable[[str, Tensor], None]
 
-
-@dataclass
-class CollectResult:
-    """What a collection run did: samples run / skipped as already stored, rows per hookpoint."""
-
-    collected: int = 0
-    skipped: int = 0
-    rows: dict[str, int] = field(default_factory=dict)
 
 
 def model_name(model: Any) -> str | None:

@@ -170,68 +170,6 @@ def collect(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- train
-def train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--activations", required=True, help="activation store folder (saeuron vlm collect)")
-    p.add_argument("--out", required=True, help="output folder: cfg.json + sae.safetensors")
-    p.add_argument("--k", type=int, default=32, help="active latents per token (default 32)")
-    p.add_argument("--expansion-factor", type=int, default=16, help="n = d_in × this (default 16)")
-    p.add_argument("--num-latents", type=int, default=0, help="dictionary size (overrides expansion)")
-    p.add_argument("--lr", type=float, default=None, help="Adam lr (default 2e-4/sqrt(n/2^14))")
-    p.add_argument("--batch-size", type=int, default=4096, help="tokens per step")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: --epochs passes)")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--encoder", choices=["topk", "threshold"], default="topk")
-    p.add_argument("--dead-tokens", type=int, default=10_000_000, help="tokens without firing = dead")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: accelerate's choice)")
-
-
-def train(args: argparse.Namespace) -> int:
-    """Train an SAE on a VLM activation store; its hookpoint, family and token set go into cfg.json."""
-    from ..sae.store import ActivationStore
-    from ..sae.train import TrainConfig, train_sae
-    from .unlearn import TOKENS_KEY
-
-    store = ActivationStore(args.activations)
-    meta = store.metadata or {}
-    extra = {TOKENS_KEY: meta["tokens"]} if meta.get("tokens") else {}
-    cfg = TrainConfig(
-        k=args.k,
-        expansion_factor=args.expansion_factor,
-        num_latents=args.num_latents,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        epochs=args.epochs,
-        encoder=args.encoder,
-        dead_tokens_threshold=args.dead_tokens,
-        seed=args.seed,
-        device=args.device,
-        progress=False,
-        hookpoint=meta.get("hookpoint"),
-        model_family=meta.get("model_family"),
-        base_model=meta.get("base_model"),
-        extra=extra,
-    )
-    sae = train_sae(store, cfg)
-    sae.save_pretrained(args.out)
-    s = sae.training_state
-    print(
-        json.dumps(
-            {
-                "out": str(args.out),
-                "hookpoint": sae.cfg.hookpoint,
-                "steps": s.step,
-                "tokens": s.tokens,
-                "fvu": round(s.last_fvu, 4),
-                "dead_fraction": round(s.dead_fraction, 4),
-            }
-        )
-    )
-    return 0
-
-
 # ----------------------------------------------------------------------------- concept
 def concept_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
@@ -377,4 +315,4 @@ def ask(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["ask", "ask_args", "collect", "collect_args", "concept", "concept_args", "train", "train_args"]
+__all__ = ["ask", "ask_args", "collect", "collect_args", "concept", "concept_args"]

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from ..sae.ablation import ConceptAblation, FeatureAblator
+from ..sae.ablation import FeatureAblator
 from ..sae.bundle import (
     BundleEntry,
     DeviceFollowingAblator,
-    PerConcept,
     SaeBundle,
     SaeWidthError,
     StatisticsTransaction,
@@ -184,34 +183,19 @@ class VLMUnlearner(SaeBundle):
         return out
 
     # ---------------------------------------------------------------- unlearn
-    def apply(
+    def install_ablators(
         self,
         model: nn.Module,
-        concepts: str | Sequence[str | ConceptAblation],
+        ablators: Mapping[str, FeatureAblator],
         *,
-        strength: PerConcept = None,
-        percentile: PerConcept = None,
-        top_n: int | Mapping[str, int] | None = None,
-        rule: str | None = None,
-        encoder: Literal["topk", "threshold"] | None = None,
         tokens: str | Mapping[str, str] | None = None,
-        hookpoints: Sequence[str] | None = None,
-        legacy_error_sign: bool = False,
         allow_stack: bool = False,
     ) -> UnlearnHandle:
-        """Install the ablation of ``concepts`` on ``model``; the handle's ``remove()`` undoes it.
-
-        ``strength`` (γ = −strength), ``percentile``, ``top_n`` and ``rule`` override the library
-        defaults, for all concepts or per concept (a dict). ``tokens`` overrides the token set
-        edited at each hookpoint (default: the one the SAE was made for). ``hookpoints`` limits
-        where concepts are ablated (and ablates concepts marked inactive there).
-        """
-        targets = self.plan(
-            concepts, strength=strength, percentile=percentile, top_n=top_n, rule=rule, hookpoints=hookpoints
-        )
-        checked = self.check_model(model, list(targets), tokens)
-        ablators = self.ablators(targets, encoder=encoder, legacy_error_sign=legacy_error_sign)
-        modes = {p: checked[p][1] for p in targets}
+        """Token-site hooks on ``model`` (checked: hookpoints, widths, token sets, base model) running the
+        ablators on the selected tokens. ``tokens`` overrides the token set edited at each hookpoint
+        (default: the one the SAE was made for)."""
+        checked = self.check_model(model, list(ablators), tokens)
+        modes = {p: checked[p][1] for p in ablators}
         hooks = install_sites(
             model, {p: _SiteEditor(a) for p, a in ablators.items()}, modes, allow_stack=allow_stack
         )
@@ -307,8 +291,7 @@ class VLMUnlearner(SaeBundle):
                 )
             for path in paths:  # the ablation must edit the tokens the statistics saw
                 self.hookpoints[path].sae.cfg.extra[TOKENS_KEY] = checked[path][1]
-        assert txn.committed is not None
-        return {path: {name: txn.committed[path][name] for name in samples_by_concept} for path in paths}
+        return txn.results(list(samples_by_concept))
 
 
 class _StatisticsPass(StatisticsRecorder):
