@@ -215,7 +215,7 @@ def test_token_site_masks_tuple_outputs_and_padding(mode, expect):
     sel = torch.tensor(expect, dtype=torch.bool)
     assert torch.equal(seen[0], sel)
     assert torch.equal(out[sel], -plain[sel]) and torch.equal(out[~sel], plain[~sel])
-    assert not tracker.active  # cleared after the call
+    assert not tracker.in_call  # cleared after the call
     with pytest.raises(HookConflictError):
         TokenSite(hp, mode, tracker, negate)
     site.remove()

@@ -209,7 +209,7 @@ def test_hooks_removed_on_exit_and_errors(setup: Setup):
     handle = setup.unlearner.apply(model, "red", top_n=3)
     with pytest.raises(Exception):  # noqa: B017 - whatever the model raises
         setup.logits(bad)
-    assert not handle.hooks.tracker.active  # the post-hook ran although forward failed
+    assert not handle.hooks.tracker.in_call  # the post-hook ran although forward failed
     handle.remove()
     handle.remove()  # idempotent
     assert _no_hooks(model)

@@ -28,10 +28,9 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import HookConflictError
-from ..sae.sites import InstalledSites
+from ..sae.sites import EditSite, InstalledSites
 from .hookpoints import Hookpoint, get_denoiser, resolve_hookpoint, to_tokens
 from .timestep import TimestepTracker
 
@@ -44,7 +43,7 @@ class Editor(Protocol):
 
 
 
-class EditHook:
+class EditHook(EditSite):
     """Forward hook editing one module's output (feature map, token tensor, joint-stream tuple or
     an ``Attention``'s processor output) with τ and the branch mask of the running denoiser call."""
 
@@ -55,32 +54,19 @@ class EditHook:
         self.tracker = tracker
         self.record_tau = record_tau
         self.seen_tau: list[Tensor | None] = []
-        self.calls = self.edits = 0
-        module = hookpoint.module
-        if not allow_stack and any(isinstance(h, EditHook) for h in module._forward_hooks.values()):
-            raise HookConflictError(f"{hookpoint.path} already has an editing hook installed (remove it "
-                                    "first, or pass allow_stack=True to apply both)")
-        self._handle: RemovableHandle | None = module.register_forward_hook(self)
+        super().__init__(hookpoint.path, hookpoint.module, allow_stack=allow_stack)
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        tokens, restore = to_tokens(output, self.hookpoint.output_index)
+    def select(self, output: Any) -> tuple[Tensor, Any]:
+        return to_tokens(output, self.hookpoint.output_index)
+
+    def edit(self, tokens: Tensor) -> Tensor:
         tau, mask = self.tracker.tau, self.tracker.cond_mask
         if tau is not None and tau.shape[0] != tokens.shape[0]:
-            raise RuntimeError(f"{self.hookpoint.path}: activation batch {tokens.shape[0]} does not match "
+            raise RuntimeError(f"{self.path}: activation batch {tokens.shape[0]} does not match "
                                f"the denoiser batch {tau.shape[0]}")
-        self.calls += 1
         if self.record_tau:
             self.seen_tau.append(None if tau is None else tau.detach().clone())
-        edited = self.editor(tokens, tau, mask)
-        if edited is tokens:
-            return output
-        self.edits += 1
-        return restore(edited)
-
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        return self.editor(tokens, tau, mask)
 
 
 def cache_hooks(denoiser: nn.Module) -> list[str]:
@@ -121,3 +107,6 @@ def install_hooks(pipe: Any, editors: Mapping[str, Editor], *, tracker: Timestep
         installed.remove()
         raise
     return installed
+
+
+__all__ = ["EditHook", "Editor", "HookConflictError", "InstalledHooks", "cache_hooks", "install_hooks"]

@@ -37,8 +37,8 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
+from ..sae.sites import CallTracker
 from .hookpoints import detect_family, get_denoiser
 
 CfgLayout = Literal["auto", "uncond_cond", "none", "unknown"]
@@ -46,7 +46,7 @@ CfgLayout = Literal["auto", "uncond_cond", "none", "unknown"]
 _UNIT_TIME_FAMILIES = frozenset({"flux"})
 
 
-class TimestepTracker:
+class TimestepTracker(CallTracker):
     """Record τ and the conditional-row mask of the running denoiser call.
 
     ``tau`` ([B] float32 or None outside a call), ``cond_mask`` ([B] bool or None when the branch
@@ -69,54 +69,34 @@ class TimestepTracker:
         params = list(inspect.signature(self.denoiser.forward).parameters)
         self._t_pos = params.index("timestep") if "timestep" in params else 1
         self._x_name = params[0]
-        self.tau: Tensor | None = None
-        self.cond_mask: Tensor | None = None
-        self.timestep: Tensor | float | None = None
         self._branch: str | None = None
         self._warned_range = False
         self._checked_device = False
         self._edm_cache: tuple[tuple[int, float, float], tuple[float, float]] | None = None
         self._masks: dict[tuple[int, int, str], Tensor] = {}
-        self._handles: list[RemovableHandle] = []
         self._context_wrapper: Callable[..., Any] | None = None
-        self.install()
+        super().__init__(self.denoiser)
 
     # ----------------------------------------------------------- lifecycle
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     def install(self) -> TimestepTracker:
-        """Register the hooks (done by the constructor; again after :meth:`remove`)."""
-        if self._handles:
-            return self
-        self._handles = [
-            self.denoiser.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-            self.denoiser.register_forward_hook(self._post_hook, always_call=True),
-        ]
-        original = getattr(self.denoiser, "cache_context", None)
-        if callable(original):
-            self._context_wrapper = self._wrap_cache_context(original)
-            self.denoiser.__dict__["cache_context"] = self._context_wrapper
+        """Register the hooks (done by the constructor; again after :meth:`remove`) and observe
+        ``cache_context`` (the branch name of split CFG calls)."""
+        if not self.active:
+            super().install()
+            original = getattr(self.denoiser, "cache_context", None)
+            if callable(original):
+                self._context_wrapper = self._wrap_cache_context(original)
+                self.denoiser.__dict__["cache_context"] = self._context_wrapper
         return self
 
     def remove(self) -> None:
         """Remove the hooks and the cache-context observer; idempotent."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        super().remove()
         installed = self.denoiser.__dict__.get("cache_context")
         if self._context_wrapper is not None and installed is self._context_wrapper:
             del self.denoiser.__dict__["cache_context"]
         self._context_wrapper = None
-        self.tau = self.cond_mask = self.timestep = None
         self._branch = None
-
-    def __enter__(self) -> TimestepTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
 
     # ---------------------------------------------------------------- hooks
     @property
@@ -130,7 +110,7 @@ class TimestepTracker:
         n = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
         return float(n or 1000)
 
-    def _pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = kwargs[self._x_name] if self._x_name in kwargs else args[0]
         t = kwargs.get("timestep") if "timestep" in kwargs else (
             args[self._t_pos] if len(args) > self._t_pos else None)
@@ -139,8 +119,10 @@ class TimestepTracker:
         self.tau = None if t is None else self._normalise(t, batch, x.device)
         self.cond_mask = self._cond_mask(x, batch)
 
-    def _post_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.tau = self.cond_mask = self.timestep = None
+    def _clear(self) -> None:
+        self.tau: Tensor | None = None
+        self.cond_mask: Tensor | None = None
+        self.timestep: Tensor | float | None = None
 
     def _edm_range(self) -> tuple[float, float] | None:
         """(c_noise at σ_min, at σ_max) when the scheduler conditions on EDM's c_noise, else None."""

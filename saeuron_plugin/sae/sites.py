@@ -2,6 +2,8 @@
 recorder. Tensors only; each adapter (diffusers, transformers VLMs, ComfyUI) supplies just how to find
 a module and what time / branch / sample a call is.
 
+* :class:`CallTracker` - the call context (pre-hook records, post-hook clears) on the top module.
+* :class:`EditSite` - a forward hook showing an editor the tokens of one module's output.
 * :class:`InstalledSites` - what one install call put in place (per-hookpoint *sites*, each with a
   ``remove()``, and the call-context tracker), removed together, idempotently, also from a ``with``
   block that raised.
@@ -16,13 +18,15 @@ a module and what time / branch / sample a call is.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
+from ..errors import HookConflictError
 from .concepts import ConceptLibrary
 
 
@@ -30,6 +34,96 @@ class Site(Protocol):
     """One installed hook at one hookpoint."""
 
     def remove(self) -> None: ...
+
+
+class CallTracker:
+    """Call context of the top module (a denoiser, a VLM): a forward pre-hook records what the call
+    is (:meth:`_record`: τ and CFG branch, token layout...), a forward hook clears it afterwards
+    (``always_call``: also when the call raised), so a stale record is never used.
+
+    Subclasses implement :meth:`_record` and :meth:`_clear`. Removing twice is harmless;
+    :meth:`install` registers again after :meth:`remove`.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self._handles: list[RemovableHandle] = []
+        self._clear()
+        self.install()
+
+    @property
+    def active(self) -> bool:
+        """Whether the hooks are installed."""
+        return bool(self._handles)
+
+    def install(self) -> CallTracker:
+        if not self._handles:
+            self._handles = [
+                self.module.register_forward_pre_hook(self._record, with_kwargs=True),
+                self.module.register_forward_hook(lambda *_: self._clear(), always_call=True),
+            ]
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._clear()
+
+    def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _clear(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> CallTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+class EditSite:
+    """A forward hook on one module that shows an editor the tokens of its output.
+
+    Subclasses say which tokens (:meth:`select`: the tokens and how to put edited ones back, or
+    None to skip this call) and how the editor is called (:meth:`edit`, with the call context of
+    their runtime). An edit that returns its input object means "unchanged": the module output
+    passes on as is. One site per module unless ``allow_stack`` (then both apply, in order);
+    ``prepend`` runs it before the module's other forward hooks.
+    """
+
+    def __init__(self, path: str, module: nn.Module, *, allow_stack: bool = False,
+                 prepend: bool = False) -> None:
+        if not allow_stack and any(isinstance(h, EditSite) for h in module._forward_hooks.values()):
+            raise HookConflictError(f"{path} already has an editing hook installed (remove it first, or "
+                                    "pass allow_stack=True to apply both)")
+        self.path = path
+        self.calls = self.edits = 0
+        self._handle: RemovableHandle | None = module.register_forward_hook(self, prepend=prepend)
+
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+        self.calls += 1
+        selected = self.select(output)
+        if selected is None:
+            return output
+        tokens, restore = selected
+        edited = self.edit(tokens)
+        if edited is tokens:
+            return output
+        self.edits += 1
+        return restore(edited)
+
+    def select(self, output: Any) -> tuple[Tensor, Callable[[Tensor], Any]] | None:
+        raise NotImplementedError
+
+    def edit(self, tokens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 class InstalledSites:
@@ -166,4 +260,5 @@ class StatisticsRecorder:
         return present
 
 
-__all__ = ["CollectResult", "InstalledSites", "Site", "StatisticsRecorder", "UnlearnHandle"]
+__all__ = ["CallTracker", "CollectResult", "EditSite", "InstalledSites", "Site", "StatisticsRecorder",
+           "UnlearnHandle"]

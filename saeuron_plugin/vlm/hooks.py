@@ -27,10 +27,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..errors import HookConflictError
-from ..sae.sites import InstalledSites
+from ..sae.sites import CallTracker, EditSite, InstalledSites
 from .hookpoints import (
     HookpointIndex,
     TokenMode,
@@ -43,26 +42,19 @@ from .hookpoints import (
 )
 
 Callback = Callable[[Tensor, "TokenSite"], Tensor]
-_SITE_ATTR = "_saeuron_vlm_sites"
 
 
 
-class InputTracker:
+class InputTracker(CallTracker):
     """Pre-hook on the top model recording the token layout of the current call."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.image_token_id = image_token_id(model)
-        self.input_ids: Tensor | None = None
-        self.attention_mask: Tensor | None = None
-        self.batch_size: int | None = None
-        self.seq_len: int | None = None
-        self.active = False
         self.calls = 0
-        self._pre = model.register_forward_pre_hook(self._before, with_kwargs=True)
-        self._post = model.register_forward_hook(self._after, always_call=True)
+        super().__init__(model)
 
-    def _before(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
         embeds = kwargs.get("inputs_embeds")
         mask = kwargs.get("attention_mask")
@@ -73,13 +65,15 @@ class InputTracker:
         else:
             self.batch_size = self.seq_len = None
         self.attention_mask = mask if isinstance(mask, Tensor) and mask.dim() == 2 else None
-        self.active = True
+        self.in_call = True
         self.calls += 1
 
-    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.input_ids = self.attention_mask = None
-        self.batch_size = self.seq_len = None
-        self.active = False
+    def _clear(self) -> None:
+        self.input_ids: Tensor | None = None
+        self.attention_mask: Tensor | None = None
+        self.batch_size: int | None = None
+        self.seq_len: int | None = None
+        self.in_call = False
 
     # ------------------------------------------------------------------ masks
     def valid(self) -> Tensor | None:
@@ -113,12 +107,7 @@ class InputTracker:
             return None
         return (self.input_ids == self.image_token_id).sum(1).cpu()
 
-    def remove(self) -> None:
-        self._pre.remove()
-        self._post.remove()
-
-
-class TokenSite:
+class TokenSite(EditSite):
     """Forward hook at one hookpoint: selected tokens → ``callback`` → written back if edited."""
 
     def __init__(
@@ -134,52 +123,35 @@ class TokenSite:
         self.tokens = tokens
         self.tracker = tracker
         self.callback = callback
-        self.calls = 0
-        self.edits = 0
         self.last_mask: Tensor | None = None
-        module = hookpoint.module
-        sites = module.__dict__.setdefault(_SITE_ATTR, [])
-        if sites and not allow_stack:
-            raise HookConflictError(
-                f"{hookpoint.path} already has an editing hook installed (remove it first, "
-                "or pass allow_stack=True to apply both)"
-            )
-        sites.append(self)
         # prepend: run before hooks already there, e.g. the output-capturing hooks transformers 5.x puts on
         # layers at the first forward (LLaVA reads its image features from those captured hidden states)
-        self._handle: RemovableHandle | None = module.register_forward_hook(self, prepend=True)
+        super().__init__(hookpoint.path, hookpoint.module, allow_stack=allow_stack, prepend=True)
 
-    @property
-    def path(self) -> str:
-        return self.hookpoint.path
-
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def select(self, output: Any) -> tuple[Tensor, Callable[[Tensor], Any]] | None:
         hidden, restore = to_hidden(output, self.path)
-        self.calls += 1
-        mask = self._mask(hidden)
-        self.last_mask = mask
+        mask = self.last_mask = self._mask(hidden)
         if mask is None:
-            selected = hidden
-        else:
-            if not bool(mask.any()):
-                return output
-            selected = hidden[mask]
-        edited = self.callback(selected, self)
-        if edited is selected:
-            return output
-        self.edits += 1
-        if mask is None:
-            return restore(edited.to(hidden.dtype))
-        out = hidden.clone()
-        out[mask] = edited.to(hidden.dtype)
-        return restore(out)
+            return hidden, lambda edited: restore(edited.to(hidden.dtype))
+        if not bool(mask.any()):
+            return None
+
+        def write_back(edited: Tensor) -> Any:
+            out = hidden.clone()
+            out[mask] = edited.to(hidden.dtype)
+            return restore(out)
+
+        return hidden[mask], write_back
+
+    def edit(self, tokens: Tensor) -> Tensor:
+        return self.callback(tokens, self)
 
     def _mask(self, hidden: Tensor) -> Tensor | None:
         """Selection over ``hidden.shape[:-1]`` (None: every token)."""
         tracker = self.tracker
         if self.hookpoint.image_only:
             return None
-        if not tracker.active:
+        if not tracker.in_call:
             if self.tokens == "all":
                 return None
             raise RuntimeError(
@@ -234,17 +206,6 @@ class TokenSite:
                 raise RuntimeError(f"{where} ({rows} rows, image tokens {counts.tolist()}); use batch_size=1")
             owner = torch.arange(b).repeat_interleave(counts * rows // total)
         return owner.repeat_interleave(per_row)
-
-    def remove(self) -> None:
-        if self._handle is None:
-            return
-        self._handle.remove()
-        self._handle = None
-        sites = self.hookpoint.module.__dict__.get(_SITE_ATTR, [])
-        if self in sites:
-            sites.remove(self)
-        if not sites:
-            self.hookpoint.module.__dict__.pop(_SITE_ATTR, None)
 
 
 InstalledHooks = InstalledSites
