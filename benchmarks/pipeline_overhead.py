@@ -65,9 +65,10 @@ class TimedTracker(TimestepTracker):
     """The tracker ``install_hooks`` would make, with its two hooks timed by ``clock``."""
 
     def __init__(self, pipe, clock: HookClock) -> None:
-        self._pre_hook = clock.wrap(self._pre_hook)  # bound before install() registers them
-        self._post_hook = clock.wrap(self._post_hook)
+        self._record = clock.wrap(self._record)  # bound before install() registers them
+        self._clear = clock.wrap(self._clear)
         super().__init__(pipe)
+        clock.seconds = 0.0  # the constructor's own first clear is not a hook call
 
 
 def pipeline_flops(pipe, prompts, steps, guidance, paths: list[str]) -> tuple[float, dict[str, int]]:

@@ -77,12 +77,7 @@ class ConceptRecorder:
         if cond_mask is not None:
             taus = taus[cond_mask.cpu()]
         sae = self.sae
-        pre = sae.pre_acts(rows.to(sae.device, torch.float32))
-        if sae.cfg.encoder == "threshold":
-            z = pre * (pre > sae.cfg.threshold)
-        else:
-            values, indices = pre.topk(sae.cfg.k, dim=-1, sorted=False)
-            z = torch.zeros_like(pre).scatter_(-1, indices, values)
+        z = sae.encode(rows.to(sae.device, torch.float32))  # [b, tokens, n]
         pooled = z.mean(dim=1)  # [b, n]
         out: dict[str, list[tuple[float, float]]] = {}
         for name in self.concepts:

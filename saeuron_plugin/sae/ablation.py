@@ -52,9 +52,10 @@ from torch import Tensor
 
 from ..errors import NonFiniteError
 from .calibration import ThresholdCalibrator, calibrate_threshold
-from .concepts import ConceptLibrary, TauGrid
+from .library import ConceptLibrary
 from .model import SparseAutoencoder
 from .selection import FeatureSelection, concept_scores, select_features
+from .tau import TauGrid
 
 ApplyTo = Literal["all", "cond", "uncond"]
 _COPY_ROWS_BYTES = 32 << 20  # per-bucket copies of the selected SAE rows up to this size

@@ -30,10 +30,12 @@ import torch
 from ..errors import SAeUronError
 from .ablation import ApplyTo, ConceptAblation, FeatureAblator
 from .calibration import ThresholdCalibrator
-from .concepts import ConceptLibrary, TauGrid, UnknownConceptError
 from .io import CFG_NAME, WEIGHTS_NAME, SaeLoadError, list_hookpoint_folders, load_sae_folder, resolve_repo
+from .library import ConceptLibrary
 from .model import SparseAutoencoder
 from .sites import UnlearnHandle
+from .stats import UnknownConceptError
+from .tau import TauGrid
 
 CARD_NAME = "README.md"
 PerConcept = float | Mapping[str, float] | None

@@ -133,7 +133,14 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Dense latents [..., n] with zeros off the active set (per the configured encoder)."""
-        pre = self.pre_acts(x)
+        return self.activate(self.pre_acts(x))
+
+    def activate(self, pre: Tensor) -> Tensor:
+        """The configured encoder applied to pre-activations [..., n]: θ-gated, or TopK per token.
+
+        The one place that turns pre-activations into latents: ``encode``, the statistics pass
+        (which shares ``pre`` with θ calibration) and ComfyUI's concept detector all call it.
+        """
         if self.cfg.encoder == "threshold":
             return pre * (pre > self.cfg.threshold)
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)

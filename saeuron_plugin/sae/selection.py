@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from .concepts import ConceptLibrary, TauGrid
+    from .library import ConceptLibrary
+    from .tau import TauGrid
 
 SCORE_DELTA = 1e-8
 

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import HookConflictError
-from .concepts import ConceptLibrary
+from .library import ConceptLibrary
 
 
 class Site(Protocol):
