@@ -16,6 +16,7 @@ _LAZY = {
     "SaeOutput": "saeuron_plugin.sae.model",
     "ActivationStore": "saeuron_plugin.sae.store",
     "TrainConfig": "saeuron_plugin.sae.train",
+    "Trainer": "saeuron_plugin.sae.train",
     "train_sae": "saeuron_plugin.sae.train",
     "SAeUron": "saeuron_plugin.diffusion.unlearn",
     "VLMUnlearner": "saeuron_plugin.vlm.unlearn",

@@ -36,7 +36,7 @@ def _train(args: argparse.Namespace) -> int:
     """Train on any activation store (diffusers or VLM): the store's provenance (hookpoint, family,
     base model) and its other metadata (e.g. the VLM token set) go into cfg.json."""
     from .sae.store import ActivationStore
-    from .sae.train import TrainConfig, train_sae
+    from .sae.train import TrainConfig, Trainer
 
     store = ActivationStore(args.activations)
     meta = store.metadata or {}
@@ -44,10 +44,9 @@ def _train(args: argparse.Namespace) -> int:
         TrainConfig, args, checkpoint_dir=str(Path(args.out) / "checkpoint"),
         extra={k: v for k, v in meta.items() if k not in _PROVENANCE},
         **{k: meta.get(k) for k in _PROVENANCE})
-    sae = train_sae(store, cfg)
+    sae, s = Trainer(store, cfg).fit()
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate
         sae.save_pretrained(args.out)
-        s = sae.training_state
         print(json.dumps({"out": str(args.out), "hookpoint": sae.cfg.hookpoint, "steps": s.step,
                           "tokens": s.tokens, "fvu": round(s.last_fvu, 4),
                           "dead_fraction": round(s.dead_fraction, 4), "threshold": s.threshold}))

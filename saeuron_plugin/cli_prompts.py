@@ -1,11 +1,27 @@
-"""Options shared by the adapters' subcommands (``--prompt``, ``--prompts FILE``, ``--contrast``)."""
+"""Options shared by the adapters' subcommands: the model (``--model``, ``--device``, ``--dtype``), the
+stores (``--store-dtype``), prompts (``--prompt``, ``--prompts FILE``) and ``--contrast``."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+import torch
+
 from .sae.selection import CONTRAST_MODES
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def model_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--model`` (``what``: a folder or Hub id), ``--device`` and ``--dtype``."""
+    p.add_argument("--model", required=True, help=f"{what} folder or Hub id")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (SAE math stays fp32)")
+
+
+def store_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store-dtype", choices=list(DTYPES), default="fp16", help="activation store dtype")
 
 
 def prompt_args(args: argparse.Namespace) -> list[str]:

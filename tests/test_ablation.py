@@ -363,7 +363,7 @@ def test_property_kth_largest_equals_topk(rows, n, k, ties, blocked, seed):
        ties=st.booleans(), seed=st.integers(0, 2**16))
 def test_property_members_above_gate_equal_topk_membership(rows, n, k, picked, ties, seed):
     """The counting shortcut decides exactly what ``topk`` membership + the gate decide, ties included."""
-    from saeuron_plugin.sae.ablation import _members_above_gate
+    from saeuron_plugin.sae.kernels import _members_above_gate
 
     k, picked = min(k, n), min(picked, n)
     gen = torch.Generator().manual_seed(seed)

@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from saeuron_plugin.sae.model import SaeConfig, SparseAutoencoder
 from saeuron_plugin.sae.train import (
     TrainConfig,
+    Trainer,
     TrainingDataError,
     _rebatch,
     geometric_median,
+    train_config,
     train_sae,
 )
 
@@ -60,9 +62,10 @@ def test_auxk_revives_dead_latents():
     x, _ = planted_data(d=32, atoms=128, k_true=4, n=32_768, seed=2)
     dead = {}
     for alpha in (1 / 32, 0.0):
-        sae = train_sae(list(x.split(4096)), init=_half_dead_sae(32, 256, 4), batch_size=256,
-                        steps=1500, auxk_alpha=alpha, dead_tokens_threshold=2048, progress=False)
-        dead[alpha] = sae.training_state.dead_fraction
+        cfg = train_config(batch_size=256, steps=1500, auxk_alpha=alpha, dead_tokens_threshold=2048,
+                           progress=False)
+        _, state = Trainer(list(x.split(4096)), cfg, init=_half_dead_sae(32, 256, 4)).fit()
+        dead[alpha] = state.dead_fraction
     assert dead[0.0] >= 0.74, f"AuxK off: dead fraction {dead[0.0]:.2f} should stay at 0.75"
     assert dead[1 / 32] <= dead[0.0] - 0.1, f"AuxK on revived too little: {dead}"
 
@@ -84,9 +87,9 @@ def test_resume_is_bit_exact(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_sae(interrupted, **common, checkpoint_dir=str(ckpt), checkpoint_every=25)
     assert (ckpt / "trainer_state.json").exists()
-    resumed = train_sae(chunks, **common, checkpoint_dir=str(ckpt), checkpoint_every=25,
-                        resume=True)
-    assert resumed.training_state.resumed_from == 25
+    resumed, state = Trainer(chunks, train_config(**common, checkpoint_dir=str(ckpt), checkpoint_every=25,
+                                                  resume=True)).fit()
+    assert state.resumed_from == 25
     for name, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
     assert full.cfg.threshold == resumed.cfg.threshold

@@ -14,9 +14,7 @@ from typing import Any
 
 import torch
 
-from ..cli_prompts import contrast_arg, prompt_args
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from ..cli_prompts import DTYPES, contrast_arg, model_args, prompt_args, store_dtype_arg
 
 
 # ----------------------------------------------------------------------------- shared
@@ -36,10 +34,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: str = "fp32") ->
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="diffusers pipeline folder or Hub id")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32",
-                   help="pipeline dtype (SAE math stays fp32)")
+    model_args(p, "diffusers pipeline")
 
 
 def _generation_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
@@ -60,7 +55,7 @@ def collect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder: one activation store per hookpoint")
     p.add_argument("--tokens-per-step", type=int, default=None, help="random tokens kept per image and step")
     p.add_argument("--all-rows", action="store_true", help="keep unconditional CFG rows too")
-    p.add_argument("--store-dtype", choices=list(DTYPES), default="fp16")
+    store_dtype_arg(p)
 
 
 def collect(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from ..sae.concepts import TauGrid
 from ..sae.files import read_json, read_json_object
 from ..sae.io import atomic_write, resolve_repo
 from ..sae.store import ActivationStore
-from ..sae.train import TrainConfig, train_sae
+from ..sae.train import TrainConfig, Trainer
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
@@ -216,7 +216,7 @@ def collect_and_train(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] =
     for hp in cfg.hookpoints:
         store = ActivationStore(work / "activations" / hp)
         t0 = time.time()
-        sae = train_sae(
+        sae, s = Trainer(
             store,
             TrainConfig(
                 k=cfg.k,
@@ -231,8 +231,7 @@ def collect_and_train(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] =
                 dead_tokens_threshold=200_000,
                 progress=False,
             ),
-        )
-        s = sae.training_state
+        ).fit()
         log(
             f"trained {hp}: {s.step} steps, FVU {s.last_fvu:.3f}, dead {s.dead_fraction:.1%}, "
             f"θ {s.threshold:.4g} ({time.time() - t0:.0f} s)"

@@ -1,4 +1,4 @@
-"""Ablation rules and the error-preserving edit that adapters apply to activations.
+"""The error-preserving edit that adapters apply to activations (rules and specs: :mod:`.spec`).
 
 For each token and each latent i selected for concept c at the current τ bucket (see
 :mod:`.selection`), when the latent is *active* for the concept, z_i > μ(i, τ, D) (the mean over
@@ -24,8 +24,8 @@ without its full-width x − b_dec pass). ``topk`` encoder: the full encode (n·
 whether a latent is among the token's k winners, as the reference does. On CPU only the tokens
 where a selected latent exceeds its gate are fully encoded (nowhere else can anything change), and
 membership is decided by counting the entries above those latents, one comparison pass instead of
-a TopK selection, which at small widths costs more than the GEMM (:func:`_members_above_gate`);
-devices take the k-th largest pre-activation from a blocked selection (:func:`kth_largest`).
+a TopK selection, which at small widths costs more than the GEMM (:mod:`.kernels`);
+devices take the k-th largest pre-activation from a blocked selection (:func:`.kernels.kth_largest`).
 On CPU the changed tokens are found on the host and only they are computed and written; on
 other devices the edit is dense, and the only host sync is reading τ (none with ``sync_free``).
 
@@ -40,111 +40,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import NonFiniteError
 from .calibration import ThresholdCalibrator, calibrate_threshold
+from .kernels import _target, _topk_members, kth_largest
 from .library import ConceptLibrary
 from .model import SparseAutoencoder
 from .selection import FeatureSelection, concept_scores, select_features
+from .spec import AblationRule, ConceptAblation, ResolvedAblation
 from .tau import TauGrid
 
 ApplyTo = Literal["all", "cond", "uncond"]
 _COPY_ROWS_BYTES = 32 << 20  # per-bucket copies of the selected SAE rows up to this size
-
-
-class AblationRule(StrEnum):
-    """What an active selected latent becomes (see the module docstring)."""
-
-    REFERENCE = "reference"
-    ZERO = "zero"
-    CLAMP = "clamp"
-
-
-@dataclass
-class ConceptAblation:
-    """One concept to unlearn; fields left None come from the library's defaults for it.
-
-    ``strength`` is the user-facing knob of the reference rule: γ = −strength (1 is the paper's
-    style setting; objects used 5–30). Give ``gamma`` or ``strength``, not conflicting values.
-    Zero and clamp ignore both. ``percentile`` and ``top_n`` are exclusive.
-    """
-
-    concept: str
-    percentile: float | None = None
-    top_n: int | None = None
-    gamma: float | None = None
-    strength: float | None = None
-    rule: AblationRule | str | None = None
-    clamp_value: float | None = None
-    contrast: str | list[str] | None = None
-
-    def resolve(self, library: ConceptLibrary) -> ResolvedAblation:
-        d = library.selection_defaults(self.concept)
-        if self.percentile is not None and self.top_n is not None:
-            raise ValueError(f"{self.concept!r}: give `percentile` or `top_n`, not both")
-        if self.top_n is not None or self.percentile is not None:
-            percentile, top_n = self.percentile, self.top_n
-        else:
-            percentile, top_n = (None, d.top_n) if d.top_n is not None else (d.percentile, None)
-        if self.gamma is not None and self.strength is not None and self.gamma != -self.strength:
-            raise ValueError(f"{self.concept!r}: gamma={self.gamma} contradicts strength={self.strength} "
-                             "(gamma = -strength)")
-        gamma = self.gamma if self.gamma is not None else (
-            -self.strength if self.strength is not None else d.gamma)
-        rule = AblationRule(self.rule or d.rule)
-        clamp_value = self.clamp_value if self.clamp_value is not None else d.clamp_value
-        _check_finite(self.concept, "gamma (= -strength)", gamma, MAX_ABS_GAMMA)
-        _check_finite(self.concept, "clamp_value", clamp_value, MAX_ABS_GAMMA)
-        if percentile is not None and not 0 <= float(percentile) <= 100:
-            raise ValueError(f"{self.concept!r}: percentile must be in [0, 100], got {percentile}")
-        if top_n is not None and (isinstance(top_n, bool) or int(top_n) != top_n or top_n < 0):
-            raise ValueError(f"{self.concept!r}: top_n must be a non-negative integer, got {top_n!r}")
-        if rule is AblationRule.REFERENCE and not gamma < 0:
-            raise ValueError(f"{self.concept!r}: the reference rule needs gamma < 0 (strength > 0), got "
-                             f"gamma={gamma}; to leave a concept alone, do not list it")
-        if rule is AblationRule.CLAMP and clamp_value > 0:
-            raise ValueError(f"{self.concept!r}: clamp_value must be ≤ 0, got {clamp_value}")
-        return ResolvedAblation(self.concept, rule, percentile, top_n, float(gamma), float(clamp_value),
-                                self.contrast if self.contrast is not None else d.contrast)
-
-
-MAX_ABS_GAMMA = 1e3
-"""Largest |γ| (strength) accepted: the field tunes γ in −1 … −30; beyond ~1e3 the scaled latents
-overflow half-precision activations downstream and the images turn to NaN."""
-
-
-def _check_finite(concept: str, name: str, value: float, limit: float) -> None:
-    if not math.isfinite(float(value)) or abs(float(value)) > limit:
-        raise NonFiniteError(f"{concept!r}: {name} must be finite and at most {limit:g} in size, got {value}")
-
-
-@dataclass(frozen=True)
-class ResolvedAblation:
-    """A :class:`ConceptAblation` with every default filled in."""
-
-    concept: str
-    rule: AblationRule
-    percentile: float | None
-    top_n: int | None
-    gamma: float
-    clamp_value: float
-    contrast: str | list[str]
-
-    def affine(self, mu_c: Tensor) -> tuple[Tensor, Tensor]:
-        """The rule as z′ = a·z + b for latents with concept means ``mu_c``: (a, b)."""
-        if self.rule is AblationRule.REFERENCE:
-            return self.gamma * mu_c, torch.zeros_like(mu_c)
-        value = 0.0 if self.rule is AblationRule.ZERO else self.clamp_value
-        return torch.zeros_like(mu_c), torch.full_like(mu_c, value)
 
 
 @dataclass
@@ -528,84 +441,6 @@ class FeatureAblator:
         if rows is not None:
             out = torch.where(rows.view(-1, *([1] * (x.dim() - 1))), out, x)
         return out
-
-
-def _target(z: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """min over the concepts c of a_c·z + b_c: [..., S] from z [..., S] and a, b [..., S, C]."""
-    if a.shape[-1] == 1:  # no overlap in this bucket: one concept per latent
-        return torch.addcmul(b[..., 0], z, a[..., 0])
-    return torch.amin(z.unsqueeze(-1) * a + b, dim=-1)
-
-
-def _topk_members(sae: SparseAutoencoder, x: Tensor, latents: Tensor, gate: Tensor | None = None) -> Tensor:
-    """z of ``latents`` under per-token TopK, [..., S] fp32: full pre-activations decide membership.
-
-    A latent is among a token's k winners iff its pre-activation reaches the token's k-th largest
-    one (exact up to ties, whose order torch.topk leaves unspecified anyway); its value is the
-    ReLU'd pre-activation, as in ``SparseAutoencoder.encode``. With ``gate`` [S] (host path), only
-    latents above their gate can change anything, so only their membership is decided, by
-    counting (:func:`_members_above_gate`); the others come out 0.
-    """
-    lead = x.shape[:-1]
-    xs = (sae._standardise(x)[0] - sae.b_dec).reshape(-1, x.shape[-1])  # 2-D: one plain GEMM
-    pre = F.linear(xs, sae.encoder.weight, sae.encoder.bias)
-    sel = pre[:, latents]
-    if gate is not None:
-        member = _members_above_gate(pre, sel, gate, sae.cfg.k)
-    else:
-        member = sel >= kth_largest(pre, sae.cfg.k).unsqueeze(-1)
-    out = torch.where(member, sel.clamp_min(0), 0.0).float()
-    return out.reshape(*lead, latents.numel())
-
-
-def _members_above_gate(pre: Tensor, sel: Tensor, gate: Tensor, k: int) -> Tensor:
-    """[m, S] bool: latent above its gate and among the token's k winners (pre [m, n], sel [m, S]).
-
-    A latent is a winner iff fewer than k entries of its row exceed it. One pass counts the
-    entries above each token's *lowest* gated latent; where that count is below k every gated
-    latent of the token wins (a concept's latents fire strongly where the concept is, so this is
-    the usual case), and only the remaining tokens need the k-th largest entry. That replaces a
-    TopK selection per token by a comparison pass, which at small n costs more than the GEMM.
-    """
-    above = sel > gate
-    lowest = torch.where(above, sel, torch.inf).amin(-1, keepdim=True)
-    unsure = ((pre > lowest).sum(-1) >= k).nonzero().squeeze(-1)
-    if unsure.numel():
-        kth = kth_largest(pre[unsure], k).unsqueeze(-1)
-        above[unsure] &= sel[unsure] >= kth
-    return above
-
-
-def _block_size(n: int, k: int) -> int:
-    """Largest divisor of n that is ≤ min(64, n / 4k); 1 when blocking cannot help.
-
-    Below n = 256·k a plain ``topk`` is as fast or faster on CPU (measured at n = 1024-20,480,
-    k = 8 and 32): the block maxima pass and the gather cost more than they save.
-    """
-    if n < 256 * k:
-        return 1
-    cap = min(64, n // (4 * k))
-    return next((b for b in range(cap, 1, -1) if n % b == 0), 1)
-
-
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """Exact k-th largest entry of each row of ``values`` [..., n] → [...], cheaper than a full topk.
-
-    Rows are cut into blocks; the k blocks with the largest maxima hold every one of the row's k
-    largest entries (a block outside them has a maximum below k distinct entries), so a topk over
-    those k·b entries gives the answer. At n = 20,480, k = 32 it reads the row once for the block
-    maxima and selects among 2,048 values instead of 20,480 (about 1.5× faster than ``topk``).
-    """
-    n = values.shape[-1]
-    b = _block_size(n, k)
-    if b == 1:
-        return values.topk(k, dim=-1, sorted=False).values.amin(-1)
-    lead = values.shape[:-1]
-    blocks = values.reshape(-1, n // b, b)
-    best = blocks.amax(-1).topk(k, dim=-1, sorted=False).indices
-    rows = torch.arange(blocks.shape[0], device=values.device).unsqueeze(1)
-    cand = blocks[rows, best].flatten(-2)
-    return cand.topk(k, dim=-1, sorted=False).values.amin(-1).reshape(lead)
 
 
 def _with_encoder(sae: SparseAutoencoder, library: ConceptLibrary, encoder: str | None) -> SparseAutoencoder:

@@ -16,6 +16,7 @@ uninterrupted run with the same seed (the data stream is replayed deterministica
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import save_file
@@ -320,146 +321,200 @@ def _distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | None = None,
-              init: SparseAutoencoder | None = None, **overrides: Any) -> SparseAutoencoder:
-    """Train an SAE on ``data`` and return it (on CPU when multi-process, else on its device).
+class TrainResult(NamedTuple):
+    """What :meth:`Trainer.fit` returns."""
 
-    ``data``: an :class:`ActivationStore`, a list/iterable of [N, d] tensors, or a callable
-    returning a fresh iterable (needed for several epochs or for ``resume`` replays).
-    ``init``: start from these weights (fine-tune a released SAE on your data) instead of a
-    fresh initialisation; its d_in/n/k win over the config's.
-    Keyword overrides set fields of :class:`TrainConfig`, e.g. ``train_sae(store, k=32, steps=1000)``.
+    sae: SparseAutoencoder
+    """The trained SAE (on CPU when multi-process, else on its device); θ and a training summary
+    are in its config (``cfg.threshold``, ``cfg.extra["training"]``)."""
+    state: TrainState
+    """Where the run ended: steps, tokens, last FVU / L0, dead fraction, the step it resumed from."""
+
+
+class Trainer:
+    """One SAE training run as a loop of small methods over a stream of [N, d] batches.
+
+    ``Trainer(data, cfg).fit()`` returns a :class:`TrainResult`; :func:`train_sae` is the one-call
+    form returning the SAE. ``data``: an :class:`ActivationStore`, a list/iterable of [N, d]
+    tensors, or a callable returning a fresh iterable (needed for several epochs or for ``resume``
+    replays). ``init``: start from these weights (fine-tune a released SAE on your data) instead
+    of a fresh initialisation; its d_in/n/k win over the config's.
     """
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
 
+    def __init__(self, data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | None = None,
+                 init: SparseAutoencoder | None = None) -> None:
+        from accelerate import Accelerator
+
+        self.data, self.cfg, self.init = data, cfg or TrainConfig(), init
+        on_cpu = self.cfg.device == "cpu" or not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision, cpu=on_cpu)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.device = (self.accelerator.device if (_distributed() or self.cfg.device is None)
+                       else torch.device(self.cfg.device))
+        self.total_steps = _count_steps(data, self.cfg)
+        if self.total_steps <= 0:
+            raise TrainingDataError("no activations to train on: zero training steps")
+        self.stream = enumerate(_batches(data, self.cfg))
+        try:
+            self.first_index, self.first = next(self.stream)
+        except StopIteration as exc:  # pragma: no cover - _batches raises first
+            raise TrainingDataError("no activations to train on") from exc
+        self.d_in = d_in or self.first.shape[-1]
+        _check_batch(self.first, self.d_in, 0)
+        self.ckpt = Path(self.cfg.checkpoint_dir) if self.cfg.checkpoint_dir else None
+        self.state = TrainState()
+
+    # ----------------------------------------------------------------- setup
+    def _build_sae(self) -> SparseAutoencoder:
+        cfg = self.cfg
+        if self.init is not None:
+            sae = SparseAutoencoder(self.init.cfg.replace(encoder="topk"))
+            sae.load_state_dict({k: v.float() for k, v in self.init.state_dict().items()})
+            if sae.d_in != self.d_in:
+                raise TrainingDataError(f"init SAE has d_in={sae.d_in} but the data has width {self.d_in}")
+            return sae
+        sae = SparseAutoencoder(SaeConfig(
+            d_in=self.d_in, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor, k=cfg.k,
+            input_unit_norm=cfg.input_unit_norm, hookpoint=cfg.hookpoint, model_family=cfg.model_family,
+            base_model=cfg.base_model, extra=dict(cfg.extra)))
+        sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
+        with torch.no_grad():
+            xs, _, _ = sae._standardise(self.first.float())
+            sae.b_dec.copy_(geometric_median(xs))
+        return sae
+
+    def _setup(self) -> None:
+        sae = self._build_sae().to(self.device)
+        self.lr = self.cfg.resolved_lr(sae.num_latents)
+        opt = torch.optim.Adam(sae.parameters(), lr=self.lr, eps=6.25e-10)
+        self.since_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=self.device)
+        if self.cfg.resume and self.ckpt is not None and (self.ckpt / _CKPT_STATE).exists():
+            self.state = _load_checkpoint(self.ckpt, sae, opt, self.since_fired)
+            self.state.resumed_from = self.state.step
+        self.model, self.opt = self.accelerator.prepare(sae, opt)
+        self.sae: SparseAutoencoder = self.accelerator.unwrap_model(self.model)
+
+    def _my_batches(self) -> Iterator[Tensor]:
+        """This process's batches from where the run stands: global batch i belongs to process
+        i % world, and a resumed run skips what it already consumed."""
+        skip = self.state.step * self.world
+        for index, batch in itertools.chain([(self.first_index, self.first)], self.stream):
+            if self.state.step >= self.total_steps:
+                return
+            if index < skip or index % self.world != self.rank:
+                continue
+            _check_batch(batch, self.d_in, index)
+            yield batch
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> TrainResult:
+        """Train to ``total_steps``; checkpoints as configured; raises on divergence or short data."""
+        from tqdm.auto import tqdm
+
+        self._setup()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step",
+                   disable=not self.cfg.progress or self.rank != 0,
+                   desc=f"train SAE {self.cfg.hookpoint or ''}".strip())
+        for batch in self._my_batches():
+            out, loss, x = self._step(batch)
+            self._track(out, loss, x)
+            bar.update(1)
+            bar.set_postfix(fvu=f"{self.state.last_fvu:.3f}", l0=f"{self.state.last_l0:.1f}",
+                            dead=f"{100 * self.state.dead_fraction:.1f}%", refresh=False)
+            if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0:
+                self._checkpoint()
+        bar.close()
+        if self.state.step < self.total_steps:
+            raise TrainingDataError(
+                f"the data ran out after {self.state.step} of {self.total_steps} steps; lower `steps` or "
+                "pass a re-iterable source")
+        self._checkpoint()
+        return TrainResult(self._finish(), self.state)
+
+    def _step(self, batch: Tensor) -> tuple[Any, Tensor, Tensor]:
+        """One optimiser step: forward (FVU + AuxK), backward, parallel-gradient removal, clipping,
+        Adam, decoder renormalisation."""
+        cfg, core = self.cfg, self.sae
+        x = batch.to(device=self.device, dtype=torch.float32, non_blocking=True)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * _lr_factor(self.state.step, self.total_steps, cfg)
+        dead = self.since_fired > cfg.dead_tokens_threshold
+        with self.accelerator.autocast():
+            measure = (cfg.batch_topk or self.state.step % _THETA_EVERY == 0
+                       or self.state.step + 1 == self.total_steps)
+            out = self.model(x, dead_mask=dead if cfg.auxk_alpha > 0 else None,
+                             batch_topk=cfg.batch_topk, measure_threshold=measure)
+            loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
+        self.accelerator.backward(loss)
+        core.remove_parallel_grad()
+        if cfg.grad_clip:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        core.normalize_decoder()
+        return out, loss, x
+
+    @torch.no_grad()
+    def _track(self, out: Any, loss: Tensor, x: Tensor) -> None:
+        """Dead-latent counters, the θ estimate and the run's counters (synchronised across processes)."""
+        cfg, state, world = self.cfg, self.state, self.world
+        fired = torch.zeros(self.sae.num_latents, device=self.device)
+        fired.index_fill_(0, out.latent_indices[out.latent_values > 0].flatten(), 1.0)
+        theta = out.pre_threshold.detach().float().reshape(1)
+        if world > 1:
+            fired = self.accelerator.reduce(fired, reduction="sum")
+            theta = self.accelerator.reduce(theta, reduction="mean")
+        self.since_fired += x.shape[0] * world
+        self.since_fired[fired > 0] = 0
+        theta_value = float(theta)
+        if not math.isnan(theta_value):
+            m = cfg.threshold_momentum if cfg.batch_topk else cfg.threshold_momentum ** _THETA_EVERY
+            previous = state.threshold
+            state.threshold = theta_value if previous is None else m * previous + (1 - m) * theta_value
+        state.step += 1
+        state.tokens += x.shape[0] * world
+        state.last_fvu, state.last_l0 = float(out.fvu.detach()), float(out.l0)
+        if not math.isfinite(float(loss.detach())):  # the fvu read above already synchronised
+            raise _diverged(state.step - 1, f"the loss is {float(loss.detach())}", self.ckpt)
+        state.dead_fraction = float((self.since_fired > cfg.dead_tokens_threshold).float().mean())
+
+    def _checkpoint(self) -> None:
+        """Write the training state (rank 0), never a non-finite one."""
+        _check_weights(self.sae, self.state.step - 1, self.ckpt)
+        if self.ckpt is not None and self.rank == 0:
+            _save_checkpoint(self.ckpt, self.sae, self.opt, self.since_fired, self.state, self.cfg)
+        self.accelerator.wait_for_everyone()
+
+    def _finish(self) -> SparseAutoencoder:
+        """θ, the encoder mode and a training summary go into the SAE's config."""
+        cfg, state = self.cfg, self.state
+        core = self.sae
+        core.cfg = core.cfg.replace(
+            threshold=state.threshold, encoder=cfg.encoder,
+            extra={**core.cfg.extra, "training": {
+                "steps": state.step, "tokens": state.tokens, "batch_size": cfg.batch_size,
+                "processes": self.world, "lr": self.lr, "batch_topk": cfg.batch_topk, "seed": cfg.seed,
+                "auxk_alpha": cfg.auxk_alpha, "final_fvu": state.last_fvu,
+                "dead_fraction": state.dead_fraction}})
+        return core
+
+
+def train_config(cfg: TrainConfig | None = None, **overrides: Any) -> TrainConfig:
+    """``cfg`` (default: :class:`TrainConfig`) with keyword overrides; unknown names are refused."""
     cfg = cfg or TrainConfig()
     if overrides:
         unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown training options: {sorted(unknown)}")
         cfg = TrainConfig(**{**asdict(cfg), **overrides})
+    return cfg
 
-    on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=on_cpu)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    device = accelerator.device if (_distributed() or cfg.device is None) else torch.device(cfg.device)
 
-    total_steps = _count_steps(data, cfg)
-    if total_steps <= 0:
-        raise TrainingDataError("no activations to train on: zero training steps")
-    stream = enumerate(_batches(data, cfg))
-    try:
-        first_index, first = next(stream)
-    except StopIteration as exc:  # pragma: no cover - _batches raises first
-        raise TrainingDataError("no activations to train on") from exc
-    d_in = d_in or first.shape[-1]
-    _check_batch(first, d_in, 0)
+def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | None = None,
+              init: SparseAutoencoder | None = None, **overrides: Any) -> SparseAutoencoder:
+    """Train an SAE on ``data`` and return it: ``Trainer(data, cfg, ...).fit().sae``.
 
-    sae_cfg = SaeConfig(d_in=d_in, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor,
-                        k=cfg.k, input_unit_norm=cfg.input_unit_norm, hookpoint=cfg.hookpoint,
-                        model_family=cfg.model_family, base_model=cfg.base_model,
-                        extra=dict(cfg.extra))
-    if init is not None:
-        sae = SparseAutoencoder(init.cfg.replace(encoder="topk"))
-        sae.load_state_dict({k: v.float() for k, v in init.state_dict().items()})
-        if sae.d_in != d_in:
-            raise TrainingDataError(f"init SAE has d_in={sae.d_in} but the data has width {d_in}")
-    else:
-        sae = SparseAutoencoder(sae_cfg)
-        sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
-        with torch.no_grad():
-            xs, _, _ = sae._standardise(first.float())
-            sae.b_dec.copy_(geometric_median(xs))
-    sae.to(device)
-    lr = cfg.resolved_lr(sae.num_latents)
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)
-    since_fired = torch.zeros(sae.num_latents, dtype=torch.long, device=device)
-
-    state = TrainState()
-    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    if cfg.resume and ckpt is not None and (ckpt / _CKPT_STATE).exists():
-        state = _load_checkpoint(ckpt, sae, opt, since_fired)
-        state.resumed_from = state.step
-    model, opt = accelerator.prepare(sae, opt)
-    core: SparseAutoencoder = accelerator.unwrap_model(model)
-
-    bar = tqdm(total=total_steps, initial=state.step, disable=not cfg.progress or rank != 0,
-               desc=f"train SAE {cfg.hookpoint or ''}".strip(), unit="step")
-
-    def batches_from_start() -> Iterator[tuple[int, Tensor]]:
-        yield first_index, first
-        yield from stream
-
-    # Global batch i belongs to process i % world; skip what a resumed run already consumed.
-    skip = state.step * world
-    for index, batch in batches_from_start():
-        if state.step >= total_steps:
-            break
-        if index < skip or index % world != rank:
-            continue
-        _check_batch(batch, d_in, index)
-        x = batch.to(device=device, dtype=torch.float32, non_blocking=True)
-        for group in opt.param_groups:
-            group["lr"] = lr * _lr_factor(state.step, total_steps, cfg)
-        dead = since_fired > cfg.dead_tokens_threshold
-        with accelerator.autocast():
-            measure = cfg.batch_topk or state.step % _THETA_EVERY == 0 or state.step + 1 == total_steps
-            out = model(x, dead_mask=dead if cfg.auxk_alpha > 0 else None,
-                        batch_topk=cfg.batch_topk, measure_threshold=measure)
-            loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
-        accelerator.backward(loss)
-        core.remove_parallel_grad()
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        core.normalize_decoder()
-
-        with torch.no_grad():
-            fired = torch.zeros(core.num_latents, device=device)
-            fired.index_fill_(0, out.latent_indices[out.latent_values > 0].flatten(), 1.0)
-            theta = out.pre_threshold.detach().float().reshape(1)
-            if world > 1:
-                fired = accelerator.reduce(fired, reduction="sum")
-                theta = accelerator.reduce(theta, reduction="mean")
-            since_fired += x.shape[0] * world
-            since_fired[fired > 0] = 0
-            theta_value = float(theta)
-            if not math.isnan(theta_value):
-                m = cfg.threshold_momentum if cfg.batch_topk else cfg.threshold_momentum ** _THETA_EVERY
-                state.threshold = (theta_value if state.threshold is None
-                                   else m * state.threshold + (1 - m) * theta_value)
-        state.step += 1
-        state.tokens += x.shape[0] * world
-        state.last_fvu, state.last_l0 = float(out.fvu.detach()), float(out.l0)
-        if not math.isfinite(float(loss.detach())):  # the fvu read above already synchronised
-            raise _diverged(state.step - 1, f"the loss is {float(loss.detach())}", ckpt)
-        state.dead_fraction = float((since_fired > cfg.dead_tokens_threshold).float().mean())
-        bar.update(1)
-        bar.set_postfix(fvu=f"{state.last_fvu:.3f}", l0=f"{state.last_l0:.1f}",
-                        dead=f"{100 * state.dead_fraction:.1f}%", refresh=False)
-        if ckpt is not None and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-            _check_weights(core, state.step - 1, ckpt)
-            if rank == 0:
-                _save_checkpoint(ckpt, core, opt, since_fired, state, cfg)
-            accelerator.wait_for_everyone()
-    bar.close()
-    if state.step < total_steps:
-        raise TrainingDataError(
-            f"the data ran out after {state.step} of {total_steps} steps; lower `steps` or "
-            "pass a re-iterable source")
-    _check_weights(core, state.step - 1, ckpt)
-    if ckpt is not None and rank == 0:
-        _save_checkpoint(ckpt, core, opt, since_fired, state, cfg)
-    accelerator.wait_for_everyone()
-
-    core.cfg = core.cfg.replace(
-        threshold=state.threshold, encoder=cfg.encoder,
-        extra={**core.cfg.extra, "training": {
-            "steps": state.step, "tokens": state.tokens, "batch_size": cfg.batch_size,
-            "processes": world, "lr": lr, "batch_topk": cfg.batch_topk, "seed": cfg.seed,
-            "auxk_alpha": cfg.auxk_alpha, "final_fvu": state.last_fvu,
-            "dead_fraction": state.dead_fraction}})
-    core.training_state = state  # type: ignore[attr-defined]
-    return core
+    Keyword overrides set fields of :class:`TrainConfig`, e.g. ``train_sae(store, k=32, steps=1000)``.
+    Use :class:`Trainer` directly for the run's :class:`TrainState` as well.
+    """
+    return Trainer(data, train_config(cfg, **overrides), d_in=d_in, init=init).fit().sae

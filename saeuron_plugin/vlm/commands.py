@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 
-from ..cli_prompts import contrast_arg, prompt_args
+from ..cli_prompts import DTYPES, contrast_arg, model_args, prompt_args, store_dtype_arg
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
@@ -84,10 +83,8 @@ def read_prompts(args: argparse.Namespace, n_images: int) -> list[str]:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="VLM folder or Hub id (a *ForConditionalGeneration model)")
+    model_args(p, "VLM (a *ForConditionalGeneration model)")
     p.add_argument("--processor", default=None, help="processor folder or Hub id (default: --model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (SAE math stays fp32)")
 
 
 def _sample_args(p: argparse.ArgumentParser) -> None:
@@ -135,7 +132,7 @@ def collect_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="folder: one activation store per hookpoint")
     p.add_argument("--max-tokens-per-sample", type=int, default=None, help="random tokens kept per sample")
-    p.add_argument("--store-dtype", choices=list(DTYPES), default="fp16")
+    store_dtype_arg(p)
     p.add_argument("--seed", type=int, default=0)
 
 
