@@ -23,11 +23,21 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return prompt_args(args)
 
 
+def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` where diffusers takes it (it deprecates ``torch_dtype`` since it resolves both),
+    ``torch_dtype=`` on the older releases our range allows."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present: dtype= works)
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
 def load_pipeline(model: str, device: str | None = None, dtype: str = "fp32") -> Any:
     """A diffusers pipeline from a folder or Hub id, on ``device`` (default: CUDA when available)."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=DTYPES[dtype])
+    pipe = DiffusionPipeline.from_pretrained(model, **dtype_kwarg(DTYPES[dtype]))
     pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
