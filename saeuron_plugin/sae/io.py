@@ -120,7 +120,8 @@ def _looks_like_local_path(name: str) -> bool:
             or os.path.isabs(name) or not _REPO_ID.match(name))
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """Whether Hub access is off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``), read now, not at import."""
     env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
     return bool(constants.HF_HUB_OFFLINE) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
 
@@ -173,7 +174,7 @@ def resolve_repo(path_or_repo_id: str | os.PathLike[str], *,
         raise SaeLoadError(f"no SAE folder at {local}: the path does not exist "
                            "(and it is not a Hugging Face Hub repo id of the form 'org/name')")
 
-    offline = _offline()
+    offline = hub_offline()
     if local_files_only is None:
         local_files_only = offline
     where = f"'{name}'" + (f" (revision '{revision}')" if revision else "")
