@@ -131,6 +131,8 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         "show": ("which latents a concept ablates, when, and their scores",
                  _lazy(_DIFF, "concept_show_args"), _lazy(_DIFF, "concept_show")),
     }),
+    "tune": ("tune how a bundle unlearns concepts on a pipeline, judged by a judge (writes the defaults)",
+             _lazy(".tuning.commands", "tune_args"), _lazy(".tuning.commands", "tune")),  # type: ignore[dict-item]
     "generate": ("generate images, optionally unlearning concepts (and side by side with the original)",
                  _lazy(_DIFF, "generate_args"), _lazy(_DIFF, "generate")),  # type: ignore[dict-item]
     "eval": ("the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA)",

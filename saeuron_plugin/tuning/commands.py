@@ -1,0 +1,109 @@
+"""``saeuron tune``: tune concepts of a bundle on a diffusers pipeline with a judge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ..cli_prompts import model_args
+from .search import BUDGETS, SearchSpace, TuneConfig, TuneTask, TuningError, judge_domain, tune_concept
+
+
+def tune_args(p: argparse.ArgumentParser) -> None:
+    model_args(p, "diffusers pipeline")
+    p.add_argument("--sae", required=True, help="bundle folder to tune (written in place unless --out)")
+    p.add_argument("--concept", action="append", required=True, help="concept to tune (repeatable)")
+    p.add_argument("--judge", required=True,
+                   help="shapescanvas[:FOLDER], clip:MODEL (Hub id or folder) or module:function")
+    p.add_argument("--labels", action="append", default=None, metavar="DOMAIN=A,B,...",
+                   help="the judge's labels for clip / callable judges (repeatable, one per domain)")
+    p.add_argument("--forget-prompts", default=None, help="file: prompts with the concept (one --concept)")
+    p.add_argument("--retain-prompts", default=None, help="file: prompts without it (one --concept)")
+    p.add_argument("--budget", choices=list(BUDGETS), default="small",
+                   help="grid size and validation prompts (tiny, small, medium, large)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps of the validation images")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", default=None, help="write the tuned bundle (and search.json) here")
+
+
+def _labels(values: list[str] | None) -> dict[str, list[str]] | None:
+    if not values:
+        return None
+    out = {}
+    for value in values:
+        domain, _, names = value.partition("=")
+        if not domain or not names:
+            raise ValueError(f"--labels takes DOMAIN=A,B,...; got {value!r}")
+        out[domain.strip()] = [n.strip() for n in names.split(",") if n.strip()]
+    return out
+
+
+def _lines(path: str) -> list[str]:
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def shapescanvas_prompts(concept: str, n: int) -> tuple[list[str], list[str]]:
+    """``n`` ShapesCanvas captions with ``concept`` and ``n`` without it (deterministic)."""
+    from ..eval import shapescanvas as sc
+
+    domain = next((d for d, v in sc.VOCABULARIES.items() if concept in v), None)
+    if domain is None:
+        raise TuningError(f"{concept!r} is not a ShapesCanvas concept; give --forget-prompts and "
+                          "--retain-prompts")
+    prompts = sc.benchmark_prompts()
+    with_c = [p.prompt for p in prompts if getattr(p, domain) == concept]
+    without = [p.prompt for p in prompts if getattr(p, domain) != concept]
+    step_w, step_o = max(1, len(with_c) // n), max(1, len(without) // n)
+    return with_c[::step_w][:n], without[::step_o][:n]
+
+
+def tasks(args: argparse.Namespace, judge: Any) -> list[TuneTask]:
+    """Prompts per concept, checked against the judge before any model loads."""
+    n = BUDGETS[args.budget]["prompts"]
+    if (args.forget_prompts or args.retain_prompts) and len(args.concept) != 1:
+        raise ValueError("--forget-prompts / --retain-prompts go with exactly one --concept")
+    out = []
+    for concept in args.concept:
+        if args.forget_prompts or args.retain_prompts:
+            if not (args.forget_prompts and args.retain_prompts):
+                raise ValueError("give both --forget-prompts and --retain-prompts")
+            forget, retain = _lines(args.forget_prompts)[:n], _lines(args.retain_prompts)[:n]
+        else:
+            forget, retain = shapescanvas_prompts(concept, n)
+        task = TuneTask(concept, forget, retain)
+        task.domain = judge_domain(judge, concept)
+        out.append(task)
+    return out
+
+
+def tune(args: argparse.Namespace) -> int:
+    from ..diffusion.commands import load_pipeline
+    from ..diffusion.unlearn import SAeUron
+    from .judges import load_judge
+
+    judge = load_judge(args.judge, labels=_labels(args.labels))  # fails before anything is generated
+    todo = tasks(args, judge)
+    eraser = SAeUron.from_pretrained(args.sae)
+    eraser.check_known(args.concept)
+    out = Path(args.out or args.sae)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    space = SearchSpace.from_budget(args.budget)
+    cfg = TuneConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size)
+    best = {t.concept: tune_concept(eraser, pipe, judge, t, space, out, cfg) for t in todo}
+    eraser.save_pretrained(out)
+    print(f"{'concept':12s} {'p':>7s} {'γ':>6s} {'contrast':>9s}  {'UA':>5s} {'IRA':>5s} {'CRA':>5s}  "
+          "hookpoints")
+    for name, b in best.items():
+        scores = f"{100 * b['ua']:5.1f} {100 * b['ira']:5.1f} {100 * b['cra']:5.1f}"
+        print(f"{name:12s} {b['percentile']:7.3f} {b['gamma']:6.1f} {b['contrast']!s:>9s}  {scores}  "
+              f"{', '.join(b['hookpoints'])}")
+    print(json.dumps({"out": str(out), "best": best}))
+    return 0
+
+
+__all__ = ["shapescanvas_prompts", "tasks", "tune", "tune_args"]

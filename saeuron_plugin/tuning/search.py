@@ -1,0 +1,226 @@
+"""Tune how a bundle unlearns a concept on any pipeline, judged by any judge (:mod:`.judges`).
+
+For each concept the search tries ablation settings (hookpoint set × contrast × percentile × γ) on
+validation images and keeps the best as the concept's defaults in the bundle:
+
+* **forget** prompts (with the concept) and **retain** prompts (without it) are generated once with
+  the untouched model (the *base* images) and once per trial with the setting applied, at the same
+  seeds (validation seeds, never test seeds);
+* **UA**: forget images the judge no longer assigns to the concept (its domain's top label);
+  **IRA**: retain images whose top label in the concept's domain is the base image's;
+  **CRA**: images whose top labels in the judge's other domains are the base image's. These paired
+  retain measures need no ground-truth labels, so any judge works;
+* the objective is mean(UA, IRA, CRA), ties broken by the judge's probability margin;
+* every trial is appended to ``search.json`` (section ``tune``) in the bundle folder as it finishes
+  (atomic write), so an interrupted search resumes where it stopped and a re-tune reuses every
+  trial it already ran.
+
+The ShapesCanvas bundle builder (``saeuron_plugin.eval.bundle``) still runs its own search with
+ground-truth labels; moving it onto this one is the rest of issue #19.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import SAeUronError
+from ..sae.io import atomic_write
+from ..sae.spec import ConceptAblation
+from .judges import Judge
+
+SEARCH_FILE = "search.json"
+BUDGETS: dict[str, dict[str, Any]] = {
+    "tiny": {"percentiles": (99.0,), "gammas": (-2.0,), "prompts": 2},
+    "small": {"percentiles": (99.0, 99.9), "gammas": (-1.0, -6.0), "prompts": 6},
+    "medium": {"percentiles": (98.0, 99.0, 99.5, 99.9), "gammas": (-1.0, -2.0, -6.0), "prompts": 12},
+    "large": {"percentiles": (95.0, 98.0, 99.0, 99.5, 99.9, 99.99), "gammas": (-1.0, -2.0, -6.0, -20.0),
+              "prompts": 24},
+}
+"""Grid and validation size per ``--budget`` (prompts: forget and as many retain prompts)."""
+
+
+class TuningError(SAeUronError, ValueError):
+    """A tuning task that cannot run (concept unknown to the judge, no prompts...)."""
+
+
+@dataclass
+class SearchSpace:
+    """The settings a search tries; hookpoint sets default to each hookpoint holding the concept
+    alone, plus all of them together."""
+
+    hookpoint_sets: list[tuple[str, ...]] | None = None
+    contrasts: tuple[str, ...] = ("auto",)
+    percentiles: tuple[float, ...] = (99.0, 99.9)
+    gammas: tuple[float, ...] = (-1.0, -6.0)
+
+    @classmethod
+    def from_budget(cls, budget: str, **overrides: Any) -> SearchSpace:
+        if budget not in BUDGETS:
+            raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
+        grid = {k: v for k, v in BUDGETS[budget].items() if k != "prompts"}
+        return cls(**{**grid, **overrides})
+
+    def settings(self, held_at: Sequence[str]) -> list[dict[str, Any]]:
+        sets = self.hookpoint_sets or [(p,) for p in held_at] + ([tuple(held_at)] if len(held_at) > 1 else [])
+        return [{"hookpoints": list(s), "contrast": c, "percentile": float(p), "gamma": float(g)}
+                for s, c, p, g in itertools.product(sets, self.contrasts, self.percentiles, self.gammas)]
+
+
+@dataclass
+class TuneTask:
+    """One concept to tune: its prompts and the judge domain it belongs to (found from the judge's
+    labels when None)."""
+
+    concept: str
+    forget: list[str]
+    retain: list[str]
+    domain: str | None = None
+    seed: int = 30_000
+    """Validation seeds: forget image i uses seed + i, retain image j seed + 10,000 + j."""
+
+
+@dataclass
+class TuneConfig:
+    """How images are generated for the search."""
+
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None
+    batch_size: int = 4
+    show_progress: bool = True
+    pipe_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def judge_domain(judge: Judge, concept: str, domain: str | None = None) -> str:
+    """The judge domain whose labels hold ``concept``."""
+    labels = judge.labels
+    if domain is not None:
+        if concept not in labels.get(domain, []):
+            raise TuningError(f"the judge's {domain!r} labels {labels.get(domain)} do not hold {concept!r}")
+        return domain
+    found = [d for d, names in labels.items() if concept in names]
+    if len(found) != 1:
+        raise TuningError(f"{concept!r} must be a label of exactly one judge domain, found {found or 'none'} "
+                          f"in {labels}; pass the domain or the judge's labels")
+    return found[0]
+
+
+def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: TuneConfig) -> Tensor:
+    """Images [N, 3, H, W] in [0, 1], image i from a generator seeded ``seeds[i]`` (batch-independent)."""
+    out = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        kwargs = {"num_inference_steps": cfg.num_inference_steps, "output_type": "pt", **cfg.pipe_kwargs}
+        if cfg.guidance_scale is not None:
+            kwargs["guidance_scale"] = cfg.guidance_scale
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + cfg.batch_size]]
+        out.append(pipe(list(prompts[i:i + cfg.batch_size]), generator=gens, **kwargs).images.float().cpu())
+    return torch.cat(out)
+
+
+def paired_scores(judge: Judge, domain: str, concept: str, probs: dict[str, Tensor],
+                  base: dict[str, Tensor], n_forget: int) -> dict[str, float]:
+    """UA / IRA / CRA (fractions) and the probability margin of edited images against base images
+    at the same seeds; the first ``n_forget`` rows are forget images, the rest retain images."""
+    target = judge.labels[domain].index(concept)
+    top = {d: p.argmax(-1) for d, p in probs.items()}
+    base_top = {d: p.argmax(-1) for d, p in base.items()}
+    own = top[domain]
+    ua = (own[:n_forget] != target).float().mean()
+    ira = (own[n_forget:] == base_top[domain][n_forget:]).float().mean()
+    others = [d for d in judge.labels if d != domain]
+    cra = torch.cat([(top[d] == base_top[d]).float() for d in others]).mean() if others else torch.tensor(1.0)
+    # margin: the same three with probabilities instead of decisions (the tie-break)
+    p_own = probs[domain]
+    keep = p_own[n_forget:].gather(1, base_top[domain][n_forget:, None]).mean()
+    m_cra = (torch.cat([probs[d].gather(1, base_top[d][:, None]).flatten() for d in others]).mean()
+             if others else torch.tensor(1.0))
+    margin = ((1 - p_own[:n_forget, target]).mean() + keep + m_cra) / 3
+    return {"ua": float(ua), "ira": float(ira), "cra": float(cra), "margin": float(margin)}
+
+
+def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
+    return (tuple(trial["hookpoints"]), trial.get("contrast", "auto"), float(trial["percentile"]),
+            float(trial["gamma"]))
+
+
+def read_search(folder: str | Path) -> dict[str, Any]:
+    """The saved search of a bundle folder (empty when there is none)."""
+    from ..sae.files import read_json_object
+
+    path = Path(folder) / SEARCH_FILE
+    return read_json_object(path, "search file") if path.is_file() else {}
+
+
+def _write_search(folder: Path, data: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(data, indent=1)
+    atomic_write(folder / SEARCH_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def tune_concept(eraser: Any, pipe: Any, judge: Judge, task: TuneTask, space: SearchSpace, folder: str | Path,
+                 cfg: TuneConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Search ``task.concept``'s settings, write the winner as its defaults in ``eraser`` and every trial
+    to ``folder/search.json`` (resumable); returns the winning trial."""
+    cfg = cfg or TuneConfig()
+    folder = Path(folder)
+    held_at = eraser.where(task.concept)
+    if not held_at:
+        eraser.check_known([task.concept])
+    if not task.forget or not task.retain:
+        raise TuningError(f"{task.concept!r} needs forget prompts (with it) and retain prompts (without it)")
+    domain = judge_domain(judge, task.concept, task.domain)
+    settings = space.settings(held_at)
+    search = read_search(folder)
+    # its own section: the ShapesCanvas builder keeps its search under "search" in the same file
+    entry = search.setdefault("tune", {}).setdefault(task.concept, {})
+    recipe = {"forget": task.forget, "retain": task.retain, "seed": task.seed, "domain": domain,
+              "generation": {k: v for k, v in asdict(cfg).items() if k != "show_progress"}}
+    if entry.get("recipe") != recipe:  # other prompts, seeds or sampling: earlier trials do not apply
+        entry.clear()
+        entry["recipe"] = recipe
+    done = {_key(t): t for t in entry.setdefault("trials", [])}
+    todo = [s for s in settings if _key(s) not in done]
+    log(f"{task.concept}: {len(settings)} settings ({len(settings) - len(todo)} reused) × "
+        f"{len(task.forget) + len(task.retain)} images")
+    prompts = [*task.forget, *task.retain]
+    seeds = [*(task.seed + i for i in range(len(task.forget))),
+             *(task.seed + 10_000 + j for j in range(len(task.retain)))]
+    if todo:
+        start = time.perf_counter()
+        base = judge.probabilities(generate(pipe, prompts, seeds, cfg))
+        bar = tqdm(todo, desc=f"tune {task.concept}", unit="trial", disable=not cfg.show_progress)
+        for setting in bar:
+            ablation = ConceptAblation(task.concept, percentile=setting["percentile"], gamma=setting["gamma"],
+                                       contrast=setting["contrast"])
+            with eraser.unlearn(pipe, [ablation], hookpoints=setting["hookpoints"]):
+                probs = judge.probabilities(generate(pipe, prompts, seeds, cfg))
+            scores = paired_scores(judge, domain, task.concept, probs, base, len(task.forget))
+            trial = {**setting, **scores, "score": (scores["ua"] + scores["ira"] + scores["cra"]) / 3}
+            entry["trials"].append(trial)
+            done[_key(trial)] = trial
+            _write_search(folder, search)  # nothing is lost if the run stops here
+            bar.set_postfix(best=f"{max(t['score'] for t in done.values()):.3f}", refresh=False)
+        bar.close()
+        log(f"{task.concept}: {len(todo)} trials in {time.perf_counter() - start:.0f} s")
+    best = max((done[_key(s)] for s in settings), key=lambda t: (t["score"], t["margin"]))
+    for hp in eraser.hookpoints:
+        if task.concept in eraser.hookpoints[hp].library:
+            eraser.set_defaults(task.concept, hookpoints=[hp], percentile=best["percentile"], top_n=None,
+                                gamma=best["gamma"], contrast=best["contrast"],
+                                active=hp in best["hookpoints"])
+    entry["best"] = best
+    _write_search(folder, search)
+    return best
+
+
+__all__ = ["BUDGETS", "SEARCH_FILE", "SearchSpace", "TuneConfig", "TuneTask", "TuningError", "generate",
+           "judge_domain", "paired_scores", "read_search", "tune_concept"]

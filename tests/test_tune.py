@@ -1,0 +1,155 @@
+"""The generic tuner (#19): any judge drives the search, trials persist and resume, `saeuron tune` runs
+end to end with a tiny CLIP judge on a tiny pipeline saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_judges import tiny_clip  # noqa: F401  (a fixture)
+from test_unlearn import BLOCK, make_eraser
+from tiny_pipelines import tiny_sd_pipeline
+
+from saeuron_plugin.tuning import search
+from saeuron_plugin.tuning.judges import CallableJudge
+from saeuron_plugin.tuning.search import SearchSpace, TuneConfig, TuneTask, TuningError, tune_concept
+
+LABELS = {"color": ["red", "blue"]}
+FORGET = ["a red star", "a red square"]
+RETAIN = ["a blue star", "a blue circle"]
+CFG = TuneConfig(num_inference_steps=2, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    pipe = tiny_sd_pipeline()
+    return pipe, make_eraser(pipe, [BLOCK])
+
+
+def always(label: int):
+    def judge(images):
+        p = torch.zeros(len(images), 2)
+        p[:, label] = 1.0
+        return {"color": p}
+    return CallableJudge(judge, LABELS)
+
+
+def test_a_judge_that_always_sees_the_concept_scores_every_trial_ua_0(setup, tmp_path):
+    pipe, eraser = setup
+    space = SearchSpace(percentiles=(99.0, 99.9), gammas=(-2.0,))
+    best = tune_concept(eraser, pipe, always(0), TuneTask("red", FORGET, RETAIN), space, tmp_path, CFG,
+                        log=lambda _: None)
+    trials = json.loads((tmp_path / "search.json").read_text())["tune"]["red"]["trials"]
+    assert len(trials) == 2 and all(t["ua"] == 0.0 for t in trials) and best["ua"] == 0.0
+    # and one that never does: every trial removes it, retention is judged against the base images
+    other = tmp_path / "never"
+    best = tune_concept(eraser, pipe, always(1), TuneTask("red", FORGET, RETAIN), space, other, CFG,
+                        log=lambda _: None)
+    assert best["ua"] == 1.0 and best["ira"] == 1.0 and best["score"] == 1.0
+
+
+def test_trials_resume_and_the_winner_becomes_the_default(setup, tmp_path, monkeypatch):
+    pipe, eraser = setup
+    calls = []
+    real = search.generate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "generate", counting)
+
+    def judge(images):  # "red" while the image is bright on average: the edit changes that
+        red = (images.mean(dim=(1, 2, 3)) > 0.5).float()
+        return {"color": torch.stack([red, 1 - red], 1)}
+
+    space = SearchSpace(percentiles=(99.0,), gammas=(-2.0, -20.0))
+    task = TuneTask("red", FORGET, RETAIN)
+    best = tune_concept(eraser, pipe, CallableJudge(judge, LABELS), task, space, tmp_path, CFG,
+                        log=lambda _: None)
+    assert len(calls) == 3  # base images + two trials
+    lib = eraser.hookpoints[BLOCK].library
+    d = lib.selection_defaults("red")
+    assert (d.percentile, d.gamma, d.active) == (best["percentile"], best["gamma"], True)
+    calls.clear()
+    again = tune_concept(eraser, pipe, CallableJudge(judge, LABELS), task, space, tmp_path, CFG,
+                         log=lambda _: None)
+    assert calls == [] and again == best  # every trial reused: nothing generated
+    tune_concept(eraser, pipe, CallableJudge(judge, LABELS), TuneTask("red", FORGET[:1], RETAIN), space,
+                 tmp_path, CFG, log=lambda _: None)
+    assert len(calls) == 3  # other prompts: the saved trials do not apply
+
+
+def test_bad_tasks_fail_before_generating(setup, tmp_path, monkeypatch):
+    pipe, eraser = setup
+    monkeypatch.setattr(search, "generate", lambda *a, **k: pytest.fail("generated"))
+    with pytest.raises(TuningError, match="green"):
+        search.judge_domain(always(0), "green")
+    with pytest.raises(TuningError, match="do not hold"):
+        tune_concept(eraser, pipe, always(0), TuneTask("red", FORGET, RETAIN, domain="shape"), SearchSpace(),
+                     tmp_path, CFG)
+    with pytest.raises(TuningError, match="forget prompts"):
+        tune_concept(eraser, pipe, always(0), TuneTask("red", [], RETAIN), SearchSpace(), tmp_path, CFG)
+    with pytest.raises(KeyError):
+        tune_concept(eraser, pipe, always(0), TuneTask("mauve", FORGET, RETAIN), SearchSpace(), tmp_path, CFG)
+
+
+def test_saeuron_tune_with_a_tiny_clip_judge(tiny_clip, tmp_path, capsys):  # noqa: F811
+    from saeuron_plugin.cli import main
+
+    pipe = tiny_sd_pipeline()
+    model = tmp_path / "model"
+    pipe.save_pretrained(model)
+    bundle = tmp_path / "bundle"
+    make_eraser(pipe, [BLOCK]).save_pretrained(bundle)
+    (tmp_path / "forget.txt").write_text("\n".join(FORGET))
+    (tmp_path / "retain.txt").write_text("# retained\n" + "\n".join(RETAIN))
+    code = main(["tune", "--model", str(model), "--sae", str(bundle), "--concept", "red",
+                 "--judge", f"clip:{tiny_clip}", "--labels", "color=red,blue", "--forget-prompts",
+                 str(tmp_path / "forget.txt"), "--retain-prompts", str(tmp_path / "retain.txt"),
+                 "--budget", "tiny", "--steps", "2", "--out", str(tmp_path / "tuned")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    best = json.loads(out.strip().splitlines()[-1])["best"]["red"]
+    assert best["percentile"] == 99.0 and best["gamma"] == -2.0 and 0.0 <= best["ua"] <= 1.0
+    saved = json.loads((tmp_path / "tuned" / "search.json").read_text())["tune"]["red"]
+    assert len(saved["trials"]) == 1 and saved["recipe"]["domain"] == "color"
+    from saeuron_plugin import SAeUron
+
+    tuned = SAeUron.from_pretrained(tmp_path / "tuned")
+    assert tuned.hookpoints[BLOCK].library.selection_defaults("red").gamma == -2.0
+    # a concept the judge does not know: one line, before any model loads
+    code = main(["tune", "--model", "nowhere", "--sae", str(bundle), "--concept", "red", "--judge",
+                 f"clip:{tiny_clip}", "--labels", "shape=star,circle", "--forget-prompts",
+                 str(tmp_path / "forget.txt"), "--retain-prompts", str(tmp_path / "retain.txt")])
+    assert code == 2 and "exactly one judge domain" in capsys.readouterr().err
+
+
+def test_tune_finds_a_setting_that_removes_a_reset_concept_from_the_shipped_bundle(tmp_path):
+    """The shipped bundle with star's defaults reset to the untuned ones (p 99.999, γ −1, active
+    everywhere): the tiny budget (p 99, γ −2, every hookpoint alone and all together) on 2+2 validation
+    images at 10 steps finds a setting with validation UA ≥ 95 %."""
+    import shutil
+    from pathlib import Path
+
+    from saeuron_plugin import SAeUron
+    from saeuron_plugin.eval.bundle import load_default
+    from saeuron_plugin.tuning import load_judge
+    from saeuron_plugin.tuning.commands import shapescanvas_prompts
+
+    root = Path(__file__).resolve().parent.parent / "checkpoints"
+    if not (root / "shapescanvas-saeuron").is_dir():
+        pytest.skip("the shipped ShapesCanvas bundle is not built")
+    shutil.copytree(root / "shapescanvas-saeuron", tmp_path / "bundle")
+    eraser = SAeUron.from_pretrained(tmp_path / "bundle")
+    for hp in eraser.where("star"):
+        eraser.set_defaults("star", hookpoints=[hp], percentile=99.999, top_n=None, gamma=-1.0,
+                            contrast="auto", active=True)
+    forget, retain = shapescanvas_prompts("star", 2)
+    pipe, judge = load_default(str(root / "shapescanvas-sd")), load_judge("shapescanvas")
+    cfg = TuneConfig(num_inference_steps=10, batch_size=4, show_progress=False)
+    task, space = TuneTask("star", forget, retain), SearchSpace.from_budget("tiny")
+    best = tune_concept(eraser, pipe, judge, task, space, tmp_path / "bundle", cfg, log=lambda _: None)
+    assert best["ua"] >= 0.95, best
+    assert eraser.active_hookpoints("star") == best["hookpoints"]
