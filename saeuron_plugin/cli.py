@@ -58,6 +58,18 @@ def _vlm_train(args: argparse.Namespace) -> int:
     return _train(args)
 
 
+# ------------------------------------------------------------------------------ build
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="TOML recipe: model, hookpoints, prompts, SAE, concepts, judge, budget")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from .tuning.build import build
+
+    print(json.dumps({"bundle": str(build(args.recipe))}))
+    return 0
+
+
 # ------------------------------------------------------------------------------ info
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("sae", help="SAE folder or Hub repo id")
@@ -133,6 +145,8 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
     }),
     "tune": ("tune how a bundle unlearns concepts on a pipeline, judged by a judge (writes the defaults)",
              _lazy(".tuning.commands", "tune_args"), _lazy(".tuning.commands", "tune")),  # type: ignore[dict-item]
+    "build": ("run a recipe: collect → train → statistics → tune → model card → push (resumable)",
+              _build_args, _build),
     "generate": ("generate images, optionally unlearning concepts (and side by side with the original)",
                  _lazy(_DIFF, "generate_args"), _lazy(_DIFF, "generate")),  # type: ignore[dict-item]
     "eval": ("the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA)",
