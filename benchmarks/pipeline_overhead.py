@@ -41,7 +41,7 @@ from saeuron_plugin.diffusion.hooks import install_hooks
 from saeuron_plugin.diffusion.timestep import TimestepTracker
 from saeuron_plugin.diffusion.unlearn import SAeUron
 from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.bundle import load_default
+from saeuron_plugin.eval.shapescanvas_build import load_default
 from saeuron_plugin.sae.ablation import kth_largest
 
 

@@ -6,11 +6,11 @@ costs about 0.34 s per validation image).
     python examples/build_shapescanvas_bundle.py [--out checkpoints/shapescanvas-saeuron --threads 2]
 
 Collection, SAE training, the concept statistics pass and the per-concept hyperparameter search all
-run through the package's own code (``saeuron_plugin.eval.bundle``); intermediate activations go to
-``--work`` and a re-run skips the prompts already collected. The SAEs and statistics (steps 1-3)
-are saved in ``--work``/trained; a re-run with the same recipe starts at the search (about 90 min
-with the object grid of 69 settings and stage 2), so an interrupted build or a new search grid does
-not retrain. The search saves its progress per concept in ``--work`` and resumes there too.
+run through the package's own code (``saeuron_plugin.eval.shapescanvas_build``); intermediate
+activations go to ``--work`` and a re-run skips the prompts already collected. The SAEs and
+statistics (steps 1-3) are saved in ``--work``/trained; a re-run with the same recipe starts at the
+search (about 90 min with the object grid of 69 settings and stage 2), so an interrupted build or a
+new search grid does not retrain. The search saves its progress per concept in ``--work`` and resumes there too.
 
     python examples/build_shapescanvas_bundle.py --from-bundle checkpoints/shapescanvas-saeuron
 
@@ -25,7 +25,7 @@ from dataclasses import fields
 
 import torch
 
-from saeuron_plugin.eval.bundle import BundleConfig, build_bundle
+from saeuron_plugin.eval.shapescanvas_build import BundleConfig, build_bundle
 
 
 def main() -> None:

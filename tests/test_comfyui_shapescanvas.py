@@ -50,7 +50,7 @@ def setup():
         pytest.skip(f"the ShapesCanvas default ({MODEL}) or its SAE bundle ({folder}) is not built")
     from saeuron_plugin import SAeUron
     from saeuron_plugin.comfyui.diffusers_unet import load_diffusers_unet
-    from saeuron_plugin.eval.bundle import load_default
+    from saeuron_plugin.eval.shapescanvas_build import load_default
 
     pipe = load_default(str(MODEL))
     bundle = SAeUron.from_pretrained(folder)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from saeuron_plugin.eval import bundle as B
 from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.eval import shapescanvas_build as B
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent

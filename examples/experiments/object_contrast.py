@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from saeuron_plugin.diffusion.unlearn import SAeUron
-from saeuron_plugin.eval import bundle as B
+from saeuron_plugin.eval import shapescanvas_build as B
 from saeuron_plugin.eval.judges import Judges
 from saeuron_plugin.eval.unlearning import run_benchmark, write_results
 from saeuron_plugin.sae.selection import concept_scores, select_features

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .bundle import concept_domain, judge_scores, load_default, split_prompts
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from .shapescanvas_build import concept_domain, judge_scores, load_default, split_prompts
 
 DEMO_SEED = 40_000
 

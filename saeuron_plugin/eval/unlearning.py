@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from . import shapescanvas as sc
-from .bundle import concept_domain, judge_scores
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from .shapescanvas_build import concept_domain, judge_scores
 
 TEST_SEED = 50_000
 DOMAIN_KEYS = {"object": "objects", "style": "styles", "color": "colors"}
@@ -137,8 +137,8 @@ def run_benchmark(
     benchmark may run it on a subset); its domain averages are then over that subset.
     """
     from ..diffusion.unlearn import SAeUron
-    from .bundle import load_default
     from .judges import Judges
+    from .shapescanvas_build import load_default
 
     protocol = protocol or Protocol()
     concepts = list(concepts or sc.CONCEPTS)

@@ -15,7 +15,7 @@ validation images and keeps the best as the concept's defaults in the bundle:
   (atomic write), so an interrupted search resumes where it stopped and a re-tune reuses every
   trial it already ran.
 
-The ShapesCanvas bundle builder (``saeuron_plugin.eval.bundle``) still runs its own search with
+The ShapesCanvas bundle builder (``saeuron_plugin.eval.shapescanvas_build``) still runs its own search with
 ground-truth labels; moving it onto this one is the rest of issue #19.
 """
 
