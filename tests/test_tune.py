@@ -153,3 +153,23 @@ def test_tune_finds_a_setting_that_removes_a_reset_concept_from_the_shipped_bund
     best = tune_concept(eraser, pipe, judge, task, space, tmp_path / "bundle", cfg, log=lambda _: None)
     assert best["ua"] >= 0.95, best
     assert eraser.active_hookpoints("star") == best["hookpoints"]
+
+
+def test_stage_two_judges_the_finalists_on_fresh_seeds(setup, tmp_path, monkeypatch):
+    pipe, eraser = setup
+    seen_seeds = []
+    real = search.generate
+
+    def recording(pipe_, prompts, seeds, cfg):
+        seen_seeds.append(tuple(seeds))
+        return real(pipe_, prompts, seeds, cfg)
+
+    monkeypatch.setattr(search, "generate", recording)
+    space = SearchSpace(percentiles=(99.0, 99.9), gammas=(-2.0, -6.0), refine_top=2)
+    best = tune_concept(eraser, pipe, always(1), TuneTask("red", FORGET, RETAIN, seed=100, refine_seed=900),
+                        space, tmp_path, CFG, log=lambda _: None)
+    saved = json.loads((tmp_path / "search.json").read_text())["tune"]["red"]
+    assert len(saved["trials"]) == 4 and len(saved["refine"]) == 2
+    assert best in saved["refine"]  # decided in stage 2
+    assert seen_seeds.count((100, 101, 10_100, 10_101)) == 5  # stage 1: base + 4 trials
+    assert seen_seeds.count((900, 901, 10_900, 10_901)) == 3  # stage 2: base + 2 finalists, fresh seeds

@@ -10,7 +10,8 @@ validation images and keeps the best as the concept's defaults in the bundle:
   **IRA**: retain images whose top label in the concept's domain is the base image's;
   **CRA**: images whose top labels in the judge's other domains are the base image's. These paired
   retain measures need no ground-truth labels, so any judge works;
-* the objective is mean(UA, IRA, CRA), ties broken by the judge's probability margin;
+* the objective is mean(UA, IRA, CRA), ties broken by the judge's probability margin; stage 2
+  judges the best few again on fresh seeds and decides there;
 * every trial is appended to ``search.json`` (section ``tune``) in the bundle folder as it finishes
   (atomic write), so an interrupted search resumes where it stopped and a re-tune reuses every
   trial it already ran.
@@ -40,13 +41,15 @@ from .judges import Judge
 
 SEARCH_FILE = "search.json"
 BUDGETS: dict[str, dict[str, Any]] = {
-    "tiny": {"percentiles": (99.0,), "gammas": (-2.0,), "prompts": 2},
-    "small": {"percentiles": (99.0, 99.9), "gammas": (-1.0, -6.0), "prompts": 6},
-    "medium": {"percentiles": (98.0, 99.0, 99.5, 99.9), "gammas": (-1.0, -2.0, -6.0), "prompts": 12},
+    "tiny": {"percentiles": (99.0,), "gammas": (-2.0,), "prompts": 2, "refine_top": 0},
+    "small": {"percentiles": (99.0, 99.9), "gammas": (-1.0, -6.0), "prompts": 6, "refine_top": 2},
+    "medium": {"percentiles": (98.0, 99.0, 99.5, 99.9), "gammas": (-1.0, -2.0, -6.0), "prompts": 12,
+               "refine_top": 3},
     "large": {"percentiles": (95.0, 98.0, 99.0, 99.5, 99.9, 99.99), "gammas": (-1.0, -2.0, -6.0, -20.0),
-              "prompts": 24},
+              "prompts": 24, "refine_top": 4},
 }
-"""Grid and validation size per ``--budget`` (prompts: forget and as many retain prompts)."""
+"""Per ``--budget``: the grid, the validation size (prompts: forget and as many retain prompts) and the
+stage-2 finalists."""
 
 
 class TuningError(SAeUronError, ValueError):
@@ -62,6 +65,8 @@ class SearchSpace:
     contrasts: tuple[str, ...] = ("auto",)
     percentiles: tuple[float, ...] = (99.0, 99.9)
     gammas: tuple[float, ...] = (-1.0, -6.0)
+    refine_top: int = 0
+    """Stage 2: judge this many of stage 1's best again on fresh seeds, and decide there (0: no stage 2)."""
 
     @classmethod
     def from_budget(cls, budget: str, **overrides: Any) -> SearchSpace:
@@ -87,6 +92,8 @@ class TuneTask:
     domain: str | None = None
     seed: int = 30_000
     """Validation seeds: forget image i uses seed + i, retain image j seed + 10,000 + j."""
+    refine_seed: int = 40_000
+    """Seeds of stage 2 (the same layout): fresh images for the finalists."""
 
 
 @dataclass
@@ -166,59 +173,102 @@ def _write_search(folder: Path, data: dict[str, Any]) -> None:
     atomic_write(folder / SEARCH_FILE, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def _rank(trial: dict[str, Any]) -> tuple[float, float]:
+    return trial["score"], trial["margin"]
+
+
+class _Stage:
+    """One stage of a concept's search: its validation images, and its trials saved under ``name``."""
+
+    def __init__(self, run: _ConceptRun, name: str, seed: int) -> None:
+        task = run.task
+        self.run, self.name = run, name
+        self.prompts = [*task.forget, *task.retain]
+        self.seeds = [*(seed + i for i in range(len(task.forget))),
+                      *(seed + 10_000 + j for j in range(len(task.retain)))]
+        self.trials = run.entry.setdefault(name, [])
+        self.done = {_key(t): t for t in self.trials}
+
+    def judge(self, settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The trials of ``settings`` (saved ones reused), each saved as soon as it is judged."""
+        run, task = self.run, self.run.task
+        todo = [s for s in settings if _key(s) not in self.done]
+        reused = len(settings) - len(todo)
+        run.log(f"{task.concept} {self.name}: {len(settings)} settings ({reused} reused) × "
+                f"{len(self.prompts)} images")
+        if todo:
+            start = time.perf_counter()
+            base = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
+            bar = tqdm(todo, desc=f"tune {task.concept} ({self.name})", unit="trial",
+                       disable=not run.cfg.show_progress)
+            for setting in bar:
+                ablation = ConceptAblation(task.concept, percentile=setting["percentile"],
+                                           gamma=setting["gamma"], contrast=setting["contrast"])
+                with run.eraser.unlearn(run.pipe, [ablation], hookpoints=setting["hookpoints"]):
+                    probs = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
+                scores = paired_scores(run.judge, run.domain, task.concept, probs, base, len(task.forget))
+                trial = {**setting, **scores, "score": (scores["ua"] + scores["ira"] + scores["cra"]) / 3}
+                self.trials.append(trial)
+                self.done[_key(trial)] = trial
+                run.save()  # nothing is lost if the run stops here
+                bar.set_postfix(best=f"{max(t['score'] for t in self.done.values()):.3f}", refresh=False)
+            bar.close()
+            run.log(f"{task.concept} {self.name}: {len(todo)} trials in {time.perf_counter() - start:.0f} s")
+        return [self.done[_key(s)] for s in settings]
+
+
+class _ConceptRun:
+    """State of one concept's search: the saved entry in search.json and what judging needs."""
+
+    def __init__(self, eraser: Any, pipe: Any, judge: Judge, task: TuneTask, folder: Path, cfg: TuneConfig,
+                 log: Callable[[str], None]) -> None:
+        self.eraser, self.pipe, self.judge, self.task = eraser, pipe, judge, task
+        self.cfg, self.log = cfg, log
+        self.folder = folder
+        self.domain = judge_domain(judge, task.concept, task.domain)
+        self.search = read_search(folder)
+        # its own section: the ShapesCanvas builder keeps its search under "search" in the same file
+        self.entry = self.search.setdefault("tune", {}).setdefault(task.concept, {})
+        recipe = {"forget": task.forget, "retain": task.retain, "seed": task.seed, "domain": self.domain,
+                  "refine_seed": task.refine_seed,
+                  "generation": {k: v for k, v in asdict(cfg).items() if k != "show_progress"}}
+        if self.entry.get("recipe") != recipe:  # other prompts, seeds or sampling: old trials do not apply
+            self.entry.clear()
+            self.entry["recipe"] = recipe
+
+    def save(self) -> None:
+        _write_search(self.folder, self.search)
+
+
 def tune_concept(eraser: Any, pipe: Any, judge: Judge, task: TuneTask, space: SearchSpace, folder: str | Path,
                  cfg: TuneConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Search ``task.concept``'s settings, write the winner as its defaults in ``eraser`` and every trial
-    to ``folder/search.json`` (resumable); returns the winning trial."""
-    cfg = cfg or TuneConfig()
-    folder = Path(folder)
+    to ``folder/search.json`` (resumable); returns the winning trial.
+
+    Stage 1 judges every setting of ``space``; with ``space.refine_top`` > 0, stage 2 judges the best
+    of them again on fresh seeds (``task.refine_seed``) and decides there: stage 1's images are the
+    same for every trial, so its winner is the one that happened to suit those seeds best.
+    """
     held_at = eraser.where(task.concept)
     if not held_at:
         eraser.check_known([task.concept])
     if not task.forget or not task.retain:
         raise TuningError(f"{task.concept!r} needs forget prompts (with it) and retain prompts (without it)")
-    domain = judge_domain(judge, task.concept, task.domain)
-    settings = space.settings(held_at)
-    search = read_search(folder)
-    # its own section: the ShapesCanvas builder keeps its search under "search" in the same file
-    entry = search.setdefault("tune", {}).setdefault(task.concept, {})
-    recipe = {"forget": task.forget, "retain": task.retain, "seed": task.seed, "domain": domain,
-              "generation": {k: v for k, v in asdict(cfg).items() if k != "show_progress"}}
-    if entry.get("recipe") != recipe:  # other prompts, seeds or sampling: earlier trials do not apply
-        entry.clear()
-        entry["recipe"] = recipe
-    done = {_key(t): t for t in entry.setdefault("trials", [])}
-    todo = [s for s in settings if _key(s) not in done]
-    log(f"{task.concept}: {len(settings)} settings ({len(settings) - len(todo)} reused) × "
-        f"{len(task.forget) + len(task.retain)} images")
-    prompts = [*task.forget, *task.retain]
-    seeds = [*(task.seed + i for i in range(len(task.forget))),
-             *(task.seed + 10_000 + j for j in range(len(task.retain)))]
-    if todo:
-        start = time.perf_counter()
-        base = judge.probabilities(generate(pipe, prompts, seeds, cfg))
-        bar = tqdm(todo, desc=f"tune {task.concept}", unit="trial", disable=not cfg.show_progress)
-        for setting in bar:
-            ablation = ConceptAblation(task.concept, percentile=setting["percentile"], gamma=setting["gamma"],
-                                       contrast=setting["contrast"])
-            with eraser.unlearn(pipe, [ablation], hookpoints=setting["hookpoints"]):
-                probs = judge.probabilities(generate(pipe, prompts, seeds, cfg))
-            scores = paired_scores(judge, domain, task.concept, probs, base, len(task.forget))
-            trial = {**setting, **scores, "score": (scores["ua"] + scores["ira"] + scores["cra"]) / 3}
-            entry["trials"].append(trial)
-            done[_key(trial)] = trial
-            _write_search(folder, search)  # nothing is lost if the run stops here
-            bar.set_postfix(best=f"{max(t['score'] for t in done.values()):.3f}", refresh=False)
-        bar.close()
-        log(f"{task.concept}: {len(todo)} trials in {time.perf_counter() - start:.0f} s")
-    best = max((done[_key(s)] for s in settings), key=lambda t: (t["score"], t["margin"]))
+    run = _ConceptRun(eraser, pipe, judge, task, Path(folder), cfg or TuneConfig(), log)
+    trials = _Stage(run, "trials", task.seed).judge(space.settings(held_at))
+    ranked = sorted(trials, key=_rank, reverse=True)
+    if space.refine_top > 0 and len(ranked) > 1:
+        finalists = [{k: t[k] for k in ("hookpoints", "contrast", "percentile", "gamma")}
+                     for t in ranked[:space.refine_top]]
+        ranked = sorted(_Stage(run, "refine", task.refine_seed).judge(finalists), key=_rank, reverse=True)
+    best = ranked[0]
     for hp in eraser.hookpoints:
         if task.concept in eraser.hookpoints[hp].library:
             eraser.set_defaults(task.concept, hookpoints=[hp], percentile=best["percentile"], top_n=None,
                                 gamma=best["gamma"], contrast=best["contrast"],
                                 active=hp in best["hookpoints"])
-    entry["best"] = best
-    _write_search(folder, search)
+    run.entry["best"] = best
+    run.save()
     return best
 
 
