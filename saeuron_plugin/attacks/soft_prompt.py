@@ -1,0 +1,145 @@
+"""Adaptive soft-prompt attack through the intervention (issue #20, first part).
+
+The white-box upper bound of prompt attacks: optimise the text encoder's output (``prompt_embeds``)
+so that the *unlearned* model, with its edit hooks in place, predicts the noise of noised target
+images the *base* model drew for the concept (UnlearnDiffAtk's loss, on embeddings instead of
+tokens):
+
+    loss = ‖ε_θ(√ᾱ_t·x₀ + √(1−ᾱ_t)·ε, t, c) − ε‖²,  x₀ a target latent, t and ε drawn per step.
+
+Gradients pass through every edit (``x + (z′ − z)·W_dec`` is differentiable), which is what makes
+the attack adaptive. ``mask_gradients=True`` reproduces the reference harness instead: each edit
+is computed under ``no_grad`` and *replaces* the module output, so no gradient passes through an
+edited module. Comparing the two shows what an evaluation that masks gradients would wrongly
+conclude.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class AttackConfig:
+    """Budget and optimiser of one attack (recorded with its results)."""
+
+    iterations: int = 40
+    """Optimiser steps (UnlearnDiffAtk's published budget: 40)."""
+    lr: float = 1e-2
+    weight_decay: float = 0.1
+    """Adam(W) as UnlearnDiffAtk."""
+    batch: int = 4
+    """Target latents per step (drawn from the targets, with their own noise and timestep)."""
+    seed: int = 0
+    losses: list[float] = field(default_factory=list)
+    """Filled by the attack: the loss of every step."""
+
+
+@contextlib.contextmanager
+def masked_edits(handle: Any) -> Iterator[None]:
+    """Inside: every edit of ``handle`` (an ``UnlearnHandle``) runs under ``no_grad`` and replaces the
+    module output (the reference harness's gradient masking)."""
+    sites = list(handle.hooks.sites.values())
+    originals = [site.editor for site in sites]
+
+    def masked(editor: Any) -> Any:
+        def call(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            with torch.no_grad():
+                out = editor(x.detach(), *args, **kwargs)
+            return out.detach() if out is not x else x
+        return call
+
+    for site, editor in zip(sites, originals):
+        site.editor = masked(editor)
+    try:
+        yield
+    finally:
+        for site, editor in zip(sites, originals):
+            site.editor = editor
+
+
+@torch.no_grad()
+def target_latents(pipe: Any, prompt: str, seeds: Sequence[int], num_inference_steps: int = 25,
+                   guidance_scale: float | None = None) -> Tensor:
+    """Latents x₀ [N, C, h, w] of images the pipeline (run it without an eraser: the base model) draws."""
+    kwargs: dict[str, Any] = {"num_inference_steps": num_inference_steps, "output_type": "latent"}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return pipe([prompt] * len(seeds), generator=gens, **kwargs).images.float()
+
+
+def _noised(targets: Tensor, scheduler: Any, batch: int,
+            gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(x_t, t, ε) for ``batch`` targets drawn with ``gen``: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε."""
+    alphas = scheduler.alphas_cumprod.to(targets.device, torch.float32)
+    pick = torch.randint(0, len(targets), (batch,), generator=gen)
+    t = torch.randint(0, int(scheduler.config.num_train_timesteps), (batch,), generator=gen)
+    noise = torch.randn(targets[pick].shape, generator=gen)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return a.sqrt() * targets[pick] + (1 - a).sqrt() * noise, t, noise
+
+
+@torch.no_grad()
+def attack_loss(pipe: Any, embeds: Tensor, targets: Tensor, draws: int = 32, seed: int = 12_345) -> float:
+    """The attack's loss on a fixed set of ``draws`` (target, t, ε), to compare prompts fairly."""
+    xt, t, noise = _noised(targets, pipe.scheduler, draws, torch.Generator().manual_seed(seed))
+    pred = pipe.unet(xt, t, encoder_hidden_states=embeds.expand(draws, -1, -1)).sample
+    return float(torch.nn.functional.mse_loss(pred.float(), noise))
+
+
+def soft_prompt_attack(pipe: Any, targets: Tensor, init_embeds: Tensor,
+                       cfg: AttackConfig | None = None) -> Tensor:
+    """Optimised ``prompt_embeds`` [1, L, D] starting from ``init_embeds`` (the concept's own prompt, or
+    anything else); hooks installed on ``pipe`` (an eraser) take part in every step. ``cfg.losses``
+    records the loss per step."""
+    cfg = cfg or AttackConfig()
+    unet = pipe.unet
+    embeds = init_embeds.detach().clone().float().requires_grad_(True)
+    opt = torch.optim.AdamW([embeds], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    was_training = unet.training
+    unet.eval()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # the model is frozen: only the prompt is optimised
+        p.requires_grad_(False)
+    cfg.losses.clear()
+    try:
+        for _ in range(cfg.iterations):
+            xt, t, noise = _noised(targets, pipe.scheduler, cfg.batch, gen)
+            pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample
+            loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            cfg.losses.append(float(loss.detach()))
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        unet.train(was_training)
+    return embeds.detach()
+
+
+@torch.no_grad()
+def generate_from_embeds(pipe: Any, embeds: Tensor, seeds: Sequence[int], num_inference_steps: int = 25,
+                         guidance_scale: float | None = None, negative: Tensor | None = None) -> Tensor:
+    """Images [N, 3, H, W] in [0, 1] from ``prompt_embeds`` (one per seed), hooks on ``pipe`` active."""
+    kwargs: dict[str, Any] = {"num_inference_steps": num_inference_steps, "output_type": "pt"}
+    if guidance_scale is not None:
+        kwargs["guidance_scale"] = guidance_scale
+    n = len(seeds)
+    if negative is None:
+        _, negative = pipe.encode_prompt("", embeds.device, 1, True, "")
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return pipe(prompt_embeds=embeds.expand(n, -1, -1), negative_prompt_embeds=negative.expand(n, -1, -1),
+                generator=gens, **kwargs).images.float().cpu()
+
+
+__all__ = ["AttackConfig", "attack_loss", "generate_from_embeds", "masked_edits", "soft_prompt_attack",
+           "target_latents"]
