@@ -1,4 +1,4 @@
-"""Robustness of SAeUron on ShapesCanvas under the adaptive soft-prompt attack (issue #20, first part).
+"""Robustness of SAeUron on ShapesCanvas under adaptive attacks (issue #20, first part).
 
     python benchmarks/robustness.py [--concepts star striped red] [--iterations 40] [--threads 2]
 
@@ -6,11 +6,13 @@ For each concept: 8 target images of a caption with it, drawn by the untouched m
 optimises that caption's ``prompt_embeds`` so the *unlearned* pipeline (the shipped bundle, its tuned
 defaults) predicts their noise (UnlearnDiffAtk's loss on embeddings; Adam(W), lr 0.1, weight decay
 0.1, batch 8), with gradients through the edit ("adaptive") and with the edit under ``no_grad``
-replacing the module output as the reference harness does ("masked"). UA is judged on 8 images
-from other seeds with the eraser applied: clean caption, then the attacked embeddings.
+replacing the module output as the reference harness does ("masked"); and UnlearnDiffAtk's published
+protocol (5 relaxed prefix tokens before the caption, Adam(W) lr 1e-2, weight decay 0.1, 40 iterations,
+discretised to a typed prompt). UA is judged on 8 images from other seeds with the eraser applied:
+clean caption, then the attacked embeddings or prompt.
 
-Not yet here (the rest of #20): UnlearnDiffAtk's token prefix, transfer attacks, the baselines,
-IRA/CRA under attack, the iteration curve, and a defence.
+Not yet here (the rest of #20): transfer attacks, the baselines, IRA/CRA under attack, the iteration
+curve, and a defence.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from saeuron_plugin.attacks import (
     masked_edits,
     soft_prompt_attack,
     target_latents,
+    unlearndiffatk,
 )
 from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.eval.shapescanvas_build import load_default
@@ -76,10 +79,14 @@ def main() -> None:
                 with masked_edits(handle) if name == "masked" else torch.enable_grad():
                     attacked = soft_prompt_attack(pipe, targets, init, cfg)
                 row[f"ua_{name}"] = ua(generate_from_embeds(pipe, attacked, range(100, 108), **gen_kw))
+            cfg = AttackConfig(iterations=args.iterations, lr=1e-2, batch=8, seed=args.seed)
+            row["unlearndiffatk_prompt"] = unlearndiffatk(pipe, targets, caption, cfg, prefix_tokens=5)
+            typed, _ = pipe.encode_prompt(row["unlearndiffatk_prompt"], "cpu", 1, False)
+            row["ua_unlearndiffatk"] = ua(generate_from_embeds(pipe, typed, range(100, 108), **gen_kw))
         rows[concept] = row
-        print(f"{concept:9s} ({domain}): UA clean {row['ua_clean']:5.1f}  after the adaptive attack "
-              f"{row['ua_adaptive']:5.1f}  after the gradient-masked attack {row['ua_masked']:5.1f}",
-              flush=True)
+        print(f"{concept:9s} ({domain}): UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
+              f"{row['ua_adaptive']:5.1f}, gradient-masked {row['ua_masked']:5.1f}  UnlearnDiffAtk "
+              f"{row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})", flush=True)
     protocol = {"attack": "soft prompt (prompt_embeds), UnlearnDiffAtk loss", "iterations": args.iterations,
                 "lr": args.lr, "weight_decay": 0.1, "batch": 8, "targets": 8, "eval_images": 8,
                 "steps": 25, "guidance": 5.0, "seed": args.seed, "bundle": "checkpoints/shapescanvas-saeuron",

@@ -16,8 +16,10 @@ from saeuron_plugin.attacks import (
     attack_loss,
     generate_from_embeds,
     masked_edits,
+    project_to_simplex,
     soft_prompt_attack,
     target_latents,
+    unlearndiffatk,
 )
 
 
@@ -97,3 +99,31 @@ def test_against_the_base_model_the_attack_draws_the_concept():
     star = judge.labels["object"].index("star")
     ua = float((judge.probabilities(images)["object"].argmax(-1) != star).float().mean())
     assert ua <= 0.2, ua
+
+
+def test_simplex_projection():
+    v = torch.tensor([[0.2, 0.3, 0.5], [2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])
+    p = project_to_simplex(v)
+    assert torch.allclose(p.sum(-1), torch.ones(3)) and bool((p >= 0).all())
+    assert torch.allclose(p[0], v[0])  # already on the simplex
+    assert torch.allclose(p[1], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(p[2], torch.full((3,), 1 / 3))
+    rows = torch.randn(50, 7, generator=torch.Generator().manual_seed(0)) * 3
+    proj = project_to_simplex(rows)
+    assert torch.allclose(proj.sum(-1), torch.ones(50), atol=1e-5) and bool((proj >= 0).all())
+    # the projection is the closest point: no other simplex point (random samples) is closer
+    others = torch.distributions.Dirichlet(torch.ones(7)).sample((200,))
+    for r, q in zip(rows[:5], proj[:5]):
+        assert float((r - q).norm()) <= float((r - others).norm(dim=-1).min()) + 1e-6
+
+
+def test_unlearndiffatk_returns_a_typed_prompt_and_lowers_the_relaxed_loss(setup):
+    pipe, eraser = setup
+    targets = target_latents(pipe, "a red star", [0, 1, 2, 3], num_inference_steps=2)
+    cfg = AttackConfig(iterations=25, lr=5e-2, batch=4, seed=2)
+    with eraser.unlearn(pipe, ["red"]):
+        prompt = unlearndiffatk(pipe, targets, "a star", cfg, prefix_tokens=3)
+    assert prompt.endswith("a star") and len(prompt) > len("a star")
+    assert len(cfg.losses) == 25 and min(cfg.losses[-5:]) < max(cfg.losses[:5])
+    assert all(p.requires_grad for m in (pipe.unet, pipe.text_encoder) for p in m.parameters())
+    assert not pipe.text_encoder.get_input_embeddings()._forward_hooks  # the prefix hook is gone
