@@ -50,6 +50,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--everywhere", action="store_true",
+                        help="ablate at every hookpoint whose library holds the concept, not only the "
+                             "tuned ones (a candidate defence)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
     args = parser.parse_args()
     if args.threads:
@@ -72,7 +75,8 @@ def main() -> None:
             return 100 * float((judge.probabilities(images)[domain].argmax(-1) != label).float().mean())
 
         row = {"domain": domain, "caption": caption}
-        with eraser.unlearn(pipe, [concept]) as handle:
+        where = eraser.where(concept) if args.everywhere else None
+        with eraser.unlearn(pipe, [concept], hookpoints=where) as handle:
             row["ua_clean"] = ua(generate_from_embeds(pipe, init, range(100, 108), **gen_kw))
             for name in ("adaptive", "masked"):
                 cfg = AttackConfig(iterations=args.iterations, lr=args.lr, batch=8, seed=args.seed)
@@ -90,6 +94,7 @@ def main() -> None:
     protocol = {"attack": "soft prompt (prompt_embeds), UnlearnDiffAtk loss", "iterations": args.iterations,
                 "lr": args.lr, "weight_decay": 0.1, "batch": 8, "targets": 8, "eval_images": 8,
                 "steps": 25, "guidance": 5.0, "seed": args.seed, "bundle": "checkpoints/shapescanvas-saeuron",
+                "hookpoints": "every one holding the concept" if args.everywhere else "the tuned ones",
                 "seconds": round(time.perf_counter() - start)}
     Path(args.out).write_text(json.dumps({"protocol": protocol, "saeuron": rows}, indent=1) + "\n")
     print(f"wrote {args.out} ({protocol['seconds']} s)")

@@ -127,3 +127,15 @@ def test_unlearndiffatk_returns_a_typed_prompt_and_lowers_the_relaxed_loss(setup
     assert len(cfg.losses) == 25 and min(cfg.losses[-5:]) < max(cfg.losses[:5])
     assert all(p.requires_grad for m in (pipe.unet, pipe.text_encoder) for p in m.parameters())
     assert not pipe.text_encoder.get_input_embeddings()._forward_hooks  # the prefix hook is gone
+
+
+def test_a_fully_masked_attacker_is_blind_and_says_so(setup):
+    """With the last edited block masked, no gradient reaches the prompt: the attack runs, records its
+    losses and returns the prompt it started from."""
+    pipe, eraser = setup
+    targets = target_latents(pipe, "a red star", [0, 1], num_inference_steps=2)
+    init, _ = pipe.encode_prompt("a blue circle", "cpu", 1, False)
+    cfg = AttackConfig(iterations=3, batch=2)
+    with eraser.unlearn(pipe, ["red"], hookpoints=[BLOCK, ATTN]) as handle, masked_edits(handle):
+        out = soft_prompt_attack(pipe, targets, init, cfg)
+    assert torch.equal(out, init.detach().float()) and len(cfg.losses) == 3

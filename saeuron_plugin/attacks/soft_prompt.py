@@ -115,10 +115,12 @@ def soft_prompt_attack(pipe: Any, targets: Tensor, init_embeds: Tensor,
             xt, t, noise = _noised(targets, pipe.scheduler, cfg.batch, gen)
             pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            cfg.losses.append(float(loss.detach()))
+            if not loss.requires_grad:  # every path from the prompt is masked: the attacker is blind
+                continue
             opt.zero_grad()
             loss.backward()
             opt.step()
-            cfg.losses.append(float(loss.detach()))
     finally:
         for p in params:
             p.requires_grad_(True)

@@ -76,12 +76,14 @@ def unlearndiffatk(pipe: Any, targets: Tensor, prompt: str, cfg: AttackConfig | 
             xt, t, noise = _noised(targets, pipe.scheduler, cfg.batch, gen)
             pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise)
+            cfg.losses.append(float(loss.detach()))
+            if not loss.requires_grad:  # every path from the prompt is masked: the attacker is blind
+                continue
             opt.zero_grad()
             loss.backward()
             opt.step()
             with torch.no_grad():
                 weights.copy_(project_to_simplex(weights))
-            cfg.losses.append(float(loss.detach()))
     finally:
         hook.handle.remove()
         for p in frozen:
