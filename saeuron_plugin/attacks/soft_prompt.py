@@ -86,6 +86,22 @@ def _noised(targets: Tensor, scheduler: Any, batch: int,
     return a.sqrt() * targets[pick] + (1 - a).sqrt() * noise, t, noise
 
 
+def attack_step(unet: Any, embeds: Tensor, targets: Tensor, scheduler: Any, opt: torch.optim.Optimizer,
+                cfg: AttackConfig, gen: torch.Generator) -> bool:
+    """One optimiser step on the attack loss of a fresh draw; records the loss in ``cfg.losses``.
+    False when no gradient reaches the prompt (every path masked): the attacker is blind, nothing moves."""
+    xt, t, noise = _noised(targets, scheduler, cfg.batch, gen)
+    pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise)
+    cfg.losses.append(float(loss.detach()))
+    if not loss.requires_grad:
+        return False
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return True
+
+
 @torch.no_grad()
 def attack_loss(pipe: Any, embeds: Tensor, targets: Tensor, draws: int = 32, seed: int = 12_345) -> float:
     """The attack's loss on a fixed set of ``draws`` (target, t, ε), to compare prompts fairly."""
@@ -112,15 +128,7 @@ def soft_prompt_attack(pipe: Any, targets: Tensor, init_embeds: Tensor,
     cfg.losses.clear()
     try:
         for _ in range(cfg.iterations):
-            xt, t, noise = _noised(targets, pipe.scheduler, cfg.batch, gen)
-            pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), noise)
-            cfg.losses.append(float(loss.detach()))
-            if not loss.requires_grad:  # every path from the prompt is masked: the attacker is blind
-                continue
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            attack_step(unet, embeds, targets, pipe.scheduler, opt, cfg, gen)
     finally:
         for p in params:
             p.requires_grad_(True)

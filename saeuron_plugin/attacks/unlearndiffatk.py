@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .soft_prompt import AttackConfig, _noised
+from .soft_prompt import AttackConfig, attack_step
 
 
 def project_to_simplex(v: Tensor) -> Tensor:
@@ -72,18 +72,9 @@ def unlearndiffatk(pipe: Any, targets: Tensor, prompt: str, cfg: AttackConfig | 
     cfg.losses.clear()
     try:
         for _ in range(cfg.iterations):
-            embeds = text_encoder(ids)[0]
-            xt, t, noise = _noised(targets, pipe.scheduler, cfg.batch, gen)
-            pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), noise)
-            cfg.losses.append(float(loss.detach()))
-            if not loss.requires_grad:  # every path from the prompt is masked: the attacker is blind
-                continue
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                weights.copy_(project_to_simplex(weights))
+            if attack_step(unet, text_encoder(ids)[0], targets, pipe.scheduler, opt, cfg, gen):
+                with torch.no_grad():
+                    weights.copy_(project_to_simplex(weights))
     finally:
         hook.handle.remove()
         for p in frozen:
