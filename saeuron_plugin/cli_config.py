@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import inspect
 import itertools
+import types
 import typing
 from typing import Any
 
@@ -42,7 +43,7 @@ def _scalar(hint: Any) -> tuple[type | None, tuple[Any, ...] | None]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is typing.Literal:
         return type(args[0]), args
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         return _scalar(rest[0]) if len(rest) == 1 else (None, None)
     if hint in (int, float, str, bool):
