@@ -24,13 +24,18 @@ def store_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-dtype", choices=list(DTYPES), default="fp16", help="activation store dtype")
 
 
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt a line; blank lines and ``#`` comments skipped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def prompt_args(args: argparse.Namespace) -> list[str]:
     """``--prompt`` values plus the lines of ``--prompts FILE`` (blank lines and ``#`` comments skipped)."""
     prompts = list(getattr(args, "prompt", None) or [])
     path = getattr(args, "prompts", None)
     if path:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-        prompts += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        prompts += read_prompt_file(path)
     if not prompts:
         raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
     return prompts

@@ -52,6 +52,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from ..cli_prompts import read_prompt_file
 from ..errors import BadFileError
 from ..sae.io import atomic_write
 
@@ -91,15 +92,10 @@ def _prompts(value: Any, recipe: dict[str, Any], concept: str | None = None) -> 
         return [str(v) for v in value]
     if value == "shapescanvas":
         from ..eval import shapescanvas as sc
+        from .commands import shapescanvas_captions
 
-        prompts = sc.benchmark_prompts()
-        if concept is None:
-            return [p.prompt for p in prompts]
-        domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
-        return [p.prompt for p in prompts if getattr(p, domain) == concept]
-    path = Path(recipe["_dir"]) / str(value)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        return shapescanvas_captions(concept) if concept else [p.prompt for p in sc.benchmark_prompts()]
+    return read_prompt_file(Path(recipe["_dir"]) / str(value))
 
 
 def _stamp(recipe: dict[str, Any], *sections: str) -> dict[str, Any]:

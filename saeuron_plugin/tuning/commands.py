@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cli_prompts import model_args
+from ..cli_prompts import model_args, read_prompt_file
 from .search import BUDGETS, SearchSpace, TuneConfig, TuneTask, TuningError, judge_domain, tune_concept
 
 
@@ -41,24 +41,20 @@ def _labels(values: list[str] | None) -> dict[str, list[str]] | None:
     return out
 
 
-def _lines(path: str) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def shapescanvas_prompts(concept: str, n: int) -> tuple[list[str], list[str]]:
-    """``n`` ShapesCanvas captions with ``concept`` and ``n`` without it (deterministic)."""
+def shapescanvas_captions(concept: str, with_concept: bool = True) -> list[str]:
+    """ShapesCanvas captions with (or without) ``concept``, in the benchmark's order."""
     from ..eval import shapescanvas as sc
 
     domain = next((d for d, v in sc.VOCABULARIES.items() if concept in v), None)
     if domain is None:
-        raise TuningError(f"{concept!r} is not a ShapesCanvas concept; give --forget-prompts and "
-                          "--retain-prompts")
-    prompts = sc.benchmark_prompts()
-    with_c = [p.prompt for p in prompts if getattr(p, domain) == concept]
-    without = [p.prompt for p in prompts if getattr(p, domain) != concept]
-    step_w, step_o = max(1, len(with_c) // n), max(1, len(without) // n)
-    return with_c[::step_w][:n], without[::step_o][:n]
+        raise TuningError(f"{concept!r} is not a ShapesCanvas concept; give forget and retain prompts")
+    return [p.prompt for p in sc.benchmark_prompts() if (getattr(p, domain) == concept) == with_concept]
+
+
+def shapescanvas_prompts(concept: str, n: int) -> tuple[list[str], list[str]]:
+    """``n`` ShapesCanvas captions with ``concept`` and ``n`` without it, spread over the list."""
+    with_c, without = shapescanvas_captions(concept), shapescanvas_captions(concept, with_concept=False)
+    return with_c[::max(1, len(with_c) // n)][:n], without[::max(1, len(without) // n)][:n]
 
 
 def tasks(args: argparse.Namespace, judge: Any) -> list[TuneTask]:
@@ -71,7 +67,8 @@ def tasks(args: argparse.Namespace, judge: Any) -> list[TuneTask]:
         if args.forget_prompts or args.retain_prompts:
             if not (args.forget_prompts and args.retain_prompts):
                 raise ValueError("give both --forget-prompts and --retain-prompts")
-            forget, retain = _lines(args.forget_prompts)[:n], _lines(args.retain_prompts)[:n]
+            forget = read_prompt_file(args.forget_prompts)[:n]
+            retain = read_prompt_file(args.retain_prompts)[:n]
         else:
             forget, retain = shapescanvas_prompts(concept, n)
         task = TuneTask(concept, forget, retain)
