@@ -24,8 +24,8 @@ from saeuron_plugin import SAeUron
 from saeuron_plugin.comfyui import core, nodes_v1, patching, specs
 from saeuron_plugin.comfyui.patching import (
     Attn2OutputPatch,
-    EditSite,
     IncompatibleBundleError,
+    PatchSite,
     SigmaClock,
     cond_rows,
     map_hookpoint,
@@ -402,7 +402,7 @@ def ablator(bundle, path=ATTN, **kw) -> FeatureAblator:
 
 def test_attn2_patch_filters_block_and_index_and_edits_like_the_core(bundle):
     ab = ablator(bundle)
-    site = EditSite(map_hookpoint(ATTN, KEY_MAP), ab, SigmaClock(FakeModelSampling()))
+    site = PatchSite(map_hookpoint(ATTN, KEY_MAP), ab, SigmaClock(FakeModelSampling()))
     patch = Attn2OutputPatch(site)
     ms = FakeModelSampling()
     n = concept_tokens(4)
@@ -423,7 +423,7 @@ def test_attn2_patch_filters_block_and_index_and_edits_like_the_core(bundle):
 @pytest.mark.parametrize("order", [(1, 0), (0, 1)])
 def test_cond_only_follows_cond_or_uncond(bundle, order):
     ab = ablator(bundle, apply_to="cond")
-    site = EditSite(map_hookpoint(ATTN, KEY_MAP), ab, SigmaClock(FakeModelSampling()))
+    site = PatchSite(map_hookpoint(ATTN, KEY_MAP), ab, SigmaClock(FakeModelSampling()))
     ms = FakeModelSampling()
     n = concept_tokens(4)
     out = site.edit(n, options(float(ms.sigmas[501]), order, batch=2))
@@ -439,7 +439,7 @@ def test_cond_only_follows_cond_or_uncond(bundle, order):
 def test_percent_window_and_missing_sigmas(bundle):
     ab = ablator(bundle)
     ms = FakeModelSampling()
-    site = EditSite(map_hookpoint(ATTN, KEY_MAP), ab, SigmaClock(ms, 0.0, 0.5))
+    site = PatchSite(map_hookpoint(ATTN, KEY_MAP), ab, SigmaClock(ms, 0.0, 0.5))
     n = concept_tokens(2)
     late = options(float(ms.sigmas[101]), (0,), batch=2)
     early = options(float(ms.sigmas[901]), (0,), batch=2)
@@ -455,7 +455,7 @@ def test_block_wrapper_is_the_same_module_to_comfyui(bundle):
     block = FakeSpatialTransformer(D)
     entry = bundle.hookpoints[BLOCK]
     ab = FeatureAblator(entry.sae, entry.library, [ConceptAblation("red", strength=5.0)])
-    site = EditSite(map_hookpoint(BLOCK, KEY_MAP), ab, SigmaClock(FakeModelSampling()))
+    site = PatchSite(map_hookpoint(BLOCK, KEY_MAP), ab, SigmaClock(FakeModelSampling()))
     wrapper = wrap_block(block, site)
     assert isinstance(wrapper, FakeSpatialTransformer) and wrapper.in_channels == D
     assert dict(wrapper.named_parameters()).keys() == dict(block.named_parameters()).keys()

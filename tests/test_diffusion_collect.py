@@ -59,8 +59,8 @@ def test_collect_into_store_with_tau_and_resume(sd, tmp_path):
     # rows are the conditional CFG half of the block output, prompt by prompt, step by step
     seen = []
 
-    def grab(x, t, cond_mask=None):
-        seen.append(x[cond_mask].clone())
+    def grab(x, ctx):
+        seen.append(x[ctx.cond_mask].clone())
         return x
 
     with install_hooks(sd, {BLOCK: grab}):

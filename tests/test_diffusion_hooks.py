@@ -35,15 +35,15 @@ XL_BLOCK = "unet.up_blocks.0.attentions.1"
 XL_ATTN = "unet.up_blocks.0.attentions.1.transformer_blocks.1.attn2"
 
 
-def identity(x, tau, cond_mask=None):
+def identity(x, ctx):
     return x
 
 
-def add_one(x, tau, cond_mask=None):
+def add_one(x, ctx):
     return x + 1.0
 
 
-def to_double(x, tau, cond_mask=None):
+def to_double(x, ctx):
     return x.double().contiguous()
 
 
@@ -53,8 +53,9 @@ class Recorder:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, x, tau, cond_mask=None):
-        self.calls.append((tuple(x.shape), tau.clone(), None if cond_mask is None else cond_mask.clone()))
+    def __call__(self, x, ctx):
+        mask = ctx.cond_mask
+        self.calls.append((tuple(x.shape), ctx.tau.clone(), None if mask is None else mask.clone()))
         return x
 
 
@@ -235,7 +236,7 @@ def test_xformers_processor_is_edited(sd):  # pragma: no cover - needs xformers 
 def test_hooks_removed_when_editor_raises(sd):
     before = snapshot(sd.unet)
 
-    def explode(x, tau, cond_mask=None):
+    def explode(x, ctx):
         raise RuntimeError("boom")
 
     for path in (BLOCK, ATTN):

@@ -103,8 +103,8 @@ def test_statistics_equal_manual_encoding(sd):
     seen = []
     from saeuron_plugin.diffusion.hooks import install_hooks
 
-    def spy(x, tau, cond_mask=None):
-        seen.append((x[cond_mask].clone(), float(tau[0])))
+    def spy(x, ctx):
+        seen.append((x[ctx.cond_mask].clone(), float(ctx.tau[0])))
         return x
 
     with install_hooks(sd, {BLOCK: spy}):
@@ -170,7 +170,7 @@ def most_active_latent(sd, sae) -> int:
 
     fired = torch.zeros(sae.num_latents)
 
-    def spy(x, tau, cond_mask=None):
+    def spy(x, ctx):
         fired.add_((sae.encode(x.reshape(-1, x.shape[-1])) > 0).float().sum(0))
         return x
 
@@ -185,10 +185,10 @@ class ChangeSpy:
     def __init__(self, ablator):
         self.ablator, self.calls = ablator, []
 
-    def __call__(self, x, tau, cond_mask=None):
-        out = self.ablator(x, tau, cond_mask)
+    def __call__(self, x, ctx):
+        out = self.ablator(x, ctx)
         self.calls.append(
-            (self.ablator.bucket_of(tau), float(tau[0]), out is not x and not torch.equal(out, x))
+            (self.ablator.bucket_of(ctx.tau), float(ctx.tau[0]), out is not x and not torch.equal(out, x))
         )
         return out
 

@@ -205,7 +205,7 @@ def test_token_site_masks_tuple_outputs_and_padding(mode, expect):
     tracker = InputTracker(toy)
     seen = []
 
-    def negate(tokens, site):
+    def negate(tokens, ctx):
         seen.append(site.last_mask.clone())
         return -tokens
 
@@ -227,7 +227,7 @@ def test_token_site_masks_tuple_outputs_and_padding(mode, expect):
 def test_install_sites_checks_everything_first(models):
     model = models["llava"].model
     with pytest.raises(HookpointError):
-        install_sites(model, {"model.language_model.layers.0": lambda t, s: t, "nope": lambda t, s: t})
+        install_sites(model, {"model.language_model.layers.0": lambda t, ctx: t, "nope": lambda t, ctx: t})
     assert not any(isinstance(h, TokenSite) for m in model.modules() for h in m._forward_hooks.values())
     assert not any(
         isinstance(getattr(h, "__self__", None), InputTracker) for h in model._forward_pre_hooks.values()

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sae.sites import CallContext
 from .patching import SigmaClock, install, parse_concepts, resolve_targets
 
 MODES = ("per image", "per step")
@@ -68,14 +69,11 @@ class ConceptRecorder:
         return self
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor:
-        rows = x if cond_mask is None else x[cond_mask.to(x.device)]
+    def __call__(self, x: Tensor, ctx: CallContext) -> Tensor:
+        rows, taus = ctx.conditional(x)
         if rows.shape[0] == 0:
             return x
-        taus = torch.as_tensor(tau if tau is not None else 0.0, dtype=torch.float32).reshape(-1)
-        taus = taus.expand(x.shape[0]) if taus.numel() == 1 else taus
-        if cond_mask is not None:
-            taus = taus[cond_mask.cpu()]
+        taus = torch.zeros(rows.shape[0]) if taus is None else taus
         sae = self.sae
         z = sae.encode(rows.to(sae.device, torch.float32))  # [b, tokens, n]
         pooled = z.mean(dim=1)  # [b, n]

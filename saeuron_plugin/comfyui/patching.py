@@ -37,7 +37,7 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SAeUronError
+from ..sae.sites import CallContext
 
 log = logging.getLogger("saeuron.comfyui")
 
@@ -296,14 +297,13 @@ def cond_rows(cond_or_uncond: Sequence[int] | None, batch: int) -> Tensor | None
     return flags.repeat_interleave(per)
 
 
-Editor = Callable[[Tensor, "Tensor | float | None", "Tensor | None"], Tensor]
-
-
-class EditSite:
+class PatchSite:
     """One hookpoint's edit: τ, CFG rows and the percent window from ``transformer_options``.
 
-    ``editor(tokens [B, T, C], tau, cond_mask) -> tokens`` (a ``FeatureAblator`` or a recorder).
-    Returning the input object means "unchanged". The editor follows the activations' device.
+    The core :class:`~saeuron_plugin.sae.sites.Editor`, ``editor(tokens [B, T, C], ctx) -> tokens``
+    (a ``FeatureAblator`` or a recorder), with ``ctx.tau`` from σ and ``ctx.cond_mask`` from
+    ``cond_or_uncond``. Returning the input object means "unchanged". The editor follows the
+    activations' device.
     """
 
     def __init__(self, target: ComfyTarget, editor: Any, clock: SigmaClock) -> None:
@@ -316,10 +316,10 @@ class EditSite:
         sae = getattr(editor, "sae", None)
         self._device: torch.device | None = sae.device if sae is not None else None
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> EditSite:
+    def __deepcopy__(self, memo: dict[int, Any]) -> PatchSite:
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> EditSite:
+    def to(self, *args: Any, **kwargs: Any) -> PatchSite:
         """Move the editor to a device (dtypes ignored: SAE math stays fp32); returns self."""
         if sys.is_finalizing():  # ModelPatcher.__del__ at interpreter exit
             return self
@@ -364,11 +364,11 @@ class EditSite:
         self._follow(tokens)
         self.edited_calls += 1
         if bool(active.all()):
-            return self.editor(tokens, tau_arg, mask)
+            return self.editor(tokens, CallContext(tau_arg, mask))
         rows = active.nonzero().flatten().to(tokens.device)
         sub_tau = tau[active] if isinstance(tau_arg, Tensor) else tau_arg
         sub_mask = None if mask is None else mask[active]
-        edited = self.editor(tokens[rows], sub_tau, sub_mask)
+        edited = self.editor(tokens[rows], CallContext(sub_tau, sub_mask))
         out = tokens.clone()
         out[rows] = edited.to(tokens.dtype)
         return out
@@ -378,7 +378,7 @@ class EditSite:
 class Attn2OutputPatch:
     """``set_model_attn2_output_patch`` callable editing one cross-attention output ``n`` [B, HW, C]."""
 
-    def __init__(self, site: EditSite) -> None:
+    def __init__(self, site: PatchSite) -> None:
         if site.target.kind != "attn2":
             raise ValueError(f"{site.target.hookpoint} is not an attn2 hookpoint")
         self.site = site
@@ -416,7 +416,7 @@ class BlockWrapperMixin(nn.Module):
 
     _saeuron_base: type
 
-    def __init__(self, inner: nn.Module, site: EditSite) -> None:  # no base __init__: no new weights
+    def __init__(self, inner: nn.Module, site: PatchSite) -> None:  # no base __init__: no new weights
         nn.Module.__init__(self)
         self.__dict__["_modules"] = inner._modules
         self.__dict__["_parameters"] = inner._parameters
@@ -458,7 +458,7 @@ class BlockWrapperMixin(nn.Module):
 _WRAPPER_CLASSES: dict[type, type] = {}
 
 
-def wrap_block(inner: nn.Module, site: EditSite) -> nn.Module:
+def wrap_block(inner: nn.Module, site: PatchSite) -> nn.Module:
     """A wrapper module around ``inner`` (a SpatialTransformer) that edits its output with ``site``."""
     base = getattr(type(inner), "_saeuron_base", type(inner))
     if any(c.__name__ == "SpatialVideoTransformer" for c in base.__mro__):
@@ -481,7 +481,7 @@ class SaeHolder:
     for every patch list; object patches get no such call. The UNet never reads this list.
     """
 
-    def __init__(self, sites: Sequence[EditSite]) -> None:
+    def __init__(self, sites: Sequence[PatchSite]) -> None:
         self.sites = list(sites)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> SaeHolder:
@@ -495,12 +495,12 @@ class SaeHolder:
 
 def install(
     model_patcher: Any, editors: Mapping[str, Any], targets: Mapping[str, ComfyTarget], clock: SigmaClock
-) -> list[EditSite]:
+) -> list[PatchSite]:
     """Patch ``model_patcher`` (already a clone) with one edit site per hookpoint; returns the sites."""
     sites, block_sites = [], []
     for path, editor in editors.items():
         target = targets[path]
-        site = EditSite(target, editor, clock)
+        site = PatchSite(target, editor, clock)
         if target.kind == "block":
             current = model_patcher.get_model_object(target.module_path)
             model_patcher.add_object_patch(target.module_path, wrap_block(current, site))
@@ -517,8 +517,8 @@ __all__ = [
     "Attn2OutputPatch",
     "BlockWrapperMixin",
     "ComfyTarget",
-    "EditSite",
     "IncompatibleBundleError",
+    "PatchSite",
     "SaeHolder",
     "SigmaClock",
     "check_family",

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..sae.sites import CollectResult
+from ..sae.sites import CallContext, CollectResult
 from ..sae.store import open_stores
 from .hookpoints import Hookpoint, detect_family, resolve_hookpoint
 from .hooks import install_hooks
@@ -65,7 +65,8 @@ class _Capture:
         self.generator.manual_seed(self.seed + first_index)
         self.chunks = []
 
-    def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor:
+    def __call__(self, x: Tensor, ctx: CallContext) -> Tensor:
+        tau, cond_mask = ctx.tau, ctx.cond_mask
         if tau is None:
             raise RuntimeError(f"{self.path}: no timestep seen for this call (run outside the denoiser?)")
         batch, tokens, _ = x.shape

@@ -1,9 +1,9 @@
 """Edit activations at hookpoints with module forward hooks (blocks and cross-attention alike).
 
-An *editor* is any callable ``editor(tokens [B, T, C], tau, cond_mask) -> tokens`` (e.g. the
-core ``FeatureAblator``). Returning ``tokens`` itself means "unchanged": the module output is
-passed on as is, with no copy. τ and the conditional-row mask come from a
-:class:`~.timestep.TimestepTracker` on the denoiser.
+An *editor* is the core's :class:`~saeuron_plugin.sae.sites.Editor`, ``editor(tokens [B, T, C],
+ctx) -> tokens``, with ``ctx.tau`` (per row) and ``ctx.cond_mask`` from a
+:class:`~.timestep.TimestepTracker` on the denoiser. Returning ``tokens`` itself means
+"unchanged": the module output is passed on as is, with no copy.
 
 One mechanism for every hookpoint: a forward hook on the module (:class:`EditHook`). For a
 cross-attention ``Attention`` this sees exactly the processor's output (``Attention.forward``
@@ -25,22 +25,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 from torch import Tensor, nn
 
 from ..errors import HookConflictError
-from ..sae.sites import EditSite, InstalledSites
+from ..sae.sites import CallContext, Editor, EditSite, InstalledSites
 from .hookpoints import Hookpoint, get_denoiser, resolve_hookpoint, to_tokens
 from .timestep import TimestepTracker
 
 # Names of diffusers' hooks (``module._diffusers_hook.hooks``) that skip or reuse block forwards.
 _CACHE_HOOK_WORDS = ("cache", "broadcast", "taylorseer")
-
-
-class Editor(Protocol):
-    def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor: ...
-
 
 
 class EditHook(EditSite):
@@ -50,23 +45,22 @@ class EditHook(EditSite):
     def __init__(self, hookpoint: Hookpoint, editor: Editor, tracker: TimestepTracker, *,
                  record_tau: bool = False, allow_stack: bool = False) -> None:
         self.hookpoint = hookpoint
-        self.editor = editor
         self.tracker = tracker
         self.record_tau = record_tau
         self.seen_tau: list[Tensor | None] = []
-        super().__init__(hookpoint.path, hookpoint.module, allow_stack=allow_stack)
+        super().__init__(hookpoint.path, hookpoint.module, editor, allow_stack=allow_stack)
 
     def select(self, output: Any) -> tuple[Tensor, Any]:
         return to_tokens(output, self.hookpoint.output_index)
 
-    def edit(self, tokens: Tensor) -> Tensor:
+    def context(self, tokens: Tensor) -> CallContext:
         tau, mask = self.tracker.tau, self.tracker.cond_mask
         if tau is not None and tau.shape[0] != tokens.shape[0]:
             raise RuntimeError(f"{self.path}: activation batch {tokens.shape[0]} does not match "
                                f"the denoiser batch {tau.shape[0]}")
         if self.record_tau:
             self.seen_tau.append(None if tau is None else tau.detach().clone())
-        return self.editor(tokens, tau, mask)
+        return CallContext(tau, mask)
 
 
 def cache_hooks(denoiser: nn.Module) -> list[str]:

@@ -9,8 +9,8 @@ sparsify write)::
 
 Each hookpoint keeps its own SAE and concept library; a concept is unlearned at every hookpoint
 whose library holds it (the reference puts objects at ``up_blocks.1.attentions.1`` and styles at
-``.2``, so their libraries differ). Ablation runs through :mod:`.hooks` (block forward hooks or a
-wrapping attention processor, chosen by module type) with τ from the denoiser's own timestep.
+``.2``, so their libraries differ). Ablation runs through :mod:`.hooks` (a module forward hook on
+blocks and cross-attention alike) with τ from the denoiser's own timestep.
 
     eraser = SAeUron.from_pretrained("org/repo")          # or a local folder
     with eraser.unlearn(pipe, ["Van Gogh"]):
@@ -23,18 +23,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
 
 from ..sae.ablation import FeatureAblator
-from ..sae.bundle import (
-    BundleEntry,
-    DeviceFollowingAblator,
-    SaeBundle,
-    SaeWidthError,
-    StatisticsTransaction,
-)
+from ..sae.bundle import BundleEntry, DeviceFollowingAblator, SaeBundle, SaeWidthError
 from ..sae.concepts import ConceptStats
-from ..sae.sites import StatisticsRecorder, UnlearnHandle
+from ..sae.sites import UnlearnHandle
 from .collect import Prompt, prompt_key, run_prompts
 from .hookpoints import detect_family, resolve_hookpoint
 from .hooks import install_hooks
@@ -58,12 +51,7 @@ class SAeUron(SaeBundle):
     """
 
     title: ClassVar[str] = "SAeUron bundle"
-    card_tags: ClassVar[tuple[str, ...]] = (
-        "sparse-autoencoder",
-        "concept-unlearning",
-        "saeuron",
-        "diffusers",
-    )
+    card_tags: ClassVar[tuple[str, ...]] = (*SaeBundle.card_tags, "diffusers")
     usage: ClassVar[str] = (
         'from saeuron_plugin import SAeUron\neraser = SAeUron.from_pretrained("<this repo>")\n'
         'with eraser.unlearn(pipe, [{concept}]):\n    image = pipe("...").images[0]'
@@ -141,88 +129,38 @@ class SAeUron(SaeBundle):
         (default: when the SAE has no θ) also calibrates the threshold encoder's θ on the same
         pre-activations and records it in the library. Returns hookpoint → concept → statistics.
         """
-        labels: dict[str, list[str | None]] = {}
+        names: dict[str, list[str | None]] = {}  # prompt key -> the concepts it feeds
         unique: list[Prompt] = []
         for name, prompts in prompts_by_concept.items():
             if not prompts:
                 raise ValueError(f"concept {name!r} needs at least one prompt")
             for prompt in prompts:
                 key = prompt if isinstance(prompt, str) else prompt_key(0, prompt)
-                if key not in labels:
-                    labels[key] = []
+                if key not in names:
+                    names[key] = []
                     unique.append(prompt)
-                if name not in labels[key]:
-                    labels[key].append(name)
+                if name not in names[key]:
+                    names[key].append(name)
         paths = self.paths(hookpoints)
         self._check_pipe(pipe, paths)
-        images_per_prompt = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
+        images = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
         txn = self.statistics_pass(paths, calibrate)
-        passes = {}
-        for path in paths:
-            passes[path] = _StatisticsPass(self.hookpoints[path], images_per_prompt, txn)
-            for name in prompts_by_concept:
-                passes[path].stats(name)  # exists even if a pass sees no rows
+        txn.declare(list(prompts_by_concept))
 
-        def names_of(batch: list[tuple[int, Prompt]]) -> list[list[str | None]]:
-            return [labels[p if isinstance(p, str) else prompt_key(0, p)] for _, p in batch]
-
-        def start(batch: list[tuple[int, Prompt]]) -> None:
-            for stats_pass in passes.values():
-                stats_pass.batch_names = names_of(batch)
-
-        def record(batch: list[tuple[int, Prompt]]) -> None:
-            for (i, prompt), names in zip(batch, names_of(batch)):
-                label = prompt if isinstance(prompt, str) else f"<prompt {prompt_key(i, prompt)}>"
-                for stats_pass in passes.values():
-                    for name in names:
-                        stats_pass.stats(name).record_prompts([label])
+        def start(batch: list[tuple[int, Prompt]]) -> None:  # one sample per generated image
+            keys = [(p if isinstance(p, str) else prompt_key(0, p), p if isinstance(p, str)
+                     else f"<prompt {prompt_key(i, p)}>") for i, p in batch]
+            txn.start_batch([names[k] for k, _ in keys for _ in range(images)],
+                            [label for _, label in keys for _ in range(images)])
 
         what = ", ".join("background" if n is None else str(n) for n in list(prompts_by_concept)[:3])
         more = f" +{len(prompts_by_concept) - 3}" if len(prompts_by_concept) > 3 else ""
         with torch.no_grad(), txn:  # the libraries change only if every prompt ran
-            run_prompts(
-                pipe,
-                list(enumerate(unique)),
-                passes,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                batch_size=batch_size,
-                seed=seed,
-                show_progress=show_progress,
-                desc=f"concepts {what}{more}",
-                on_batch_start=start,
-                on_batch_end=record,
-                **pipe_kwargs,
-            )
+            run_prompts(pipe, list(enumerate(unique)), txn.recorders, num_inference_steps=num_inference_steps,
+                        guidance_scale=guidance_scale, batch_size=batch_size, seed=seed,
+                        show_progress=show_progress, desc=f"concepts {what}{more}", on_batch_start=start,
+                        on_batch_end=lambda _: txn.finish_batch(), **pipe_kwargs)
         return txn.results(list(prompts_by_concept))
-
-
-class _StatisticsPass(StatisticsRecorder):
-    """Editor of the statistics pass: never edits; each conditional row (one generated image) is a
-    sample of the concepts of its prompt (``batch_names``, one list per prompt of the batch)."""
-
-    def __init__(self, entry: HookpointSAE, images_per_prompt: int, txn: StatisticsTransaction) -> None:
-        super().__init__(entry, txn)
-        self.images_per_prompt = images_per_prompt
-        self.batch_names: list[list[str | None]] = []
-
-    def __call__(self, x: Tensor, tau: Tensor | float | None, cond_mask: Tensor | None = None) -> Tensor:
-        if tau is None:
-            raise RuntimeError(f"{self.path}: no timestep seen for this call")
-        rows, tau_t = x, torch.as_tensor(tau, dtype=torch.float32).reshape(-1).expand(x.shape[0])
-        if cond_mask is not None:
-            rows, tau_t = x[cond_mask], tau_t[cond_mask.to(tau_t.device)]
-        expected = len(self.batch_names) * self.images_per_prompt
-        if rows.shape[0] and rows.shape[0] != expected:
-            raise RuntimeError(
-                f"{self.path}: {rows.shape[0]} conditional rows for {expected} images; "
-                "the CFG layout of this pipeline is not understood (use batch_size=1)"
-            )
-        if rows.shape[0]:
-            owner = torch.arange(rows.shape[0]).repeat_interleave(rows.shape[1])
-            names = [self.batch_names[r // self.images_per_prompt] for r in range(rows.shape[0])]
-            self.record(rows.reshape(-1, rows.shape[-1]), owner, names, tau_t)
-        return x
 
 
 __all__ = ["HookpointSAE", "SAeUron", "SaeWidthError", "UnlearnHandle"]

@@ -53,6 +53,7 @@ from .kernels import _target, _topk_members, kth_largest
 from .library import ConceptLibrary
 from .model import SparseAutoencoder
 from .selection import FeatureSelection, concept_scores, select_features
+from .sites import CallContext
 from .spec import AblationRule, ConceptAblation, ResolvedAblation
 from .tau import TauGrid
 
@@ -89,7 +90,8 @@ class _Plan:
 class FeatureAblator:
     """Edit activations to unlearn concepts: the one object adapters call per activation tensor.
 
-    ``ablator(x, tau, cond_mask)`` with x [..., d] (any leading shape; the first dim is the
+    ``ablator(x, tau, cond_mask)`` (or ``ablator(x, ctx)`` with a :class:`~.sites.CallContext`:
+    it is a site :class:`~.sites.Editor`) with x [..., d] (any leading shape; the first dim is the
     batch when ``tau`` or ``cond_mask`` are per row), ``tau`` a float, a [B] tensor (rows may sit
     in different buckets) or None for single-bucket libraries, ``cond_mask`` [B] bool marking
     conditional rows when known. ``apply_to`` limits the edit to the conditional or unconditional
@@ -265,8 +267,10 @@ class FeatureAblator:
         return "\n".join(lines)
 
     # -------------------------------------------------------------------- call
-    def __call__(self, x: Tensor, tau: float | Tensor | None = None,
+    def __call__(self, x: Tensor, tau: float | Tensor | CallContext | None = None,
                  cond_mask: Tensor | None = None) -> Tensor:
+        if isinstance(tau, CallContext):  # called as a site Editor: ``ablator(tokens, ctx)``
+            tau, cond_mask = tau.tau, tau.cond_mask
         if not self.active:
             return x
         self.sae.check_input(x)

@@ -33,7 +33,7 @@ from .calibration import ThresholdCalibrator
 from .io import CFG_NAME, WEIGHTS_NAME, SaeLoadError, list_hookpoint_folders, load_sae_folder, resolve_repo
 from .library import ConceptLibrary
 from .model import SparseAutoencoder
-from .sites import UnlearnHandle
+from .sites import CallContext, StatisticsRecorder, UnlearnHandle
 from .stats import UnknownConceptError
 from .tau import TauGrid
 
@@ -71,9 +71,14 @@ class StatisticsTransaction:
     leaving the block normally commits; an exception (a failing pipeline, Ctrl-C) leaves every
     library and calibrator exactly as it was, so no concept is left half-made (listed with
     statistics from 0 prompts) and no existing concept gains samples without its prompt count.
+
+    The pass's editors are :attr:`recorders` (one :class:`~.sites.StatisticsRecorder` per
+    hookpoint, ``extra`` per path stored with the statistics); the driver announces each batch
+    with :meth:`start_batch` and closes it with :meth:`finish_batch`.
     """
 
-    def __init__(self, bundle: SaeBundle, paths: Sequence[str], calibrate: bool | None) -> None:
+    def __init__(self, bundle: SaeBundle, paths: Sequence[str], calibrate: bool | None, *,
+                 extra: Mapping[str, Mapping[str, Any]] | None = None, missing_hint: str = "") -> None:
         self.bundle = bundle
         self.paths = list(paths)
         self.fresh: dict[str, dict[str | None, Any]] = {p: {} for p in self.paths}
@@ -81,6 +86,24 @@ class StatisticsTransaction:
                                    for p in self.paths}
         bundle.prepare_calibrators(self.paths, calibrate)
         self.committed: dict[str, dict[str | None, Any]] | None = None
+        extra = extra or {}
+        self.recorders = {p: StatisticsRecorder(bundle.hookpoints[p], self, extra.get(p), missing_hint)
+                          for p in self.paths}
+
+    def declare(self, names: Sequence[str | None]) -> None:
+        """Make (empty) statistics for ``names`` at every hookpoint, so each exists even without rows."""
+        for recorder in self.recorders.values():
+            for name in names:
+                recorder.stats(name)
+
+    def start_batch(self, names: Sequence[Sequence[str | None]], labels: Sequence[str]) -> None:
+        """The concepts and label of each sample of the next batch, for every recorder."""
+        for recorder in self.recorders.values():
+            recorder.start_batch(names, labels)
+
+    def finish_batch(self) -> None:
+        for recorder in self.recorders.values():
+            recorder.finish_batch()
 
     def stats(self, path: str, name: str | None) -> Any:
         """This pass's statistics for concept ``name`` (None: the background set) at ``path``."""
@@ -321,9 +344,10 @@ class SaeBundle:
             else:
                 entry.calibrator = None
 
-    def statistics_pass(self, paths: Sequence[str], calibrate: bool | None) -> StatisticsTransaction:
+    def statistics_pass(self, paths: Sequence[str], calibrate: bool | None, **options: Any
+                        ) -> StatisticsTransaction:
         """A transaction for one statistics pass at ``paths`` (see :class:`StatisticsTransaction`)."""
-        return StatisticsTransaction(self, paths, calibrate)
+        return StatisticsTransaction(self, paths, calibrate, **options)
 
     def record_calibration(self, paths: Sequence[str]) -> None:
         """Store the calibrated θ of each entry that had a calibrator in its library."""
@@ -588,19 +612,18 @@ class SaeBundle:
 
 
 class DeviceFollowingAblator:
-    """Calls a :class:`FeatureAblator`, moving it to the activations' device on first sight (``model.to``)."""
+    """The :class:`~.sites.Editor` running a :class:`FeatureAblator` with the call's τ and CFG rows,
+    moving it to the activations' device on first sight (``model.to``)."""
 
     def __init__(self, ablator: FeatureAblator) -> None:
         self.ablator = ablator
         self.device = ablator.sae.device
 
-    def __call__(
-        self, x: torch.Tensor, tau: torch.Tensor | float | None = None, cond_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if x.device != self.device:
-            self.ablator.to(x.device)
-            self.device = x.device
-        return self.ablator(x, tau, cond_mask)
+    def __call__(self, tokens: torch.Tensor, ctx: CallContext) -> torch.Tensor:
+        if tokens.device != self.device:
+            self.ablator.to(tokens.device)
+            self.device = tokens.device
+        return self.ablator(tokens, ctx)
 
 
 __all__ = [

@@ -2,6 +2,9 @@
 recorder. Tensors only; each adapter (diffusers, transformers VLMs, ComfyUI) supplies just how to find
 a module and what time / branch / sample a call is.
 
+* :class:`CallContext` - what the running call says about the rows an editor sees (τ per row, the
+  CFG branch mask, the sample owning each token); every editor is ``editor(tokens, ctx) -> tokens``
+  (:class:`Editor`), in every runtime.
 * :class:`CallTracker` - the call context (pre-hook records, post-hook clears) on the top module.
 * :class:`EditSite` - a forward hook showing an editor the tokens of one module's output.
 * :class:`InstalledSites` - what one install call put in place (per-hookpoint *sites*, each with a
@@ -10,10 +13,10 @@ a module and what time / branch / sample a call is.
 * :class:`UnlearnHandle` - what ``apply`` returns: the installed sites plus the ablator per
   hookpoint; ``remove()``, ``describe()``, per-site counters.
 * :class:`CollectResult` - what an activation collection did (either runtime).
-* :class:`StatisticsRecorder` - the statistics pass at one hookpoint: encode the rows a call
-  selected, average them per sample (prompt image, VLM sample), add each sample to the concepts
-  it belongs to, inside a :class:`~.bundle.StatisticsTransaction` (nothing lands unless the whole
-  pass succeeds).
+* :class:`StatisticsRecorder` - the statistics pass at one hookpoint, an editor that never edits:
+  encode the rows a call selected, average them per sample (prompt image, VLM sample), add each
+  sample to the concepts it belongs to, inside a :class:`~.bundle.StatisticsTransaction` (nothing
+  lands unless the whole pass succeeds). The same class serves every runtime.
 """
 
 from __future__ import annotations
@@ -28,6 +31,53 @@ from torch.utils.hooks import RemovableHandle
 
 from ..errors import HookConflictError
 from .library import ConceptLibrary
+
+
+@dataclass
+class CallContext:
+    """What the running model call says about the token rows ``[B, ...]`` an editor is shown.
+
+    ``tau``: normalised time per row (a [B] tensor or one float; None: the model has no time axis
+    or it is unknown). ``cond_mask``: [B] bool, True on conditional CFG rows (None: unknown, every
+    row counts). ``owner``: for token sets that are not one sample per row (VLM image tokens
+    gathered as ``[M, d]``), a function giving the sample of each token; it is only called when
+    an editor asks (:meth:`samples`), since an ablation never needs it.
+    """
+
+    tau: Tensor | float | None = None
+    cond_mask: Tensor | None = None
+    owner: Callable[[Tensor], Tensor] | None = None
+
+    def tau_per_row(self, batch: int) -> Tensor | None:
+        """τ as a float32 CPU tensor [batch] (None when unknown)."""
+        if self.tau is None:
+            return None
+        tau = torch.as_tensor(self.tau, dtype=torch.float32).detach().cpu().reshape(-1)
+        return tau.expand(batch) if tau.numel() == 1 else tau
+
+    def conditional(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The conditional rows of ``tokens`` and their τ (every row when the branch is unknown)."""
+        tau = self.tau_per_row(tokens.shape[0])
+        if self.cond_mask is None:
+            return tokens, tau
+        return tokens[self.cond_mask.to(tokens.device)], None if tau is None else tau[self.cond_mask.cpu()]
+
+    def samples(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Conditional tokens flattened ``[M, d]``, the sample of each ``[M]`` (CPU long) and τ per
+        sample (None without time). Without ``owner`` each conditional row is one sample."""
+        if self.owner is not None:
+            return tokens.reshape(-1, tokens.shape[-1]), self.owner(tokens).cpu(), None
+        rows, tau = self.conditional(tokens)
+        per_row = rows[0].numel() // rows.shape[-1] if rows.shape[0] else 0
+        owner = torch.arange(rows.shape[0]).repeat_interleave(per_row)
+        return rows.reshape(-1, rows.shape[-1]), owner, tau
+
+
+class Editor(Protocol):
+    """What every site calls: ``editor(tokens, ctx) -> tokens``. Returning ``tokens`` itself means
+    "unchanged" (the module output passes on as is, with no copy)."""
+
+    def __call__(self, tokens: Tensor, ctx: CallContext) -> Tensor: ...
 
 
 class Site(Protocol):
@@ -87,18 +137,20 @@ class EditSite:
     """A forward hook on one module that shows an editor the tokens of its output.
 
     Subclasses say which tokens (:meth:`select`: the tokens and how to put edited ones back, or
-    None to skip this call) and how the editor is called (:meth:`edit`, with the call context of
-    their runtime). An edit that returns its input object means "unchanged": the module output
-    passes on as is. One site per module unless ``allow_stack`` (then both apply, in order);
-    ``prepend`` runs it before the module's other forward hooks.
+    None to skip this call) and what the call context is (:meth:`context`, from their runtime's
+    tracker); the editor is called as ``editor(tokens, ctx)``. An edit that returns its input
+    object means "unchanged": the module output passes on as is. One site per module unless
+    ``allow_stack`` (then both apply, in order); ``prepend`` runs it before the module's other
+    forward hooks.
     """
 
-    def __init__(self, path: str, module: nn.Module, *, allow_stack: bool = False,
+    def __init__(self, path: str, module: nn.Module, editor: Editor, *, allow_stack: bool = False,
                  prepend: bool = False) -> None:
         if not allow_stack and any(isinstance(h, EditSite) for h in module._forward_hooks.values()):
             raise HookConflictError(f"{path} already has an editing hook installed (remove it first, or "
                                     "pass allow_stack=True to apply both)")
         self.path = path
+        self.editor = editor
         self.calls = self.edits = 0
         self._handle: RemovableHandle | None = module.register_forward_hook(self, prepend=prepend)
 
@@ -108,7 +160,7 @@ class EditSite:
         if selected is None:
             return output
         tokens, restore = selected
-        edited = self.edit(tokens)
+        edited = self.editor(tokens, self.context(tokens))
         if edited is tokens:
             return output
         self.edits += 1
@@ -117,7 +169,7 @@ class EditSite:
     def select(self, output: Any) -> tuple[Tensor, Callable[[Tensor], Any]] | None:
         raise NotImplementedError
 
-    def edit(self, tokens: Tensor) -> Tensor:
+    def context(self, tokens: Tensor) -> CallContext:
         raise NotImplementedError
 
     def remove(self) -> None:
@@ -215,18 +267,26 @@ class CollectResult:
 
 
 class StatisticsRecorder:
-    """The statistics pass at one hookpoint (never edits).
+    """The statistics pass at one hookpoint: an :class:`Editor` that never edits.
 
-    :meth:`record` takes the rows one call selected, ``[M, d]``, the sample each row belongs to
-    and, per sample, its τ and the concepts it feeds; it encodes the rows once (the entry's θ
-    calibrator sees the same pre-activations), averages them per sample and adds the means to the
-    pass's statistics (:meth:`~.bundle.StatisticsTransaction.stats`).
+    Before each batch the driver says which concepts each sample of the batch feeds and how it is
+    labelled (:meth:`start_batch`); every call then encodes the conditional tokens once (the
+    entry's θ calibrator sees the same pre-activations), averages them per sample
+    (:meth:`CallContext.samples`) and adds the means, with the sample's τ, to the pass's
+    statistics (:meth:`~.bundle.StatisticsTransaction.stats`). :meth:`finish_batch` checks that
+    every sample was seen and records the prompts. ``extra`` is stored with each concept's
+    statistics (the VLM token set); ``missing_hint`` ends the error for a sample with no tokens.
     """
 
-    def __init__(self, entry: Any, txn: Any, extra: Mapping[str, Any] | None = None) -> None:
+    def __init__(self, entry: Any, txn: Any, extra: Mapping[str, Any] | None = None,
+                 missing_hint: str = "") -> None:
         self.entry = entry
         self.txn = txn
         self.extra = dict(extra or {})
+        self.missing_hint = missing_hint
+        self.names: list[list[str | None]] = []
+        self.labels: list[str] = []
+        self._seen: set[int] = set()
 
     @property
     def path(self) -> str:
@@ -238,6 +298,32 @@ class StatisticsRecorder:
         for key, value in self.extra.items():
             stats.extra.setdefault(key, value)
         return stats
+
+    def start_batch(self, names: Sequence[Sequence[str | None]], labels: Sequence[str]) -> None:
+        """The concepts and the label of each sample of the next batch (one entry per sample)."""
+        self.names, self.labels, self._seen = [list(n) for n in names], list(labels), set()
+
+    def __call__(self, tokens: Tensor, ctx: CallContext) -> Tensor:
+        rows, owner, tau = ctx.samples(tokens)
+        if tau is None and self.entry.library.tau_grid.num_buckets > 1:
+            raise RuntimeError(f"{self.path}: no timestep seen for this call (run outside the denoiser?)")
+        if rows.shape[0] and int(owner.max()) >= len(self.names):
+            raise RuntimeError(f"{self.path}: rows of {int(owner.max()) + 1} samples for a batch of "
+                               f"{len(self.names)}; the batch layout is not understood (use batch_size=1)")
+        if rows.shape[0]:
+            self._seen.update(self.record(rows, owner, self.names, tau))
+        return tokens
+
+    def finish_batch(self) -> None:
+        """Check every sample of the batch had tokens here; record each concept's prompts."""
+        missing = [self.labels[i] for i in range(len(self.labels)) if i not in self._seen]
+        if missing:
+            raise RuntimeError(f"{self.path}: no selected tokens for samples {missing[:3]}"
+                               f"{self.missing_hint}")
+        for name in dict.fromkeys(n for names in self.names for n in names):
+            self.stats(name).record_prompts(dict.fromkeys(
+                label for label, names in zip(self.labels, self.names) if name in names))
+        self.names, self.labels = [], []
 
     @torch.no_grad()
     def record(self, rows: Tensor, owner: Tensor, names: Sequence[Sequence[str | None]],
@@ -260,5 +346,5 @@ class StatisticsRecorder:
         return present
 
 
-__all__ = ["CallTracker", "CollectResult", "EditSite", "InstalledSites", "Site", "StatisticsRecorder",
-           "UnlearnHandle"]
+__all__ = ["CallContext", "CallTracker", "CollectResult", "EditSite", "Editor", "InstalledSites", "Site",
+           "StatisticsRecorder", "UnlearnHandle"]

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..sae.sites import CollectResult
+from ..sae.sites import CallContext, CollectResult, Editor
 from ..sae.store import open_stores
 from .hookpoints import VLMHookpoint, check_tokens, hookpoint_index, pad_token_id, resolve_hookpoint
-from .hooks import Callback, TokenSite, install_sites
+from .hooks import install_sites
 from .inputs import Sample, iter_batches, make_samples, to_device
 
 Sink = Callable[[str, Tensor], None]
@@ -40,7 +40,7 @@ def _model_dtype(model: nn.Module) -> torch.dtype | None:
 def run_samples(
     model: nn.Module,
     samples: Sequence[Sample],
-    callbacks: Mapping[str, Callback],
+    editors: Mapping[str, Editor],
     tokens: Mapping[str, str | None] | str | None,
     *,
     processor: Any = None,
@@ -51,7 +51,7 @@ def run_samples(
     on_batch_start: Callable[[list[int]], None] | None = None,
     on_batch_end: Callable[[list[int]], None] | None = None,
 ) -> None:
-    """Forward every sample (no cache, no grad) with ``callbacks`` hooked in: the loop shared by
+    """Forward every sample (no cache, no grad) with ``editors`` hooked in: the loop shared by
     collection and the concept statistics pass."""
     index = hookpoint_index(model)
     device = next(model.parameters()).device
@@ -59,7 +59,7 @@ def run_samples(
     pad = pad_token_id(model)
     bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not show_progress)
     try:
-        with install_sites(model, callbacks, tokens, index=index), torch.no_grad():
+        with install_sites(model, editors, tokens, index=index), torch.no_grad():
             for chunk, batch in iter_batches(
                 samples, processor, batch_size, pad, add_image_token=add_image_token
             ):
@@ -74,7 +74,7 @@ def run_samples(
 
 
 class _Capture:
-    """Callback recording the selected rows per sample of the current batch (never edits)."""
+    """Editor recording the selected rows per sample of the current batch (never edits)."""
 
     def __init__(self, path: str, max_tokens: int | None, seed: int) -> None:
         self.path = path
@@ -82,9 +82,8 @@ class _Capture:
         self.generator = torch.Generator().manual_seed(seed)
         self.rows: dict[int, list[Tensor]] = {}
 
-    def __call__(self, selected: Tensor, site: TokenSite) -> Tensor:
-        flat = selected.detach().reshape(-1, selected.shape[-1])
-        owner = site.sample_index(selected)
+    def __call__(self, selected: Tensor, ctx: CallContext) -> Tensor:
+        flat, owner, _ = ctx.samples(selected.detach())
         for b in owner.unique().tolist():
             rows = flat[(owner == b).to(flat.device)]
             if self.max_tokens is not None and rows.shape[0] > self.max_tokens:

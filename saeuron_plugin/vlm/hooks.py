@@ -8,7 +8,8 @@ tokens (the other non-padding ones) and all non-padding tokens. A forward hook o
 
 :class:`TokenSite` is a forward hook on one hookpoint module. It gathers the selected tokens of
 the output as ``[M, d]`` (decoder layers: the mask over [B, T]; projector and vision layers:
-every token) and calls ``callback(tokens, site)``. A callback that returns ``tokens`` itself means
+every token) and calls the core editor ``editor(tokens, ctx)`` (``ctx.samples`` gives the sample
+of each token, :meth:`TokenSite.sample_index`). An editor that returns ``tokens`` itself means
 "unchanged" and the module output passes through untouched; otherwise the edited rows are
 written back into a copy. With a KV cache, decode steps see one new (text) token, so an edit of
 image tokens happens on the prefill pass only; without a cache every step recomputes the whole
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import HookConflictError
-from ..sae.sites import CallTracker, EditSite, InstalledSites
+from ..sae.sites import CallContext, CallTracker, Editor, EditSite, InstalledSites
 from .hookpoints import (
     HookpointIndex,
     TokenMode,
@@ -40,9 +41,6 @@ from .hookpoints import (
     resolve_hookpoint,
     to_hidden,
 )
-
-Callback = Callable[[Tensor, "TokenSite"], Tensor]
-
 
 
 class InputTracker(CallTracker):
@@ -108,25 +106,24 @@ class InputTracker(CallTracker):
         return (self.input_ids == self.image_token_id).sum(1).cpu()
 
 class TokenSite(EditSite):
-    """Forward hook at one hookpoint: selected tokens → ``callback`` → written back if edited."""
+    """Forward hook at one hookpoint: selected tokens → ``editor(tokens, ctx)`` → written back if edited."""
 
     def __init__(
         self,
         hookpoint: VLMHookpoint,
         tokens: TokenMode,
         tracker: InputTracker,
-        callback: Callback,
+        editor: Editor,
         *,
         allow_stack: bool = False,
     ) -> None:
         self.hookpoint = hookpoint
         self.tokens = tokens
         self.tracker = tracker
-        self.callback = callback
         self.last_mask: Tensor | None = None
         # prepend: run before hooks already there, e.g. the output-capturing hooks transformers 5.x puts on
         # layers at the first forward (LLaVA reads its image features from those captured hidden states)
-        super().__init__(hookpoint.path, hookpoint.module, allow_stack=allow_stack, prepend=True)
+        super().__init__(hookpoint.path, hookpoint.module, editor, allow_stack=allow_stack, prepend=True)
 
     def select(self, output: Any) -> tuple[Tensor, Callable[[Tensor], Any]] | None:
         hidden, restore = to_hidden(output, self.path)
@@ -143,8 +140,8 @@ class TokenSite(EditSite):
 
         return hidden[mask], write_back
 
-    def edit(self, tokens: Tensor) -> Tensor:
-        return self.callback(tokens, self)
+    def context(self, tokens: Tensor) -> CallContext:
+        return CallContext(owner=self.sample_index)
 
     def _mask(self, hidden: Tensor) -> Tensor | None:
         """Selection over ``hidden.shape[:-1]`` (None: every token)."""
@@ -214,19 +211,19 @@ InstalledHooks = InstalledSites
 
 def install_sites(
     model: nn.Module,
-    callbacks: Mapping[str, Callback],
+    editors: Mapping[str, Editor],
     tokens: Mapping[str, str | None] | str | None = None,
     *,
     index: HookpointIndex | None = None,
     allow_stack: bool = False,
 ) -> InstalledHooks:
-    """Hook ``path -> callback`` into ``model`` with a shared :class:`InputTracker`.
+    """Hook ``path -> editor`` into ``model`` with a shared :class:`InputTracker`.
 
     ``tokens``: one mode for all hookpoints or per path (None / ``auto``: the hookpoint's default).
     Paths are checked before anything is installed; on any error what was installed is removed.
     """
     index = index or hookpoint_index(model)
-    resolved = [resolve_hookpoint(model, p, index) for p in callbacks]
+    resolved = [resolve_hookpoint(model, p, index) for p in editors]
     modes = {
         hp.path: check_tokens(hp, tokens.get(hp.path) if isinstance(tokens, Mapping) else tokens, model)
         for hp in resolved
@@ -235,7 +232,7 @@ def install_sites(
     try:
         for hp in resolved:
             installed.sites[hp.path] = TokenSite(
-                hp, modes[hp.path], installed.tracker, callbacks[hp.path], allow_stack=allow_stack
+                hp, modes[hp.path], installed.tracker, editors[hp.path], allow_stack=allow_stack
             )
     except BaseException:
         installed.remove()

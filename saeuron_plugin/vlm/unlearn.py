@@ -24,20 +24,13 @@ import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..sae.ablation import FeatureAblator
-from ..sae.bundle import (
-    BundleEntry,
-    DeviceFollowingAblator,
-    SaeBundle,
-    SaeWidthError,
-    StatisticsTransaction,
-    per_concept,
-)
+from ..sae.bundle import BundleEntry, DeviceFollowingAblator, SaeBundle, SaeWidthError, per_concept
 from ..sae.concepts import ConceptLibrary, ConceptStats, TauGrid
 from ..sae.model import SparseAutoencoder
-from ..sae.sites import StatisticsRecorder, UnlearnHandle
+from ..sae.sites import UnlearnHandle
 from .collect import model_name, run_samples
 from .hookpoints import (
     TokenMode,
@@ -47,7 +40,7 @@ from .hookpoints import (
     hookpoint_index,
     resolve_hookpoint,
 )
-from .hooks import TokenSite, install_sites
+from .hooks import install_sites
 from .inputs import make_samples
 
 TOKENS_KEY = "tokens"
@@ -69,16 +62,6 @@ class VLMHookpointSAE(BundleEntry):
         return None if value in (None, "auto") else str(value)
 
 
-class _SiteEditor:
-    """Adapts a device-following :class:`FeatureAblator` to the VLM hook signature ``(tokens, site)``."""
-
-    def __init__(self, ablator: FeatureAblator) -> None:
-        self.ablator = DeviceFollowingAblator(ablator)
-
-    def __call__(self, tokens: Tensor, site: TokenSite) -> Tensor:
-        return self.ablator(tokens)
-
-
 class VLMUnlearner(SaeBundle):
     """SAEs at one or more hookpoints of a VLM, with their concept libraries.
 
@@ -89,13 +72,7 @@ class VLMUnlearner(SaeBundle):
 
     entry_class: ClassVar[type[BundleEntry]] = VLMHookpointSAE
     title: ClassVar[str] = "SAeUron VLM bundle"
-    card_tags: ClassVar[tuple[str, ...]] = (
-        "sparse-autoencoder",
-        "concept-unlearning",
-        "saeuron",
-        "vision-language-model",
-        "transformers",
-    )
+    card_tags: ClassVar[tuple[str, ...]] = (*SaeBundle.card_tags, "vision-language-model", "transformers")
     usage: ClassVar[str] = (
         "from saeuron_plugin import VLMUnlearner\n"
         'unlearner = VLMUnlearner.from_pretrained("<this repo>")\n'
@@ -197,7 +174,7 @@ class VLMUnlearner(SaeBundle):
         checked = self.check_model(model, list(ablators), tokens)
         modes = {p: checked[p][1] for p in ablators}
         hooks = install_sites(
-            model, {p: _SiteEditor(a) for p, a in ablators.items()}, modes, allow_stack=allow_stack
+            model, {p: DeviceFollowingAblator(a) for p, a in ablators.items()}, modes, allow_stack=allow_stack
         )
         return UnlearnHandle(hooks, ablators, {p: f"tokens: {m}" for p, m in modes.items()})
 
@@ -255,69 +232,28 @@ class VLMUnlearner(SaeBundle):
                     f"{path}: the concept statistics there were made from {sorted(made)} tokens, this pass "
                     f"would read {mode!r} tokens; use the same token set (tokens=...) or a fresh library"
                 )
-        txn = self.statistics_pass(paths, calibrate)
-        passes = {p: _StatisticsPass(self.hookpoints[p], checked[p][1], txn) for p in paths}
+        modes = {p: checked[p][1] for p in paths}
+        txn = self.statistics_pass(paths, calibrate, extra={p: {TOKENS_KEY: m} for p, m in modes.items()},
+                                   missing_hint=" (does the prompt contain the image placeholder? are image "
+                                   "tokens what this hookpoint reads?)")
         with txn:  # the libraries and SAE configs change only if every sample ran
             for name, spec in samples_by_concept.items():
                 if not isinstance(spec, tuple | list) or len(spec) != 3:
                     raise TypeError(f"concept {name!r}: expected (images, prompts, processor_or_inputs)")
                 samples = make_samples(*spec)
-                processor = spec[2] if samples[0].inputs is None else None
-                for p in passes.values():
-                    p.stats(name)
-                    p.name = name
-                    p.batch_labels = []
+                txn.declare([name])
 
-                def start(chunk: list[int], samples: list[Any] = samples) -> None:
-                    for p in passes.values():
-                        p.batch_labels = [samples[i].label for i in chunk]
+                def start(chunk: list[int], samples: list[Any] = samples, name: str | None = name) -> None:
+                    txn.start_batch([[name]] * len(chunk), [samples[i].label for i in chunk])
 
-                def end(chunk: list[int]) -> None:
-                    for p in passes.values():
-                        p.finish_batch()
-
-                run_samples(
-                    model,
-                    samples,
-                    passes,
-                    {p: checked[p][1] for p in paths},
-                    processor=processor,
-                    batch_size=batch_size,
-                    add_image_token=add_image_token,
-                    show_progress=show_progress,
-                    desc=f"concept {'background' if name is None else name}",
-                    on_batch_start=start,
-                    on_batch_end=end,
-                )
+                run_samples(model, samples, txn.recorders, modes,
+                            processor=spec[2] if samples[0].inputs is None else None, batch_size=batch_size,
+                            add_image_token=add_image_token, show_progress=show_progress,
+                            desc=f"concept {'background' if name is None else name}",
+                            on_batch_start=start, on_batch_end=lambda _: txn.finish_batch())
             for path in paths:  # the ablation must edit the tokens the statistics saw
-                self.hookpoints[path].sae.cfg.extra[TOKENS_KEY] = checked[path][1]
+                self.hookpoints[path].sae.cfg.extra[TOKENS_KEY] = modes[path]
         return txn.results(list(samples_by_concept))
-
-
-class _StatisticsPass(StatisticsRecorder):
-    """Callback of the statistics pass: never edits; each sample (labelled by ``batch_labels``) is one
-    sample of the current concept (``name``), averaged over its selected tokens."""
-
-    def __init__(self, entry: VLMHookpointSAE, tokens: str, txn: StatisticsTransaction) -> None:
-        super().__init__(entry, txn, extra={TOKENS_KEY: tokens})
-        self.name: str | None = None
-        self.batch_labels: list[str] = []
-        self.seen: set[int] = set()
-
-    def __call__(self, selected: Tensor, site: TokenSite) -> Tensor:
-        names = [[self.name]] * len(self.batch_labels)
-        self.seen.update(self.record(selected, site.sample_index(selected), names))
-        return selected
-
-    def finish_batch(self) -> None:
-        missing = [self.batch_labels[i] for i in range(len(self.batch_labels)) if i not in self.seen]
-        self.seen = set()
-        if missing:
-            raise RuntimeError(
-                f"{self.path}: no selected tokens for samples {missing[:3]} (does the prompt "
-                "contain the image placeholder? are image tokens what this hookpoint reads?)"
-            )
-        self.stats(self.name).record_prompts(self.batch_labels)
 
 
 def _library_tokens(library: ConceptLibrary) -> set[str]:
