@@ -56,6 +56,7 @@ lock:
 
 lint: setup
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"

@@ -17,8 +17,12 @@ import torch
 def describe_run(seed: int) -> str:
     """Command, machine, software and seed: everything needed to repeat a measurement."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=False).stdout.strip() or "unknown"
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            or "unknown"
+        )
     except OSError:
         commit = "unknown"
     cpu = platform.processor() or platform.machine()
@@ -29,13 +33,15 @@ def describe_run(seed: int) -> str:
     except OSError:
         pass
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return "\n".join([
-        f"command : {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}",
-        f"machine : {platform.node()} | {cpu} | {os.cpu_count()} cores | {device}",
-        f"software: python {platform.python_version()} | torch {torch.__version__} | "
-        f"threads {torch.get_num_threads()} | commit {commit}",
-        f"seed    : {seed}",
-    ])
+    return "\n".join(
+        [
+            f"command : {shlex.join([sys.executable.rsplit('/', 1)[-1], *sys.argv])}",
+            f"machine : {platform.node()} | {cpu} | {os.cpu_count()} cores | {device}",
+            f"software: python {platform.python_version()} | torch {torch.__version__} | "
+            f"threads {torch.get_num_threads()} | commit {commit}",
+            f"seed    : {seed}",
+        ]
+    )
 
 
 def wall_time(fn: Callable[[], object]) -> float:

@@ -35,13 +35,23 @@ PERCENTILE_FOR = {1: 99.999, 2: 99.995, 3: 99.99}
 
 
 def sd15_block(device: torch.device) -> Transformer2DModel:
-    return Transformer2DModel(num_attention_heads=8, attention_head_dim=160, in_channels=1280,
-                              cross_attention_dim=768, norm_num_groups=32,
-                              use_linear_projection=False).to(device).eval()
+    return (
+        Transformer2DModel(
+            num_attention_heads=8,
+            attention_head_dim=160,
+            in_channels=1280,
+            cross_attention_dim=768,
+            norm_num_groups=32,
+            use_linear_projection=False,
+        )
+        .to(device)
+        .eval()
+    )
 
 
-def synthetic_library(sae: SparseAutoencoder, firing: torch.Tensor, buckets: int,
-                      gen: torch.Generator) -> ConceptLibrary:
+def synthetic_library(
+    sae: SparseAutoencoder, firing: torch.Tensor, buckets: int, gen: torch.Generator
+) -> ConceptLibrary:
     """Concept "A" with 3 planted latents per bucket (from ``firing``), contrasted with "B".
 
     Means are tiny outside the planted latents, so the gate μ(i, τ, D) is low and the planted
@@ -56,8 +66,9 @@ def synthetic_library(sae: SparseAutoencoder, firing: torch.Tensor, buckets: int
             for k in range(buckets):
                 planted = firing[torch.randperm(len(firing), generator=gen)[:3]]
                 sums[k, planted] += torch.tensor([3e-2, 2e-2, 1e-2], dtype=torch.float64)
-        lib.add_stats(ConceptStats(name, n, lib.tau_grid, lib.sae_fingerprint, sae.d_in, sums=sums,
-                                   counts=counts))
+        lib.add_stats(
+            ConceptStats(name, n, lib.tau_grid, lib.sae_fingerprint, sae.d_in, sums=sums, counts=counts)
+        )
     return lib
 
 
@@ -74,8 +85,10 @@ def main() -> None:
     print(describe_run(args.seed))
     try:
         load = os.getloadavg()[0]
-        print(f"load    : {load:.2f} (1-min average on {os.cpu_count()} cores; numbers are noisy when "
-              "the machine is loaded by other processes)")
+        print(
+            f"load    : {load:.2f} (1-min average on {os.cpu_count()} cores; numbers are noisy when "
+            "the machine is loaded by other processes)"
+        )
     except OSError:
         pass
     torch.manual_seed(args.seed)
@@ -106,8 +119,11 @@ def main() -> None:
     reps = args.repeats
     flat = tokens.reshape(-1, d).contiguous()
     # name: (SAE, sparse_tokens (CPU: compute changed tokens only), sync_free (device-side τ lookup))
-    modes = {"threshold": (thr_sae, True, False), "topk": (sae, True, False),
-             "topk-full": (sae, False, False)}
+    modes = {
+        "threshold": (thr_sae, True, False),
+        "topk": (sae, True, False),
+        "topk-full": (sae, False, False),
+    }
     if device.type != "cpu":
         modes["thr-syncfree"] = (thr_sae, True, True)
     with torch.inference_mode():
@@ -122,8 +138,10 @@ def main() -> None:
                 changed = int((ab(tokens, tau) != tokens).any(-1).sum())
                 ablators[mode, count] = (ab, changed, candidates)
         # the big kernels, in turns: block, bare encoder GEMM, topk edits
-        big = {"block": lambda: block(sample, encoder_hidden_states=text),
-               "gemm": lambda: F.linear(flat, sae.encoder.weight, sae.encoder.bias)}
+        big = {
+            "block": lambda: block(sample, encoder_hidden_states=text),
+            "gemm": lambda: F.linear(flat, sae.encoder.weight, sae.encoder.bias),
+        }
         for (mode, count), (ab, _, _) in ablators.items():
             if mode.startswith("topk"):
                 big[f"{mode}{count}"] = lambda ab=ab: ab(tokens, tau)
@@ -131,8 +149,11 @@ def main() -> None:
         t_block, t_gemm = big_t["block"], big_t["gemm"]
         rows = []
         for (mode, count), (ab, changed, candidates) in ablators.items():
-            t = (big_t[f"{mode}{count}"] if mode.startswith("topk")
-                 else time_call(lambda ab=ab: ab(tokens, tau), repeats=10 * reps, warmup=3))
+            t = (
+                big_t[f"{mode}{count}"]
+                if mode.startswith("topk")
+                else time_call(lambda ab=ab: ab(tokens, tau), repeats=10 * reps, warmup=3)
+            )
             rows.append((mode, count, t, changed, candidates))
         quiet = FeatureAblator(thr_sae, lib, [ConceptAblation("A", percentile=99.999)])
         quiet_x = torch.zeros_like(tokens)  # zero biases: no latent fires, nothing changes
@@ -154,35 +175,55 @@ def main() -> None:
                     return block(sample, encoder_hidden_states=text)
                 finally:
                     handle.remove()
+
             return run
 
-        paired = time_interleaved({"none": lambda: block(sample, encoder_hidden_states=text),
-                                   **{m: hooked(ablators[m, 3][0]) for m in modes}}, reps)
+        paired = time_interleaved(
+            {
+                "none": lambda: block(sample, encoder_hidden_states=text),
+                **{m: hooked(ablators[m, 3][0]) for m in modes},
+            },
+            reps,
+        )
 
     per_tok = 1e6 / tokens_per_call
     encode_macs = n * d
-    print(f"setup   : Transformer2DModel 1280-d, 8×160 heads, 16×16 tokens, batch {batch} "
-          f"({tokens_per_call} tokens/call), fp32, {device}; SAE d={d} n={n} k={k}; θ={theta:.4g}; "
-          f"τ={float(tau[0])} ([{batch}] tensor on {device}); medians of {reps} runs (block, GEMM, topk: "
-          f"interleaved) / {10 * reps} (threshold)\n")
-    print(f"block forward                     {t_block * 1e3:9.2f} ms  {t_block * per_tok:9.2f} µs/token  "
-          f"({block_macs / 1e6:.1f} M MACs/token by FlopCounterMode)")
-    print(f"bare encoder GEMM (n·d)           {t_gemm * 1e3:9.2f} ms  {t_gemm * per_tok:9.2f} µs/token  "
-          f"({encode_macs / 1e6:.1f} M MACs/token = {encode_macs / block_macs:.1%} of the block)")
+    print(
+        f"setup   : Transformer2DModel 1280-d, 8×160 heads, 16×16 tokens, batch {batch} "
+        f"({tokens_per_call} tokens/call), fp32, {device}; SAE d={d} n={n} k={k}; θ={theta:.4g}; "
+        f"τ={float(tau[0])} ([{batch}] tensor on {device}); medians of {reps} runs (block, GEMM, topk: "
+        f"interleaved) / {10 * reps} (threshold)\n"
+    )
+    print(
+        f"block forward                     {t_block * 1e3:9.2f} ms  {t_block * per_tok:9.2f} µs/token  "
+        f"({block_macs / 1e6:.1f} M MACs/token by FlopCounterMode)"
+    )
+    print(
+        f"bare encoder GEMM (n·d)           {t_gemm * 1e3:9.2f} ms  {t_gemm * per_tok:9.2f} µs/token  "
+        f"({encode_macs / 1e6:.1f} M MACs/token = {encode_macs / block_macs:.1%} of the block)"
+    )
     print("\nedit alone (FeatureAblator call on the block's [2, 256, 1280] token view).")
     print("  topk: on CPU, full encode only of the tokens where a selected latent exceeds its gate;")
     print("  topk-full: full encode of every token (the dense, sync-free path, what a GPU always runs)")
-    print(f"{'mode':10s} {'|F|':>3s} {'ms':>9s} {'µs/token':>9s} {'vs block':>9s} {'changed':>8s} "
-          f"{'full-encoded':>13s}")
+    print(
+        f"{'mode':10s} {'|F|':>3s} {'ms':>9s} {'µs/token':>9s} {'vs block':>9s} {'changed':>8s} "
+        f"{'full-encoded':>13s}"
+    )
     for mode, count, t, changed, candidates in rows:
         host = device.type == "cpu" and mode == "topk"
         enc = 0 if mode.startswith("thr") else candidates if host else tokens_per_call
-        print(f"{mode:10s} {count:3d} {t * 1e3:9.3f} {t * per_tok:9.3f} {t / t_block:9.2%} {changed:8d} "
-              f"{enc:13d}")
-    print(f"{'threshold':10s} {'1':>3s} {t_quiet * 1e3:9.3f} {t_quiet * per_tok:9.3f} "
-          f"{t_quiet / t_block:9.2%}  inactive: nothing fires (x returned as is on CPU)")
-    print("\nblock with the edit hooked on its output (|F| = 3, includes the NCHW↔token copies; "
-          f"interleaved with the bare block, medians of {reps}):")
+        print(
+            f"{mode:10s} {count:3d} {t * 1e3:9.3f} {t * per_tok:9.3f} {t / t_block:9.2%} {changed:8d} "
+            f"{enc:13d}"
+        )
+    print(
+        f"{'threshold':10s} {'1':>3s} {t_quiet * 1e3:9.3f} {t_quiet * per_tok:9.3f} "
+        f"{t_quiet / t_block:9.2%}  inactive: nothing fires (x returned as is on CPU)"
+    )
+    print(
+        "\nblock with the edit hooked on its output (|F| = 3, includes the NCHW↔token copies; "
+        f"interleaved with the bare block, medians of {reps}):"
+    )
     print(f"{'none':10s} {paired['none'] * 1e3:9.2f} ms")
     for mode in modes:
         print(f"{mode:10s} {paired[mode] * 1e3:9.2f} ms   overhead {paired[mode] / paired['none'] - 1:+.2%}")
@@ -191,14 +232,20 @@ def main() -> None:
     full_mean = sum(r[2] for r in rows if r[0] == "topk-full") / 3
     arith = encode_macs / block_macs
     print("\nratios measured in this run:")
-    print(f"  threshold edit / block (worst |F|)              = {thr_worst:.3%}   target < 1 %: "
-          f"{'met' if thr_worst < 0.01 else 'NOT met'}")
+    print(
+        f"  threshold edit / block (worst |F|)              = {thr_worst:.3%}   target < 1 %: "
+        f"{'met' if thr_worst < 0.01 else 'NOT met'}"
+    )
     ratio = full_mean / t_block / arith
-    print(f"  topk-full edit / block = {full_mean / t_block:.1%} vs the arithmetic n·d / block MACs = "
-          f"{arith:.1%}: measured / arithmetic = {ratio:.2f}   target ≤ 1.10: "
-          f"{'met' if ratio <= 1.10 else 'NOT met'}")
-    print(f"  topk-full edit / bare encoder GEMM (mean |F|)   = {full_mean / t_gemm:.3f}   (the k-th value "
-          "selection and the gathers on top of the GEMM)")
+    print(
+        f"  topk-full edit / block = {full_mean / t_block:.1%} vs the arithmetic n·d / block MACs = "
+        f"{arith:.1%}: measured / arithmetic = {ratio:.2f}   target ≤ 1.10: "
+        f"{'met' if ratio <= 1.10 else 'NOT met'}"
+    )
+    print(
+        f"  topk-full edit / bare encoder GEMM (mean |F|)   = {full_mean / t_gemm:.3f}   (the k-th value "
+        "selection and the gathers on top of the GEMM)"
+    )
 
 
 if __name__ == "__main__":

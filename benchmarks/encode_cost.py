@@ -42,8 +42,10 @@ def main() -> None:
     print(f"topk encode (sparse code)      {t_topk * per:9.3f} µs/token")
     print(f"topk encode (dense latents)    {t_dense * per:9.3f} µs/token")
     print(f"threshold, {args.latents} latents only     {t_sub * per:9.3f} µs/token")
-    print(f"ratio topk / threshold-subset: {t_topk / t_sub:.1f}× "
-          f"(arithmetic: n/|F| = {args.n / args.latents:.0f}×)")
+    print(
+        f"ratio topk / threshold-subset: {t_topk / t_sub:.1f}× "
+        f"(arithmetic: n/|F| = {args.n / args.latents:.0f}×)"
+    )
 
 
 if __name__ == "__main__":

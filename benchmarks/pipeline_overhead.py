@@ -58,6 +58,7 @@ class HookClock:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
+
         return timed
 
 
@@ -103,11 +104,17 @@ def sd15_paper_estimate() -> tuple[float, float]:
     """(UNet FLOPs per CFG step at 512 px, SAE encode FLOPs per step) for SD 1.5 with SAeUron's SAE."""
     from diffusers import UNet2DConditionModel
 
-    cfg = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-               block_out_channels=(320, 640, 1280, 1280),
-               down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-               up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-               cross_attention_dim=768, attention_head_dim=8)
+    cfg = dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
         x, text = torch.randn(2, 4, 64, 64), torch.randn(2, 77, 768)
@@ -138,18 +145,25 @@ def main() -> None:
     gens = lambda: [torch.Generator().manual_seed(args.seed + i) for i in range(len(prompts))]  # noqa: E731
 
     def run(output_type: str = "pt") -> object:
-        return pipe(prompts, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens(),
-                    output_type=output_type)
+        return pipe(
+            prompts,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            generator=gens(),
+            output_type=output_type,
+        )
 
     modes = {"threshold": "threshold", "topk": "topk", "topk-dense": "topk"}
     with eraser.unlearn(pipe, args.concept) as probe:
         paths = list(probe.hookpoints)
     saes = {p: eraser.hookpoints[p].sae for p in paths}
     where = ", ".join(f"{p} (SAE d={s.d_in} n={s.num_latents} k={s.cfg.k})" for p, s in saes.items())
-    print(f"setup   : {args.model}, {len(prompts)} prompts/call, {args.steps} DDIM steps, guidance "
-          f"{args.guidance}; concept {args.concept!r} at {len(paths)} hookpoint(s): {where}; medians of "
-          f"{args.repeats} interleaved calls (each hooked call includes installing and removing the hooks, "
-          "not building the ablators)\n")
+    print(
+        f"setup   : {args.model}, {len(prompts)} prompts/call, {args.steps} DDIM steps, guidance "
+        f"{args.guidance}; concept {args.concept!r} at {len(paths)} hookpoint(s): {where}; medians of "
+        f"{args.repeats} interleaved calls (each hooked call includes installing and removing the hooks, "
+        "not building the ablators)\n"
+    )
 
     editors = {}  # built once per mode (selection, row tables): the timed calls only hook and run
     for mode, encoder in modes.items():
@@ -170,6 +184,7 @@ def main() -> None:
                 out = run()
             spent[mode].append(clock.seconds / (time.perf_counter() - start))
             return out
+
         return call
 
     with torch.no_grad():
@@ -189,13 +204,17 @@ def main() -> None:
     for mode, t in times.items():
         med, lo, hi = ratios[mode]
         print(f"{mode:12s} {t:8.3f} {med - 1:+9.2%}   [{lo - 1:+.2%}, {hi - 1:+.2%}]")
-    print(f"\nplain pipeline: {flops / 1e9:.2f} GFLOP per call; the hookpoint saw {tokens:,} tokens per call "
-          f"(all steps, both CFG rows); full TopK encode {encode / 1e9:.3f} GFLOP per call → predicted "
-          f"topk overhead {predicted:+.2%}")
+    print(
+        f"\nplain pipeline: {flops / 1e9:.2f} GFLOP per call; the hookpoint saw {tokens:,} tokens per call "
+        f"(all steps, both CFG rows); full TopK encode {encode / 1e9:.3f} GFLOP per call → predicted "
+        f"topk overhead {predicted:+.2%}"
+    )
     for mode in ("topk", "topk-dense"):
         measured = ratios[mode][0] - 1
-        print(f"  {mode:10s} measured {measured:+.2%} = {measured / predicted:.2f}× the FLOP prediction "
-              f"(target: within 10 %, i.e. ≤ 1.10×: {'met' if measured <= 1.10 * predicted else 'NOT met'})")
+        print(
+            f"  {mode:10s} measured {measured:+.2%} = {measured / predicted:.2f}× the FLOP prediction "
+            f"(target: within 10 %, i.e. ≤ 1.10×: {'met' if measured <= 1.10 * predicted else 'NOT met'})"
+        )
     thr = ratios["threshold"][0]
     print(f"  threshold  {thr:.4f}× plain   target ≤ 1.01: {'met' if thr <= 1.01 else 'NOT met'}")
     # The same overhead read inside each hooked call: the share of its wall time spent in our hooks
@@ -205,35 +224,52 @@ def main() -> None:
     print("\ntime inside the hooks / hooked call time (median over the timed calls):")
     for mode, frac in share.items():
         overhead = frac / (1 - frac)  # hooked = plain + hooks → hooks / plain
-        verdict = (f"{overhead / predicted:.2f}× the FLOP prediction" if mode != "threshold"
-                   else f"target ≤ 1.01×: {'met' if overhead <= 0.01 else 'NOT met'}")
+        verdict = (
+            f"{overhead / predicted:.2f}× the FLOP prediction"
+            if mode != "threshold"
+            else f"target ≤ 1.01×: {'met' if overhead <= 0.01 else 'NOT met'}"
+        )
         print(f"  {mode:10s} {frac:6.2%} of the call → {1 + overhead:.4f}× plain ({verdict})")
     print("\nwhy topk-dense can exceed its arithmetic: per denoiser call, encode GEMM vs TopK selection")
     sizes = {(seen[p] // args.steps, s.num_latents, s.d_in, s.cfg.k): "this bundle" for p, s in saes.items()}
     for (t, n, d, k), label in {**sizes, (512, 20_480, 1280, 32): "SAeUron size"}.items():  # each size once
         gemm, select = selection_vs_gemm(t, n, d, k)
-        print(f"  {label:12s} {t} tokens, n={n}, d={d}, k={k}: GEMM {gemm * 1e3:.2f} ms, selection "
-              f"{select * 1e3:.2f} ms ({select / gemm:.0%} of the GEMM)")
+        print(
+            f"  {label:12s} {t} tokens, n={n}, d={d}, k={k}: GEMM {gemm * 1e3:.2f} ms, selection "
+            f"{select * 1e3:.2f} ms ({select / gemm:.0%} of the GEMM)"
+        )
     unet, sae_flops = sd15_paper_estimate()
-    print(f"\nSD 1.5 at 512 px on paper: UNet {unet / 1e9:.0f} GFLOP per CFG step, SAE encode "
-          f"{sae_flops / 1e9:.1f} GFLOP → topk overhead {sae_flops / unet:+.2%} (target ≤ 2.5 %; "
-          "SAeUron reports +1.92 %); threshold with 1-3 latents: "
-          f"{2.0 * 512 * 3 * 1280 / unet:+.5%}")
+    print(
+        f"\nSD 1.5 at 512 px on paper: UNet {unet / 1e9:.0f} GFLOP per CFG step, SAE encode "
+        f"{sae_flops / 1e9:.1f} GFLOP → topk overhead {sae_flops / unet:+.2%} (target ≤ 2.5 %; "
+        "SAeUron reports +1.92 %); threshold with 1-3 latents: "
+        f"{2.0 * 512 * 3 * 1280 / unet:+.5%}"
+    )
 
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         t_plain = time_interleaved({"plain": lambda: run("latent")}, args.repeats)["plain"]
         counter = iter(range(10_000))
 
         def collect() -> object:
-            return collect_activations(pipe, prompts, paths, Path(tmp) / f"c{next(counter)}",
-                                       num_inference_steps=args.steps, guidance_scale=args.guidance,
-                                       batch_size=len(prompts), show_progress=False)
+            return collect_activations(
+                pipe,
+                prompts,
+                paths,
+                Path(tmp) / f"c{next(counter)}",
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                batch_size=len(prompts),
+                show_progress=False,
+            )
+
         t_collect = time_interleaved({"collect": collect}, args.repeats)["collect"]
     rows = tokens // 2  # the conditional rows of every step, all tokens
     bytes_per_prompt = sum(seen[p] // 2 * s.d_in * 2 for p, s in saes.items()) / len(prompts)  # fp16 store
-    print(f"\ncollection ({len(paths)} hookpoint(s), cond rows, fp16 store): {t_collect:.3f} s vs plain "
-          f"latent generation {t_plain:.3f} s = {t_collect / t_plain:.3f}× (target ≤ 1.15×); "
-          f"{rows / t_collect:,.0f} rows/s; {bytes_per_prompt / 1024:.1f} KiB per prompt")
+    print(
+        f"\ncollection ({len(paths)} hookpoint(s), cond rows, fp16 store): {t_collect:.3f} s vs plain "
+        f"latent generation {t_plain:.3f} s = {t_collect / t_plain:.3f}× (target ≤ 1.15×); "
+        f"{rows / t_collect:,.0f} rows/s; {bytes_per_prompt / 1024:.1f} KiB per prompt"
+    )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,11 @@ from saeuron_plugin.eval.shapescanvas_build import load_default
 from saeuron_plugin.tuning import load_judge
 
 ROOT = Path(__file__).resolve().parent.parent
-CAPTION = {"object": "a red {} in solid style", "style": "a blue circle in {} style",
-           "color": "a {} square in solid style"}
+CAPTION = {
+    "object": "a red {} in solid style",
+    "style": "a blue circle in {} style",
+    "color": "a {} square in solid style",
+}
 
 
 def main() -> None:
@@ -50,9 +53,12 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--everywhere", action="store_true",
-                        help="ablate at every hookpoint whose library holds the concept, not only the "
-                             "tuned ones (a candidate defence)")
+    parser.add_argument(
+        "--everywhere",
+        action="store_true",
+        help="ablate at every hookpoint whose library holds the concept, not only the "
+        "tuned ones (a candidate defence)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
     args = parser.parse_args()
     if args.threads:
@@ -88,14 +94,27 @@ def main() -> None:
             typed, _ = pipe.encode_prompt(row["unlearndiffatk_prompt"], "cpu", 1, False)
             row["ua_unlearndiffatk"] = ua(generate_from_embeds(pipe, typed, range(100, 108), **gen_kw))
         rows[concept] = row
-        print(f"{concept:9s} ({domain}): UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
-              f"{row['ua_adaptive']:5.1f}, gradient-masked {row['ua_masked']:5.1f}  UnlearnDiffAtk "
-              f"{row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})", flush=True)
-    protocol = {"attack": "soft prompt (prompt_embeds), UnlearnDiffAtk loss", "iterations": args.iterations,
-                "lr": args.lr, "weight_decay": 0.1, "batch": 8, "targets": 8, "eval_images": 8,
-                "steps": 25, "guidance": 5.0, "seed": args.seed, "bundle": "checkpoints/shapescanvas-saeuron",
-                "hookpoints": "every one holding the concept" if args.everywhere else "the tuned ones",
-                "seconds": round(time.perf_counter() - start)}
+        print(
+            f"{concept:9s} ({domain}): UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
+            f"{row['ua_adaptive']:5.1f}, gradient-masked {row['ua_masked']:5.1f}  UnlearnDiffAtk "
+            f"{row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})",
+            flush=True,
+        )
+    protocol = {
+        "attack": "soft prompt (prompt_embeds), UnlearnDiffAtk loss",
+        "iterations": args.iterations,
+        "lr": args.lr,
+        "weight_decay": 0.1,
+        "batch": 8,
+        "targets": 8,
+        "eval_images": 8,
+        "steps": 25,
+        "guidance": 5.0,
+        "seed": args.seed,
+        "bundle": "checkpoints/shapescanvas-saeuron",
+        "hookpoints": "every one holding the concept" if args.everywhere else "the tuned ones",
+        "seconds": round(time.perf_counter() - start),
+    }
     Path(args.out).write_text(json.dumps({"protocol": protocol, "saeuron": rows}, indent=1) + "\n")
     print(f"wrote {args.out} ({protocol['seconds']} s)")
 

@@ -50,7 +50,7 @@ def run_sparsify(chunks: list[torch.Tensor], args: argparse.Namespace, lr: float
     data = torch.cat(chunks)
     start = time.perf_counter()
     for step in range(steps):
-        x = data[(step * args.batch) % len(data):][: args.batch]
+        x = data[(step * args.batch) % len(data) :][: args.batch]
         for group in opt.param_groups:
             group["lr"] = lr * (1 - step / steps)
         out = coder(x, dead_mask=since_fired > args.dead_tokens)
@@ -67,14 +67,25 @@ def run_sparsify(chunks: list[torch.Tensor], args: argparse.Namespace, lr: float
     return steps * args.batch / elapsed, lambda x: coder(x).sae_out
 
 
-def run_ours(chunks: list[torch.Tensor], args: argparse.Namespace, lr: float,
-             batch_topk: bool) -> tuple[float, object]:
+def run_ours(
+    chunks: list[torch.Tensor], args: argparse.Namespace, lr: float, batch_topk: bool
+) -> tuple[float, object]:
     torch.manual_seed(args.seed)
     steps = args.tokens // args.batch
     start = time.perf_counter()
-    sae = train_sae(chunks, k=args.k, num_latents=args.n, batch_size=args.batch, steps=steps, lr=lr,
-                    batch_topk=batch_topk, dead_tokens_threshold=args.dead_tokens, progress=False,
-                    seed=args.seed, device="cpu")
+    sae = train_sae(
+        chunks,
+        k=args.k,
+        num_latents=args.n,
+        batch_size=args.batch,
+        steps=steps,
+        lr=lr,
+        batch_topk=batch_topk,
+        dead_tokens_threshold=args.dead_tokens,
+        progress=False,
+        seed=args.seed,
+        device="cpu",
+    )
     elapsed = time.perf_counter() - start
     return steps * args.batch / elapsed, lambda x: sae(x).reconstruction
 
@@ -94,8 +105,10 @@ def main() -> None:
     chunks = list(data.split(8192))
     test = planted(args.d, 4 * args.d, 8, 8192, args.seed + 1)
     lr = 2e-4 / (args.n / 2**14) ** 0.5 * 4  # short budget: a 4× larger lr than the long-run rule
-    print(f"setup   : d_in={args.d} n={args.n} k={args.k} batch={args.batch} tokens={args.tokens} "
-          f"lr={lr:.2e} fp32 CPU\n")
+    print(
+        f"setup   : d_in={args.d} n={args.n} k={args.k} batch={args.batch} tokens={args.tokens} "
+        f"lr={lr:.2e} fp32 CPU\n"
+    )
     rows = []
     try:
         rows.append(("eai-sparsify SparseCoder (TopK)", *run_sparsify(chunks, args, lr)))
@@ -112,8 +125,9 @@ def main() -> None:
     if results[0][0].startswith("eai"):
         base = results[0][1]
         for name, tps, fvu in results[1:]:
-            print(f"ratio {name} / sparsify: throughput {tps / base:.2f}×, "
-                  f"FVU {fvu:.4f} vs {results[0][2]:.4f}")
+            print(
+                f"ratio {name} / sparsify: throughput {tps / base:.2f}×, FVU {fvu:.4f} vs {results[0][2]:.4f}"
+            )
 
 
 if __name__ == "__main__":

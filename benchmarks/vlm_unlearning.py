@@ -33,8 +33,10 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def table(rows: dict[str, UnlearnedScores], where: dict[str, str]) -> str:
-    head = ("| unlearned | where | forget | same attr. (% of base) | other attr. (% of base) "
-            "| other, on target | in-domain answers | fluency |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| unlearned | where | forget | same attr. (% of base) | other attr. (% of base) "
+        "| other, on target | in-domain answers | fluency |\n|---|---|---|---|---|---|---|---|"
+    )
     body = "\n".join(
         f"| {v} | {where[v]} | {100 * s.forget:.1f} | {100 * s.retain_same_attribute:.1f} "
         f"({100 * s.retain_same_rel:.1f}) | {100 * s.retain_other_attributes:.1f} "
@@ -50,21 +52,27 @@ def markdown(result: BenchmarkResult, command: str, run: str, seconds: float) ->
     p = result.protocol
     base = " | ".join(f"{a} {100 * result.base[a]:.1f} %" for a in ATTRIBUTES)
     defaults = {v: ", ".join(p["defaults_at"][v]) for v in result.unlearned}
-    image_where = {v: f"{c['hookpoint']} (top {c['top_n']}, strength {c['strength']:g})"
-                   for v, c in result.image_settings.items()}
-    image = (f"""
+    image_where = {
+        v: f"{c['hookpoint']} (top {c['top_n']}, strength {c['strength']:g})"
+        for v, c in result.image_settings.items()
+    }
+    image = (
+        f"""
 With the best setting of the same search restricted to the image-token hookpoints (projector output,
 decoder layers 0-2):
 
 {table(result.image_tokens, image_where)}
-""" if result.image_tokens else "")
+"""
+        if result.image_tokens
+        else ""
+    )
     return f"""# Unlearning on the ShapesCanvas VLM (%)
 
-Command: `{command}` ({seconds:.0f} s). Test: {p['test_renders']} fresh renders (every object × style ×
-color combination, random geometry, seed {p['test_seed']}), each asked "What shape / color / style is
-this?" (greedy `generate()`). Selection: {p['selection']}.
+Command: `{command}` ({seconds:.0f} s). Test: {p["test_renders"]} fresh renders (every object × style ×
+color combination, random geometry, seed {p["test_seed"]}), each asked "What shape / color / style is
+this?" (greedy `generate()`). Selection: {p["selection"]}.
 
-Base model accuracy: {base}; well-formed answers {100 * p['base_fluency']:.1f} %.
+Base model accuracy: {base}; well-formed answers {100 * p["base_fluency"]:.1f} %.
 
 {table(result.unlearned, defaults)}
 {image}

@@ -38,8 +38,12 @@ def main() -> None:
     p.add_argument("--search-prompts", type=int, default=d.search_prompts)
     p.add_argument("--refine-prompts", type=int, default=d.refine_prompts)
     p.add_argument("--train-epochs", type=int, default=d.train_epochs)
-    p.add_argument("--from-bundle", default=None, metavar="PATH_OR_REPO",
-                   help="re-tune this bundle's defaults: skip steps 1-3 and reuse its search.json trials")
+    p.add_argument(
+        "--from-bundle",
+        default=None,
+        metavar="PATH_OR_REPO",
+        help="re-tune this bundle's defaults: skip steps 1-3 and reuse its search.json trials",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -27,8 +27,9 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    build_bundle(BundleConfig(out=args.out, work=args.work, model=args.model),
-                 log=functools.partial(print, flush=True))
+    build_bundle(
+        BundleConfig(out=args.out, work=args.work, model=args.model), log=functools.partial(print, flush=True)
+    )
 
 
 if __name__ == "__main__":

@@ -60,10 +60,19 @@ def main() -> None:
         judges.save_pretrained(a.judges_dir, metrics=metrics)
         print(f"judges saved to {a.judges_dir}")
         return
-    tc = dm.TrainConfig(out=a.out, device=a.device, seed=a.seed, vae_steps=a.vae_steps, steps=a.steps,
-                        stop_at=a.stop_at, batch_size=a.batch_size, lr=a.lr,
-                        train_text_encoder=not a.frozen_text_encoder,
-                        checkpoint_every=a.checkpoint_every, max_minutes=a.max_minutes)
+    tc = dm.TrainConfig(
+        out=a.out,
+        device=a.device,
+        seed=a.seed,
+        vae_steps=a.vae_steps,
+        steps=a.steps,
+        stop_at=a.stop_at,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        train_text_encoder=not a.frozen_text_encoder,
+        checkpoint_every=a.checkpoint_every,
+        max_minutes=a.max_minutes,
+    )
     have_judges = Path(a.judges_dir, "config.json").exists()
     judges = Judges.from_pretrained(a.judges_dir, device=a.device) if have_judges else None
     eval_fn = None
@@ -75,9 +84,12 @@ def main() -> None:
 
     t0 = time.time()
     pipe = dm.train_default_model(tc, eval_fn=eval_fn)
-    metrics: dict = {"train_seconds": round(time.time() - t0, 1), "device": a.device,
-                     "unet_stats": json.loads((Path(a.out) / "unet_stats.json").read_text()),
-                     "vae_stats": json.loads((Path(a.out) / "vae" / "train_stats.json").read_text())}
+    metrics: dict = {
+        "train_seconds": round(time.time() - t0, 1),
+        "device": a.device,
+        "unet_stats": json.loads((Path(a.out) / "unet_stats.json").read_text()),
+        "vae_stats": json.loads((Path(a.out) / "vae" / "train_stats.json").read_text()),
+    }
     if judges is not None:
         metrics["vae_recon_judge_accuracy"] = dm.vae_judge_accuracy(pipe.vae, judges)
     if a.eval_seeds and judges is not None:

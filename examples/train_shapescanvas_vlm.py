@@ -29,8 +29,10 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    train_and_save(TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                               seed=args.seed), log=functools.partial(print, flush=True))
+    train_and_save(
+        TrainConfig(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+        log=functools.partial(print, flush=True),
+    )
 
 
 if __name__ == "__main__":

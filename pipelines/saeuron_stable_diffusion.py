@@ -44,10 +44,15 @@ class SAeUronStableDiffusionPipeline(StableDiffusionPipeline):
         """The bundle loaded last (None before any)."""
         return self.__dict__.get("_saeuron_eraser")
 
-    def __call__(self, *args: Any, sae: str | SAeUron | None = None,
-                 unlearn: str | Sequence[str] | None = None,
-                 unlearn_strength: float | Mapping[str, float] | None = None,
-                 unlearn_options: Mapping[str, Any] | None = None, **kwargs: Any) -> Any:
+    def __call__(
+        self,
+        *args: Any,
+        sae: str | SAeUron | None = None,
+        unlearn: str | Sequence[str] | None = None,
+        unlearn_strength: float | Mapping[str, float] | None = None,
+        unlearn_options: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
         eraser = self.load_sae(sae) if sae is not None else self.sae
         if not unlearn:
             return super().__call__(*args, **kwargs)

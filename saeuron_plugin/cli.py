@@ -41,15 +41,28 @@ def _train(args: argparse.Namespace) -> int:
     store = ActivationStore(args.activations)
     meta = store.metadata or {}
     cfg = dataclass_from_args(
-        TrainConfig, args, checkpoint_dir=str(Path(args.out) / "checkpoint"),
+        TrainConfig,
+        args,
+        checkpoint_dir=str(Path(args.out) / "checkpoint"),
         extra={k: v for k, v in meta.items() if k not in _PROVENANCE},
-        **{k: meta.get(k) for k in _PROVENANCE})
+        **{k: meta.get(k) for k in _PROVENANCE},
+    )
     sae, s = Trainer(store, cfg).fit()
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate
         sae.save_pretrained(args.out)
-        print(json.dumps({"out": str(args.out), "hookpoint": sae.cfg.hookpoint, "steps": s.step,
-                          "tokens": s.tokens, "fvu": round(s.last_fvu, 4),
-                          "dead_fraction": round(s.dead_fraction, 4), "threshold": s.threshold}))
+        print(
+            json.dumps(
+                {
+                    "out": str(args.out),
+                    "hookpoint": sae.cfg.hookpoint,
+                    "steps": s.step,
+                    "tokens": s.tokens,
+                    "fvu": round(s.last_fvu, 4),
+                    "dead_fraction": round(s.dead_fraction, 4),
+                    "threshold": s.threshold,
+                }
+            )
+        )
     return 0
 
 
@@ -86,12 +99,17 @@ def _info(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ demo
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--concepts", nargs="+", default=["checkered", "star"],
-                   help="ShapesCanvas concepts to unlearn, one at a time (default: a style and an object)")
+    p.add_argument(
+        "--concepts",
+        nargs="+",
+        default=["checkered", "star"],
+        help="ShapesCanvas concepts to unlearn, one at a time (default: a style and an object)",
+    )
     p.add_argument("--out", default="out/demo", help="folder for grid.png and metrics.json")
     p.add_argument("--bundle", default=None, help="SAE bundle (default: the shipped one)")
-    p.add_argument("--prompts-per-set", type=int, default=36,
-                   help="prompts with the concept, and as many without it")
+    p.add_argument(
+        "--prompts-per-set", type=int, default=36, help="prompts with the concept, and as many without it"
+    )
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -100,10 +118,18 @@ def _demo(args: argparse.Namespace) -> int:
     root = Path(__file__).resolve().parents[1] / "checkpoints"
     bundle = args.bundle or str(root / "shapescanvas-saeuron")
     if not Path(bundle).is_dir() and args.bundle is None:
-        raise FileNotFoundError(f"the shipped bundle {bundle} is missing; build it with "
-                                "`python examples/build_shapescanvas_bundle.py`")
-    run_demo(args.concepts, args.out, bundle=bundle, model=str(root / "shapescanvas-sd"),
-             judges_path=str(root / "shapescanvas-judges"), prompts_per_set=args.prompts_per_set)
+        raise FileNotFoundError(
+            f"the shipped bundle {bundle} is missing; build it with "
+            "`python examples/build_shapescanvas_bundle.py`"
+        )
+    run_demo(
+        args.concepts,
+        args.out,
+        bundle=bundle,
+        model=str(root / "shapescanvas-sd"),
+        judges_path=str(root / "shapescanvas-judges"),
+        prompts_per_set=args.prompts_per_set,
+    )
     return 0
 
 
@@ -132,37 +158,79 @@ _VLM = ".vlm.commands"
 # ------------------------------------------------------------------------------ main
 Command = tuple[str, ArgsBuilder, Handler]
 COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
-    "collect": ("collect hookpoint activations from a diffusers pipeline into activation stores",
-                _lazy(_DIFF, "collect_args"), _lazy(_DIFF, "collect")),  # type: ignore[dict-item]
+    "collect": (
+        "collect hookpoint activations from a diffusers pipeline into activation stores",
+        _lazy(_DIFF, "collect_args"),
+        _lazy(_DIFF, "collect"),
+    ),  # type: ignore[dict-item]
     "train": ("train a TopK SAE on an activation store", _train_args, _train),
-    "concept": ("build and inspect a bundle's concept library", {
-        "add": ("run the statistics pass for a concept (or the background set)",
-                _lazy(_DIFF, "concept_add_args"), _lazy(_DIFF, "concept_add")),
-        "list": ("list the concepts of a bundle",
-                 _lazy(_DIFF, "concept_list_args"), _lazy(_DIFF, "concept_list")),
-        "show": ("which latents a concept ablates, when, and their scores",
-                 _lazy(_DIFF, "concept_show_args"), _lazy(_DIFF, "concept_show")),
-    }),
-    "tune": ("tune how a bundle unlearns concepts on a pipeline, judged by a judge (writes the defaults)",
-             _lazy(".tuning.commands", "tune_args"), _lazy(".tuning.commands", "tune")),  # type: ignore[dict-item]
-    "build": ("run a recipe: collect → train → statistics → tune → model card → push (resumable)",
-              _build_args, _build),
-    "generate": ("generate images, optionally unlearning concepts (and side by side with the original)",
-                 _lazy(_DIFF, "generate_args"), _lazy(_DIFF, "generate")),  # type: ignore[dict-item]
-    "eval": ("the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA)",
-             _lazy(".eval.unlearning", "add_args"), _eval),  # type: ignore[dict-item]
-    "vlm": ("the same for transformers vision-language models", {
-        "collect": ("collect VLM hookpoint activations from (image, prompt) pairs",
-                    _lazy(_VLM, "collect_args"), _lazy(_VLM, "collect")),
-        "train": ("deprecated: `saeuron train` trains on any store", _train_args, _vlm_train),
-        "concept": ("concept statistics from images with / without the concept",
-                    _lazy(_VLM, "concept_args"), _lazy(_VLM, "concept")),
-        "ask": ("answer a question about an image, with and without unlearning",
-                _lazy(_VLM, "ask_args"), _lazy(_VLM, "ask")),
-    }),
+    "concept": (
+        "build and inspect a bundle's concept library",
+        {
+            "add": (
+                "run the statistics pass for a concept (or the background set)",
+                _lazy(_DIFF, "concept_add_args"),
+                _lazy(_DIFF, "concept_add"),
+            ),
+            "list": (
+                "list the concepts of a bundle",
+                _lazy(_DIFF, "concept_list_args"),
+                _lazy(_DIFF, "concept_list"),
+            ),
+            "show": (
+                "which latents a concept ablates, when, and their scores",
+                _lazy(_DIFF, "concept_show_args"),
+                _lazy(_DIFF, "concept_show"),
+            ),
+        },
+    ),
+    "tune": (
+        "tune how a bundle unlearns concepts on a pipeline, judged by a judge (writes the defaults)",
+        _lazy(".tuning.commands", "tune_args"),
+        _lazy(".tuning.commands", "tune"),
+    ),  # type: ignore[dict-item]
+    "build": (
+        "run a recipe: collect → train → statistics → tune → model card → push (resumable)",
+        _build_args,
+        _build,
+    ),
+    "generate": (
+        "generate images, optionally unlearning concepts (and side by side with the original)",
+        _lazy(_DIFF, "generate_args"),
+        _lazy(_DIFF, "generate"),
+    ),  # type: ignore[dict-item]
+    "eval": (
+        "the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA)",
+        _lazy(".eval.unlearning", "add_args"),
+        _eval,
+    ),  # type: ignore[dict-item]
+    "vlm": (
+        "the same for transformers vision-language models",
+        {
+            "collect": (
+                "collect VLM hookpoint activations from (image, prompt) pairs",
+                _lazy(_VLM, "collect_args"),
+                _lazy(_VLM, "collect"),
+            ),
+            "train": ("deprecated: `saeuron train` trains on any store", _train_args, _vlm_train),
+            "concept": (
+                "concept statistics from images with / without the concept",
+                _lazy(_VLM, "concept_args"),
+                _lazy(_VLM, "concept"),
+            ),
+            "ask": (
+                "answer a question about an image, with and without unlearning",
+                _lazy(_VLM, "ask_args"),
+                _lazy(_VLM, "ask"),
+            ),
+        },
+    ),
     "info": ("print an SAE's configuration", _info_args, _info),
-    "demo": ("unlearn a style and an object on the embedded default model; grid + metrics",
-             _demo_args, _demo),
+    "demo": (
+        "unlearn a style and an object on the embedded default model; grid + metrics",
+        _demo_args,
+        _demo,
+    ),
 }
 
 
@@ -181,13 +249,18 @@ def _add_commands(sub: Any, commands: dict[str, Any], prefix: str) -> None:
 
 
 def _add_debug(p: argparse.ArgumentParser, default: Any) -> None:
-    p.add_argument("--debug", action="store_true", default=default,
-                   help="show the full traceback of an error (default: one line, exit 2)")
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the full traceback of an error (default: one line, exit 2)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="saeuron", description="Concept unlearning with sparse autoencoders (SAeUron).")
+        prog="saeuron", description="Concept unlearning with sparse autoencoders (SAeUron)."
+    )
     _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_commands(sub, COMMANDS, "")
@@ -217,15 +290,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if debug:
             raise
-        print(f"saeuron {args.command_name}: internal error: {type(exc).__name__}: {_message(exc)} "
-              "(rerun with --debug for the traceback, and please report it)", file=sys.stderr)
+        print(
+            f"saeuron {args.command_name}: internal error: {type(exc).__name__}: {_message(exc)} "
+            "(rerun with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 
 def _message(exc: BaseException) -> str:
     """One line: the message, without KeyError's quotes or a multi-line tail."""
-    text = str(exc.args[0]) if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__ \
-        and exc.args else str(exc)
+    text = (
+        str(exc.args[0])
+        if isinstance(exc, KeyError) and type(exc).__str__ is KeyError.__str__ and exc.args
+        else str(exc)
+    )
     lines = text.strip().splitlines() or [type(exc).__name__]
     return lines[0] + (" [...]" if len(lines) > 1 else "")
 

@@ -31,9 +31,13 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs = {}
     for node, after in itertools.pairwise(body):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
@@ -51,8 +55,13 @@ def _scalar(hint: Any) -> tuple[type | None, tuple[Any, ...] | None]:
     return None, None
 
 
-def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
-                          aliases: dict[str, tuple[str, ...]] | None = None) -> None:
+def add_dataclass_options(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    aliases: dict[str, tuple[str, ...]] | None = None,
+) -> None:
     """Add one option per exposable field of ``cls`` (see the module docstring)."""
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -68,14 +77,20 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls: type, *, skip: t
         text = docs.get(f.name, "")
         if kind is bool:
             if default:
-                parser.add_argument(f"--no-{f.name.replace('_', '-')}", *names[1:], dest=f.name,
-                                    action="store_false", help=f"turn off: {text}")
+                parser.add_argument(
+                    f"--no-{f.name.replace('_', '-')}",
+                    *names[1:],
+                    dest=f.name,
+                    action="store_false",
+                    help=f"turn off: {text}",
+                )
             else:
                 parser.add_argument(*names, dest=f.name, action="store_true", help=text)
             continue
         shown = "" if default is None else f" (default {default})"
-        parser.add_argument(*names, dest=f.name, type=kind, choices=choices, default=default,
-                            help=text + shown)
+        parser.add_argument(
+            *names, dest=f.name, type=kind, choices=choices, default=default, help=text + shown
+        )
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

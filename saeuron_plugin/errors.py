@@ -60,5 +60,13 @@ class TrainingDivergedError(NonFiniteError):
     """SAE training produced a non-finite loss or weights; nothing non-finite was written."""
 
 
-__all__ = ["BadFileError", "HookConflictError", "HookpointError", "MissingFileError", "NonFiniteError",
-           "SAeUronError", "TrainingDivergedError", "UnsupportedModelError"]
+__all__ = [
+    "BadFileError",
+    "HookConflictError",
+    "HookpointError",
+    "MissingFileError",
+    "NonFiniteError",
+    "SAeUronError",
+    "TrainingDivergedError",
+    "UnsupportedModelError",
+]

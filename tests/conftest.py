@@ -13,7 +13,13 @@ from importlib import metadata
 import pytest
 
 REPORTED_VERSIONS = (
-    "torch", "diffusers", "transformers", "accelerate", "huggingface_hub", "safetensors", "numpy",
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "huggingface_hub",
+    "safetensors",
+    "numpy",
 )
 
 # (cause, words that identify it in a skip reason), first match wins

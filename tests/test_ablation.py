@@ -20,8 +20,14 @@ D, N, K = 16, 64, 4
 
 def make_sae(encoder: str = "topk", unit_norm: bool = False, seed: int = 0) -> SparseAutoencoder:
     torch.manual_seed(seed)
-    cfg = SaeConfig(d_in=D, num_latents=N, k=K, encoder=encoder, input_unit_norm=unit_norm,
-                    threshold=0.3 if encoder == "threshold" else None)
+    cfg = SaeConfig(
+        d_in=D,
+        num_latents=N,
+        k=K,
+        encoder=encoder,
+        input_unit_norm=unit_norm,
+        threshold=0.3 if encoder == "threshold" else None,
+    )
     sae = SparseAutoencoder(cfg)
     with torch.no_grad():
         sae.encoder.bias.normal_(0, 0.1)
@@ -102,8 +108,17 @@ def test_identity_when_features_never_fire(encoder, dtype):
     for name, planted in [("A", dead), ("B", 9)]:
         sums = base.clone()
         sums[:, planted] += 50.0
-        lib.add_stats(ConceptStats(name, N, lib.tau_grid, lib.sae_fingerprint, D, sums=sums,
-                                   counts=torch.ones(3, dtype=torch.long)))
+        lib.add_stats(
+            ConceptStats(
+                name,
+                N,
+                lib.tau_grid,
+                lib.sae_fingerprint,
+                D,
+                sums=sums,
+                counts=torch.ones(3, dtype=torch.long),
+            )
+        )
     ab = FeatureAblator(sae, lib, ["A"])
     assert ab.selected(0.5) == {"A": [dead]}
     x = (torch.randn(4, 8, D) * 3).to(dtype)
@@ -118,8 +133,9 @@ def test_identity_when_features_never_fire(encoder, dtype):
 @pytest.mark.parametrize(("encoder", "unit_norm"), [("topk", False), ("threshold", False), ("topk", True)])
 def test_edit_equals_dense_definition(encoder, unit_norm, sparse_tokens):
     sae, lib = setup(encoder, unit_norm)
-    ab = FeatureAblator(sae, lib, [ConceptAblation("A", top_n=3, strength=2.0),
-                                   ConceptAblation("B", top_n=2)])
+    ab = FeatureAblator(
+        sae, lib, [ConceptAblation("A", top_n=3, strength=2.0), ConceptAblation("B", top_n=2)]
+    )
     ab.sparse_tokens = sparse_tokens  # False: the dense, sync-free path devices run
     # every token / every other / 1 in 8 with the concept: the CPU topk path encodes all tokens
     # when most can change and gathers the candidates when few can
@@ -150,8 +166,10 @@ def test_rules_zero_and_clamp_and_overlap_order():
         ab = FeatureAblator(sae, lib, [ConceptAblation("A", top_n=2, rule=rule, **extra)])
         torch.testing.assert_close(ab(x, 0.3), dense_reference(ab, x, int(lib.tau_grid.index(0.3))))
     # a latent selected by two concepts takes the most negative result, whatever the order
-    specs = [ConceptAblation("A", top_n=12, strength=1.0, contrast=["C"]),
-             ConceptAblation("B", top_n=12, rule="clamp", clamp_value=-0.5, contrast=["C"])]
+    specs = [
+        ConceptAblation("A", top_n=12, strength=1.0, contrast=["C"]),
+        ConceptAblation("B", top_n=12, rule="clamp", clamp_value=-0.5, contrast=["C"]),
+    ]
     ab1, ab2 = FeatureAblator(sae, lib, specs), FeatureAblator(sae, lib, specs[::-1])
     bucket = int(lib.tau_grid.index(0.3))
     shared = set(ab1.selected(0.3)["A"]) & set(ab1.selected(0.3)["B"])
@@ -312,8 +330,13 @@ leading_shapes = st.lists(st.integers(1, 4), min_size=1, max_size=3)
 
 
 @settings(max_examples=25, deadline=None)
-@given(shape=leading_shapes, dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       encoder=st.sampled_from(["topk", "threshold"]), tau=st.floats(0, 1), seed=st.integers(0, 2**16))
+@given(
+    shape=leading_shapes,
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    encoder=st.sampled_from(["topk", "threshold"]),
+    tau=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
 def test_property_shapes_and_dtypes(shape, dtype, encoder, tau, seed):
     sae, lib = setup(encoder)
     ab = FeatureAblator(sae, lib, [ConceptAblation("A", top_n=3), ConceptAblation("C", top_n=2)])
@@ -324,16 +347,21 @@ def test_property_shapes_and_dtypes(shape, dtype, encoder, tau, seed):
     flat = ab(x.reshape(-1, D), tau)
     torch.testing.assert_close(out.reshape(-1, D), flat, atol=1e-5, rtol=1e-5)
     expected = dense_reference(ab, x, int(lib.tau_grid.index(tau))).to(dtype)
-    torch.testing.assert_close(out, expected, atol=2e-2 if dtype != torch.float32 else 1e-5,
-                               rtol=2e-2 if dtype != torch.float32 else 1e-5)
+    torch.testing.assert_close(
+        out,
+        expected,
+        atol=2e-2 if dtype != torch.float32 else 1e-5,
+        rtol=2e-2 if dtype != torch.float32 else 1e-5,
+    )
 
 
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(2, 12), encoder=st.sampled_from(["topk", "threshold"]), seed=st.integers(0, 2**16))
 def test_property_row_permutation(rows, encoder, seed):
     sae, lib = setup(encoder)
-    ab = FeatureAblator(sae, lib, [ConceptAblation("A", top_n=3), ConceptAblation("B", top_n=3)],
-                        apply_to="cond")
+    ab = FeatureAblator(
+        sae, lib, [ConceptAblation("A", top_n=3), ConceptAblation("B", top_n=3)], apply_to="cond"
+    )
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, 5, D, generator=gen) + 3 * torch.eye(D)[0]
     tau = torch.rand(rows, generator=gen)
@@ -347,28 +375,46 @@ def test_property_row_permutation(rows, encoder, seed):
 
 
 @settings(max_examples=25, deadline=None)
-@given(rows=st.integers(1, 5), n=st.integers(1, 4096), k=st.integers(1, 40), ties=st.booleans(),
-       blocked=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 5),
+    n=st.integers(1, 4096),
+    k=st.integers(1, 40),
+    ties=st.booleans(),
+    blocked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_property_kth_largest_equals_topk(rows, n, k, ties, blocked, seed):
     k = min(k, n if not blocked else max(1, n // 256))  # half the draws take the blocked path (n ≥ 256·k)
     gen = torch.Generator().manual_seed(seed)
-    values = (torch.randint(-5, 5, (rows, n), generator=gen).float() if ties
-              else torch.randn(rows, n, generator=gen))
+    values = (
+        torch.randint(-5, 5, (rows, n), generator=gen).float()
+        if ties
+        else torch.randn(rows, n, generator=gen)
+    )
     assert torch.equal(kth_largest(values, k), values.topk(k, dim=-1).values[:, -1])
     assert torch.equal(kth_largest(values.view(rows, 1, n), k), kth_largest(values, k).view(rows, 1))
 
 
 @settings(max_examples=40, deadline=None)
-@given(rows=st.integers(1, 40), n=st.integers(2, 600), k=st.integers(1, 20), picked=st.integers(1, 8),
-       ties=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 40),
+    n=st.integers(2, 600),
+    k=st.integers(1, 20),
+    picked=st.integers(1, 8),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_property_members_above_gate_equal_topk_membership(rows, n, k, picked, ties, seed):
     """The counting shortcut decides exactly what ``topk`` membership + the gate decide, ties included."""
     from saeuron_plugin.sae.kernels import _members_above_gate
 
     k, picked = min(k, n), min(picked, n)
     gen = torch.Generator().manual_seed(seed)
-    pre = (torch.randint(-4, 6, (rows, n), generator=gen).float() if ties
-           else torch.randn(rows, n, generator=gen) * 2)
+    pre = (
+        torch.randint(-4, 6, (rows, n), generator=gen).float()
+        if ties
+        else torch.randn(rows, n, generator=gen) * 2
+    )
     latents = torch.randperm(n, generator=gen)[:picked]
     gate = (torch.rand(picked, generator=gen) * 3).round() if ties else torch.rand(picked, generator=gen) * 2
     sel = pre[:, latents]

@@ -5,9 +5,12 @@ inside functions too (only ``if TYPE_CHECKING:`` blocks, which never run, are le
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "saeuron_plugin"
 ADAPTERS = ("diffusion", "vlm", "comfyui")
@@ -49,8 +52,9 @@ def imports_of(name: str) -> set[str]:
                 found.update(a.name for a in node.names)
             elif isinstance(node, ast.ImportFrom):
                 where = target(node)
-                found.update(f"{where}.{a.name}" if f"{where}.{a.name}" in MODULES else where
-                             for a in node.names)
+                found.update(
+                    f"{where}.{a.name}" if f"{where}.{a.name}" in MODULES else where for a in node.names
+                )
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, ast.stmt):
                     visit([child])
@@ -65,8 +69,11 @@ GRAPH = {name: imports_of(name) for name in MODULES}
 def test_the_core_imports_no_model_library():
     core = sorted(n for n in MODULES if n.startswith("saeuron_plugin.sae"))
     libraries = ("diffusers", "transformers", "comfy")
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in core)
-            + f"print(sorted(m for m in sys.modules if m.split('.')[0] in {libraries!r}))\n")
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in core)
+        + f"print(sorted(m for m in sys.modules if m.split('.')[0] in {libraries!r}))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]", out.stdout
@@ -126,3 +133,12 @@ def test_the_cycle_check_sees_a_cycle():
     finally:
         GRAPH.clear()
         GRAPH.update(saved)
+
+
+@pytest.mark.parametrize("command", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
+def test_ruff_is_clean(command):
+    """The house style holds in CI too (``make lint`` / the pre-commit hooks run the same two commands)."""
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+    assert ruff is not None, "ruff is a dev dependency: pip install -e '.[dev]'"
+    done = subprocess.run([ruff, *command], cwd=PACKAGE.parent, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]

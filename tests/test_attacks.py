@@ -91,8 +91,9 @@ def test_against_the_base_model_the_attack_draws_the_concept():
     if not (root / "shapescanvas-sd").is_dir():
         pytest.skip("the ShapesCanvas default is not built")
     pipe, judge = load_default(str(root / "shapescanvas-sd")), load_judge("shapescanvas")
-    targets = target_latents(pipe, "a red star in solid style", range(8), num_inference_steps=25,
-                             guidance_scale=5.0)
+    targets = target_latents(
+        pipe, "a red star in solid style", range(8), num_inference_steps=25, guidance_scale=5.0
+    )
     init, _ = pipe.encode_prompt("a blue circle in solid style", "cpu", 1, False)
     attacked = soft_prompt_attack(pipe, targets, init, AttackConfig(iterations=40, lr=1e-1, batch=8))
     images = generate_from_embeds(pipe, attacked, range(100, 110), num_inference_steps=25, guidance_scale=5.0)

@@ -27,8 +27,11 @@ def pipe():
 
 
 def state(pipe) -> dict[str, torch.Tensor]:
-    return {f"{m}.{k}": v.detach().clone() for m in ("unet", "text_encoder")
-            for k, v in getattr(pipe, m).state_dict().items()}
+    return {
+        f"{m}.{k}": v.detach().clone()
+        for m in ("unet", "text_encoder")
+        for k, v in getattr(pipe, m).state_dict().items()
+    }
 
 
 def assert_identical(before: dict[str, torch.Tensor], pipe) -> None:
@@ -80,8 +83,10 @@ def test_erase_changes_images_and_restores_exactly(pipe, name):
 @pytest.mark.parametrize("name", list(BASELINES))
 def test_restores_when_the_block_raises(pipe, name):
     before, attrs = state(pipe), attributes(pipe)
-    with pytest.raises(RuntimeError, match="boom"), \
-            BASELINES[name].erase(pipe, "star", retain_texts=["heart"], **FAST.get(name, {})) as run:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        BASELINES[name].erase(pipe, "star", retain_texts=["heart"], **FAST.get(name, {})) as run,
+    ):
         generate_with(run, PROMPTS[:1], SEEDS[:1], steps=2)
         raise RuntimeError("boom")
     assert_identical(before, pipe)
@@ -133,8 +138,8 @@ def test_sld_warmup_is_a_fraction_of_the_steps(pipe, monkeypatch):
 # --------------------------------------------------------------------------------------------- UCE
 def _columns(keys: uce.EditKeys, w: torch.Tensor, lam: float):
     """Keys as columns (retain ones scaled by √λ) and their targets, for the least-squares algebra."""
-    k = torch.cat([keys.concept, lam ** 0.5 * keys.retain]).T  # [D, N]
-    t = torch.cat([keys.target @ w.T, lam ** 0.5 * keys.retain @ w.T]).T  # [out, N]
+    k = torch.cat([keys.concept, lam**0.5 * keys.retain]).T  # [D, N]
+    t = torch.cat([keys.target @ w.T, lam**0.5 * keys.retain @ w.T]).T  # [out, N]
     return k, t
 
 
@@ -169,7 +174,7 @@ def test_uce_closed_form_maps_concepts_to_targets_and_keeps_retained(pipe, reg):
                 assert c_err < 1e-3 and r_err < 1e-3, (name, c_err, r_err)
             # directions no key spans are left alone (the ε W term of the numerator)
             q, _ = torch.linalg.qr(k, mode="complete")
-            free = q[:, k.shape[1]:]
+            free = q[:, k.shape[1] :]
             torch.testing.assert_close(w_new @ free, w @ free, atol=1e-5, rtol=0)
 
 
@@ -221,8 +226,10 @@ def test_esd_cache_is_reused(pipe, tmp_path, monkeypatch):
     assert all(torch.equal(trained[k], cached[k]) for k in trained)
     assert_identical(before, pipe)
     # other hyperparameters -> another file (and training, which the patch forbids)
-    with pytest.raises(AssertionError, match="trained"), \
-            esd.erase(pipe, "striped style", cache_dir=tmp_path, **{**FAST["esd"], "seed": 1}):
+    with (
+        pytest.raises(AssertionError, match="trained"),
+        esd.erase(pipe, "striped style", cache_dir=tmp_path, **{**FAST["esd"], "seed": 1}),
+    ):
         pass
     assert_identical(before, pipe)
 
@@ -258,24 +265,29 @@ def test_default_model_sanity():
     model.set_progress_bar_config(disable=True)
     judges = Judges.from_pretrained(root / "shapescanvas-judges")
     star = sc.OBJECTS.index("star")
-    prompts = [sc.caption("star", s, c) for s, c in [("solid", "red"), ("solid", "blue"),
-                                                     ("striped", "green"), ("dotted", "yellow")]]
+    prompts = [
+        sc.caption("star", s, c)
+        for s, c in [("solid", "red"), ("solid", "blue"), ("striped", "green"), ("dotted", "yellow")]
+    ]
     others = [sc.caption(o, "solid", "red") for o in ("circle", "heart")]
     seeds = list(range(len(prompts) + len(others)))
 
     def judge(run):
         probs = judges.probabilities(generate_with(run, prompts + others, seeds))["object"]
-        hit = probs.argmax(-1) == torch.tensor([star] * len(prompts) + [sc.OBJECTS.index("circle"),
-                                                                        sc.OBJECTS.index("heart")])
-        return hit[:len(prompts)].float().mean(), probs[:len(prompts), star].mean(), hit[len(prompts):]
+        hit = probs.argmax(-1) == torch.tensor(
+            [star] * len(prompts) + [sc.OBJECTS.index("circle"), sc.OBJECTS.index("heart")]
+        )
+        return hit[: len(prompts)].float().mean(), probs[: len(prompts), star].mean(), hit[len(prompts) :]
 
     acc0, p0, kept0 = judge(BaselineRun(model, {}))
     assert acc0 == 1 and kept0.all()
-    with BASELINES["negative_prompt"].erase(model, "star",
-                                            **shapescanvas_hparams("negative_prompt", "star")) as run:
+    with BASELINES["negative_prompt"].erase(
+        model, "star", **shapescanvas_hparams("negative_prompt", "star")
+    ) as run:
         _, p_np, _ = judge(run)
-    with BASELINES["uce"].erase(model, "star", retain_texts=["circle", "heart", "square"],
-                                **shapescanvas_hparams("uce", "star")) as run:
+    with BASELINES["uce"].erase(
+        model, "star", retain_texts=["circle", "heart", "square"], **shapescanvas_hparams("uce", "star")
+    ) as run:
         acc_uce, _, kept_uce = judge(run)
     # Negative prompting cannot remove what the prompt names: ε_neg and ε_cond both carry the star, so
     # ε_neg + w (ε_cond − ε_neg) keeps it at guidance 1 instead of w. Measured: accuracy stays 1.0, the

@@ -130,8 +130,10 @@ def test_bad_recipes_are_clear(tmp_path):
     path.write_text('model = "m"\nwork = "w"\n')
     with pytest.raises(BadFileError, match="'out'"):
         build_module.read_recipe(path)
-    path.write_text('model = "m"\nwork = "w"\nout = "o"\n[collect]\nhookpoints = ["x"]\n[concepts.a]\n'
-                    '[tune]\nbudget = "huge"\n')
+    path.write_text(
+        'model = "m"\nwork = "w"\nout = "o"\n[collect]\nhookpoints = ["x"]\n[concepts.a]\n'
+        '[tune]\nbudget = "huge"\n'
+    )
     with pytest.raises(BadFileError, match=r"tune\.budget"):
         build_module.read_recipe(path)
     path.write_text("model = [")

@@ -161,8 +161,20 @@ def test_train_options_come_from_the_config_and_vlm_train_is_an_alias(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--lr-warmup-steps" in text and "Linear warm-up steps before the linear decay to zero." in text
     assert "--no-batch-topk, --per-token-topk" in text and "--dead-tokens" in text
-    args = parser.parse_args(["train", "--activations", "a", "--out", "o", "--k", "8", "--per-token-topk",
-                              "--encoder", "threshold"])
+    args = parser.parse_args(
+        [
+            "train",
+            "--activations",
+            "a",
+            "--out",
+            "o",
+            "--k",
+            "8",
+            "--per-token-topk",
+            "--encoder",
+            "threshold",
+        ]
+    )
     from saeuron_plugin.cli_config import dataclass_from_args
 
     cfg = dataclass_from_args(TrainConfig, args)

@@ -20,8 +20,9 @@ def test_custom_pipeline_loads_and_unlearns(tmp_path):
     eraser.set_defaults("red", top_n=4, gamma=-20.0)
     eraser.save_pretrained(tmp_path / "bundle")
 
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model", custom_pipeline=str(PIPELINE_FILE),
-                                             trust_remote_code=True)
+    pipe = DiffusionPipeline.from_pretrained(
+        tmp_path / "model", custom_pipeline=str(PIPELINE_FILE), trust_remote_code=True
+    )
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe).__name__ == "SAeUronStableDiffusionPipeline"
     plain = images(base)

@@ -33,8 +33,13 @@ def make_sae(d: int = 16, n: int = 64, k: int = 4, seed: int = 0) -> SparseAutoe
 
 
 def stats_from(name: str, sums: list[list[float]], counts: list[int], grid: TauGrid) -> ConceptStats:
-    return ConceptStats(name=name, num_latents=len(sums[0]), tau_grid=grid,
-                        sums=torch.tensor(sums, dtype=torch.float64), counts=torch.tensor(counts))
+    return ConceptStats(
+        name=name,
+        num_latents=len(sums[0]),
+        tau_grid=grid,
+        sums=torch.tensor(sums, dtype=torch.float64),
+        counts=torch.tensor(counts),
+    )
 
 
 # ------------------------------------------------------------------------------------ τ grid
@@ -108,8 +113,9 @@ def test_merge_refuses_other_sae_or_grid():
 
 def test_stats_save_load_exact(tmp_path):
     torch.manual_seed(2)
-    st = ConceptStats("Van Gogh", 32, TauGrid(6), sae_fingerprint="f00", d_in=8, hookpoint="unet.x",
-                      extra={"guidance": 9})
+    st = ConceptStats(
+        "Van Gogh", 32, TauGrid(6), sae_fingerprint="f00", d_in=8, hookpoint="unet.x", extra={"guidance": 9}
+    )
     st.update(torch.randn(30, 32).exp(), torch.rand(30))
     st.record_prompts(["a painting in Van Gogh style", "sunflowers, Van Gogh"])
     path = st.save(tmp_path / "vg.safetensors")
@@ -162,8 +168,10 @@ def test_library_float32_statistics_half_the_size_and_load_as_float64(tmp_path):
     lib = build_library(sae)
     lib.save(tmp_path / "f64")
     lib.save(tmp_path / "f32", stats_dtype=torch.float32)
-    size = {d: sum(f.stat().st_size for f in (tmp_path / d / "concepts").glob("*.safetensors"))
-            for d in ("f64", "f32")}
+    size = {
+        d: sum(f.stat().st_size for f in (tmp_path / d / "concepts").glob("*.safetensors"))
+        for d in ("f64", "f32")
+    }
     tensor_bytes = sum(st.sums.numel() * 4 for st in [*lib.concepts.values(), lib.background])
     assert abs(size["f64"] - size["f32"] - tensor_bytes) < 64  # headers may differ by a few digits
     back = ConceptLibrary.load(tmp_path / "f32", sae=sae)
@@ -238,8 +246,9 @@ def test_score_matches_reference_formula():
         others = [k for k in "ABC" if k != name]
         got = concept_scores(lib, name, "others").numpy()
         np.testing.assert_allclose(got, reference_score(raw, name, others), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(concept_scores(lib, "A", ["C"]).numpy(), reference_score(raw, "A", ["C"]),
-                               rtol=1e-12)
+    np.testing.assert_allclose(
+        concept_scores(lib, "A", ["C"]).numpy(), reference_score(raw, "A", ["C"]), rtol=1e-12
+    )
     # pooled contrast (mean over the prompts of B ∪ C), not the mean of B's and C's means
     mean_of_means = (raw["B"][0] / raw["B"][1][:, None] + raw["C"][0] / raw["C"][1][:, None]) / 2
     mu_a = raw["A"][0] / raw["A"][1][:, None]

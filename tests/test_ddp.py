@@ -13,8 +13,17 @@ SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 
 
 def test_two_process_training_stays_in_sync(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29577", str(SCRIPT), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29577",
+        str(SCRIPT),
+        str(tmp_path),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # both processes took 20 steps over a global batch of 2 × 64 tokens

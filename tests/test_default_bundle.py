@@ -27,7 +27,6 @@ class FakeJudges:
         return self.pred
 
 
-
 def test_judge_scores_arithmetic():
     prompts = [
         sc.BenchmarkPrompt("", "star", "solid", "red"),
@@ -119,7 +118,6 @@ def test_demo_writes_grid_and_metrics(tmp_path):
     assert saved == json.loads(json.dumps(metrics))
 
 
-
 def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     """``search_sets`` ablates hookpoints together; the winning set becomes the ``active`` defaults."""
     import contextlib
@@ -144,11 +142,21 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     monkeypatch.setattr(B, "judge_scores", lambda *a: dict.fromkeys(("ua", "ira", "cra"), next(scores)))
     monkeypatch.setattr(B, "judge_margin", lambda *a: 0.0)
     judges = type("NoJudges", (), {"probabilities": staticmethod(lambda images: None)})()
-    cfg = B.BundleConfig(hookpoints=tuple(paths), search_sets=sets, search_percentiles=(99.0,),
-                         search_gammas=(-2.0, -6.0), search_prompts=1, refine_top=0)
+    cfg = B.BundleConfig(
+        hookpoints=tuple(paths),
+        search_sets=sets,
+        search_percentiles=(99.0,),
+        search_gammas=(-2.0, -6.0),
+        search_prompts=1,
+        refine_top=0,
+    )
     out = B.search_defaults(eraser, None, judges, cfg, concepts=["red"], log=lambda _: None)
-    assert tried == [("red", [paths[0]], -2.0), ("red", [paths[0]], -6.0),
-                     ("red", list(sets[1]), -2.0), ("red", list(sets[1]), -6.0)]
+    assert tried == [
+        ("red", [paths[0]], -2.0),
+        ("red", [paths[0]], -6.0),
+        ("red", list(sets[1]), -2.0),
+        ("red", list(sets[1]), -6.0),
+    ]
     best = out["red"]["best"]
     assert best["hookpoints"] == list(sets[1]) and best["gamma"] == -2.0
     assert [p for p in eraser.active_hookpoints("red") if p in paths] == list(sets[1])
@@ -169,11 +177,19 @@ def test_a_search_set_brings_its_own_contrast_and_grid(monkeypatch):
     a, b = list(eraser.hookpoints)[:2]
     calls = _fake_trials(monkeypatch, lambda _, s: 0.9 if (s.contrast, s.gamma) == ("worst", -1.0) else 0.5)
     sets = ((a,), B.SearchSet((b,), contrast="worst", percentiles=(99.9,), gammas=(-1.0, -2.0)))
-    cfg = B.BundleConfig(hookpoints=(a, b), search_sets={"object": sets}, search_percentiles=(99.0,),
-                         search_gammas=(-6.0,), refine_top=0)
+    cfg = B.BundleConfig(
+        hookpoints=(a, b),
+        search_sets={"object": sets},
+        search_percentiles=(99.0,),
+        search_gammas=(-6.0,),
+        refine_top=0,
+    )
     out = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None)
-    assert [s for _, s in calls] == [((a,), 99.0, -6.0, None), ((b,), 99.9, -1.0, "worst"),
-                                     ((b,), 99.9, -2.0, "worst")]
+    assert [s for _, s in calls] == [
+        ((a,), 99.0, -6.0, None),
+        ((b,), 99.9, -1.0, "worst"),
+        ((b,), 99.9, -2.0, "worst"),
+    ]
     assert out["cross"]["best"]["contrast"] == "worst"
     assert eraser.active_hookpoints("cross") == [b]
     assert eraser.hookpoints[b].library.selection_defaults("cross").contrast == "worst"
@@ -184,8 +200,9 @@ def test_a_search_set_brings_its_own_contrast_and_grid(monkeypatch):
     old["trials"][0].pop("contrast")
     old["trials"][0]["score"] = 1.0
     calls.clear()
-    B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None,
-                      previous={"cross": old})
+    B.search_defaults(
+        eraser, None, None, cfg, concepts=["cross"], log=lambda _: None, previous={"cross": old}
+    )
     assert calls == [] and eraser.active_hookpoints("cross") == [a]
     assert eraser.hookpoints[b].library.selection_defaults("cross").contrast == B.domain_contrast("cross")
     with pytest.raises(TypeError, match="sequence of hookpoints"):
@@ -223,9 +240,17 @@ def _fake_trials(monkeypatch, score_of):
         stage = "search" if validation[1][0] < B.REFINE_SEED else "refine"
         calls.append((stage, setting))
         score = score_of(stage, setting)
-        return {"hookpoints": list(setting[0]), "percentile": setting[1], "gamma": setting[2],
-                "contrast": B.Setting(*setting).contrast, "ua": score, "ira": score, "cra": score,
-                "score": score, "margin": 0.0}
+        return {
+            "hookpoints": list(setting[0]),
+            "percentile": setting[1],
+            "gamma": setting[2],
+            "contrast": B.Setting(*setting).contrast,
+            "ua": score,
+            "ira": score,
+            "cra": score,
+            "score": score,
+            "margin": 0.0,
+        }
 
     monkeypatch.setattr(B, "evaluate_setting", evaluate)
     return calls
@@ -240,8 +265,12 @@ def test_refinement_picks_among_the_finalists_on_fresh_validation(monkeypatch):
     stage1 = {-2.0: 1.0, -6.0: 0.9, -20.0: 0.1}  # γ -2 looks perfect on the small validation set ...
     stage2 = {-2.0: 0.7, -6.0: 0.95}  # ... but γ -6 is better on the larger one
     calls = _fake_trials(monkeypatch, lambda stage, s: (stage1 if stage == "search" else stage2)[s[2]])
-    cfg = B.BundleConfig(search_sets={"object": ((a,),)}, search_percentiles=(99.0,),
-                         search_gammas=(-2.0, -6.0, -20.0), refine_top={"object": 2})
+    cfg = B.BundleConfig(
+        search_sets={"object": ((a,),)},
+        search_percentiles=(99.0,),
+        search_gammas=(-2.0, -6.0, -20.0),
+        refine_top={"object": 2},
+    )
     out = B.search_defaults(eraser, None, None, cfg, concepts=["cross", "red"], log=lambda _: None)
     refined = [c for c in calls if c[0] == "refine"]
     assert refined == [("refine", ((a,), 99.0, -2.0, None)), ("refine", ((a,), 99.0, -6.0, None))]
@@ -260,18 +289,36 @@ def test_search_reuses_saved_trials_and_resumes(monkeypatch, tmp_path):
     eraser = SAeUron.from_pretrained(BUNDLE)
     a = B.BLOCKS_UP1[0]
     calls = _fake_trials(monkeypatch, lambda stage, s: 0.5)
-    cfg = B.BundleConfig(search_sets={"object": ((a,),)}, search_percentiles=(99.0,),
-                         search_gammas=(-2.0, -6.0), refine_top={"object": 2})
+    cfg = B.BundleConfig(
+        search_sets={"object": ((a,),)},
+        search_percentiles=(99.0,),
+        search_gammas=(-2.0, -6.0),
+        refine_top={"object": 2},
+    )
     saved_progress = []
-    first = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None,
-                              on_concept=lambda r: saved_progress.append(json.loads(json.dumps(r))))
+    first = B.search_defaults(
+        eraser,
+        None,
+        None,
+        cfg,
+        concepts=["cross"],
+        log=lambda _: None,
+        on_concept=lambda r: saved_progress.append(json.loads(json.dumps(r))),
+    )
     assert len(calls) == 4 and saved_progress[-1]["cross"]["best"] == first["cross"]["best"]
     saved = {"config": json.loads(json.dumps(B.asdict(cfg))), "search": saved_progress[-1]}
 
     calls.clear()
     cfg.search_gammas = (-2.0, -6.0, -1.0)  # a wider grid: only the new point runs (ties: grid order)
-    B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None,
-                      previous=B.reusable_search(saved, cfg))
+    B.search_defaults(
+        eraser,
+        None,
+        None,
+        cfg,
+        concepts=["cross"],
+        log=lambda _: None,
+        previous=B.reusable_search(saved, cfg),
+    )
     assert calls == [("search", ((a,), 99.0, -1.0, None))]
 
     cfg.refine_prompts = 10  # stage-2 trials belong to the old refinement size; stage 1 still matches

@@ -19,27 +19,62 @@ from saeuron_plugin.diffusion.hookpoints import (
 
 # Real model configs (as published on the Hub), built on the meta device: no weights, no download.
 SD15_UNET = dict(
-    act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
-    cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     downsample_padding=1,
-    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
-    norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
-SD21_UNET = {**SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
-             "use_linear_projection": True, "sample_size": 96}
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+)
+SD21_UNET = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "use_linear_projection": True,
+    "sample_size": 96,
+}
 SDXL_UNET = dict(
-    addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
-    block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], in_channels=4,
-    layers_per_block=2, out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    in_channels=4,
+    layers_per_block=2,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
     transformer_layers_per_block=[1, 2, 10],
     up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    use_linear_projection=True)
+    use_linear_projection=True,
+)
 SD35M_TRANSFORMER = dict(
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
     num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    out_channels=16,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
 
 
 def meta(cls, cfg):
@@ -57,9 +92,11 @@ def blocks(denoiser):
 
 
 def test_sd15_block_table(sd15):
-    expected = ([f"unet.down_blocks.{b}.attentions.{i}" for b in range(3) for i in range(2)]
-                + [f"unet.up_blocks.{b}.attentions.{i}" for b in (1, 2, 3) for i in range(3)]
-                + ["unet.mid_block.attentions.0"])
+    expected = (
+        [f"unet.down_blocks.{b}.attentions.{i}" for b in range(3) for i in range(2)]
+        + [f"unet.up_blocks.{b}.attentions.{i}" for b in (1, 2, 3) for i in range(3)]
+        + ["unet.mid_block.attentions.0"]
+    )
     assert sorted(blocks(sd15)) == sorted(expected)
     assert detect_family(sd15) == "sd1"
     hp = resolve_hookpoint(sd15, "unet.up_blocks.1.attentions.1")
@@ -74,9 +111,11 @@ def test_sd15_block_table(sd15):
 def test_sdxl_and_sd2_tables():
     sdxl = meta(UNet2DConditionModel, SDXL_UNET)
     assert detect_family(sdxl) == "sdxl"
-    expected = ([f"unet.down_blocks.{b}.attentions.{i}" for b in (1, 2) for i in range(2)]
-                + [f"unet.up_blocks.{b}.attentions.{i}" for b in (0, 1) for i in range(3)]
-                + ["unet.mid_block.attentions.0"])
+    expected = (
+        [f"unet.down_blocks.{b}.attentions.{i}" for b in (1, 2) for i in range(2)]
+        + [f"unet.up_blocks.{b}.attentions.{i}" for b in (0, 1) for i in range(3)]
+        + ["unet.mid_block.attentions.0"]
+    )
     assert sorted(blocks(sdxl)) == sorted(expected)
     assert resolve_hookpoint(sdxl, "unet.up_blocks.0.attentions.1").width == 1280
     assert resolve_hookpoint(sdxl, "unet.up_blocks.0.attentions.1.transformer_blocks.9.attn2").kind == "attn"
@@ -105,24 +144,32 @@ def test_tiny_pipeline_tables():
         ("unet.up_blocks.1.attentions.1", "block"),
         ("unet.up_blocks.1.attentions.1.transformer_blocks.0.attn2", "attn"),
         ("unet.mid_block.attentions.0", "block"),
-        ("unet.mid_block.attentions.0.transformer_blocks.0.attn2", "attn")]
+        ("unet.mid_block.attentions.0.transformer_blocks.0.attn2", "attn"),
+    ]
     # a BasicTransformerBlock inside a UNet resolves though it is not listed
     inner = resolve_hookpoint(sd, "unet.up_blocks.1.attentions.1.transformer_blocks.0")
     assert inner.kind == "transformer_block"
     pixart = tiny_pixart_pipeline()
     assert detect_family(pixart) == "pixart"
     assert [(h.path, h.output_index) for h in list_hookpoints(pixart)] == [  # attn2: PixArt's cross-attention
-        ("transformer.transformer_blocks.0", 0), ("transformer.transformer_blocks.0.attn2", 0),
-        ("transformer.transformer_blocks.1", 0), ("transformer.transformer_blocks.1.attn2", 0)]
+        ("transformer.transformer_blocks.0", 0),
+        ("transformer.transformer_blocks.0.attn2", 0),
+        ("transformer.transformer_blocks.1", 0),
+        ("transformer.transformer_blocks.1.attn2", 0),
+    ]
     assert resolve_hookpoint(pixart, "transformer.transformer_blocks.0.attn2").kind == "attn"
     sd3 = tiny_sd3_pipeline()
     assert detect_family(sd3) == "sd3"
-    assert [h.path for h in list_hookpoints(sd3)] == ["transformer.transformer_blocks.0",
-                                                      "transformer.transformer_blocks.1"]
+    assert [h.path for h in list_hookpoints(sd3)] == [
+        "transformer.transformer_blocks.0",
+        "transformer.transformer_blocks.1",
+    ]
     flux = tiny_flux_pipeline()
     assert detect_family(flux) == "flux"
     assert [(h.path, h.width, h.output_index) for h in list_hookpoints(flux)] == [
-        ("transformer.transformer_blocks.0", 16, 1), ("transformer.single_transformer_blocks.0", 16, 1)]
+        ("transformer.transformer_blocks.0", 16, 1),
+        ("transformer.single_transformer_blocks.0", 16, 1),
+    ]
 
 
 def test_unknown_and_unsupported_paths_list_valid_ones(sd15):
@@ -143,8 +190,9 @@ def test_unsupported_models():
     with pytest.raises(UnsupportedModelError):
         detect_family(object())
     with pytest.raises(UnsupportedModelError, match="addition_embed_type"):
-        detect_family(meta(UNet2DConditionModel, {**SD15_UNET, "addition_embed_type": "image",
-                                                  "encoder_hid_dim": 768}))
+        detect_family(
+            meta(UNet2DConditionModel, {**SD15_UNET, "addition_embed_type": "image", "encoder_hid_dim": 768})
+        )
 
 
 def test_to_tokens_feature_map_row_major_view_and_restore():

@@ -70,16 +70,29 @@ def sdxl():
 
 
 def generate(pipe, steps=2, guidance=7.5, prompt="a red star", **kw):
-    out = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, output_type="np",
-               generator=torch.Generator().manual_seed(0), **kw)
+    out = pipe(
+        prompt,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    )
     return out.images
 
 
 def snapshot(denoiser):
     """Hooks and processors of every module, to check that removal restores everything."""
-    return {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks), getattr(m, "processor", None),
-                   dict(m._modules).get("processor"), "cache_context" in m.__dict__)
-            for name, m in denoiser.named_modules()}
+    return {
+        name: (
+            dict(m._forward_hooks),
+            dict(m._forward_pre_hooks),
+            getattr(m, "processor", None),
+            dict(m._modules).get("processor"),
+            "cache_context" in m.__dict__,
+        )
+        for name, m in denoiser.named_modules()
+    }
 
 
 def assert_clean(denoiser, before):
@@ -113,8 +126,9 @@ def test_identity_editor_is_bit_identical_both_mechanisms(which, request):
     assert_clean(pipe.unet, before)
 
 
-@pytest.mark.parametrize("scheduler_cls",
-                         [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+@pytest.mark.parametrize(
+    "scheduler_cls", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler]
+)
 @pytest.mark.parametrize("steps", [10, 25])
 def test_tau_is_the_schedulers_timestep(sd, scheduler_cls, steps):
     original = sd.scheduler
@@ -132,9 +146,15 @@ def test_tau_is_the_schedulers_timestep(sd, scheduler_cls, steps):
         sd.scheduler = original
 
 
-@pytest.mark.parametrize(("guidance", "prompts", "expected"), [
-    (1.0, ["a"], [True]), (1.0, ["a", "b"], [True, True]),
-    (7.5, ["a"], [False, True]), (7.5, ["a", "b"], [False, False, True, True])])
+@pytest.mark.parametrize(
+    ("guidance", "prompts", "expected"),
+    [
+        (1.0, ["a"], [True]),
+        (1.0, ["a", "b"], [True, True]),
+        (7.5, ["a"], [False, True]),
+        (7.5, ["a", "b"], [False, False, True, True]),
+    ],
+)
 def test_cond_mask_follows_cfg(sd, guidance, prompts, expected):
     rec = Recorder()
     with install_hooks(sd, {BLOCK: rec}):
@@ -148,8 +168,10 @@ def test_cond_mask_follows_cfg(sd, guidance, prompts, expected):
 def test_cond_mask_layout_overrides(sd):
     for layout, expected in (("unknown", None), ("none", [True, True])):
         rec = Recorder()
-        with TimestepTracker(sd, cfg_layout=layout) as tracker, \
-                install_hooks(sd, {BLOCK: rec}, tracker=tracker):
+        with (
+            TimestepTracker(sd, cfg_layout=layout) as tracker,
+            install_hooks(sd, {BLOCK: rec}, tracker=tracker),
+        ):
             generate(sd)
         assert (rec.calls[0][2] if expected is None else rec.calls[0][2].tolist()) == expected
     assert not sd.unet._forward_pre_hooks
@@ -158,7 +180,7 @@ def test_cond_mask_layout_overrides(sd):
 
 
 def test_processor_replaced_mid_install_keeps_the_edit_and_is_never_touched(sd):
-    attn = sd.unet.get_submodule(ATTN[len("unet."):])
+    attn = sd.unet.get_submodule(ATTN[len("unet.") :])
     assert type(attn.processor) is AttnProcessor2_0
     base = generate(sd)
     with install_hooks(sd, {ATTN: add_one}):
@@ -199,7 +221,7 @@ class ModuleProcessor(torch.nn.Module):
 
 
 def test_standin_and_module_processors_are_edited_in_place(sd):
-    attn: Attention = sd.unet.get_submodule(ATTN[len("unet."):])
+    attn: Attention = sd.unet.get_submodule(ATTN[len("unet.") :])
     original = attn.processor
     try:
         standin = StandInXFormers()
@@ -275,7 +297,7 @@ def test_double_install_raises_or_stacks(sd):
 
 
 def test_stacked_wrappers_removed_in_any_order(sd):
-    attn = sd.unet.get_submodule(ATTN[len("unet."):])
+    attn = sd.unet.get_submodule(ATTN[len("unet.") :])
     original = attn.processor
     first = install_hooks(sd, {ATTN: identity})
     second = install_hooks(sd, {ATTN: identity}, allow_stack=True)
@@ -318,15 +340,31 @@ def test_tracker_outside_a_call_and_removal(sd):
 
 # ------------------------------------------------------------------ transformer families
 def run_transformer(pipe, embeds, **kw):
-    return pipe(**embeds, num_inference_steps=2, height=16, width=16, output_type="latent",
-                generator=torch.Generator().manual_seed(0), **kw).images
+    return pipe(
+        **embeds,
+        num_inference_steps=2,
+        height=16,
+        width=16,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **kw,
+    ).images
 
 
-@pytest.mark.parametrize(("build", "embeds", "extra", "tokens", "mask"), [
-    (tiny_pixart_pipeline, pixart_embeds, {"use_resolution_binning": False}, 16, [False, True]),  # patch 2
-    (tiny_sd3_pipeline, sd3_embeds, {}, 64, [False, True]),  # patch 1
-    (tiny_flux_pipeline, flux_embeds, {}, 16, [True]),  # 2x2 packing; no true CFG by default
-])
+@pytest.mark.parametrize(
+    ("build", "embeds", "extra", "tokens", "mask"),
+    [
+        (
+            tiny_pixart_pipeline,
+            pixart_embeds,
+            {"use_resolution_binning": False},
+            16,
+            [False, True],
+        ),  # patch 2
+        (tiny_sd3_pipeline, sd3_embeds, {}, 64, [False, True]),  # patch 1
+        (tiny_flux_pipeline, flux_embeds, {}, 16, [True]),  # 2x2 packing; no true CFG by default
+    ],
+)
 def test_transformer_families_identity_edit_and_tau(build, embeds, extra, tokens, mask):
     pipe = build()
     before = snapshot(pipe.transformer)
@@ -353,8 +391,13 @@ def test_flux_true_cfg_branches_from_cache_context():
     rec = Recorder()
     with install_hooks(pipe, {"transformer.single_transformer_blocks.0": rec}):
         assert "cache_context" in pipe.transformer.__dict__
-        run_transformer(pipe, flux_embeds(), true_cfg_scale=2.0, negative_prompt_embeds=neg["prompt_embeds"],
-                        negative_pooled_prompt_embeds=neg["pooled_prompt_embeds"])
+        run_transformer(
+            pipe,
+            flux_embeds(),
+            true_cfg_scale=2.0,
+            negative_prompt_embeds=neg["prompt_embeds"],
+            negative_pooled_prompt_embeds=neg["pooled_prompt_embeds"],
+        )
     assert "cache_context" not in pipe.transformer.__dict__
     assert [m.tolist() for _, _, m in rec.calls] == [[True], [False], [True], [False]]
 
@@ -374,11 +417,21 @@ def test_cuda_fp16_identity_tau_and_collect():
     with install_hooks(pipe, {BLOCK: add_one, ATTN: add_one}):
         assert not (generate(pipe) == base).all()
     got = []
-    collect_activations(pipe, ["a red star", "a blue square"], [BLOCK, ATTN], lambda *a: got.append(a),
-                        num_inference_steps=2, guidance_scale=7.5, batch_size=2, tokens_per_step=8,
-                        show_progress=False)
+    collect_activations(
+        pipe,
+        ["a red star", "a blue square"],
+        [BLOCK, ATTN],
+        lambda *a: got.append(a),
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        batch_size=2,
+        tokens_per_step=8,
+        show_progress=False,
+    )
     assert [(h, tuple(r.shape), r.device.type, r.dtype) for h, r, _ in got] == [
-        (BLOCK, (2 * 2 * 8, 16), "cpu", torch.float16), (ATTN, (2 * 2 * 8, 16), "cpu", torch.float16)]
+        (BLOCK, (2 * 2 * 8, 16), "cpu", torch.float16),
+        (ATTN, (2 * 2 * 8, 16), "cpu", torch.float16),
+    ]
 
 
 # ------------------------------------------------------------------ issue #18: processors, time
@@ -386,8 +439,11 @@ def _attn_case(which):
     """(pipeline, its cross-attention hookpoint, a deterministic run returning a tensor)."""
     if which == "pixart":
         pipe = tiny_pixart_pipeline()
-        return pipe, "transformer.transformer_blocks.0.attn2", lambda: run_transformer(
-            pipe, pixart_embeds(), use_resolution_binning=False)
+        return (
+            pipe,
+            "transformer.transformer_blocks.0.attn2",
+            lambda: run_transformer(pipe, pixart_embeds(), use_resolution_binning=False),
+        )
     pipe = tiny_sd_pipeline() if which == "sd" else tiny_sdxl_pipeline()
     return pipe, ATTN if which == "sd" else XL_ATTN, lambda: torch.from_numpy(generate(pipe))
 
@@ -453,8 +509,11 @@ class _no_warning:
 def test_tau_outside_the_unit_range_warns_and_clamps(sd):
     rec = Recorder()
     tracker = TimestepTracker(sd, time_scale=100.0)
-    with pytest.warns(UserWarning, match=r"outside \[0, 1\]"), tracker, \
-            install_hooks(sd, {BLOCK: rec}, tracker=tracker):
+    with (
+        pytest.warns(UserWarning, match=r"outside \[0, 1\]"),
+        tracker,
+        install_hooks(sd, {BLOCK: rec}, tracker=tracker),
+    ):
         generate(sd)
     assert all(float(tau.max()) <= 1.0 for _, tau, _ in rec.calls)
 
@@ -477,8 +536,14 @@ def test_sd2_v_prediction_and_img2img_tau(sd):
     img2img.set_progress_bar_config(disable=True)
     image = torch.rand(1, 3, 16, 16)
     with install_hooks(img2img, {BLOCK: Recorder()}, record_tau=True) as hooks:
-        img2img("a red star", image=image, strength=0.5, num_inference_steps=10, output_type="np",
-                generator=torch.Generator().manual_seed(0))
+        img2img(
+            "a red star",
+            image=image,
+            strength=0.5,
+            num_inference_steps=10,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        )
     taus = torch.stack([t[0] for t in hooks.seen_tau(BLOCK)])
     assert len(taus) == 5 and float(taus.max()) < 0.55  # 5 of 10 steps, from mid-schedule down
     assert torch.allclose(taus, img2img.scheduler.timesteps[-5:].float() / 1000)

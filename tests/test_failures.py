@@ -140,8 +140,16 @@ def test_divergent_training_stops_and_writes_nothing_non_finite(tmp_path):
     wild = [torch.randn(64, 8) * 1e30 for _ in range(6)]  # finite inputs, overflowing squares
     ckpt = tmp_path / "ckpt"
     with pytest.raises(TrainingDivergedError, match=r"step 6") as err:
-        train_sae(calm + wild, num_latents=32, k=4, batch_size=64, steps=12, progress=False,
-                  checkpoint_dir=str(ckpt), checkpoint_every=2)
+        train_sae(
+            calm + wild,
+            num_latents=32,
+            k=4,
+            batch_size=64,
+            steps=12,
+            progress=False,
+            checkpoint_dir=str(ckpt),
+            checkpoint_every=2,
+        )
     assert "last finite checkpoint" in str(err.value)
     saved = load_file(str(ckpt / "trainer.safetensors"))
     assert all(bool(torch.isfinite(t).all()) for t in saved.values() if t.is_floating_point())
@@ -165,8 +173,10 @@ def _library_state(eraser) -> dict:
     for path, entry in eraser.hookpoints.items():
         lib = entry.library
         items = [*((n, lib.get(n)) for n in lib.names), ("<bg>", lib.background)]
-        out[path] = {n: None if s is None else (s.sums.clone(), s.counts.clone(), list(s.prompts or []),
-                                                s.num_prompts) for n, s in items}
+        out[path] = {
+            n: None if s is None else (s.sums.clone(), s.counts.clone(), list(s.prompts or []), s.num_prompts)
+            for n, s in items
+        }
         out[path]["<theta>"] = lib.calibrated_threshold
     return out
 
@@ -211,8 +221,13 @@ def test_a_failing_statistics_pass_changes_nothing(tmp_path, concept):
 
     pipe.unet.forward = failing
     with pytest.raises(RuntimeError, match="simulated"):
-        eraser.add_concept(concept, ["a red star", "a green square", "a blue circle"], pipe,
-                           num_inference_steps=STEPS, show_progress=False)
+        eraser.add_concept(
+            concept,
+            ["a red star", "a green square", "a blue circle"],
+            pipe,
+            num_inference_steps=STEPS,
+            show_progress=False,
+        )
     del pipe.unet.forward
     assert _same_state(before, _library_state(eraser))
     assert "green" not in eraser.concepts
@@ -257,14 +272,29 @@ def _store_folder(root: Path) -> Path:
 
 
 def _checkpoint_folder(root: Path) -> Path:
-    train_sae([torch.randn(32, 4) for _ in range(2)], num_latents=8, k=2, batch_size=32, steps=2,
-              progress=False, checkpoint_dir=str(root / "ckpt"))
+    train_sae(
+        [torch.randn(32, 4) for _ in range(2)],
+        num_latents=8,
+        k=2,
+        batch_size=32,
+        steps=2,
+        progress=False,
+        checkpoint_dir=str(root / "ckpt"),
+    )
     return root / "ckpt"
 
 
 def _resume(folder: Path) -> None:
-    train_sae([torch.randn(32, 4) for _ in range(4)], num_latents=8, k=2, batch_size=32, steps=4,
-              progress=False, checkpoint_dir=str(folder), resume=True)
+    train_sae(
+        [torch.randn(32, 4) for _ in range(4)],
+        num_latents=8,
+        k=2,
+        batch_size=32,
+        steps=4,
+        progress=False,
+        checkpoint_dir=str(folder),
+        resume=True,
+    )
 
 
 def _read_store(folder: Path) -> None:
@@ -292,8 +322,12 @@ def _corrupt(path: Path, how: str, drop: str | None, mistype: str | None) -> Non
     elif how == "zero bytes":
         path.write_bytes(b"")
     elif how == "random bytes":
-        path.write_bytes(torch.randint(0, 256, (len(data),), generator=torch.Generator().manual_seed(1))
-                         .to(torch.uint8).numpy().tobytes())
+        path.write_bytes(
+            torch.randint(0, 256, (len(data),), generator=torch.Generator().manual_seed(1))
+            .to(torch.uint8)
+            .numpy()
+            .tobytes()
+        )
     elif how == "a pickle":
         path.write_bytes(pickle.dumps({"W_dec": [1.0, 2.0], "d_in": 4}))
     elif how == "wrong JSON type":
@@ -319,8 +353,10 @@ def _corrupt(path: Path, how: str, drop: str | None, mistype: str | None) -> Non
 
 
 COMMON = ["truncated", "zero bytes", "random bytes", "a pickle"]
-CORRUPTIONS = {".json": [*COMMON, "wrong JSON type", "missing field", "field of the wrong type"],
-               ".safetensors": [*COMMON, "NaN values"]}
+CORRUPTIONS = {
+    ".json": [*COMMON, "wrong JSON type", "missing field", "field of the wrong type"],
+    ".safetensors": [*COMMON, "NaN values"],
+}
 CASES = [(kind, how) for kind, spec in KINDS.items() for how in CORRUPTIONS[Path(spec[1]).suffix]]
 
 
@@ -344,8 +380,17 @@ def test_nan_concept_statistics_are_refused_naming_the_field(tmp_path):
     assert err.value.field == "sums" and "star.safetensors" in err.value.path
 
 
-@pytest.mark.parametrize(("field", "value"), [("k", "8"), ("k", 8.5), ("threshold", "abc"), ("d_in", 32.0),
-                                              ("input_unit_norm", "yes"), ("threshold", float("inf"))])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("k", "8"),
+        ("k", 8.5),
+        ("threshold", "abc"),
+        ("d_in", 32.0),
+        ("input_unit_norm", "yes"),
+        ("threshold", float("inf")),
+    ],
+)
 def test_mistyped_cfg_values_are_refused_naming_the_field(tmp_path, field, value):
     folder = _sae_folder(tmp_path)
     raw = json.loads((folder / "cfg.json").read_text())
@@ -384,17 +429,32 @@ def test_cli_unknown_concept_fails_before_the_model_loads(tmp_path, capsys, monk
         raise AssertionError("the model was loaded before the arguments were checked")
 
     monkeypatch.setattr(commands, "load_pipeline", no_model)
-    code = main(["generate", "--model", "m", "--sae", str(bundle), "--unlearn", "rde", "--prompt", "x",
-                 "--compare"])
+    code = main(
+        ["generate", "--model", "m", "--sae", str(bundle), "--unlearn", "rde", "--prompt", "x", "--compare"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "rde" in err and "red" in err and "Traceback" not in err
-    code = main(["generate", "--model", "m", "--sae", str(bundle), "--unlearn", "red", "--strength", "inf",
-                 "--prompt", "x"])
+    code = main(
+        [
+            "generate",
+            "--model",
+            "m",
+            "--sae",
+            str(bundle),
+            "--unlearn",
+            "red",
+            "--strength",
+            "inf",
+            "--prompt",
+            "x",
+        ]
+    )
     assert code == 2 and "finite" in capsys.readouterr().err
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing here\n\n")
-    code = main(["concept", "add", "--model", "m", "--sae", str(bundle), "--name", "green", "--prompts",
-                 str(empty)])
+    code = main(
+        ["concept", "add", "--model", "m", "--sae", str(bundle), "--name", "green", "--prompts", str(empty)]
+    )
     assert code == 2 and "no prompts" in capsys.readouterr().err
 
 
@@ -416,11 +476,20 @@ def test_every_error_class_is_in_the_family():
     import importlib
     import inspect
 
-    modules = ["saeuron_plugin.errors", "saeuron_plugin.sae.model", "saeuron_plugin.sae.io",
-               "saeuron_plugin.sae.bundle",
-               "saeuron_plugin.sae.store", "saeuron_plugin.sae.train", "saeuron_plugin.sae.concepts",
-               "saeuron_plugin.diffusion.hookpoints", "saeuron_plugin.diffusion.hooks",
-               "saeuron_plugin.vlm.hookpoints", "saeuron_plugin.vlm.hooks", "saeuron_plugin.comfyui.patching"]
+    modules = [
+        "saeuron_plugin.errors",
+        "saeuron_plugin.sae.model",
+        "saeuron_plugin.sae.io",
+        "saeuron_plugin.sae.bundle",
+        "saeuron_plugin.sae.store",
+        "saeuron_plugin.sae.train",
+        "saeuron_plugin.sae.concepts",
+        "saeuron_plugin.diffusion.hookpoints",
+        "saeuron_plugin.diffusion.hooks",
+        "saeuron_plugin.vlm.hookpoints",
+        "saeuron_plugin.vlm.hooks",
+        "saeuron_plugin.comfyui.patching",
+    ]
     found = []
     for name in modules:
         module = importlib.import_module(name)

@@ -24,9 +24,17 @@ from saeuron_plugin.sae.model import SaeConfig, SparseAutoencoder
 load_sae = SparseAutoencoder.from_pretrained  # io.load_sae with the class passed in
 
 HOOK = "unet.up_blocks.1.attentions.1"
-SPARSIFY_CFG = {"expansion_factor": 4, "normalize_decoder": True, "num_latents": 0, "k": 4,
-                "multi_topk": False, "batch_topk": True, "sample_topk": False,
-                "input_unit_norm": False, "d_in": 8}
+SPARSIFY_CFG = {
+    "expansion_factor": 4,
+    "normalize_decoder": True,
+    "num_latents": 0,
+    "k": 4,
+    "multi_topk": False,
+    "batch_topk": True,
+    "sample_topk": False,
+    "input_unit_norm": False,
+    "d_in": 8,
+}
 
 
 def make_sae(d: int = 8, n: int = 32, k: int = 4, **cfg) -> SparseAutoencoder:
@@ -45,10 +53,12 @@ def write_sparsify_folder(folder: Path, cfg: dict | None = None, seed: int = 1) 
     d = cfg["d_in"]
     n = cfg["num_latents"] or d * cfg["expansion_factor"]
     g = torch.Generator().manual_seed(seed)
-    tensors = {"encoder.weight": torch.randn(n, d, generator=g),
-               "encoder.bias": 0.1 * torch.randn(n, generator=g),
-               "W_dec": torch.randn(n, d, generator=g),
-               "b_dec": torch.randn(d, generator=g)}
+    tensors = {
+        "encoder.weight": torch.randn(n, d, generator=g),
+        "encoder.bias": 0.1 * torch.randn(n, generator=g),
+        "W_dec": torch.randn(n, d, generator=g),
+        "b_dec": torch.randn(d, generator=g),
+    }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "cfg.json").write_text(json.dumps(cfg))
     save_file(tensors, str(folder / "sae.safetensors"))
@@ -120,8 +130,11 @@ def test_root_with_hookpoint_folders_asks_for_subfolder(tmp_path):
     for hook in ("unet.up_blocks.1.attentions.10", "unet.up_blocks.1.attentions.2", HOOK):
         write_sparsify_folder(tmp_path / hook)
     (tmp_path / "notes").mkdir()
-    assert list_hookpoint_folders(tmp_path) == [HOOK, "unet.up_blocks.1.attentions.2",
-                                                "unet.up_blocks.1.attentions.10"]
+    assert list_hookpoint_folders(tmp_path) == [
+        HOOK,
+        "unet.up_blocks.1.attentions.2",
+        "unet.up_blocks.1.attentions.10",
+    ]
     with pytest.raises(SaeLoadError, match=r"pass subfolder=.*attentions\.1'"):
         load_sae(tmp_path)
     with pytest.raises(SaeLoadError, match=r"no SAE subfolder 'unet.mid_block'.*attentions\.2"):
@@ -161,7 +174,9 @@ def test_hub_repo_from_cache_offline(tmp_path, offline):
     # Pinned commit, and the root listing.
     assert load_sae("org/name", HOOK, revision=COMMIT, cache_dir=tmp_path).cfg == ref.cfg
     assert list_hookpoint_folders(resolve_repo("org/name", cache_dir=tmp_path)) == [
-        HOOK, "unet.up_blocks.1.attentions.2"]
+        HOOK,
+        "unet.up_blocks.1.attentions.2",
+    ]
     with pytest.raises(SaeLoadError, match="pass subfolder="):
         load_sae("org/name", cache_dir=tmp_path)
     with pytest.raises(SaeLoadError, match=r"no SAE subfolder 'unet.mid_block' in Hub repo 'org/name'"):
@@ -179,8 +194,11 @@ def test_hub_offline_env_only_is_honoured(tmp_path, monkeypatch):
 
 
 def test_unknown_repo_offline_is_clear(tmp_path, offline):
-    with pytest.raises(SaeLoadError, match=r"could not find SAE 'org/unknown' locally or in the Hugging Face "
-                                           r"cache .*HF_HUB_OFFLINE is set"):
+    with pytest.raises(
+        SaeLoadError,
+        match=r"could not find SAE 'org/unknown' locally or in the Hugging Face "
+        r"cache .*HF_HUB_OFFLINE is set",
+    ):
         SparseAutoencoder.from_pretrained("org/unknown", subfolder=HOOK, cache_dir=tmp_path)
 
 
@@ -253,11 +271,14 @@ def test_cfg_not_json(folder):
         load_sae(folder)
 
 
-@pytest.mark.parametrize(("drop", "message"), [
-    (("d_in",), "no 'd_in'"),
-    (("k",), "no 'k'"),
-    (("num_latents", "expansion_factor"), "neither 'num_latents' nor 'expansion_factor'"),
-])
+@pytest.mark.parametrize(
+    ("drop", "message"),
+    [
+        (("d_in",), "no 'd_in'"),
+        (("k",), "no 'k'"),
+        (("num_latents", "expansion_factor"), "neither 'num_latents' nor 'expansion_factor'"),
+    ],
+)
 def test_cfg_missing_keys(folder, drop, message):
     raw = dict(SPARSIFY_CFG)
     for key in drop:

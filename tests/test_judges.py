@@ -24,11 +24,25 @@ def tiny_clip(tmp_path_factory) -> str:
     tokenizer = tiny_clip_tokenizer()
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
-                     "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 32,
-                     "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                       "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "pad_token_id": 1,
+        },
+        vision_config={
+            "hidden_size": 16,
+            "intermediate_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": 8,
+        },
         projection_dim=8,
     )
     CLIPModel(config).save_pretrained(folder)
@@ -76,8 +90,10 @@ def test_a_judge_that_cannot_load_fails_at_once(tmp_path, monkeypatch):
 def always_star(images):
     """A callable judge: every image is a red star."""
     n = len(images)
-    return {"object": torch.tensor([[1.0, 0.0]]).expand(n, 2),
-            "color": torch.tensor([[1.0, 0.0, 0.0]]).expand(n, 3)}
+    return {
+        "object": torch.tensor([[1.0, 0.0]]).expand(n, 2),
+        "color": torch.tensor([[1.0, 0.0, 0.0]]).expand(n, 3),
+    }
 
 
 def test_a_callable_judge_by_name(monkeypatch):
@@ -86,7 +102,8 @@ def test_a_callable_judge_by_name(monkeypatch):
     assert probs["object"].argmax(-1).tolist() == [0, 0, 0] and judge.labels == LABELS
     with pytest.raises(ValueError, match=r"returned \(1, 3\) for 'color', expected \[N, 2\]"):
         load_judge("test_judges:always_star", labels={"color": ["red", "blue"]}).probabilities(
-            torch.rand(1, 3, 8, 8))
+            torch.rand(1, 3, 8, 8)
+        )
 
 
 def test_the_shapescanvas_judges_are_a_judge():

@@ -129,8 +129,9 @@ def test_config_validation(kwargs, match):
 
 
 def test_config_from_foreign_dict_keeps_extras():
-    cfg = SaeConfig.from_dict({"d_in": 8, "k": 2, "expansion_factor": 4, "num_latents": 0,
-                               "multi_topk": False, "batch_topk": True})
+    cfg = SaeConfig.from_dict(
+        {"d_in": 8, "k": 2, "expansion_factor": 4, "num_latents": 0, "multi_topk": False, "batch_topk": True}
+    )
     assert cfg.num_latents == 32 and cfg.extra == {"multi_topk": False, "batch_topk": True}
     with pytest.raises(SaeConfigError, match="'k'"):
         SaeConfig.from_dict({"d_in": 8, "num_latents": 4})

@@ -178,10 +178,25 @@ def test_optimizer_state_roundtrip():
 
 
 def test_tiny_training_run_resumes(tmp_path):
-    mc = dm.ModelConfig(vae_channels=(8, 8), unet_channels=(8, 8, 8, 8), unet_heads=1, text_dim=16,
-                        text_layers=1, text_heads=2)
-    tc = dm.TrainConfig(out=str(tmp_path), vae_steps=2, vae_batch=4, steps=4, stop_at=2, batch_size=4,
-                        checkpoint_every=1, model=mc, warmup=1)
+    mc = dm.ModelConfig(
+        vae_channels=(8, 8),
+        unet_channels=(8, 8, 8, 8),
+        unet_heads=1,
+        text_dim=16,
+        text_layers=1,
+        text_heads=2,
+    )
+    tc = dm.TrainConfig(
+        out=str(tmp_path),
+        vae_steps=2,
+        vae_batch=4,
+        steps=4,
+        stop_at=2,
+        batch_size=4,
+        checkpoint_every=1,
+        model=mc,
+        warmup=1,
+    )
     torch.set_num_threads(1)
     dm.train_default_model(tc, log=lambda s: None)
     state = json.loads((tmp_path / "state" / "train_state.json").read_text())

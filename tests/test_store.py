@@ -35,8 +35,9 @@ def collect(store: ActivationStore, **kwargs) -> list[torch.Tensor]:
 def test_round_trip_with_tau(tmp_path, dtype):
     xs = [torch.randn(n, D) for n in (3, 10, 1, 7)]
     taus = [torch.rand(n) for n in (3, 10, 1, 7)]
-    store = ActivationStore.create(tmp_path / "s", d_in=D, dtype=dtype, shard_rows=4,
-                                   metadata={"hookpoint": "unet.mid_block"})
+    store = ActivationStore.create(
+        tmp_path / "s", d_in=D, dtype=dtype, shard_rows=4, metadata={"hookpoint": "unet.mid_block"}
+    )
     for x, t in zip(xs, taus):
         store.append(x, tau=t)
     assert len(store) == 21 and store.num_shards == 5  # 20 rows flushed, 1 buffered
@@ -140,8 +141,11 @@ def test_crash_between_shard_and_manifest(tmp_path, monkeypatch):
 
 def test_orphan_temp_files_are_ignored_then_removed(tmp_path):
     make_store(tmp_path, n=10, tau=False)
-    junk = [tmp_path / "shard-000099.safetensors.tmp", tmp_path / "shard-000007.safetensors",
-            tmp_path / "manifest.json.tmp"]
+    junk = [
+        tmp_path / "shard-000099.safetensors.tmp",
+        tmp_path / "shard-000007.safetensors",
+        tmp_path / "manifest.json.tmp",
+    ]
     for p in junk:
         p.write_bytes(b"half-written")
     store = ActivationStore(tmp_path)

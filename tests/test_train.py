@@ -32,8 +32,16 @@ def planted_data(d: int, atoms: int, k_true: int, n: int, seed: int) -> tuple[to
 
 def test_planted_dictionary_is_recovered():
     x, dictionary = planted_data(d=48, atoms=192, k_true=4, n=49_152, seed=1)
-    sae = train_sae(list(x.split(4096)), k=8, num_latents=384, batch_size=256, steps=3000, lr=2e-3,
-                    dead_tokens_threshold=20_000, progress=False)
+    sae = train_sae(
+        list(x.split(4096)),
+        k=8,
+        num_latents=384,
+        batch_size=256,
+        steps=3000,
+        lr=2e-3,
+        dead_tokens_threshold=20_000,
+        progress=False,
+    )
     x_test, _ = planted_data(d=48, atoms=192, k_true=4, n=4096, seed=1)  # same dictionary
     out = sae(x_test)
     assert out.fvu.item() < 0.15
@@ -54,7 +62,7 @@ def _half_dead_sae(d: int, n: int, k: int) -> SparseAutoencoder:
     sae = SparseAutoencoder(SaeConfig(d_in=d, num_latents=n, k=k))
     sae.reset_parameters(torch.Generator().manual_seed(3))
     with torch.no_grad():  # three quarters of the latents can never win the TopK
-        sae.encoder.weight[n // 4:] *= 0.02
+        sae.encoder.weight[n // 4 :] *= 0.02
     return sae
 
 
@@ -62,8 +70,9 @@ def test_auxk_revives_dead_latents():
     x, _ = planted_data(d=32, atoms=128, k_true=4, n=32_768, seed=2)
     dead = {}
     for alpha in (1 / 32, 0.0):
-        cfg = train_config(batch_size=256, steps=1500, auxk_alpha=alpha, dead_tokens_threshold=2048,
-                           progress=False)
+        cfg = train_config(
+            batch_size=256, steps=1500, auxk_alpha=alpha, dead_tokens_threshold=2048, progress=False
+        )
         _, state = Trainer(list(x.split(4096)), cfg, init=_half_dead_sae(32, 256, 4)).fit()
         dead[alpha] = state.dead_fraction
     assert dead[0.0] >= 0.74, f"AuxK off: dead fraction {dead[0.0]:.2f} should stay at 0.75"
@@ -73,8 +82,16 @@ def test_auxk_revives_dead_latents():
 def test_resume_is_bit_exact(tmp_path):
     x, _ = planted_data(d=16, atoms=64, k_true=2, n=8192, seed=4)
     chunks = list(x.split(1000))
-    common = dict(k=4, num_latents=64, batch_size=128, steps=60, shuffle_buffer=512,
-                  progress=False, seed=7, dead_tokens_threshold=500)
+    common = dict(
+        k=4,
+        num_latents=64,
+        batch_size=128,
+        steps=60,
+        shuffle_buffer=512,
+        progress=False,
+        seed=7,
+        dead_tokens_threshold=500,
+    )
     full = train_sae(chunks, **common)
 
     def interrupted():  # the process "dies" while reading the 7th chunk (after ~42 steps)
@@ -87,8 +104,9 @@ def test_resume_is_bit_exact(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_sae(interrupted, **common, checkpoint_dir=str(ckpt), checkpoint_every=25)
     assert (ckpt / "trainer_state.json").exists()
-    resumed, state = Trainer(chunks, train_config(**common, checkpoint_dir=str(ckpt), checkpoint_every=25,
-                                                  resume=True)).fit()
+    resumed, state = Trainer(
+        chunks, train_config(**common, checkpoint_dir=str(ckpt), checkpoint_every=25, resume=True)
+    ).fit()
     assert state.resumed_from == 25
     for name, value in full.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name

@@ -32,20 +32,23 @@ def always(label: int):
         p = torch.zeros(len(images), 2)
         p[:, label] = 1.0
         return {"color": p}
+
     return CallableJudge(judge, LABELS)
 
 
 def test_a_judge_that_always_sees_the_concept_scores_every_trial_ua_0(setup, tmp_path):
     pipe, eraser = setup
     space = SearchSpace(percentiles=(99.0, 99.9), gammas=(-2.0,))
-    best = tune_concept(eraser, pipe, always(0), TuneTask("red", FORGET, RETAIN), space, tmp_path, CFG,
-                        log=lambda _: None)
+    best = tune_concept(
+        eraser, pipe, always(0), TuneTask("red", FORGET, RETAIN), space, tmp_path, CFG, log=lambda _: None
+    )
     trials = json.loads((tmp_path / "search.json").read_text())["tune"]["red"]["trials"]
     assert len(trials) == 2 and all(t["ua"] == 0.0 for t in trials) and best["ua"] == 0.0
     # and one that never does: every trial removes it, retention is judged against the base images
     other = tmp_path / "never"
-    best = tune_concept(eraser, pipe, always(1), TuneTask("red", FORGET, RETAIN), space, other, CFG,
-                        log=lambda _: None)
+    best = tune_concept(
+        eraser, pipe, always(1), TuneTask("red", FORGET, RETAIN), space, other, CFG, log=lambda _: None
+    )
     assert best["ua"] == 1.0 and best["ira"] == 1.0 and best["score"] == 1.0
 
 
@@ -66,18 +69,28 @@ def test_trials_resume_and_the_winner_becomes_the_default(setup, tmp_path, monke
 
     space = SearchSpace(percentiles=(99.0,), gammas=(-2.0, -20.0))
     task = TuneTask("red", FORGET, RETAIN)
-    best = tune_concept(eraser, pipe, CallableJudge(judge, LABELS), task, space, tmp_path, CFG,
-                        log=lambda _: None)
+    best = tune_concept(
+        eraser, pipe, CallableJudge(judge, LABELS), task, space, tmp_path, CFG, log=lambda _: None
+    )
     assert len(calls) == 3  # base images + two trials
     lib = eraser.hookpoints[BLOCK].library
     d = lib.selection_defaults("red")
     assert (d.percentile, d.gamma, d.active) == (best["percentile"], best["gamma"], True)
     calls.clear()
-    again = tune_concept(eraser, pipe, CallableJudge(judge, LABELS), task, space, tmp_path, CFG,
-                         log=lambda _: None)
+    again = tune_concept(
+        eraser, pipe, CallableJudge(judge, LABELS), task, space, tmp_path, CFG, log=lambda _: None
+    )
     assert calls == [] and again == best  # every trial reused: nothing generated
-    tune_concept(eraser, pipe, CallableJudge(judge, LABELS), TuneTask("red", FORGET[:1], RETAIN), space,
-                 tmp_path, CFG, log=lambda _: None)
+    tune_concept(
+        eraser,
+        pipe,
+        CallableJudge(judge, LABELS),
+        TuneTask("red", FORGET[:1], RETAIN),
+        space,
+        tmp_path,
+        CFG,
+        log=lambda _: None,
+    )
     assert len(calls) == 3  # other prompts: the saved trials do not apply
 
 
@@ -87,8 +100,15 @@ def test_bad_tasks_fail_before_generating(setup, tmp_path, monkeypatch):
     with pytest.raises(TuningError, match="green"):
         search.judge_domain(always(0), "green")
     with pytest.raises(TuningError, match="do not hold"):
-        tune_concept(eraser, pipe, always(0), TuneTask("red", FORGET, RETAIN, domain="shape"), SearchSpace(),
-                     tmp_path, CFG)
+        tune_concept(
+            eraser,
+            pipe,
+            always(0),
+            TuneTask("red", FORGET, RETAIN, domain="shape"),
+            SearchSpace(),
+            tmp_path,
+            CFG,
+        )
     with pytest.raises(TuningError, match="forget prompts"):
         tune_concept(eraser, pipe, always(0), TuneTask("red", [], RETAIN), SearchSpace(), tmp_path, CFG)
     with pytest.raises(KeyError):
@@ -105,10 +125,31 @@ def test_saeuron_tune_with_a_tiny_clip_judge(tiny_clip, tmp_path, capsys):  # no
     make_eraser(pipe, [BLOCK]).save_pretrained(bundle)
     (tmp_path / "forget.txt").write_text("\n".join(FORGET))
     (tmp_path / "retain.txt").write_text("# retained\n" + "\n".join(RETAIN))
-    code = main(["tune", "--model", str(model), "--sae", str(bundle), "--concept", "red",
-                 "--judge", f"clip:{tiny_clip}", "--labels", "color=red,blue", "--forget-prompts",
-                 str(tmp_path / "forget.txt"), "--retain-prompts", str(tmp_path / "retain.txt"),
-                 "--budget", "tiny", "--steps", "2", "--out", str(tmp_path / "tuned")])
+    code = main(
+        [
+            "tune",
+            "--model",
+            str(model),
+            "--sae",
+            str(bundle),
+            "--concept",
+            "red",
+            "--judge",
+            f"clip:{tiny_clip}",
+            "--labels",
+            "color=red,blue",
+            "--forget-prompts",
+            str(tmp_path / "forget.txt"),
+            "--retain-prompts",
+            str(tmp_path / "retain.txt"),
+            "--budget",
+            "tiny",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "tuned"),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     best = json.loads(out.strip().splitlines()[-1])["best"]["red"]
@@ -120,9 +161,25 @@ def test_saeuron_tune_with_a_tiny_clip_judge(tiny_clip, tmp_path, capsys):  # no
     tuned = SAeUron.from_pretrained(tmp_path / "tuned")
     assert tuned.hookpoints[BLOCK].library.selection_defaults("red").gamma == -2.0
     # a concept the judge does not know: one line, before any model loads
-    code = main(["tune", "--model", "nowhere", "--sae", str(bundle), "--concept", "red", "--judge",
-                 f"clip:{tiny_clip}", "--labels", "shape=star,circle", "--forget-prompts",
-                 str(tmp_path / "forget.txt"), "--retain-prompts", str(tmp_path / "retain.txt")])
+    code = main(
+        [
+            "tune",
+            "--model",
+            "nowhere",
+            "--sae",
+            str(bundle),
+            "--concept",
+            "red",
+            "--judge",
+            f"clip:{tiny_clip}",
+            "--labels",
+            "shape=star,circle",
+            "--forget-prompts",
+            str(tmp_path / "forget.txt"),
+            "--retain-prompts",
+            str(tmp_path / "retain.txt"),
+        ]
+    )
     assert code == 2 and "exactly one judge domain" in capsys.readouterr().err
 
 
@@ -144,8 +201,9 @@ def test_tune_finds_a_setting_that_removes_a_reset_concept_from_the_shipped_bund
     shutil.copytree(root / "shapescanvas-saeuron", tmp_path / "bundle")
     eraser = SAeUron.from_pretrained(tmp_path / "bundle")
     for hp in eraser.where("star"):
-        eraser.set_defaults("star", hookpoints=[hp], percentile=99.999, top_n=None, gamma=-1.0,
-                            contrast="auto", active=True)
+        eraser.set_defaults(
+            "star", hookpoints=[hp], percentile=99.999, top_n=None, gamma=-1.0, contrast="auto", active=True
+        )
     forget, retain = shapescanvas_prompts("star", 2)
     pipe, judge = load_default(str(root / "shapescanvas-sd")), load_judge("shapescanvas")
     cfg = TuneConfig(num_inference_steps=10, batch_size=4, show_progress=False)
@@ -166,8 +224,16 @@ def test_stage_two_judges_the_finalists_on_fresh_seeds(setup, tmp_path, monkeypa
 
     monkeypatch.setattr(search, "generate", recording)
     space = SearchSpace(percentiles=(99.0, 99.9), gammas=(-2.0, -6.0), refine_top=2)
-    best = tune_concept(eraser, pipe, always(1), TuneTask("red", FORGET, RETAIN, seed=100, refine_seed=900),
-                        space, tmp_path, CFG, log=lambda _: None)
+    best = tune_concept(
+        eraser,
+        pipe,
+        always(1),
+        TuneTask("red", FORGET, RETAIN, seed=100, refine_seed=900),
+        space,
+        tmp_path,
+        CFG,
+        log=lambda _: None,
+    )
     saved = json.loads((tmp_path / "search.json").read_text())["tune"]["red"]
     assert len(saved["trials"]) == 4 and len(saved["refine"]) == 2
     assert best in saved["refine"]  # decided in stage 2

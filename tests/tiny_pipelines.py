@@ -86,8 +86,9 @@ def _ddim() -> DDIMScheduler:
     )
 
 
-def tiny_sd_pipeline(cross_attention_dim: int = TEXT_DIM, seed: int = 0,
-                     channels: tuple[int, int] = (16, 32)) -> StableDiffusionPipeline:
+def tiny_sd_pipeline(
+    cross_attention_dim: int = TEXT_DIM, seed: int = 0, channels: tuple[int, int] = (16, 32)
+) -> StableDiffusionPipeline:
     """SD 1.x-shaped pipeline: CrossAttn down block 0, up block 1 (``unet.up_blocks.1.attentions.{0,1}``).
 
     ``up_blocks.1`` runs at ``channels[0]`` width (16 by default).

@@ -52,9 +52,14 @@ def config(pipe, args: argparse.Namespace) -> BundleConfig:
     every = attn2_paths(pipe, ("",))
     up3, up23 = attn2_paths(pipe, (".up_blocks.3.",)), attn2_paths(pipe, (".up_blocks.2.", ".up_blocks.3."))
     sets = (up3, up23, every)
-    return BundleConfig(out=args.bundle, work=args.work, hookpoints=tuple(every),
-                        search_sets=tuple(tuple(s) for s in sets), search_percentiles=(99.0, 99.5),
-                        search_gammas=(-2.0, -6.0))
+    return BundleConfig(
+        out=args.bundle,
+        work=args.work,
+        hookpoints=tuple(every),
+        search_sets=tuple(tuple(s) for s in sets),
+        search_percentiles=(99.0, 99.5),
+        search_gammas=(-2.0, -6.0),
+    )
 
 
 def build(args: argparse.Namespace) -> None:

@@ -35,9 +35,13 @@ def main() -> None:
             eraser.set_defaults(concept, hookpoints=[hp], active=True)
         print(f"{concept}: active at {len(eraser.active_hookpoints(concept))} hookpoints")
     eraser.save_pretrained(bundle, stats_dtype=torch.float32)
-    run_demo(args.concepts, str(Path(args.work) / "demo"), bundle=str(bundle),
-             model=str(ROOT / "checkpoints" / "shapescanvas-sd"),
-             judges_path=str(ROOT / "checkpoints" / "shapescanvas-judges"))
+    run_demo(
+        args.concepts,
+        str(Path(args.work) / "demo"),
+        bundle=str(bundle),
+        model=str(ROOT / "checkpoints" / "shapescanvas-sd"),
+        judges_path=str(ROOT / "checkpoints" / "shapescanvas-judges"),
+    )
 
 
 if __name__ == "__main__":

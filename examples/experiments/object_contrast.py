@@ -66,8 +66,14 @@ def shared_latents(eraser: SAeUron, name: str, percentile: float = 99.8) -> list
     out = []
     for latent in select_features(scores, percentile=percentile).bucket(bucket).tolist():
         rival = max((n for n in lib.names if n != name), key=lambda n: float(share[n][latent]))
-        out.append({"latent": latent, "share": float(share[name][latent]), "rival": rival,
-                    "rival_share": float(share[rival][latent])})
+        out.append(
+            {
+                "latent": latent,
+                "share": float(share[name][latent]),
+                "rival": rival,
+                "rival_share": float(share[rival][latent]),
+            }
+        )
     return out
 
 
@@ -89,8 +95,11 @@ def main() -> None:
     p.add_argument("--bundle", default="checkpoints/shapescanvas-saeuron")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--test", action="store_true", help="benchmark the validation winners on the test seeds")
-    p.add_argument("--latents", action="store_true",
-                   help="only list the latents the pooled score selects at down_blocks.2.attentions.0 attn2")
+    p.add_argument(
+        "--latents",
+        action="store_true",
+        help="only list the latents the pooled score selects at down_blocks.2.attentions.0 attn2",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,8 +110,12 @@ def main() -> None:
     if args.latents:
         for name in args.concepts:
             found = shared_latents(eraser, name)
-            print(name, ", ".join(f"{x['latent']} ({x['share']:.2f}; {x['rival']} {x['rival_share']:.2f})"
-                                  for x in found))
+            print(
+                name,
+                ", ".join(
+                    f"{x['latent']} ({x['share']:.2f}; {x['rival']} {x['rival_share']:.2f})" for x in found
+                ),
+            )
         return
     cfg = B.BundleConfig()
     pipe, judges = B.load_default(cfg.model), Judges.from_pretrained(cfg.judges)
@@ -115,19 +128,32 @@ def main() -> None:
                 trial = B.Setting(*setting, contrast)
                 s = B.evaluate_setting(eraser, pipe, judges, cfg, name, validation, trial)
                 hps, pct, gamma = setting
-                r = {"concept": name, "hookpoints": list(hps), "percentile": pct, "gamma": gamma,
-                     "contrast": contrast, **{k: 100 * s[k] for k in ("ua", "ira", "cra")}}
+                r = {
+                    "concept": name,
+                    "hookpoints": list(hps),
+                    "percentile": pct,
+                    "gamma": gamma,
+                    "contrast": contrast,
+                    **{k: 100 * s[k] for k in ("ua", "ira", "cra")},
+                }
                 rows.append(r)
-                print(f"{name:8s} {B.short_set(hps):28s} p{pct:g} γ{gamma:g} {contrast:6s}: "
-                      f"UA {r['ua']:5.1f} IRA {r['ira']:5.1f} CRA {r['cra']:5.1f} ({time.time() - t0:.0f} s)",
-                      flush=True)
+                print(
+                    f"{name:8s} {B.short_set(hps):28s} p{pct:g} γ{gamma:g} {contrast:6s}: "
+                    f"UA {r['ua']:5.1f} IRA {r['ira']:5.1f} CRA {r['cra']:5.1f} ({time.time() - t0:.0f} s)",
+                    flush=True,
+                )
     OUT.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python examples/experiments/object_contrast.py",
-            "validation": "stage 2 (seeds 40,000+)"}
+    meta = {
+        "command": "python examples/experiments/object_contrast.py",
+        "validation": "stage 2 (seeds 40,000+)",
+    }
     (OUT / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
     lines = ["| concept | hookpoints | p | γ | contrast | UA | IRA | CRA |", "|---" * 8 + "|"]
-    lines += [f"| {r['concept']} | {B.short_set(r['hookpoints'])} | {r['percentile']:g} | {r['gamma']:g} | "
-              f"{r['contrast']} | {r['ua']:.1f} | {r['ira']:.1f} | {r['cra']:.1f} |" for r in rows]
+    lines += [
+        f"| {r['concept']} | {B.short_set(r['hookpoints'])} | {r['percentile']:g} | {r['gamma']:g} | "
+        f"{r['contrast']} | {r['ua']:.1f} | {r['ira']:.1f} | {r['cra']:.1f} |"
+        for r in rows
+    ]
     (OUT / "results.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {OUT}/results.{{json,md}}")
 

@@ -53,6 +53,7 @@ def masked_edits(handle: Any) -> Iterator[None]:
             with torch.no_grad():
                 out = editor(x.detach(), *args, **kwargs)
             return out.detach() if out is not x else x
+
         return call
 
     for site, editor in zip(sites, originals):
@@ -65,8 +66,13 @@ def masked_edits(handle: Any) -> Iterator[None]:
 
 
 @torch.no_grad()
-def target_latents(pipe: Any, prompt: str, seeds: Sequence[int], num_inference_steps: int = 25,
-                   guidance_scale: float | None = None) -> Tensor:
+def target_latents(
+    pipe: Any,
+    prompt: str,
+    seeds: Sequence[int],
+    num_inference_steps: int = 25,
+    guidance_scale: float | None = None,
+) -> Tensor:
     """Latents x₀ [N, C, h, w] of images the pipeline (run it without an eraser: the base model) draws."""
     kwargs: dict[str, Any] = {"num_inference_steps": num_inference_steps, "output_type": "latent"}
     if guidance_scale is not None:
@@ -75,8 +81,9 @@ def target_latents(pipe: Any, prompt: str, seeds: Sequence[int], num_inference_s
     return pipe([prompt] * len(seeds), generator=gens, **kwargs).images.float()
 
 
-def _noised(targets: Tensor, scheduler: Any, batch: int,
-            gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+def _noised(
+    targets: Tensor, scheduler: Any, batch: int, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
     """(x_t, t, ε) for ``batch`` targets drawn with ``gen``: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε."""
     alphas = scheduler.alphas_cumprod.to(targets.device, torch.float32)
     pick = torch.randint(0, len(targets), (batch,), generator=gen)
@@ -86,8 +93,15 @@ def _noised(targets: Tensor, scheduler: Any, batch: int,
     return a.sqrt() * targets[pick] + (1 - a).sqrt() * noise, t, noise
 
 
-def attack_step(unet: Any, embeds: Tensor, targets: Tensor, scheduler: Any, opt: torch.optim.Optimizer,
-                cfg: AttackConfig, gen: torch.Generator) -> bool:
+def attack_step(
+    unet: Any,
+    embeds: Tensor,
+    targets: Tensor,
+    scheduler: Any,
+    opt: torch.optim.Optimizer,
+    cfg: AttackConfig,
+    gen: torch.Generator,
+) -> bool:
     """One optimiser step on the attack loss of a fresh draw; records the loss in ``cfg.losses``.
     False when no gradient reaches the prompt (every path masked): the attacker is blind, nothing moves."""
     xt, t, noise = _noised(targets, scheduler, cfg.batch, gen)
@@ -110,8 +124,9 @@ def attack_loss(pipe: Any, embeds: Tensor, targets: Tensor, draws: int = 32, see
     return float(torch.nn.functional.mse_loss(pred.float(), noise))
 
 
-def soft_prompt_attack(pipe: Any, targets: Tensor, init_embeds: Tensor,
-                       cfg: AttackConfig | None = None) -> Tensor:
+def soft_prompt_attack(
+    pipe: Any, targets: Tensor, init_embeds: Tensor, cfg: AttackConfig | None = None
+) -> Tensor:
     """Optimised ``prompt_embeds`` [1, L, D] starting from ``init_embeds`` (the concept's own prompt, or
     anything else); hooks installed on ``pipe`` (an eraser) take part in every step. ``cfg.losses``
     records the loss per step."""
@@ -137,8 +152,14 @@ def soft_prompt_attack(pipe: Any, targets: Tensor, init_embeds: Tensor,
 
 
 @torch.no_grad()
-def generate_from_embeds(pipe: Any, embeds: Tensor, seeds: Sequence[int], num_inference_steps: int = 25,
-                         guidance_scale: float | None = None, negative: Tensor | None = None) -> Tensor:
+def generate_from_embeds(
+    pipe: Any,
+    embeds: Tensor,
+    seeds: Sequence[int],
+    num_inference_steps: int = 25,
+    guidance_scale: float | None = None,
+    negative: Tensor | None = None,
+) -> Tensor:
     """Images [N, 3, H, W] in [0, 1] from ``prompt_embeds`` (one per seed), hooks on ``pipe`` active."""
     kwargs: dict[str, Any] = {"num_inference_steps": num_inference_steps, "output_type": "pt"}
     if guidance_scale is not None:
@@ -147,9 +168,23 @@ def generate_from_embeds(pipe: Any, embeds: Tensor, seeds: Sequence[int], num_in
     if negative is None:
         _, negative = pipe.encode_prompt("", embeds.device, 1, True, "")
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return pipe(prompt_embeds=embeds.expand(n, -1, -1), negative_prompt_embeds=negative.expand(n, -1, -1),
-                generator=gens, **kwargs).images.float().cpu()
+    return (
+        pipe(
+            prompt_embeds=embeds.expand(n, -1, -1),
+            negative_prompt_embeds=negative.expand(n, -1, -1),
+            generator=gens,
+            **kwargs,
+        )
+        .images.float()
+        .cpu()
+    )
 
 
-__all__ = ["AttackConfig", "attack_loss", "generate_from_embeds", "masked_edits", "soft_prompt_attack",
-           "target_latents"]
+__all__ = [
+    "AttackConfig",
+    "attack_loss",
+    "generate_from_embeds",
+    "masked_edits",
+    "soft_prompt_attack",
+    "target_latents",
+]

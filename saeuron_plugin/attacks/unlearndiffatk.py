@@ -41,20 +41,22 @@ class _PrefixEmbeddings:
     def __call__(self, module: torch.nn.Embedding, args: Any, output: Tensor) -> Tensor:
         k = self.weights.shape[0]
         soft = (self.weights @ module.weight).unsqueeze(0).expand(output.shape[0], -1, -1)
-        return torch.cat([output[:, :1], soft.to(output.dtype), output[:, 1 + k:]], dim=1)
+        return torch.cat([output[:, :1], soft.to(output.dtype), output[:, 1 + k :]], dim=1)
 
 
 def _prefixed_ids(pipe: Any, prompt: str, k: int) -> Tensor:
     """Token ids [1, L]: BOS, k placeholders (replaced by the hook), then the prompt's tokens."""
     tok = pipe.tokenizer
-    ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids[0]
+    ids = tok(
+        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids[0]
     placeholder = torch.full((k,), int(ids[1]), dtype=ids.dtype)
     return torch.cat([ids[:1], placeholder, ids[1:]])[: tok.model_max_length].unsqueeze(0)
 
 
-def unlearndiffatk(pipe: Any, targets: Tensor, prompt: str, cfg: AttackConfig | None = None,
-                   prefix_tokens: int = 5) -> str:
+def unlearndiffatk(
+    pipe: Any, targets: Tensor, prompt: str, cfg: AttackConfig | None = None, prefix_tokens: int = 5
+) -> str:
     """A prompt ``"<k tokens> <prompt>"`` optimised against ``pipe`` (with whatever eraser is applied)
     to bring back what ``targets`` show; ``cfg.losses`` records the relaxed loss per step."""
     cfg = cfg or AttackConfig(lr=1e-2)

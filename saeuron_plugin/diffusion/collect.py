@@ -27,7 +27,6 @@ Sink = Callable[[str, Tensor, Tensor], None]
 Prompt = str | Mapping[str, Any]
 
 
-
 def prompt_key(index: int, prompt: Prompt) -> str:
     """Resume key of a prompt: its position plus a hash of its content."""
     h = hashlib.sha256()
@@ -73,8 +72,10 @@ class _Capture:
         rows = torch.arange(batch)
         if self.cond_only:
             if cond_mask is None:
-                raise RuntimeError(f"{self.path}: the CFG branch of this call is unknown; pass "
-                                   "cond_only=False to collect every row")
+                raise RuntimeError(
+                    f"{self.path}: the CFG branch of this call is unknown; pass "
+                    "cond_only=False to collect every row"
+                )
             rows = rows[cond_mask.cpu()]
         if rows.numel() == 0:
             return x
@@ -104,8 +105,12 @@ class _Capture:
                     xs.append(block.reshape(-1, block.shape[-1]))
                     ts.append(tau.index_select(0, sel_dev).repeat_interleave(block.shape[1]))
             width = chunks[0][0].shape[-1] if chunks else 0
-            out.append((torch.cat(xs).cpu() if xs else torch.empty(0, width),
-                        torch.cat(ts).cpu() if ts else torch.empty(0)))
+            out.append(
+                (
+                    torch.cat(xs).cpu() if xs else torch.empty(0, width),
+                    torch.cat(ts).cpu() if ts else torch.empty(0),
+                )
+            )
         return out
 
 
@@ -130,19 +135,38 @@ def _batch_kwargs(prompts: list[Prompt]) -> dict[str, Any]:
     return merged
 
 
-def _open_stores(store: Any, hookpoints: list[Hookpoint], pipe: Any,
-                 dtype: torch.dtype) -> dict[str, Any] | Sink:
+def _open_stores(
+    store: Any, hookpoints: list[Hookpoint], pipe: Any, dtype: torch.dtype
+) -> dict[str, Any] | Sink:
     family = detect_family(pipe)
     name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    return open_stores(store, {hp.path: (hp.width, {"hookpoint": hp.path, "model_family": family,
-                                                     "base_model": name}) for hp in hookpoints}, dtype)
+    return open_stores(
+        store,
+        {
+            hp.path: (hp.width, {"hookpoint": hp.path, "model_family": family, "base_model": name})
+            for hp in hookpoints
+        },
+        dtype,
+    )
 
 
-def collect_activations(pipe: Any, prompts: Sequence[Prompt], hookpoints: Sequence[str], store: Any, *,
-                        num_inference_steps: int = 50, guidance_scale: float | None = None,
-                        cond_only: bool = True, tokens_per_step: int | None = None, batch_size: int = 1,
-                        seed: int = 0, output_type: str = "latent", show_progress: bool = True,
-                        store_dtype: torch.dtype = torch.float16, **pipe_kwargs: Any) -> CollectResult:
+def collect_activations(
+    pipe: Any,
+    prompts: Sequence[Prompt],
+    hookpoints: Sequence[str],
+    store: Any,
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    cond_only: bool = True,
+    tokens_per_step: int | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+    output_type: str = "latent",
+    show_progress: bool = True,
+    store_dtype: torch.dtype = torch.float16,
+    **pipe_kwargs: Any,
+) -> CollectResult:
     """Generate every prompt once and record the hookpoints' tokens at every denoising step.
 
     ``prompts`` are strings, or mappings of per-prompt pipeline kwargs (e.g. ``prompt_embeds``
@@ -172,8 +196,10 @@ def collect_activations(pipe: Any, prompts: Sequence[Prompt], hookpoints: Sequen
         else:
             todo.append((i, prompt, key))
 
-    captures = {hp.path: _Capture(hp.path, cond_only, tokens_per_step, seed + 7919 * n)
-                for n, hp in enumerate(resolved)}
+    captures = {
+        hp.path: _Capture(hp.path, cond_only, tokens_per_step, seed + 7919 * n)
+        for n, hp in enumerate(resolved)
+    }
 
     def start(batch: list[tuple[int, Prompt]]) -> None:
         for cap in captures.values():
@@ -186,23 +212,43 @@ def collect_activations(pipe: Any, prompts: Sequence[Prompt], hookpoints: Sequen
 
     keys = {i: key for i, _, key in todo}
     try:
-        run_prompts(pipe, [(i, p) for i, p, _ in todo], captures, num_inference_steps=num_inference_steps,
-                    guidance_scale=guidance_scale, batch_size=batch_size, seed=seed, output_type=output_type,
-                    show_progress=show_progress, desc="collect", on_batch_start=start, on_batch_end=done,
-                    **pipe_kwargs)
+        run_prompts(
+            pipe,
+            [(i, p) for i, p, _ in todo],
+            captures,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            batch_size=batch_size,
+            seed=seed,
+            output_type=output_type,
+            show_progress=show_progress,
+            desc="collect",
+            on_batch_start=start,
+            on_batch_end=done,
+            **pipe_kwargs,
+        )
     finally:
         for s in stores.values():
             s.flush()
     return result
 
 
-def run_prompts(pipe: Any, prompts: Sequence[tuple[int, Prompt]], editors: Mapping[str, Any], *,
-                num_inference_steps: int = 50, guidance_scale: float | None = None, batch_size: int = 1,
-                seed: int = 0, output_type: str = "latent", show_progress: bool = True,
-                desc: str = "generate",
-                on_batch_start: Callable[[list[tuple[int, Prompt]]], None] | None = None,
-                on_batch_end: Callable[[list[tuple[int, Prompt]]], None] | None = None,
-                **pipe_kwargs: Any) -> None:
+def run_prompts(
+    pipe: Any,
+    prompts: Sequence[tuple[int, Prompt]],
+    editors: Mapping[str, Any],
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float | None = None,
+    batch_size: int = 1,
+    seed: int = 0,
+    output_type: str = "latent",
+    show_progress: bool = True,
+    desc: str = "generate",
+    on_batch_start: Callable[[list[tuple[int, Prompt]]], None] | None = None,
+    on_batch_end: Callable[[list[tuple[int, Prompt]]], None] | None = None,
+    **pipe_kwargs: Any,
+) -> None:
     """Generate ``(index, prompt)`` pairs in batches with ``editors`` hooked in: the loop shared by
     collection and the concept statistics pass.
 
@@ -220,13 +266,21 @@ def run_prompts(pipe: Any, prompts: Sequence[tuple[int, Prompt]], editors: Mappi
     try:
         with install_hooks(pipe, editors):
             for start in range(0, len(prompts), batch_size):
-                batch = prompts[start:start + batch_size]
+                batch = prompts[start : start + batch_size]
                 if on_batch_start is not None:
                     on_batch_start(batch)
-                generators = [torch.Generator().manual_seed(seed + i * images_per_prompt + r)
-                              for i, _ in batch for r in range(images_per_prompt)]
-                kwargs = {"num_inference_steps": num_inference_steps, "output_type": output_type,
-                          "generator": generators, **_batch_kwargs([p for _, p in batch]), **pipe_kwargs}
+                generators = [
+                    torch.Generator().manual_seed(seed + i * images_per_prompt + r)
+                    for i, _ in batch
+                    for r in range(images_per_prompt)
+                ]
+                kwargs = {
+                    "num_inference_steps": num_inference_steps,
+                    "output_type": output_type,
+                    "generator": generators,
+                    **_batch_kwargs([p for _, p in batch]),
+                    **pipe_kwargs,
+                }
                 if guidance_scale is not None:
                     kwargs["guidance_scale"] = guidance_scale
                 pipe(**kwargs)
@@ -241,8 +295,13 @@ def run_prompts(pipe: Any, prompts: Sequence[tuple[int, Prompt]], editors: Mappi
             pipe._progress_bar_config = saved_bar
 
 
-def _write(batch: list[tuple[int, Prompt, str]], captures: dict[str, _Capture], stores: dict[str, Any],
-           sink: Sink | None, result: CollectResult) -> None:
+def _write(
+    batch: list[tuple[int, Prompt, str]],
+    captures: dict[str, _Capture],
+    stores: dict[str, Any],
+    sink: Sink | None,
+    result: CollectResult,
+) -> None:
     for path, cap in captures.items():
         per_prompt = cap.take()
         if sink is not None:

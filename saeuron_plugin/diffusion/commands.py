@@ -60,8 +60,12 @@ def _generation_args(p: argparse.ArgumentParser, steps: int = 50) -> None:
 def collect_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     _generation_args(p)
-    p.add_argument("--hookpoint", action="append", required=True,
-                   help="module path such as unet.up_blocks.1.attentions.1 (repeatable: one pass for all)")
+    p.add_argument(
+        "--hookpoint",
+        action="append",
+        required=True,
+        help="module path such as unet.up_blocks.1.attentions.1 (repeatable: one pass for all)",
+    )
     p.add_argument("--out", required=True, help="folder: one activation store per hookpoint")
     p.add_argument("--tokens-per-step", type=int, default=None, help="random tokens kept per image and step")
     p.add_argument("--all-rows", action="store_true", help="keep unconditional CFG rows too")
@@ -74,11 +78,23 @@ def collect(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     result = collect_activations(
-        pipe, prompts, args.hookpoint, args.out, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        cond_only=not args.all_rows, tokens_per_step=args.tokens_per_step, batch_size=args.batch_size,
-        seed=args.seed, store_dtype=DTYPES[args.store_dtype])
-    print(json.dumps({"out": args.out, "collected": result.collected, "skipped": result.skipped,
-                      "rows": result.rows}))
+        pipe,
+        prompts,
+        args.hookpoint,
+        args.out,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        cond_only=not args.all_rows,
+        tokens_per_step=args.tokens_per_step,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        store_dtype=DTYPES[args.store_dtype],
+    )
+    print(
+        json.dumps(
+            {"out": args.out, "collected": result.collected, "skipped": result.skipped, "rows": result.rows}
+        )
+    )
     return 0
 
 
@@ -89,8 +105,12 @@ def concept_add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sae", required=True, help="SAE bundle folder (or Hub repo, then give --out)")
     p.add_argument("--name", help="concept name (omit with --background)")
     p.add_argument("--background", action="store_true", help="add the prompts to the background set")
-    p.add_argument("--contrast", nargs="+", default=None,
-                   help="default contrast set: auto, others, worst, background, or concept names")
+    p.add_argument(
+        "--contrast",
+        nargs="+",
+        default=None,
+        help="default contrast set: auto, others, worst, background, or concept names",
+    )
     p.add_argument("--hookpoint", action="append", default=None, help="only these hookpoints")
     p.add_argument("--out", default=None, help="where to write the bundle (default: --sae, in place)")
 
@@ -108,12 +128,27 @@ def concept_add(args: argparse.Namespace) -> int:
     eraser = SAeUron.from_pretrained(args.sae)
     eraser.paths(args.hookpoint)  # unknown --hookpoint: fail now
     pipe = load_pipeline(args.model, args.device, args.dtype)
-    stats = eraser.add_concept(None if args.background else args.name, prompts, pipe,
-                               hookpoints=args.hookpoint, contrast=contrast, num_inference_steps=args.steps,
-                               guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size)
+    stats = eraser.add_concept(
+        None if args.background else args.name,
+        prompts,
+        pipe,
+        hookpoints=args.hookpoint,
+        contrast=contrast,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
     eraser.save_pretrained(out)
-    print(json.dumps({"out": str(out), "concept": args.name or "background",
-                      "samples": {p: s.total_count for p, s in stats.items()}}))
+    print(
+        json.dumps(
+            {
+                "out": str(out),
+                "concept": args.name or "background",
+                "samples": {p: s.total_count for p, s in stats.items()},
+            }
+        )
+    )
     return 0
 
 
@@ -129,8 +164,14 @@ def concept_list(args: argparse.Namespace) -> int:
     for name in eraser.concepts:
         where = eraser.where(name)
         lib = eraser.hookpoints[where[0]].library
-        rows.append({"concept": name, "hookpoints": where, "prompts": lib.get(name).num_prompts,
-                     "defaults": lib.selection_defaults(name).to_dict()})
+        rows.append(
+            {
+                "concept": name,
+                "hookpoints": where,
+                "prompts": lib.get(name).num_prompts,
+                "defaults": lib.selection_defaults(name).to_dict(),
+            }
+        )
     print(json.dumps(rows, indent=2))
     return 0
 
@@ -157,12 +198,15 @@ def concept_show(args: argparse.Namespace) -> int:
     for path in where:
         lib = eraser.hookpoints[path].library
         spec = ConceptAblation(args.name, percentile=args.percentile, top_n=args.top_n).resolve(lib)
-        sel = select_features(concept_scores(lib, args.name, spec.contrast), spec.percentile, spec.top_n,
-                              lib.tau_grid)
+        sel = select_features(
+            concept_scores(lib, args.name, spec.contrast), spec.percentile, spec.top_n, lib.tau_grid
+        )
         how = f"top {spec.top_n}" if spec.top_n is not None else f"p={spec.percentile}"
         active = "" if lib.selection_defaults(args.name).active else " [inactive here by default]"
-        print(f"{path}: {args.name!r} ({spec.rule.value}, γ={spec.gamma:g}, {how}, "
-              f"contrast={spec.contrast}){active}")
+        print(
+            f"{path}: {args.name!r} ({spec.rule.value}, γ={spec.gamma:g}, {how}, "
+            f"contrast={spec.contrast}){active}"
+        )
         print(sel.describe(limit=args.limit))
     return 0
 
@@ -173,8 +217,9 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     _generation_args(p, steps=50)
     p.add_argument("--sae", default=None, help="SAE bundle folder or Hub repo")
     p.add_argument("--unlearn", nargs="+", default=None, metavar="CONCEPT", help="concepts to remove")
-    p.add_argument("--strength", type=float, default=None,
-                   help="override the concepts' strength (γ = -strength)")
+    p.add_argument(
+        "--strength", type=float, default=None, help="override the concepts' strength (γ = -strength)"
+    )
     p.add_argument("--encoder", choices=["topk", "threshold"], default=None, help="override the SAE encoder")
     p.add_argument("--out", default="out/generate", help="output folder for the PNGs")
     p.add_argument("--compare", action="store_true", help="also write untouched | unlearned side by side")
@@ -205,7 +250,7 @@ def generate(args: argparse.Namespace) -> int:
 
     indexed = list(enumerate(prompts))
     for start in range(0, len(indexed), args.batch_size):
-        batch = indexed[start:start + args.batch_size]
+        batch = indexed[start : start + args.batch_size]
         plain = run(batch) if (args.compare or not args.unlearn) else None
         edited = None
         if args.unlearn:

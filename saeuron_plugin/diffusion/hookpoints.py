@@ -46,8 +46,6 @@ _JOINT_BLOCKS = (JointTransformerBlock, FluxTransformerBlock, FluxSingleTransfor
 _TRANSFORMER_BLOCKS = (BasicTransformerBlock, *_JOINT_BLOCKS)
 
 
-
-
 @dataclass(frozen=True)
 class Hookpoint:
     """A resolved hookpoint: the module, how it is hooked, and its activation width.
@@ -77,7 +75,8 @@ def get_denoiser(pipe_or_denoiser: Any) -> nn.Module:
         if isinstance(module, nn.Module):
             return getattr(module, "_orig_mod", module)
     raise UnsupportedModelError(
-        f"{type(pipe_or_denoiser).__name__} has no `unet` or `transformer` denoiser to hook")
+        f"{type(pipe_or_denoiser).__name__} has no `unet` or `transformer` denoiser to hook"
+    )
 
 
 def denoiser_name(pipe_or_denoiser: Any) -> str:
@@ -99,17 +98,22 @@ def detect_family(pipe_or_denoiser: Any) -> str:
         if cfg.addition_embed_type is not None or cfg.encoder_hid_dim_type is not None:
             raise UnsupportedModelError(
                 f"UNet2DConditionModel with addition_embed_type={cfg.addition_embed_type!r}, "
-                f"encoder_hid_dim_type={cfg.encoder_hid_dim_type!r} is not an SD 1.x/2.x/XL UNet")
+                f"encoder_hid_dim_type={cfg.encoder_hid_dim_type!r} is not an SD 1.x/2.x/XL UNet"
+            )
         dims = cfg.cross_attention_dim
         dims = dims if isinstance(dims, list | tuple) else [dims]
         return "sd2" if 1024 in dims else "sd1"
-    for cls, family in ((PixArtTransformer2DModel, "pixart"), (SD3Transformer2DModel, "sd3"),
-                        (FluxTransformer2DModel, "flux")):
+    for cls, family in (
+        (PixArtTransformer2DModel, "pixart"),
+        (SD3Transformer2DModel, "sd3"),
+        (FluxTransformer2DModel, "flux"),
+    ):
         if isinstance(denoiser, cls):
             return family
     raise UnsupportedModelError(
         f"unsupported denoiser {type(denoiser).__name__}: supported are UNet2DConditionModel (SD 1.x, 2.x, "
-        "XL), PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel")
+        "XL), PixArtTransformer2DModel, SD3Transformer2DModel and FluxTransformer2DModel"
+    )
 
 
 # ----------------------------------------------------------------- resolution
@@ -153,11 +157,16 @@ def list_hookpoints(pipe: Any) -> list[Hookpoint]:
     if isinstance(denoiser, UNet2DConditionModel):
         candidates: Any = denoiser.named_modules()
     else:
-        candidates = ((name, module) for group in ("transformer_blocks", "single_transformer_blocks")
-                      for i, block in enumerate(getattr(denoiser, group, ()))
-                      for name, module in ((f"{group}.{i}", block),
-                                           (f"{group}.{i}.attn2", getattr(block, "attn2", None)))
-                      if module is not None)
+        candidates = (
+            (name, module)
+            for group in ("transformer_blocks", "single_transformer_blocks")
+            for i, block in enumerate(getattr(denoiser, group, ()))
+            for name, module in (
+                (f"{group}.{i}", block),
+                (f"{group}.{i}.attn2", getattr(block, "attn2", None)),
+            )
+            if module is not None
+        )
     unet = isinstance(denoiser, UNet2DConditionModel)
     found = []
     for name, module in candidates:
@@ -178,8 +187,11 @@ def resolve_hookpoint(pipe: Any, path: str) -> Hookpoint:
         except AttributeError:
             module = None
     if module is None:
-        why = (f"paths start with {prefix!r}" if head != prefix
-               else f"{type(denoiser).__name__} has no submodule {rest!r}")
+        why = (
+            f"paths start with {prefix!r}"
+            if head != prefix
+            else f"{type(denoiser).__name__} has no submodule {rest!r}"
+        )
         raise HookpointError(f"unknown hookpoint {path!r} ({why}); {_valid_list(pipe)}")
     info = _classify(module)
     if isinstance(info, str):
@@ -240,5 +252,3 @@ def _tensor_tokens(x: Tensor) -> tuple[Tensor, Restore]:
     if x.dim() == 3:
         return x, lambda edited: edited.to(x.dtype)
     raise ValueError(f"expected a [B, C, H, W] or [B, L, C] activation, got shape {tuple(x.shape)}")
-
-

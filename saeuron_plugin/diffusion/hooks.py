@@ -42,8 +42,15 @@ class EditHook(EditSite):
     """Forward hook editing one module's output (feature map, token tensor, joint-stream tuple or
     an ``Attention``'s processor output) with τ and the branch mask of the running denoiser call."""
 
-    def __init__(self, hookpoint: Hookpoint, editor: Editor, tracker: TimestepTracker, *,
-                 record_tau: bool = False, allow_stack: bool = False) -> None:
+    def __init__(
+        self,
+        hookpoint: Hookpoint,
+        editor: Editor,
+        tracker: TimestepTracker,
+        *,
+        record_tau: bool = False,
+        allow_stack: bool = False,
+    ) -> None:
         self.hookpoint = hookpoint
         self.tracker = tracker
         self.record_tau = record_tau
@@ -56,8 +63,10 @@ class EditHook(EditSite):
     def context(self, tokens: Tensor) -> CallContext:
         tau, mask = self.tracker.tau, self.tracker.cond_mask
         if tau is not None and tau.shape[0] != tokens.shape[0]:
-            raise RuntimeError(f"{self.path}: activation batch {tokens.shape[0]} does not match "
-                               f"the denoiser batch {tau.shape[0]}")
+            raise RuntimeError(
+                f"{self.path}: activation batch {tokens.shape[0]} does not match "
+                f"the denoiser batch {tau.shape[0]}"
+            )
         if self.record_tau:
             self.seen_tau.append(None if tau is None else tau.detach().clone())
         return CallContext(tau, mask)
@@ -78,8 +87,14 @@ InstalledHooks = InstalledSites
 """What :func:`install_hooks` returns (the core's handle; ``.tracker`` is the τ tracker)."""
 
 
-def install_hooks(pipe: Any, editors: Mapping[str, Editor], *, tracker: TimestepTracker | None = None,
-                  record_tau: bool = False, allow_stack: bool = False) -> InstalledHooks:
+def install_hooks(
+    pipe: Any,
+    editors: Mapping[str, Editor],
+    *,
+    tracker: TimestepTracker | None = None,
+    record_tau: bool = False,
+    allow_stack: bool = False,
+) -> InstalledHooks:
     """Hook every ``hookpoint path -> editor`` of ``editors`` into ``pipe`` (a forward hook each).
 
     A tracker is created (and later removed) unless one is passed in. On any error, what was
@@ -88,15 +103,19 @@ def install_hooks(pipe: Any, editors: Mapping[str, Editor], *, tracker: Timestep
     hookpoints = [resolve_hookpoint(pipe, path) for path in editors]
     cached = cache_hooks(get_denoiser(pipe))
     if cached:
-        warnings.warn(f"diffusers cache hooks are active ({', '.join(cached[:3])}): they skip or reuse block "
-                      "forwards, so the SAeUron edit is skipped or cached on those steps; disable the cache "
-                      "(e.g. denoiser.disable_cache()) for a faithful edit", stacklevel=3)
+        warnings.warn(
+            f"diffusers cache hooks are active ({', '.join(cached[:3])}): they skip or reuse block "
+            "forwards, so the SAeUron edit is skipped or cached on those steps; disable the cache "
+            "(e.g. denoiser.disable_cache()) for a faithful edit",
+            stacklevel=3,
+        )
     owns = tracker is None
     installed = InstalledSites(tracker if tracker is not None else TimestepTracker(pipe), owns)
     try:
         for hp in hookpoints:
-            installed.sites[hp.path] = EditHook(hp, editors[hp.path], installed.tracker,
-                                                record_tau=record_tau, allow_stack=allow_stack)
+            installed.sites[hp.path] = EditHook(
+                hp, editors[hp.path], installed.tracker, record_tau=record_tau, allow_stack=allow_stack
+            )
     except BaseException:
         installed.remove()
         raise

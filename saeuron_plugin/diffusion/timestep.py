@@ -57,8 +57,14 @@ class TimestepTracker(CallTracker):
     (every row conditional) or "unknown" (``cond_mask`` always None).
     """
 
-    def __init__(self, pipe: Any, *, family: str | None = None, time_scale: float | None = None,
-                 cfg_layout: CfgLayout = "auto") -> None:
+    def __init__(
+        self,
+        pipe: Any,
+        *,
+        family: str | None = None,
+        time_scale: float | None = None,
+        cfg_layout: CfgLayout = "auto",
+    ) -> None:
         if cfg_layout not in ("auto", "uncond_cond", "none", "unknown"):
             raise ValueError(f"cfg_layout must be auto, uncond_cond, none or unknown, got {cfg_layout!r}")
         self.denoiser: nn.Module = get_denoiser(pipe)
@@ -112,8 +118,11 @@ class TimestepTracker(CallTracker):
 
     def _record(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         x = kwargs[self._x_name] if self._x_name in kwargs else args[0]
-        t = kwargs.get("timestep") if "timestep" in kwargs else (
-            args[self._t_pos] if len(args) > self._t_pos else None)
+        t = (
+            kwargs.get("timestep")
+            if "timestep" in kwargs
+            else (args[self._t_pos] if len(args) > self._t_pos else None)
+        )
         self.timestep = t
         batch = x.shape[0]
         self.tau = None if t is None else self._normalise(t, batch, x.device)
@@ -151,7 +160,9 @@ class TimestepTracker(CallTracker):
                     f"{type(self.denoiser).__name__} got timestep {t.flatten()[:4].tolist()}, which maps to "
                     f"τ {tau.flatten()[:4].tolist()} outside [0, 1] (time_scale {self.time_scale:g}); τ is "
                     "clamped. Is this scheduler's timestep convention supported? Pass time_scale=... to "
-                    "the tracker", stacklevel=2)
+                    "the tracker",
+                    stacklevel=2,
+                )
         tau = tau.clamp_(0.0, 1.0)  # the division made a new tensor
         if tau.dim() == 0 or tau.numel() == 1:
             return tau.reshape(1).expand(batch)
@@ -179,7 +190,7 @@ class TimestepTracker(CallTracker):
         mask = self._masks.get(key)
         if mask is None:
             mask = torch.zeros(batch, dtype=torch.bool, device=device)
-            mask[batch - n_cond:] = True
+            mask[batch - n_cond :] = True
             self._masks[key] = mask
         return mask
 

@@ -76,8 +76,9 @@ class SAeUron(SaeBundle):
         return resolved
 
     # ------------------------------------------------------------------ unlearn
-    def install_ablators(self, pipe: Any, ablators: Mapping[str, FeatureAblator], *,
-                         record_tau: bool = False) -> UnlearnHandle:
+    def install_ablators(
+        self, pipe: Any, ablators: Mapping[str, FeatureAblator], *, record_tau: bool = False
+    ) -> UnlearnHandle:
         """Module hooks on ``pipe`` (checked: hookpoints, widths, base model) running the ablators with
         the denoiser's τ and CFG branch; ``record_tau`` keeps the τ each hook saw (``seen_tau``).
         Pipelines made with ``from_pipe`` share modules, so installing on both raises
@@ -148,18 +149,35 @@ class SAeUron(SaeBundle):
         txn.declare(list(prompts_by_concept))
 
         def start(batch: list[tuple[int, Prompt]]) -> None:  # one sample per generated image
-            keys = [(p if isinstance(p, str) else prompt_key(0, p), p if isinstance(p, str)
-                     else f"<prompt {prompt_key(i, p)}>") for i, p in batch]
-            txn.start_batch([names[k] for k, _ in keys for _ in range(images)],
-                            [label for _, label in keys for _ in range(images)])
+            keys = [
+                (
+                    p if isinstance(p, str) else prompt_key(0, p),
+                    p if isinstance(p, str) else f"<prompt {prompt_key(i, p)}>",
+                )
+                for i, p in batch
+            ]
+            txn.start_batch(
+                [names[k] for k, _ in keys for _ in range(images)],
+                [label for _, label in keys for _ in range(images)],
+            )
 
         what = ", ".join("background" if n is None else str(n) for n in list(prompts_by_concept)[:3])
         more = f" +{len(prompts_by_concept) - 3}" if len(prompts_by_concept) > 3 else ""
         with torch.no_grad(), txn:  # the libraries change only if every prompt ran
-            run_prompts(pipe, list(enumerate(unique)), txn.recorders, num_inference_steps=num_inference_steps,
-                        guidance_scale=guidance_scale, batch_size=batch_size, seed=seed,
-                        show_progress=show_progress, desc=f"concepts {what}{more}", on_batch_start=start,
-                        on_batch_end=lambda _: txn.finish_batch(), **pipe_kwargs)
+            run_prompts(
+                pipe,
+                list(enumerate(unique)),
+                txn.recorders,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                batch_size=batch_size,
+                seed=seed,
+                show_progress=show_progress,
+                desc=f"concepts {what}{more}",
+                on_batch_start=start,
+                on_batch_end=lambda _: txn.finish_batch(),
+                **pipe_kwargs,
+            )
         return txn.results(list(prompts_by_concept))
 
 

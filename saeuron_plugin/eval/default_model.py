@@ -347,8 +347,10 @@ def train_vae(tc: TrainConfig, log: Callable[[str], None] = print):
         std = z.float().std().item()
     vae.register_to_config(scaling_factor=round(1.0 / std, 5))
     vae.save_pretrained(folder)
-    _save_json(folder / "train_stats.json", {"steps": tc.vae_steps, "recon_mse": mse, "latent_std": std,
-                                             "seconds": round(time.time() - t0, 1)})
+    _save_json(
+        folder / "train_stats.json",
+        {"steps": tc.vae_steps, "recon_mse": mse, "latent_std": std, "seconds": round(time.time() - t0, 1)},
+    )
     log(f"VAE done: recon MSE {mse:.5f} (images in [-1, 1]), latent std {std:.3f}")
     return vae
 
@@ -425,8 +427,10 @@ def train_default_model(
         state_dir.mkdir(parents=True, exist_ok=True)
         save_file(_flat_state(unet), str(state_dir / "unet.safetensors"))
         save_file(_flat_state(text), str(state_dir / "text_encoder.safetensors"))
-        save_file({str(i): s.detach().cpu().contiguous() for i, s in enumerate(ema.shadow)},
-                  str(state_dir / "ema.safetensors"))
+        save_file(
+            {str(i): s.detach().cpu().contiguous() for i, s in enumerate(ema.shadow)},
+            str(state_dir / "ema.safetensors"),
+        )
         tensors, meta = optimizer_to_tensors(opt)
         save_file(tensors, str(state_dir / "optimizer.safetensors"))
         _save_json(state_dir / "train_state.json", {"step": step, "optimizer": meta})
@@ -447,8 +451,9 @@ def train_default_model(
         log(f"eval at step {step}: {json.dumps(res)}")
 
     captions = _Captions(tokenizer, dev)
-    stream = sc.batches(tc.batch_size, seed=tc.seed, device=dev, p_drop=tc.p_drop, p_empty=tc.p_empty,
-                        start=start)
+    stream = sc.batches(
+        tc.batch_size, seed=tc.seed, device=dev, p_drop=tc.p_drop, p_empty=tc.p_empty, start=start
+    )
     t0, done = time.time(), start
     last = min(tc.steps, tc.stop_at) if tc.stop_at > 0 else tc.steps
     bar = tqdm(range(start, last), initial=start, total=last, desc="UNet", mininterval=5)
@@ -489,8 +494,14 @@ def train_default_model(
     bar.close()
     if done > start:
         save_state(done)
-        _save_json(out / "unet_stats.json", {"steps": done, "seconds": round(time.time() - t0, 1),
-                                             "s_per_step": (time.time() - t0) / (done - start)})
+        _save_json(
+            out / "unet_stats.json",
+            {
+                "steps": done,
+                "seconds": round(time.time() - t0, 1),
+                "s_per_step": (time.time() - t0) / (done - start),
+            },
+        )
     ema.copy_to(params)
     apply_synonym_prior(text, tokenizer, seed=tc.seed)
     return build_pipeline(vae, text.eval(), tokenizer, unet.eval())
@@ -539,24 +550,37 @@ def export_pipeline(pipe, folder: str | Path, metrics: dict | None = None) -> Pa
 
 # -------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def generate(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int = DEFAULT_STEPS,
-             guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 256) -> torch.Tensor:
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), each with its own seeded generator."""
     device = pipe.device
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk, sd = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
         gens = [torch.Generator(device).manual_seed(int(s)) for s in sd]
-        res = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                   output_type="pt")
+        res = pipe(
+            chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens, output_type="pt"
+        )
         out.append(res.images.float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
-def evaluate_base(pipe, judges, prompts: Sequence[sc.BenchmarkPrompt] | None = None,
-                  seeds: Sequence[int] = (0,), steps: int = DEFAULT_STEPS,
-                  guidance_scale: float = DEFAULT_GUIDANCE, batch_size: int = 256) -> dict:
+def evaluate_base(
+    pipe,
+    judges,
+    prompts: Sequence[sc.BenchmarkPrompt] | None = None,
+    seeds: Sequence[int] = (0,),
+    steps: int = DEFAULT_STEPS,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    batch_size: int = 256,
+) -> dict:
     """Judge accuracy per domain on the untouched model's images for every prompt x seed.
 
     Default prompts: every object x style x color combination with the training template. Seeds are
@@ -569,8 +593,14 @@ def evaluate_base(pipe, judges, prompts: Sequence[sc.BenchmarkPrompt] | None = N
     pipe.set_progress_bar_config(disable=True)
     images = generate(pipe, texts, img_seeds, steps, guidance_scale, batch_size)
     pred = judges.classify(images)
-    result: dict = {"n_images": len(texts), "steps": steps, "guidance_scale": guidance_scale,
-                    "seeds": list(seeds), "seconds": round(time.time() - t0, 1), "accuracy": {}}
+    result: dict = {
+        "n_images": len(texts),
+        "steps": steps,
+        "guidance_scale": guidance_scale,
+        "seeds": list(seeds),
+        "seconds": round(time.time() - t0, 1),
+        "accuracy": {},
+    }
     for d in sc.DOMAINS:
         target = torch.tensor([p.label(d) for _ in seeds for p in prompts])
         result["accuracy"][d] = round(float((pred[d] == target).float().mean()), 4)

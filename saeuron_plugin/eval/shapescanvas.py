@@ -176,8 +176,20 @@ def _polygon(obj: str) -> np.ndarray:
     if obj == "cross":
         a, w = 0.95, 0.32
         return np.array(
-            [[w, w], [w, a], [-w, a], [-w, w], [-a, w], [-a, -w], [-w, -w], [-w, -a], [w, -a], [w, -w],
-             [a, -w], [a, w]]
+            [
+                [w, w],
+                [w, a],
+                [-w, a],
+                [-w, w],
+                [-a, w],
+                [-a, -w],
+                [-w, -w],
+                [-w, -a],
+                [w, -a],
+                [w, -w],
+                [a, -w],
+                [a, w],
+            ]
         )
     if obj == "heart":
         t = np.linspace(0, 2 * np.pi, 32, endpoint=False)

@@ -88,8 +88,9 @@ ATTN2_ALL = (
     *_attn2("mid_block", 1),
 )  # in the UNet's module order, as ``list_hookpoints`` gives them
 HOOKPOINTS = (*BLOCKS_UP1, *ATTN2_ALL)
-OBJECT_ATTN2 = SearchSet(_attn2("down_blocks.2", 1), contrast="worst", percentiles=(99.5, 99.8, 99.9),
-                         gammas=(-1.0, -2.0, -6.0))
+OBJECT_ATTN2 = SearchSet(
+    _attn2("down_blocks.2", 1), contrast="worst", percentiles=(99.5, 99.8, 99.9), gammas=(-1.0, -2.0, -6.0)
+)
 SEARCH_SETS: dict[str, tuple[SetEntry, ...]] = {
     "object": ((BLOCKS_UP1[0],), (BLOCKS_UP1[1],), BLOCKS_UP1, OBJECT_ATTN2),
     "style": (ATTN2_UP1, ATTN2_UP23, ATTN2_ALL),
@@ -98,8 +99,11 @@ SEARCH_SETS: dict[str, tuple[SetEntry, ...]] = {
 # Objects need more latents and stronger edits than colours and styles (first search: every object
 # chose the lowest percentile; the block-output bundle before it chose γ down to -20 for them).
 # Stage-2 validation then preferred p 97 and γ -1/-2 for objects, so the grid reaches down to p 95.
-SEARCH_PERCENTILES = {"object": (95.0, 96.0, 97.0, 98.0, 99.0), "style": (99.0, 99.5, 99.8),
-                      "color": (99.0, 99.5, 99.8)}
+SEARCH_PERCENTILES = {
+    "object": (95.0, 96.0, 97.0, 98.0, 99.0),
+    "style": (99.0, 99.5, 99.8),
+    "color": (99.0, 99.5, 99.8),
+}
 SEARCH_GAMMAS = {"object": (-1.0, -2.0, -6.0, -20.0), "style": (-2.0, -6.0), "color": (-2.0, -6.0)}
 BASE_MODEL = "shapescanvas-sd"
 COLLECT_SEED = 10_000
@@ -117,9 +121,7 @@ def concept_domain(name: str) -> str:
     for domain, words in sc.VOCABULARIES.items():
         if name in words:
             return domain
-    raise KeyError(
-        f"{name!r} is not a ShapesCanvas concept; known: {list(sc.CONCEPTS)}"
-    )
+    raise KeyError(f"{name!r} is not a ShapesCanvas concept; known: {list(sc.CONCEPTS)}")
 
 
 def domain_contrast(name: str) -> list[str]:
@@ -159,11 +161,14 @@ class BundleConfig:
     tau_buckets: int = 25
     """One bucket per step of the 25-step protocol (other step counts use the nearest bucket)."""
     search_percentiles: tuple[float, ...] | dict[str, tuple[float, ...]] = field(
-        default_factory=lambda: dict(SEARCH_PERCENTILES))
+        default_factory=lambda: dict(SEARCH_PERCENTILES)
+    )
     search_gammas: tuple[float, ...] | dict[str, tuple[float, ...]] = field(
-        default_factory=lambda: dict(SEARCH_GAMMAS))
+        default_factory=lambda: dict(SEARCH_GAMMAS)
+    )
     search_sets: tuple[SetEntry, ...] | dict[str, tuple[SetEntry, ...]] = field(
-        default_factory=lambda: dict(SEARCH_SETS))
+        default_factory=lambda: dict(SEARCH_SETS)
+    )
     """Hookpoint sets the search tries, each ablated together, for every concept or per domain
     (``{"object": sets, ...}``, like the percentiles and γ); empty: every hookpoint alone. A
     :class:`SearchSet` entry brings its own contrast and grid."""
@@ -356,15 +361,18 @@ class Setting(NamedTuple):
     """``None``: the concept's default contrast (:func:`domain_contrast`)."""
 
 
-def search_grid(sets: Sequence[Sequence[str] | SearchSet], percentiles: Sequence[float],
-                gammas: Sequence[float]) -> list[Setting]:
+def search_grid(
+    sets: Sequence[Sequence[str] | SearchSet], percentiles: Sequence[float], gammas: Sequence[float]
+) -> list[Setting]:
     """Every set × its percentiles × its γ (a set's own grid, or the domain's), in that order."""
     grid = []
     for entry in map(search_set, sets):
         pcts = percentiles if entry.percentiles is None else entry.percentiles
         gams = gammas if entry.gammas is None else entry.gammas
-        grid += [Setting(entry.hookpoints, float(p), float(g), entry.contrast)
-                 for p, g in itertools.product(pcts, gams)]
+        grid += [
+            Setting(entry.hookpoints, float(p), float(g), entry.contrast)
+            for p, g in itertools.product(pcts, gams)
+        ]
     return grid
 
 
@@ -400,14 +408,22 @@ def evaluate_setting(
         images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
     probs = judges.probabilities(images)  # one judge pass for the scores and the tie-break
     s = judge_scores(judges, images, prompts, name, probs)
-    return {"hookpoints": list(hps), "percentile": pct, "gamma": gamma, "contrast": contrast, **s,
-            "score": (s["ua"] + s["ira"] + s["cra"]) / 3, "margin": judge_margin(probs, prompts, name)}
+    return {
+        "hookpoints": list(hps),
+        "percentile": pct,
+        "gamma": gamma,
+        "contrast": contrast,
+        **s,
+        "score": (s["ua"] + s["ira"] + s["cra"]) / 3,
+        "margin": judge_margin(probs, prompts, name),
+    }
 
 
 def _key(trial: dict[str, Any]) -> Setting:
     """A saved trial's setting (trials saved before contrasts were searched used the default)."""
-    return Setting(tuple(trial["hookpoints"]), float(trial["percentile"]), float(trial["gamma"]),
-                   trial.get("contrast"))
+    return Setting(
+        tuple(trial["hookpoints"]), float(trial["percentile"]), float(trial["gamma"]), trial.get("contrast")
+    )
 
 
 def _rank(trial: dict[str, Any]) -> tuple[float, float]:
@@ -431,8 +447,10 @@ def run_trials(
     n = cfg.search_prompts if stage == "search" else cfg.refine_prompts
     validation = validation_set(name, n, cfg, stage)
     known = {_key(t): t for t in done}
-    trials = [known[s] if s in known else evaluate_setting(eraser, pipe, judges, cfg, name, validation, s)
-              for s in settings]
+    trials = [
+        known[s] if s in known else evaluate_setting(eraser, pipe, judges, cfg, name, validation, s)
+        for s in settings
+    ]
     return trials, sum(s in known for s in settings)
 
 
@@ -443,8 +461,15 @@ def set_winner(eraser: SAeUron, name: str, trial: dict[str, Any]) -> None:
     """
     contrast = trial.get("contrast") or domain_contrast(name)
     for hp in eraser.hookpoints:
-        eraser.set_defaults(name, hookpoints=[hp], percentile=trial["percentile"], top_n=None,
-                            gamma=trial["gamma"], contrast=contrast, active=hp in trial["hookpoints"])
+        eraser.set_defaults(
+            name,
+            hookpoints=[hp],
+            percentile=trial["percentile"],
+            top_n=None,
+            gamma=trial["gamma"],
+            contrast=contrast,
+            active=hp in trial["hookpoints"],
+        )
 
 
 def search_defaults(
@@ -473,8 +498,9 @@ def search_defaults(
         domain = concept_domain(name)
         old = (previous or {}).get(name, {})
         sets = _for_domain(cfg.search_sets, domain) or tuple((hp,) for hp in cfg.hookpoints)
-        grid = search_grid(sets, _for_domain(cfg.search_percentiles, domain),
-                           _for_domain(cfg.search_gammas, domain))
+        grid = search_grid(
+            sets, _for_domain(cfg.search_percentiles, domain), _for_domain(cfg.search_gammas, domain)
+        )
         t0 = time.time()
         trials, reused = run_trials(eraser, pipe, judges, cfg, name, "search", grid, old.get("trials", ()))
         best = max(trials, key=_rank)  # the first of equals, in grid order
@@ -483,7 +509,8 @@ def search_defaults(
         if top > 1:
             finalists = [_key(t) for t in sorted(trials, key=_rank, reverse=True)[:top]]
             record["refine"], again = run_trials(
-                eraser, pipe, judges, cfg, name, "refine", finalists, old.get("refine", ()))
+                eraser, pipe, judges, cfg, name, "refine", finalists, old.get("refine", ())
+            )
             reused += again
             best = max(record["refine"], key=_rank)
         record["best"] = best
@@ -500,8 +527,20 @@ def search_defaults(
     return results
 
 
-TRAINED_FIELDS = ("model", "hookpoints", "steps", "guidance_scale", "collect_repeats", "tokens_per_step", "k",
-                  "expansion_factor", "train_epochs", "batch_size", "tau_buckets", "seed")
+TRAINED_FIELDS = (
+    "model",
+    "hookpoints",
+    "steps",
+    "guidance_scale",
+    "collect_repeats",
+    "tokens_per_step",
+    "k",
+    "expansion_factor",
+    "train_epochs",
+    "batch_size",
+    "tau_buckets",
+    "seed",
+)
 """The config fields steps 1-3 depend on; a saved result of those steps is reused only if they match."""
 
 
@@ -578,8 +617,10 @@ def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
         source = resolve_repo(cfg.from_bundle)
         eraser = SAeUron.from_pretrained(source)
         previous = reusable_search(_read_json(source / "search.json"), cfg)
-        log(f"searching on the SAEs and statistics of {cfg.from_bundle} "
-            f"({len(previous)} concepts' trials reusable)")
+        log(
+            f"searching on the SAEs and statistics of {cfg.from_bundle} "
+            f"({len(previous)} concepts' trials reusable)"
+        )
     else:
         eraser = trained_eraser(pipe, cfg, log)
     progress = reusable_search(_read_json(Path(cfg.work) / SEARCH_PROGRESS), cfg)
@@ -603,9 +644,15 @@ def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = p
     t0 = time.time()
     eraser, previous = starting_point(pipe, cfg, log)
     record = {"config": asdict(cfg)}
-    search = search_defaults(eraser, pipe, judges, cfg, log=log, previous=previous,
-                             on_concept=lambda r: _write_json(Path(cfg.work) / SEARCH_PROGRESS,
-                                                              {**record, "search": r}))
+    search = search_defaults(
+        eraser,
+        pipe,
+        judges,
+        cfg,
+        log=log,
+        previous=previous,
+        on_concept=lambda r: _write_json(Path(cfg.work) / SEARCH_PROGRESS, {**record, "search": r}),
+    )
     chosen = {p for name in eraser.concepts for p in eraser.active_hookpoints(name)}
     used = [p for p in eraser.hookpoints if p in chosen or p in cfg.keep_hookpoints]
     eraser = SAeUron([eraser.hookpoints[p] for p in used])  # drop hookpoints nobody needs

@@ -203,8 +203,9 @@ class Renders:
         return [Image.fromarray(a, "RGB") for a in sc.to_uint8(self.images)]
 
 
-def render(objects: Sequence[int], styles: Sequence[int], colors: Sequence[int],
-           rng: np.random.Generator) -> Renders:
+def render(
+    objects: Sequence[int], styles: Sequence[int], colors: Sequence[int], rng: np.random.Generator
+) -> Renders:
     """Render index triples with random geometry; pixel values rounded to 8 bits like saved images."""
     params = sc.ShapeParams.sample(len(objects), rng)
     img = sc.render_batch(objects, styles, colors, params)
@@ -292,8 +293,11 @@ def ask(
         if isinstance(part, torch.Tensor):
             inputs = question_inputs(processor, part, attribute)
         else:
-            inputs = dict(processor(images=list(part), text=[prompt(attribute)] * len(part),
-                                    return_tensors="pt", padding=True))
+            inputs = dict(
+                processor(
+                    images=list(part), text=[prompt(attribute)] * len(part), return_tensors="pt", padding=True
+                )
+            )
         device = next(model.parameters()).device
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
@@ -330,8 +334,13 @@ class Evaluation:
         return float(np.mean([parse_answer(a) is not None for a in flat]))
 
 
-def evaluate(model: Any, processor: Any, renders: Renders,
-             attributes: Sequence[str] = ATTRIBUTES, batch_size: int = 256) -> Evaluation:
+def evaluate(
+    model: Any,
+    processor: Any,
+    renders: Renders,
+    attributes: Sequence[str] = ATTRIBUTES,
+    batch_size: int = 256,
+) -> Evaluation:
     """Ask every attribute's question about every render."""
     answers = {a: ask(model, processor, renders.images, a, batch_size=batch_size) for a in attributes}
     return Evaluation(answers, {a: renders.labels[a] for a in attributes})
@@ -411,9 +420,11 @@ def train_vlm(tc: TrainConfig, log: Callable[[str], None] = print) -> tuple[Any,
             acc = {a: evaluate(model, processor, val, [a]).accuracy(a) for a in ATTRIBUTES}
             model.train()
             history.append({"step": step + 1, "loss": loss.item(), **acc})
-            log(f"step {step + 1}: loss {loss.item():.4f}, val " +
-                ", ".join(f"{a} {v:.3f}" for a, v in acc.items()) +
-                f" ({time.perf_counter() - start:.0f} s)")
+            log(
+                f"step {step + 1}: loss {loss.item():.4f}, val "
+                + ", ".join(f"{a} {v:.3f}" for a, v in acc.items())
+                + f" ({time.perf_counter() - start:.0f} s)"
+            )
     record = {"train_seconds": time.perf_counter() - start, "history": history, "config": asdict(tc)}
     return model.eval(), processor, record
 
@@ -427,8 +438,9 @@ def held_out_accuracy(model: Any, processor: Any, tc: TrainConfig) -> dict[str, 
     return out
 
 
-def model_card(tc: TrainConfig, record: Mapping[str, Any], acc: Mapping[str, float], n_params: int,
-               size_mb: float) -> str:
+def model_card(
+    tc: TrainConfig, record: Mapping[str, Any], acc: Mapping[str, float], n_params: int, size_mb: float
+) -> str:
     """README.md of the saved model folder."""
     m = tc.model
     rows = "\n".join(f"| {a} | {acc[a]:.4f} |" for a in ATTRIBUTES)
@@ -460,9 +472,9 @@ seed {tc.data_seed}), one question per attribute, greedy `generate()`, answer = 
 | attribute | accuracy |
 |---|---|
 {rows}
-| all | {acc['all']:.4f} |
+| all | {acc["all"]:.4f} |
 
-Well-formed answers (one word of the answer vocabulary): {acc['fluency']:.4f}.
+Well-formed answers (one word of the answer vocabulary): {acc["fluency"]:.4f}.
 
 ## Use
 
@@ -479,7 +491,7 @@ The prompt is `<image>\\nWhat color is this?` (no chat template).
 
 `python examples/train_shapescanvas_vlm.py` ({tc.steps} steps of {tc.batch_size} fresh renders with one
 random question each, AdamW lr {tc.lr}, cosine, loss on the answer word and `</s>`):
-{record['train_seconds'] / 60:.1f} min wall time on 2 CPU cores (torch {torch.__version__}).
+{record["train_seconds"] / 60:.1f} min wall time on 2 CPU cores (torch {torch.__version__}).
 """
 
 

@@ -166,8 +166,15 @@ def scores(value: str, base: Evaluation, edited: Evaluation) -> UnlearnedScores:
         retain_same_rel=same_now / max(same_base, 1e-9),
         retain_other_rel=float(other_now.mean()) / max(float(other_base.mean()), 1e-9),
         retain_other_on_target=float(other_on_target.mean()),
-        in_domain=float(np.mean([parse_answer(a) in sc.VOCABULARIES[attr]
-                                 for a, h in zip(edited.answers[attr], has, strict=True) if h])),
+        in_domain=float(
+            np.mean(
+                [
+                    parse_answer(a) in sc.VOCABULARIES[attr]
+                    for a, h in zip(edited.answers[attr], has, strict=True)
+                    if h
+                ]
+            )
+        ),
     )
 
 
@@ -180,24 +187,41 @@ def evaluate_unlearned(
 
 
 # ----------------------------------------------------------------------------- building
-def collect_and_train(model: Any, processor: Any, cfg: BundleConfig,
-                      log: Callable[[str], None] = print) -> VLMUnlearner:
+def collect_and_train(
+    model: Any, processor: Any, cfg: BundleConfig, log: Callable[[str], None] = print
+) -> VLMUnlearner:
     """Activations at every hookpoint (adapter collection) → one SAE per hookpoint (core trainer)."""
     tokens = cfg.tokens()
     paths = list(tokens)
     images = random_renders(cfg.collect_images, COLLECT_SEED).pil()
     work = Path(cfg.work) / "acts"
     t = time.perf_counter()
-    collect_activations(model, images, questions(len(images)), processor, paths, work, tokens=tokens,
-                        batch_size=cfg.batch_size, show_progress=False)
+    collect_activations(
+        model,
+        images,
+        questions(len(images)),
+        processor,
+        paths,
+        work,
+        tokens=tokens,
+        batch_size=cfg.batch_size,
+        show_progress=False,
+    )
     log(f"collected {len(images)} renders at {len(paths)} hookpoints ({time.perf_counter() - t:.0f} s)")
     saes = {}
     for path in paths:
         t = time.perf_counter()
         saes[path] = train_sae(
-            ActivationStore(work / path), k=cfg.k, expansion_factor=cfg.expansion_factor,
-            batch_size=cfg.sae_batch_size, epochs=cfg.sae_epochs, seed=cfg.seed, hookpoint=path,
-            model_family="llava", base_model=Path(cfg.model).name, progress=False,
+            ActivationStore(work / path),
+            k=cfg.k,
+            expansion_factor=cfg.expansion_factor,
+            batch_size=cfg.sae_batch_size,
+            epochs=cfg.sae_epochs,
+            seed=cfg.seed,
+            hookpoint=path,
+            model_family="llava",
+            base_model=Path(cfg.model).name,
+            progress=False,
         )
         log(f"SAE {path}: {saes[path].num_latents} latents, k={cfg.k} ({time.perf_counter() - t:.0f} s)")
     return VLMUnlearner.from_saes(saes)
@@ -222,42 +246,61 @@ def add_statistics(unlearner: VLMUnlearner, model: Any, processor: Any, cfg: Bun
 
 
 def search_value(
-    unlearner: VLMUnlearner, model: Any, processor: Any, value: str, val: Renders, base: Evaluation,
-    cfg: BundleConfig, log: Callable[[str], None] = print,
+    unlearner: VLMUnlearner,
+    model: Any,
+    processor: Any,
+    value: str,
+    val: Renders,
+    base: Evaluation,
+    cfg: BundleConfig,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Hookpoint × top-N × strength on validation renders; the best setting that meets the targets
     wins (else the best score). Returns the winner, the winner among image-token hookpoints and
     every tried setting."""
     tried = []
     for path, top_n, strength in itertools.product(unlearner.hookpoints, cfg.top_n, cfg.strengths):
-        ev = evaluate_unlearned(model, processor, unlearner, value, val, hookpoints=[path], top_n=top_n,
-                                strength=strength)
+        ev = evaluate_unlearned(
+            model, processor, unlearner, value, val, hookpoints=[path], top_n=top_n, strength=strength
+        )
         s = scores(value, base, ev)
         ok = s.meets(cfg.forget_target, cfg.same_target, cfg.other_target)
         tried.append({"hookpoint": path, "top_n": top_n, "strength": strength, "meets": ok, **asdict(s)})
+
     def winner(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return max(rows, key=lambda r: (r["meets"], _objective(r), -r["strength"], -r["top_n"]))
 
     best = winner(tried)
     best_image = winner([r for r in tried if r["hookpoint"] in cfg.hookpoints])
     for name, row in (("best", best), ("best on image tokens", best_image)):
-        log(f"{value} {name}: {row['hookpoint']} top_n={row['top_n']} strength={row['strength']} forget "
-            f"{row['forget']:.3f} same {row['retain_same_rel']:.3f} other {row['retain_other_rel']:.3f}")
+        log(
+            f"{value} {name}: {row['hookpoint']} top_n={row['top_n']} strength={row['strength']} forget "
+            f"{row['forget']:.3f} same {row['retain_same_rel']:.3f} other {row['retain_other_rel']:.3f}"
+        )
     return {"best": best, "best_image_tokens": best_image, "tried": tried}
 
 
 def _objective(r: Mapping[str, Any]) -> float:
     """The search objective: mean of forget, the two relative retain accuracies and in-domain
     answers (an unlearned "star" should be answered with another shape, not with nothing)."""
-    return float(np.mean([r["forget"], min(1.0, r["retain_same_rel"]), min(1.0, r["retain_other_rel"]),
-                          r["in_domain"]]))
+    return float(
+        np.mean(
+            [r["forget"], min(1.0, r["retain_same_rel"]), min(1.0, r["retain_other_rel"]), r["in_domain"]]
+        )
+    )
 
 
 def set_winner(unlearner: VLMUnlearner, value: str, best: Mapping[str, Any]) -> None:
     """Save a search winner as selection defaults; the concept is active at the winning layer only."""
     for path in unlearner.where(value):
-        unlearner.set_defaults(value, hookpoints=[path], top_n=int(best["top_n"]), percentile=None,
-                               gamma=-float(best["strength"]), active=path == best["hookpoint"])
+        unlearner.set_defaults(
+            value,
+            hookpoints=[path],
+            top_n=int(best["top_n"]),
+            percentile=None,
+            gamma=-float(best["strength"]),
+            active=path == best["hookpoint"],
+        )
 
 
 def build_bundle(cfg: BundleConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -359,8 +402,11 @@ class BenchmarkResult:
 
 
 def run_benchmark(
-    model_folder: str = DEFAULT_FOLDER, bundle: str = DEFAULT_BUNDLE, targets: Sequence[str] = TARGETS,
-    repeats: int = 5, seed: int = TEST_SEED,
+    model_folder: str = DEFAULT_FOLDER,
+    bundle: str = DEFAULT_BUNDLE,
+    targets: Sequence[str] = TARGETS,
+    repeats: int = 5,
+    seed: int = TEST_SEED,
 ) -> BenchmarkResult:
     """Test renders (every combination ``repeats`` times, ``seed``): base and per-value unlearned scores."""
     model, processor = load_vlm(model_folder)
@@ -372,12 +418,24 @@ def run_benchmark(
     search = read_json_object(search_file, "bundle search file")["search"] if search_file.is_file() else {}
     settings = {
         v: {k: search[v]["best_image_tokens"][k] for k in ("hookpoint", "top_n", "strength")}
-        for v in targets if "best_image_tokens" in search.get(v, {})
+        for v in targets
+        if "best_image_tokens" in search.get(v, {})
     }
     image = {
-        v: scores(v, base, evaluate_unlearned(model, processor, unlearner, v, test,
-                                              hookpoints=[c["hookpoint"]], top_n=c["top_n"],
-                                              strength=c["strength"]))
+        v: scores(
+            v,
+            base,
+            evaluate_unlearned(
+                model,
+                processor,
+                unlearner,
+                v,
+                test,
+                hookpoints=[c["hookpoint"]],
+                top_n=c["top_n"],
+                strength=c["strength"],
+            ),
+        )
         for v, c in settings.items()
     }
     protocol = {
@@ -388,8 +446,7 @@ def run_benchmark(
         "model": model_folder,
         "bundle": bundle,
         "defaults_at": {v: unlearner.active_hookpoints(v) for v in targets},
-        "selection": "the bundle's saved defaults (searched on validation renders, seed "
-                     f"{VALIDATION_SEED})",
+        "selection": f"the bundle's saved defaults (searched on validation renders, seed {VALIDATION_SEED})",
     }
     return BenchmarkResult({a: base.accuracy(a) for a in ATTRIBUTES}, out, protocol, image, settings)
 

@@ -345,8 +345,12 @@ def add_args(p: Any) -> None:
     """Options of ``saeuron eval`` and ``benchmarks/unlearning.py``."""
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS), help=f"of {', '.join(ALL_METHODS)}")
     p.add_argument("--concepts", nargs="+", default=None, help="ShapesCanvas concepts (default: all 17)")
-    p.add_argument("--esd-concepts", nargs="+", default=list(ESD_SUBSET),
-                   help="ESD trains per concept: run it on these (default: two per domain)")
+    p.add_argument(
+        "--esd-concepts",
+        nargs="+",
+        default=list(ESD_SUBSET),
+        help="ESD trains per concept: run it on these (default: two per domain)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="test seed sets")
     p.add_argument("--others", type=int, default=Protocol.others, help="captions without the concept")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
@@ -362,8 +366,9 @@ def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
     concepts = args.concepts or list(sc.CONCEPTS)
     method_concepts = {"esd": [c for c in concepts if c in args.esd_concepts]}
     presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
-    results = run_benchmark(args.methods, concepts=concepts, protocol=protocol, presets=presets,
-                            method_concepts=method_concepts)
+    results = run_benchmark(
+        args.methods, concepts=concepts, protocol=protocol, presets=presets, method_concepts=method_concepts
+    )
     write_results(results, args.out, command)
     print(markdown_table(results, command).split("\n## Per concept")[0])
     return results

@@ -4,5 +4,12 @@ from .config import SaeConfig, SaeConfigError
 from .model import SaeOutput, SparseAutoencoder, SparseCode
 from .store import ActivationStore, ActivationStoreError
 
-__all__ = ["ActivationStore", "ActivationStoreError", "SaeConfig", "SaeConfigError", "SaeOutput",
-           "SparseAutoencoder", "SparseCode"]
+__all__ = [
+    "ActivationStore",
+    "ActivationStoreError",
+    "SaeConfig",
+    "SaeConfigError",
+    "SaeOutput",
+    "SparseAutoencoder",
+    "SparseCode",
+]

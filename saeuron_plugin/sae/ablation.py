@@ -106,11 +106,18 @@ class FeatureAblator:
     or the library's calibrated θ).
     """
 
-    def __init__(self, sae: SparseAutoencoder, library: ConceptLibrary,
-                 ablations: Sequence[ConceptAblation | str] | ConceptAblation | str, *,
-                 legacy_error_sign: bool = False, apply_to: ApplyTo = "all",
-                 encoder: Literal["topk", "threshold"] | None = None, check_fingerprint: bool = True,
-                 sync_free: bool = False) -> None:
+    def __init__(
+        self,
+        sae: SparseAutoencoder,
+        library: ConceptLibrary,
+        ablations: Sequence[ConceptAblation | str] | ConceptAblation | str,
+        *,
+        legacy_error_sign: bool = False,
+        apply_to: ApplyTo = "all",
+        encoder: Literal["topk", "threshold"] | None = None,
+        check_fingerprint: bool = True,
+        sync_free: bool = False,
+    ) -> None:
         if apply_to not in ("all", "cond", "uncond"):
             raise ValueError(f"apply_to must be 'all', 'cond' or 'uncond', got {apply_to!r}")
         library.check_sae(sae, fingerprint=check_fingerprint)
@@ -256,19 +263,27 @@ class FeatureAblator:
         return {name: sel.bucket(k).tolist() for name, sel in self.selections.items()}
 
     def describe(self) -> str:
-        lines = [f"FeatureAblator on {self.sae.cfg.hookpoint or 'an SAE'} ({self.sae.cfg.encoder} encoder, "
-                 f"apply_to={self.apply_to}{', legacy_error_sign' if self.legacy_error_sign else ''})"]
+        lines = [
+            f"FeatureAblator on {self.sae.cfg.hookpoint or 'an SAE'} ({self.sae.cfg.encoder} encoder, "
+            f"apply_to={self.apply_to}{', legacy_error_sign' if self.legacy_error_sign else ''})"
+        ]
         for a in self.ablations:
-            how = f"γ={a.gamma:g}" if a.rule is AblationRule.REFERENCE else (
-                f"clamp {a.clamp_value:g}" if a.rule is AblationRule.CLAMP else "zero")
+            how = (
+                f"γ={a.gamma:g}"
+                if a.rule is AblationRule.REFERENCE
+                else (f"clamp {a.clamp_value:g}" if a.rule is AblationRule.CLAMP else "zero")
+            )
             sel = f"p={a.percentile}" if a.top_n is None else f"top {a.top_n}"
-            lines.append(f"- {a.concept}: {a.rule.value} {how}, {sel}; "
-                         + self.selections[a.concept].describe(limit=5).replace("\n", "\n  "))
+            lines.append(
+                f"- {a.concept}: {a.rule.value} {how}, {sel}; "
+                + self.selections[a.concept].describe(limit=5).replace("\n", "\n  ")
+            )
         return "\n".join(lines)
 
     # -------------------------------------------------------------------- call
-    def __call__(self, x: Tensor, tau: float | Tensor | CallContext | None = None,
-                 cond_mask: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, x: Tensor, tau: float | Tensor | CallContext | None = None, cond_mask: Tensor | None = None
+    ) -> Tensor:
         if isinstance(tau, CallContext):  # called as a site Editor: ``ablator(tokens, ctx)``
             tau, cond_mask = tau.tau, tau.cond_mask
         if not self.active:
@@ -295,8 +310,9 @@ class FeatureAblator:
         z = self._encode(xr, lat.reshape(-1)).reshape(b, xr.shape[1], b, s)
         z = z.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # row r keeps its own bucket's latents: [b, T, S]
         change = z > self._gate[bucket].unsqueeze(1)
-        out = self._edit(xr, z, change, self._a[bucket], self._b[bucket], self._rows_of(lat), rows,
-                         batched=True)
+        out = self._edit(
+            xr, z, change, self._a[bucket], self._b[bucket], self._rows_of(lat), rows, batched=True
+        )
         return x if out is xr else out.reshape(x.shape)
 
     def _rows_of(self, latents: Tensor) -> Tensor:
@@ -382,8 +398,18 @@ class FeatureAblator:
             return self.sae.encode_subset(x, latents).float()
         return _topk_members(self.sae, x, latents)
 
-    def _edit(self, x: Tensor, z: Tensor, change: Tensor, a: Tensor, b: Tensor, w: Tensor,
-              rows: Tensor | None, *, batched: bool) -> Tensor:
+    def _edit(
+        self,
+        x: Tensor,
+        z: Tensor,
+        change: Tensor,
+        a: Tensor,
+        b: Tensor,
+        w: Tensor,
+        rows: Tensor | None,
+        *,
+        batched: bool,
+    ) -> Tensor:
         """out = x + (z′ − z)·W_dec[sel] on the tokens where ``change``; x itself if none (on CPU).
 
         Unbatched: a, b [S, C] and w [S, d] serve every token. Batched (per-row buckets): x [B, T, d]
@@ -455,12 +481,21 @@ def _with_encoder(sae: SparseAutoencoder, library: ConceptLibrary, encoder: str 
     if encoder == "threshold" and threshold is None:
         threshold = library.calibrated_threshold
         if threshold is None:
-            raise ValueError("encoder='threshold' needs θ: this SAE has none and the concept library has no "
-                             "calibrated one (pass a ThresholdCalibrator to the statistics pass)")
+            raise ValueError(
+                "encoder='threshold' needs θ: this SAE has none and the concept library has no "
+                "calibrated one (pass a ThresholdCalibrator to the statistics pass)"
+            )
     view = copy.copy(sae)  # shares the parameter dict; only the config differs
     view.cfg = sae.cfg.replace(encoder=encoder, threshold=threshold)
     return view
 
 
-__all__ = ["AblationRule", "ConceptAblation", "FeatureAblator", "ResolvedAblation", "ThresholdCalibrator",
-           "calibrate_threshold", "kth_largest"]
+__all__ = [
+    "AblationRule",
+    "ConceptAblation",
+    "FeatureAblator",
+    "ResolvedAblation",
+    "ThresholdCalibrator",
+    "calibrate_threshold",
+    "kth_largest",
+]

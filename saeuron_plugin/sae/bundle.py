@@ -77,18 +77,27 @@ class StatisticsTransaction:
     with :meth:`start_batch` and closes it with :meth:`finish_batch`.
     """
 
-    def __init__(self, bundle: SaeBundle, paths: Sequence[str], calibrate: bool | None, *,
-                 extra: Mapping[str, Mapping[str, Any]] | None = None, missing_hint: str = "") -> None:
+    def __init__(
+        self,
+        bundle: SaeBundle,
+        paths: Sequence[str],
+        calibrate: bool | None,
+        *,
+        extra: Mapping[str, Mapping[str, Any]] | None = None,
+        missing_hint: str = "",
+    ) -> None:
         self.bundle = bundle
         self.paths = list(paths)
         self.fresh: dict[str, dict[str | None, Any]] = {p: {} for p in self.paths}
-        self._saved_calibrators = {p: _calibrator_snapshot(bundle.hookpoints[p].calibrator)
-                                   for p in self.paths}
+        self._saved_calibrators = {
+            p: _calibrator_snapshot(bundle.hookpoints[p].calibrator) for p in self.paths
+        }
         bundle.prepare_calibrators(self.paths, calibrate)
         self.committed: dict[str, dict[str | None, Any]] | None = None
         extra = extra or {}
-        self.recorders = {p: StatisticsRecorder(bundle.hookpoints[p], self, extra.get(p), missing_hint)
-                          for p in self.paths}
+        self.recorders = {
+            p: StatisticsRecorder(bundle.hookpoints[p], self, extra.get(p), missing_hint) for p in self.paths
+        }
 
     def declare(self, names: Sequence[str | None]) -> None:
         """Make (empty) statistics for ``names`` at every hookpoint, so each exists even without rows."""
@@ -118,8 +127,10 @@ class StatisticsTransaction:
         out: dict[str, dict[str | None, Any]] = {}
         for path in self.paths:
             library = self.bundle.hookpoints[path].library
-            out[path] = {name: library.set_background(stats) if name is None else library.add_stats(stats)
-                         for name, stats in self.fresh[path].items()}
+            out[path] = {
+                name: library.set_background(stats) if name is None else library.add_stats(stats)
+                for name, stats in self.fresh[path].items()
+            }
         self.bundle.record_calibration(self.paths)
         self.committed = out
         return out
@@ -252,8 +263,13 @@ class SaeBundle:
                 cls._load_entry(
                     root / name,
                     name,
-                    load_sae_folder(root / name, sae_class=SparseAutoencoder, device=device,
-                                    dtype=torch.float32, hookpoint=name),
+                    load_sae_folder(
+                        root / name,
+                        sae_class=SparseAutoencoder,
+                        device=device,
+                        dtype=torch.float32,
+                        hookpoint=name,
+                    ),
                     tau_grid,
                 )
                 for name in wanted
@@ -286,8 +302,9 @@ class SaeBundle:
 
     def active_hookpoints(self, concept: str) -> list[str]:
         """Hookpoints where ``concept`` is ablated by default (its library there marks it ``active``)."""
-        return [p for p in self.where(concept)
-                if self.hookpoints[p].library.selection_defaults(concept).active]
+        return [
+            p for p in self.where(concept) if self.hookpoints[p].library.selection_defaults(concept).active
+        ]
 
     def _describe_entry(self, entry: BundleEntry) -> str:
         return f"d_in={entry.sae.d_in}, n={entry.sae.num_latents}, {len(entry.library)} concepts"
@@ -326,8 +343,11 @@ class SaeBundle:
         """Warn when the SAE at ``path`` was trained on another base model than ``model_id``."""
         base = self.hookpoints[path].sae.cfg.base_model
         if base and model_id and not same_model(base, model_id):
-            warnings.warn(f"the SAE for {path} was trained on {base!r}, this {what} is {model_id!r}; "
-                          "features may not mean the same here", stacklevel=4)
+            warnings.warn(
+                f"the SAE for {path} was trained on {base!r}, this {what} is {model_id!r}; "
+                "features may not mean the same here",
+                stacklevel=4,
+            )
 
     def set_defaults(self, concept: str, *, hookpoints: Sequence[str] | None = None, **defaults: Any) -> None:
         """Set a concept's selection defaults (percentile, top_n, gamma, rule, active, ...) where held."""
@@ -344,8 +364,9 @@ class SaeBundle:
             else:
                 entry.calibrator = None
 
-    def statistics_pass(self, paths: Sequence[str], calibrate: bool | None, **options: Any
-                        ) -> StatisticsTransaction:
+    def statistics_pass(
+        self, paths: Sequence[str], calibrate: bool | None, **options: Any
+    ) -> StatisticsTransaction:
         """A transaction for one statistics pass at ``paths`` (see :class:`StatisticsTransaction`)."""
         return StatisticsTransaction(self, paths, calibrate, **options)
 
@@ -416,8 +437,10 @@ class SaeBundle:
     ) -> dict[str, list[Any]]:
         """:meth:`plan` with every option resolved against the libraries (hookpoint → resolved specs):
         checks names, strengths, percentiles before any model is loaded or hooked."""
-        return {path: [spec.resolve(self.hookpoints[path].library) for spec in specs]
-                for path, specs in self.plan(concepts, **overrides).items()}
+        return {
+            path: [spec.resolve(self.hookpoints[path].library) for spec in specs]
+            for path, specs in self.plan(concepts, **overrides).items()
+        }
 
     def ablators(
         self,
@@ -474,8 +497,9 @@ class SaeBundle:
         )
         return self.install_ablators(model, ablators, **install)
 
-    def install_ablators(self, model: Any, ablators: Mapping[str, FeatureAblator],
-                         **options: Any) -> UnlearnHandle:  # pragma: no cover - adapters
+    def install_ablators(
+        self, model: Any, ablators: Mapping[str, FeatureAblator], **options: Any
+    ) -> UnlearnHandle:  # pragma: no cover - adapters
         """Check ``model`` and hook one ablator per hookpoint into it (each adapter implements this)."""
         raise NotImplementedError(f"{type(self).__name__} has no runtime to install ablators into")
 

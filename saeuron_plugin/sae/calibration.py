@@ -34,8 +34,15 @@ class ThresholdCalibrator:
     refines it to the exact order statistic when the data can be read twice.
     """
 
-    def __init__(self, sae: SparseAutoencoder | None = None, target_l0: float | None = None, *,
-                 low: float = 1e-6, high: float = 1e6, bins: int = 32768) -> None:
+    def __init__(
+        self,
+        sae: SparseAutoencoder | None = None,
+        target_l0: float | None = None,
+        *,
+        low: float = 1e-6,
+        high: float = 1e6,
+        bins: int = 32768,
+    ) -> None:
         if target_l0 is None:
             if sae is None:
                 raise ValueError("give `target_l0` or an `sae` (whose k is the target)")
@@ -92,14 +99,21 @@ class ThresholdCalibrator:
         """θ such that the mean L0 of the data seen is ``target_l0`` (0.0 if fewer values are positive)."""
         found = self._locate()
         if found is None:
-            warnings.warn(f"fewer than {self.target_l0:g} positive pre-activations per token on average: "
-                          "θ = 0 (every positive latent fires)", stacklevel=2)
+            warnings.warn(
+                f"fewer than {self.target_l0:g} positive pre-activations per token on average: "
+                "θ = 0 (every positive latent fires)",
+                stacklevel=2,
+            )
             return 0.0
         return math.exp(found[0])
 
     def describe(self) -> dict[str, Any]:
-        return {"target_l0": self.target_l0, "tokens": self.tokens, "method": "log-histogram",
-                "relative_resolution": math.expm1(self.width)}
+        return {
+            "target_l0": self.target_l0,
+            "tokens": self.tokens,
+            "method": "log-histogram",
+            "relative_resolution": math.expm1(self.width),
+        }
 
 
 def _refine(sae: SparseAutoencoder, chunks: list[Tensor], cal: ThresholdCalibrator) -> float | None:
@@ -124,8 +138,13 @@ def _refine(sae: SparseAutoencoder, chunks: list[Tensor], cal: ThresholdCalibrat
     return float((vals[a] + vals[b]) / 2)
 
 
-def calibrate_threshold(sae: SparseAutoencoder, activations: Tensor | Iterable[Tensor],
-                        target_l0: float | None = None, *, chunk_tokens: int = 4096) -> float:
+def calibrate_threshold(
+    sae: SparseAutoencoder,
+    activations: Tensor | Iterable[Tensor],
+    target_l0: float | None = None,
+    *,
+    chunk_tokens: int = 4096,
+) -> float:
     """θ for ``sae`` such that the mean L0 over ``activations`` equals ``target_l0`` (default k).
 
     A tensor [..., d] or a list of tensors is read twice and θ is exact (the mid-point between the

@@ -25,7 +25,24 @@ from .stats import (
 )
 from .tau import TauGrid
 
-__all__ = ["BACKGROUND_FILE", "FORMAT_VERSION", "INDEX_FORMAT", "STATS_FORMAT", "ConceptError",
-           "ConceptLibrary", "ConceptMismatchError", "ConceptStats", "FeatureSelection", "SelectionDefaults",
-           "TauGrid", "UnknownConceptError", "concept_scores", "hash_prompts", "make_slugs", "pool_tokens",
-           "pooled_stats", "quantile_linear", "select_features"]
+__all__ = [
+    "BACKGROUND_FILE",
+    "FORMAT_VERSION",
+    "INDEX_FORMAT",
+    "STATS_FORMAT",
+    "ConceptError",
+    "ConceptLibrary",
+    "ConceptMismatchError",
+    "ConceptStats",
+    "FeatureSelection",
+    "SelectionDefaults",
+    "TauGrid",
+    "UnknownConceptError",
+    "concept_scores",
+    "hash_prompts",
+    "make_slugs",
+    "pool_tokens",
+    "pooled_stats",
+    "quantile_linear",
+    "select_features",
+]

@@ -16,7 +16,6 @@ from ..errors import SAeUronError
 EncoderMode = Literal["topk", "threshold"]
 
 
-
 class SaeConfigError(SAeUronError, ValueError):
     """A configuration that cannot describe a valid SAE."""
 
@@ -65,8 +64,18 @@ class SaeConfig:
                 "(it calibrates θ) or calibrate one with `calibrate_threshold`"
             )
 
-    _KNOWN = ("d_in", "num_latents", "expansion_factor", "k", "encoder", "threshold",
-              "input_unit_norm", "hookpoint", "model_family", "base_model")
+    _KNOWN = (
+        "d_in",
+        "num_latents",
+        "expansion_factor",
+        "k",
+        "encoder",
+        "threshold",
+        "input_unit_norm",
+        "hookpoint",
+        "model_family",
+        "base_model",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: getattr(self, name) for name in self._KNOWN}
@@ -94,8 +103,15 @@ class SaeConfig:
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "d_in": (int,), "num_latents": (int,), "expansion_factor": (int,), "k": (int,), "encoder": (str,),
-    "threshold": (int, float), "input_unit_norm": (bool,), "hookpoint": (str,), "model_family": (str,),
+    "d_in": (int,),
+    "num_latents": (int,),
+    "expansion_factor": (int,),
+    "k": (int,),
+    "encoder": (str,),
+    "threshold": (int, float),
+    "input_unit_norm": (bool,),
+    "hookpoint": (str,),
+    "model_family": (str,),
     "base_model": (str,),
 }
 
@@ -105,8 +121,16 @@ def _check_type(name: str, value: Any) -> None:
     ``k: 8.5``, ``d_in: 32.0``, ``threshold: "abc"`` would otherwise fail far from the file)."""
     kinds = _FIELD_TYPES[name]
     if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        want = " or ".join("an integer" if k is int else "a number" if k is float else
-                           "true/false" if k is bool else "a string" for k in kinds)
+        want = " or ".join(
+            "an integer"
+            if k is int
+            else "a number"
+            if k is float
+            else "true/false"
+            if k is bool
+            else "a string"
+            for k in kinds
+        )
         raise SaeConfigError(f"cfg.json field {name!r} must be {want}, got {type(value).__name__} {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise SaeConfigError(f"cfg.json field {name!r} must be finite, got {value!r}")

@@ -24,8 +24,14 @@ from ..errors import BadFileError, MissingFileError
 
 PathLike = str | os.PathLike[str]
 
-_TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false", dict: "an object",
-               list: "a list"}
+_TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true/false",
+    dict: "an object",
+    list: "a list",
+}
 
 
 def read_json(path: PathLike, what: str = "JSON file") -> Any:
@@ -55,8 +61,16 @@ def read_json_object(path: PathLike, what: str = "JSON file") -> dict[str, Any]:
     return raw
 
 
-def typed_field(raw: dict[str, Any], name: str, kind: type | tuple[type, ...], path: PathLike, *,
-          default: Any = ..., positive: bool = False, finite: bool = True) -> Any:
+def typed_field(
+    raw: dict[str, Any],
+    name: str,
+    kind: type | tuple[type, ...],
+    path: PathLike,
+    *,
+    default: Any = ...,
+    positive: bool = False,
+    finite: bool = True,
+) -> Any:
     """``raw[name]`` checked against ``kind`` (``bool`` is never an ``int`` here; an integral float
     counts as an ``int`` only if ``kind`` allows float); missing without a default is an error."""
     if name not in raw or raw[name] is None:
@@ -85,8 +99,9 @@ class SafetensorsFile(NamedTuple):
     metadata: dict[str, str]
 
 
-def read_safetensors(path: PathLike, what: str, names: Iterable[str] | None = None, *,
-                     finite: bool = True) -> SafetensorsFile:
+def read_safetensors(
+    path: PathLike, what: str, names: Iterable[str] | None = None, *, finite: bool = True
+) -> SafetensorsFile:
     """Load tensors (all, or ``names``, each required) and the header metadata of ``path``.
 
     Truncated files, random bytes and pickles fail in the header parse and are reported as
@@ -102,14 +117,19 @@ def read_safetensors(path: PathLike, what: str, names: Iterable[str] | None = No
             wanted = list(available) if names is None else list(names)
             missing = [n for n in wanted if n not in available]
             if missing:
-                raise BadFileError(path, f"the {what} has no tensor(s) {missing} "
-                                         f"(it holds {sorted(available)})", field=missing[0])
+                raise BadFileError(
+                    path,
+                    f"the {what} has no tensor(s) {missing} (it holds {sorted(available)})",
+                    field=missing[0],
+                )
             tensors = {n: fh.get_tensor(n) for n in wanted}
     except BadFileError:
         raise
     except Exception as err:  # SafetensorError, OSError, and whatever a garbage header raises
-        raise BadFileError(path, f"not a readable {what} (truncated, corrupt, or not safetensors: "
-                                 f"{type(err).__name__}: {err})") from err
+        raise BadFileError(
+            path,
+            f"not a readable {what} (truncated, corrupt, or not safetensors: {type(err).__name__}: {err})",
+        ) from err
     if finite:
         for name, t in tensors.items():
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -131,8 +151,10 @@ def safetensors_shapes(path: PathLike, what: str) -> dict[str, tuple[tuple[int, 
                 piece = fh.get_slice(name)
                 out[name] = (tuple(piece.get_shape()), str(piece.get_dtype()))
     except Exception as err:
-        raise BadFileError(path, f"not a readable {what} (truncated, corrupt, or not safetensors: "
-                                 f"{type(err).__name__}: {err})") from err
+        raise BadFileError(
+            path,
+            f"not a readable {what} (truncated, corrupt, or not safetensors: {type(err).__name__}: {err})",
+        ) from err
     return out
 
 

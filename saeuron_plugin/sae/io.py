@@ -42,8 +42,18 @@ CFG_NAME = "cfg.json"
 WEIGHTS_NAME = "sae.safetensors"
 TENSOR_NAMES = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 
-__all__ = ["CFG_NAME", "TENSOR_NAMES", "WEIGHTS_NAME", "SaeLoadError", "atomic_write",
-           "list_hookpoint_folders", "load_sae", "push_sae_to_hub", "resolve_repo", "save_sae"]
+__all__ = [
+    "CFG_NAME",
+    "TENSOR_NAMES",
+    "WEIGHTS_NAME",
+    "SaeLoadError",
+    "atomic_write",
+    "list_hookpoint_folders",
+    "load_sae",
+    "push_sae_to_hub",
+    "resolve_repo",
+    "save_sae",
+]
 
 
 class SaeLoadError(SAeUronError, OSError, ValueError):
@@ -66,8 +76,12 @@ def atomic_write(target: Path, write: Callable[[str], None]) -> None:
 
 def sae_state_tensors(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     """The four tensors of the on-disk layout, detached, contiguous and on the CPU."""
-    tensors = {"encoder.weight": sae.encoder.weight, "encoder.bias": sae.encoder.bias,
-               "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    tensors = {
+        "encoder.weight": sae.encoder.weight,
+        "encoder.bias": sae.encoder.bias,
+        "W_dec": sae.W_dec,
+        "b_dec": sae.b_dec,
+    }
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
@@ -78,8 +92,9 @@ def sae_state_tensors(sae: SparseAutoencoder) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_sae(sae: SparseAutoencoder, path: str | os.PathLike[str], *,
-             safe_serialization: bool = True) -> Path:
+def save_sae(
+    sae: SparseAutoencoder, path: str | os.PathLike[str], *, safe_serialization: bool = True
+) -> Path:
     """Write ``cfg.json`` and ``sae.safetensors`` into the folder ``path`` (created if needed).
 
     Each file is written to a temp file in the same folder and renamed into place, so readers
@@ -98,8 +113,10 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike[str], *,
     for name, t in tensors.items():  # our own loader refuses NaN/inf weights: never write them
         if not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
-            raise NonFiniteError(f"refusing to save an SAE whose tensor {name!r} holds {bad} NaN/inf "
-                                 "value(s) (did training diverge?)")
+            raise NonFiniteError(
+                f"refusing to save an SAE whose tensor {name!r} holds {bad} NaN/inf "
+                "value(s) (did training diverge?)"
+            )
 
     def write_cfg(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -116,8 +133,13 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 def _looks_like_local_path(name: str) -> bool:
     """A string that cannot be a Hub repo id ('org/name') and so must be meant as a path."""
-    return (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-            or os.path.isabs(name) or not _REPO_ID.match(name))
+    return (
+        name.startswith((".", "/", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or os.path.isabs(name)
+        or not _REPO_ID.match(name)
+    )
 
 
 def hub_offline() -> bool:
@@ -146,11 +168,16 @@ def list_hookpoint_folders(root: str | os.PathLike[str]) -> list[str]:
     return sorted(names, key=_natural_key)
 
 
-def resolve_repo(path_or_repo_id: str | os.PathLike[str], *,
-                 allow_patterns: Sequence[str] | str | None = None,
-                 ignore_patterns: Sequence[str] | str | None = None,
-                 revision: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
-                 token: str | bool | None = None, local_files_only: bool | None = None) -> Path:
+def resolve_repo(
+    path_or_repo_id: str | os.PathLike[str],
+    *,
+    allow_patterns: Sequence[str] | str | None = None,
+    ignore_patterns: Sequence[str] | str | None = None,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> Path:
     """Local folder for ``path_or_repo_id``: the folder itself, or a Hub snapshot.
 
     An existing local directory is returned as is. Anything else is taken as a Hub repo id and
@@ -171,8 +198,10 @@ def resolve_repo(path_or_repo_id: str | os.PathLike[str], *,
         return local
     name = str(path_or_repo_id)
     if _looks_like_local_path(name):
-        raise SaeLoadError(f"no SAE folder at {local}: the path does not exist "
-                           "(and it is not a Hugging Face Hub repo id of the form 'org/name')")
+        raise SaeLoadError(
+            f"no SAE folder at {local}: the path does not exist "
+            "(and it is not a Hugging Face Hub repo id of the form 'org/name')"
+        )
 
     offline = hub_offline()
     if local_files_only is None:
@@ -181,9 +210,14 @@ def resolve_repo(path_or_repo_id: str | os.PathLike[str], *,
     cache = str(cache_dir) if cache_dir is not None else constants.HF_HUB_CACHE
     try:
         snapshot = snapshot_download(
-            name, revision=revision, cache_dir=cache_dir, token=token,
+            name,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
             local_files_only=local_files_only,
-            allow_patterns=_patterns(allow_patterns), ignore_patterns=_patterns(ignore_patterns))
+            allow_patterns=_patterns(allow_patterns),
+            ignore_patterns=_patterns(ignore_patterns),
+        )
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
         if offline:
             reason = "HF_HUB_OFFLINE is set"
@@ -194,18 +228,21 @@ def resolve_repo(path_or_repo_id: str | os.PathLike[str], *,
         raise SaeLoadError(
             f"could not find SAE {where} locally or in the Hugging Face cache at {cache} ({reason}); "
             f"there is no local folder of that name either. Download it once with network access, "
-            f"or pass the path of a local folder. [{type(e).__name__}: {e}]") from e
+            f"or pass the path of a local folder. [{type(e).__name__}: {e}]"
+        ) from e
     except RevisionNotFoundError as e:
         raise SaeLoadError(f"revision '{revision}' does not exist in Hub repo '{name}'") from e
     except RepositoryNotFoundError as e:
         raise SaeLoadError(
             f"could not find SAE {where}: no local folder of that name, and no such repository on the "
-            f"Hugging Face Hub (or it is private or gated: pass token=...)") from e
+            f"Hugging Face Hub (or it is private or gated: pass token=...)"
+        ) from e
     except HfHubHTTPError as e:
         raise SaeLoadError(f"could not download SAE {where} from the Hugging Face Hub: {e}") from e
     except HFValidationError as e:
         raise SaeLoadError(
-            f"'{name}' is neither an existing local folder nor a valid Hub repo id: {e}") from e
+            f"'{name}' is neither an existing local folder nor a valid Hub repo id: {e}"
+        ) from e
     return Path(snapshot)
 
 
@@ -245,8 +282,9 @@ def _read_tensors(folder: Path, cfg: SaeConfig) -> dict[str, torch.Tensor]:
             parts.append(f"missing tensors {missing}")
         if unexpected:
             parts.append(f"unexpected tensors {unexpected}")
-        raise SaeLoadError(f"{WEIGHTS_NAME} at {path} has {' and '.join(parts)}; "
-                           f"expected exactly {list(TENSOR_NAMES)}")
+        raise SaeLoadError(
+            f"{WEIGHTS_NAME} at {path} has {' and '.join(parts)}; expected exactly {list(TENSOR_NAMES)}"
+        )
     n, d = cfg.num_latents, cfg.d_in
     expected = {"encoder.weight": (n, d), "encoder.bias": (n,), "W_dec": (n, d), "b_dec": (d,)}
     for name, shape in expected.items():
@@ -254,7 +292,8 @@ def _read_tensors(folder: Path, cfg: SaeConfig) -> dict[str, torch.Tensor]:
         if tuple(t.shape) != shape:
             raise SaeLoadError(
                 f"tensor '{name}' in {path} has shape {list(t.shape)} but {CFG_NAME} "
-                f"(d_in={d}, num_latents={n}) implies {list(shape)}")
+                f"(d_in={d}, num_latents={n}) implies {list(shape)}"
+            )
         if not t.is_floating_point():
             raise SaeLoadError(f"tensor '{name}' in {path} has dtype {t.dtype}; expected a float type")
         if not bool(torch.isfinite(t).all()):
@@ -264,14 +303,22 @@ def _read_tensors(folder: Path, cfg: SaeConfig) -> dict[str, torch.Tensor]:
 
 
 def _missing_subfolder_error(root: Path, subfolder: str, available: list[str], source: str) -> SaeLoadError:
-    hint = (f"available hookpoint folders: {available}" if available
-            else "it holds no hookpoint folders with a cfg.json")
+    hint = (
+        f"available hookpoint folders: {available}"
+        if available
+        else "it holds no hookpoint folders with a cfg.json"
+    )
     return SaeLoadError(f"no SAE subfolder '{subfolder}' in {source} ({root}); {hint}")
 
 
-def load_sae_folder(folder: str | os.PathLike[str], *, sae_class: type[SparseAutoencoder],
-                    device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                    hookpoint: str | None = None) -> SparseAutoencoder:
+def load_sae_folder(
+    folder: str | os.PathLike[str],
+    *,
+    sae_class: type[SparseAutoencoder],
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    hookpoint: str | None = None,
+) -> SparseAutoencoder:
     """Load one local SAE folder (``cfg.json`` + ``sae.safetensors``) as ``sae_class``, validating everything.
 
     ``hookpoint`` fills ``cfg.hookpoint`` when the file does not name one (sparsify and SAeUron
@@ -286,7 +333,8 @@ def load_sae_folder(folder: str | os.PathLike[str], *, sae_class: type[SparseAut
         if available:
             raise SaeLoadError(
                 f"{folder} holds several SAEs (one folder per hookpoint) but no top-level {CFG_NAME}; "
-                f"pass subfolder=... with one of {available}")
+                f"pass subfolder=... with one of {available}"
+            )
         raise SaeLoadError(f"no {CFG_NAME} in {folder}: not an SAE folder")
     cfg = _read_cfg(folder)
     if cfg.hookpoint is None and hookpoint:
@@ -303,11 +351,18 @@ def load_sae_folder(folder: str | os.PathLike[str], *, sae_class: type[SparseAut
     return sae
 
 
-def load_sae(path_or_repo_id: str | os.PathLike[str], subfolder: str | None = None, *,
-             sae_class: type[SparseAutoencoder], revision: str | None = None,
-             device: torch.device | str | None = None,
-             dtype: torch.dtype | None = None, cache_dir: str | os.PathLike[str] | None = None,
-             token: str | bool | None = None, local_files_only: bool | None = None) -> SparseAutoencoder:
+def load_sae(
+    path_or_repo_id: str | os.PathLike[str],
+    subfolder: str | None = None,
+    *,
+    sae_class: type[SparseAutoencoder],
+    revision: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+) -> SparseAutoencoder:
     """Load an SAE from a local folder or a Hugging Face Hub repo (``subfolder`` = hookpoint folder).
 
     A local folder is used directly. Otherwise the repo is fetched with ``snapshot_download``
@@ -320,8 +375,9 @@ def load_sae(path_or_repo_id: str | os.PathLike[str], subfolder: str | None = No
         patterns: list[str] = [f"{sub}/*"]
     else:
         patterns = [CFG_NAME, WEIGHTS_NAME, f"*/{CFG_NAME}"]
-    kwargs: dict[str, Any] = dict(revision=revision, cache_dir=cache_dir, token=token,
-                                  local_files_only=local_files_only)
+    kwargs: dict[str, Any] = dict(
+        revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
+    )
     root = resolve_repo(path_or_repo_id, allow_patterns=patterns, **kwargs)
     is_local = Path(str(path_or_repo_id)).expanduser().exists()
     source = f"local folder {path_or_repo_id}" if is_local else f"Hub repo '{path_or_repo_id}'"
@@ -334,7 +390,8 @@ def load_sae(path_or_repo_id: str | os.PathLike[str], subfolder: str | None = No
             # The snapshot holds only what matched; fetch just the cfg.json files to list choices.
             try:
                 available = list_hookpoint_folders(
-                    resolve_repo(path_or_repo_id, allow_patterns=[f"*/{CFG_NAME}"], **kwargs))
+                    resolve_repo(path_or_repo_id, allow_patterns=[f"*/{CFG_NAME}"], **kwargs)
+                )
             except SaeLoadError:
                 available = []
         raise _missing_subfolder_error(root, sub, available, source)
@@ -342,9 +399,16 @@ def load_sae(path_or_repo_id: str | os.PathLike[str], subfolder: str | None = No
 
 
 # ------------------------------------------------------------------------------------------ push
-def push_sae_to_hub(sae: SparseAutoencoder, repo_id: str, subfolder: str | None = None, *,
-                    commit_message: str | None = None, private: bool | None = None,
-                    token: str | bool | None = None, revision: str | None = None) -> str:
+def push_sae_to_hub(
+    sae: SparseAutoencoder,
+    repo_id: str,
+    subfolder: str | None = None,
+    *,
+    commit_message: str | None = None,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    revision: str | None = None,
+) -> str:
     """Upload the SAE folder to ``repo_id`` (into ``subfolder``, e.g. the hookpoint); returns the commit URL.
 
     The repo is created if needed (``private`` applies only then) and so is the ``revision``
@@ -356,11 +420,18 @@ def push_sae_to_hub(sae: SparseAutoencoder, repo_id: str, subfolder: str | None 
     if revision is not None:
         api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
     where = f" {sub}" if sub else ""
-    message = commit_message or (f"Upload SAE{where} (d_in={sae.d_in}, num_latents={sae.num_latents}, "
-                                 f"k={sae.cfg.k})")
+    message = commit_message or (
+        f"Upload SAE{where} (d_in={sae.d_in}, num_latents={sae.num_latents}, k={sae.cfg.k})"
+    )
     with tempfile.TemporaryDirectory(prefix="sae-push-") as tmp:
         save_sae(sae, tmp)
-        info = api.upload_folder(repo_id=repo_id, folder_path=tmp, path_in_repo=sub,
-                                 commit_message=message, revision=revision, token=token)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=tmp,
+            path_in_repo=sub,
+            commit_message=message,
+            revision=revision,
+            token=token,
+        )
     url = getattr(info, "commit_url", None)
     return str(url if url is not None else info)

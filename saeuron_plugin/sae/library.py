@@ -73,8 +73,14 @@ class SelectionDefaults:
         return cls(**{k: v for k, v in raw.items() if k in names})
 
 
-_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
-             *(f"lpt{i}" for i in range(1, 10))}
+_RESERVED = {
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"com{i}" for i in range(1, 10)),
+    *(f"lpt{i}" for i in range(1, 10)),
+}
 
 
 def _slug_base(name: str) -> str:
@@ -111,9 +117,15 @@ class ConceptLibrary:
     siblings; it also joins the pool μ(i, τ, D) that gates the reference ablation rule.
     """
 
-    def __init__(self, num_latents: int, *, tau_grid: TauGrid | None = None,
-                 sae_fingerprint: str | None = None, d_in: int | None = None,
-                 hookpoint: str | None = None) -> None:
+    def __init__(
+        self,
+        num_latents: int,
+        *,
+        tau_grid: TauGrid | None = None,
+        sae_fingerprint: str | None = None,
+        d_in: int | None = None,
+        hookpoint: str | None = None,
+    ) -> None:
         self.num_latents = int(num_latents)
         self.tau_grid = tau_grid or TauGrid()
         self.sae_fingerprint = sae_fingerprint
@@ -127,10 +139,16 @@ class ConceptLibrary:
         self.calibration: dict[str, Any] | None = None
 
     @classmethod
-    def for_sae(cls, sae: SparseAutoencoder, *, tau_grid: TauGrid | None = None,
-                hookpoint: str | None = None) -> ConceptLibrary:
-        return cls(sae.num_latents, tau_grid=tau_grid, sae_fingerprint=sae.fingerprint(), d_in=sae.d_in,
-                   hookpoint=hookpoint or sae.cfg.hookpoint)
+    def for_sae(
+        cls, sae: SparseAutoencoder, *, tau_grid: TauGrid | None = None, hookpoint: str | None = None
+    ) -> ConceptLibrary:
+        return cls(
+            sae.num_latents,
+            tau_grid=tau_grid,
+            sae_fingerprint=sae.fingerprint(),
+            d_in=sae.d_in,
+            hookpoint=hookpoint or sae.cfg.hookpoint,
+        )
 
     # ------------------------------------------------------------------ access
     @property
@@ -148,8 +166,10 @@ class ConceptLibrary:
 
     def __repr__(self) -> str:
         bg = ", +background" if self.background is not None else ""
-        return (f"ConceptLibrary({len(self)} concepts{bg}, n={self.num_latents}, "
-                f"buckets={self.tau_grid.num_buckets}, sae={self.sae_fingerprint})")
+        return (
+            f"ConceptLibrary({len(self)} concepts{bg}, n={self.num_latents}, "
+            f"buckets={self.tau_grid.num_buckets}, sae={self.sae_fingerprint})"
+        )
 
     def get(self, name: str) -> ConceptStats:
         try:
@@ -169,8 +189,14 @@ class ConceptLibrary:
     # -------------------------------------------------------------- accumulate
     def new_stats(self, name: str) -> ConceptStats:
         """Empty statistics carrying this library's SAE, grid and hookpoint."""
-        return ConceptStats(name=name, num_latents=self.num_latents, tau_grid=self.tau_grid,
-                            sae_fingerprint=self.sae_fingerprint, d_in=self.d_in, hookpoint=self.hookpoint)
+        return ConceptStats(
+            name=name,
+            num_latents=self.num_latents,
+            tau_grid=self.tau_grid,
+            sae_fingerprint=self.sae_fingerprint,
+            d_in=self.d_in,
+            hookpoint=self.hookpoint,
+        )
 
     def _check(self, stats: ConceptStats) -> None:
         self.new_stats(stats.name).check_compatible(stats)
@@ -191,8 +217,9 @@ class ConceptLibrary:
             self.background.merge(stats)
         return self.background
 
-    def accumulate(self, name: str, latents: Tensor, tau: Tensor | float | None,
-                   prompts: Iterable[str] | None = None) -> ConceptStats:
+    def accumulate(
+        self, name: str, latents: Tensor, tau: Tensor | float | None, prompts: Iterable[str] | None = None
+    ) -> ConceptStats:
         """Add samples to concept ``name`` (created on first use). ``latents`` [B, n] or [B, T..., n]."""
         stats = self.concepts.get(name)
         if stats is None:
@@ -202,8 +229,9 @@ class ConceptLibrary:
             stats.record_prompts(prompts)
         return stats
 
-    def accumulate_background(self, latents: Tensor, tau: Tensor | float | None,
-                              prompts: Iterable[str] | None = None) -> ConceptStats:
+    def accumulate_background(
+        self, latents: Tensor, tau: Tensor | float | None, prompts: Iterable[str] | None = None
+    ) -> ConceptStats:
         if self.background is None:
             self.background = self.new_stats("background")
         self.background.update(latents, tau)
@@ -213,8 +241,9 @@ class ConceptLibrary:
 
     @staticmethod
     @torch.no_grad()
-    def encode_pooled(sae: SparseAutoencoder, x: Tensor,
-                      calibrator: ThresholdCalibrator | None = None) -> Tensor:
+    def encode_pooled(
+        sae: SparseAutoencoder, x: Tensor, calibrator: ThresholdCalibrator | None = None
+    ) -> Tensor:
         """SAE code of activations ``x`` [B, T..., d] (or [B, d]) averaged over tokens: [B, n] fp32.
 
         A ``calibrator`` sees the same pre-activations (one encoder pass for both).
@@ -226,9 +255,16 @@ class ConceptLibrary:
         return z.float() if x.dim() == 2 else pool_tokens(z)
 
     @torch.no_grad()
-    def accumulate_activations(self, name: str | None, sae: SparseAutoencoder, x: Tensor,
-                               tau: Tensor | float | None, *, prompts: Iterable[str] | None = None,
-                               calibrator: ThresholdCalibrator | None = None) -> None:
+    def accumulate_activations(
+        self,
+        name: str | None,
+        sae: SparseAutoencoder,
+        x: Tensor,
+        tau: Tensor | float | None,
+        *,
+        prompts: Iterable[str] | None = None,
+        calibrator: ThresholdCalibrator | None = None,
+    ) -> None:
         """Encode activations ``x`` [B, T..., d] with ``sae``, average over tokens, accumulate.
 
         ``name=None`` feeds the background set. A ``calibrator`` sees the same pre-activations
@@ -240,8 +276,9 @@ class ConceptLibrary:
         else:
             self.accumulate(name, latents, tau, prompts)
 
-    def record_threshold(self, calibrator: ThresholdCalibrator | float,
-                         target_l0: float | None = None) -> float:
+    def record_threshold(
+        self, calibrator: ThresholdCalibrator | float, target_l0: float | None = None
+    ) -> float:
         """Store a calibrated θ in the library (saved in ``index.json``); returns it."""
         if isinstance(calibrator, int | float):
             value, info = float(calibrator), {"target_l0": target_l0, "method": "given"}
@@ -262,8 +299,9 @@ class ConceptLibrary:
         return self
 
     # ------------------------------------------------------------------- means
-    def pooled_means(self, names: Iterable[str], *, include_background: bool = False,
-                     fill_empty: bool = True) -> Tensor:
+    def pooled_means(
+        self, names: Iterable[str], *, include_background: bool = False, fill_empty: bool = True
+    ) -> Tensor:
         """Mean over the union of the prompts of ``names`` (pooled sums / pooled counts), [K, n] f64."""
         stats = [self.get(n) for n in names]
         if include_background and self.background is not None:
@@ -281,20 +319,23 @@ class ConceptLibrary:
         if sae.num_latents != self.num_latents or (self.d_in is not None and sae.d_in != self.d_in):
             raise ConceptMismatchError(
                 f"concept statistics are for an SAE with d_in={self.d_in}, n={self.num_latents}; "
-                f"this SAE has d_in={sae.d_in}, n={sae.num_latents}")
+                f"this SAE has d_in={sae.d_in}, n={sae.num_latents}"
+            )
         if fingerprint and self.sae_fingerprint is not None:
             fp = sae.fingerprint()
             if fp != self.sae_fingerprint:
                 raise ConceptMismatchError(
                     f"concept statistics were made with another SAE (fingerprint {self.sae_fingerprint}, "
-                    f"this SAE {fp}); recompute them with `saeuron concept` for this SAE")
+                    f"this SAE {fp}); recompute them with `saeuron concept` for this SAE"
+                )
 
     # -------------------------------------------------------------------- io
     def slugs(self) -> dict[str, str]:
         return make_slugs(self.names)
 
-    def save(self, folder: str | Path, include_prompts: bool = True,
-             stats_dtype: torch.dtype = torch.float64) -> Path:
+    def save(
+        self, folder: str | Path, include_prompts: bool = True, stats_dtype: torch.dtype = torch.float64
+    ) -> Path:
         """Write ``folder/concepts/<slug>.safetensors`` and ``folder/concepts/index.json``
         (``stats_dtype``: see :meth:`ConceptStats.save`)."""
         out = Path(folder) / "concepts"
@@ -304,20 +345,34 @@ class ConceptLibrary:
         for name, stats in self.concepts.items():
             file = f"{slugs[name]}.safetensors"
             stats.save(out / file, include_prompts, stats_dtype)
-            entries[name] = {"file": file, "prompts": stats.prompts if include_prompts else None,
-                             "prompts_sha256": stats.prompts_sha256, "num_prompts": stats.num_prompts,
-                             "samples": stats.total_count,
-                             "selection": self.selection_defaults(name).to_dict()}
+            entries[name] = {
+                "file": file,
+                "prompts": stats.prompts if include_prompts else None,
+                "prompts_sha256": stats.prompts_sha256,
+                "num_prompts": stats.num_prompts,
+                "samples": stats.total_count,
+                "selection": self.selection_defaults(name).to_dict(),
+            }
         background = None
         if self.background is not None:
             self.background.save(out / BACKGROUND_FILE, include_prompts, stats_dtype)
-            background = {"file": BACKGROUND_FILE, "num_prompts": self.background.num_prompts,
-                          "prompts_sha256": self.background.prompts_sha256}
+            background = {
+                "file": BACKGROUND_FILE,
+                "num_prompts": self.background.num_prompts,
+                "prompts_sha256": self.background.prompts_sha256,
+            }
         index = {
-            "format": INDEX_FORMAT, "version": FORMAT_VERSION, "sae_fingerprint": self.sae_fingerprint,
-            "d_in": self.d_in, "num_latents": self.num_latents, "hookpoint": self.hookpoint,
-            "tau_grid": self.tau_grid.to_dict(), "calibrated_threshold": self.calibrated_threshold,
-            "calibration": self.calibration, "background": background, "concepts": entries,
+            "format": INDEX_FORMAT,
+            "version": FORMAT_VERSION,
+            "sae_fingerprint": self.sae_fingerprint,
+            "d_in": self.d_in,
+            "num_latents": self.num_latents,
+            "hookpoint": self.hookpoint,
+            "tau_grid": self.tau_grid.to_dict(),
+            "calibrated_threshold": self.calibrated_threshold,
+            "calibration": self.calibration,
+            "background": background,
+            "concepts": entries,
         }
         tmp = out / "index.json.tmp"
         tmp.write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n")
@@ -334,17 +389,21 @@ class ConceptLibrary:
         root = folder if (folder / "index.json").is_file() else folder / "concepts"
         index_path = root / "index.json"
         if not index_path.is_file():
-            raise MissingFileError(f"no concept library at {folder} "
-                                   f"(expected {folder / 'concepts' / 'index.json'})")
+            raise MissingFileError(
+                f"no concept library at {folder} (expected {folder / 'concepts' / 'index.json'})"
+            )
         index = read_json_object(index_path, "concept library index")
         if index.get("format") != INDEX_FORMAT or _version(index, index_path) > FORMAT_VERSION:
-            raise ConceptError(f"{index_path}: unsupported format {index.get('format')!r} "
-                               f"v{index.get('version')}")
-        lib = cls(typed_field(index, "num_latents", int, index_path, positive=True),
-                  tau_grid=_tau_grid(index, index_path),
-                  sae_fingerprint=typed_field(index, "sae_fingerprint", str, index_path, default=None),
-                  d_in=typed_field(index, "d_in", int, index_path, default=None, positive=True),
-                  hookpoint=typed_field(index, "hookpoint", str, index_path, default=None))
+            raise ConceptError(
+                f"{index_path}: unsupported format {index.get('format')!r} v{index.get('version')}"
+            )
+        lib = cls(
+            typed_field(index, "num_latents", int, index_path, positive=True),
+            tau_grid=_tau_grid(index, index_path),
+            sae_fingerprint=typed_field(index, "sae_fingerprint", str, index_path, default=None),
+            d_in=typed_field(index, "d_in", int, index_path, default=None, positive=True),
+            hookpoint=typed_field(index, "hookpoint", str, index_path, default=None),
+        )
         if sae is not None:
             try:
                 lib.check_sae(sae)
@@ -363,8 +422,9 @@ class ConceptLibrary:
                 try:
                     lib.defaults[name] = SelectionDefaults.from_dict(entry["selection"])
                 except (KeyError, TypeError, ValueError) as err:
-                    raise BadFileError(index_path, f"not selection defaults ({err})",
-                                       field=f"concepts.{name}.selection") from err
+                    raise BadFileError(
+                        index_path, f"not selection defaults ({err})", field=f"concepts.{name}.selection"
+                    ) from err
         background = typed_field(index, "background", dict, index_path, default=None)
         if background:
             path = root / _entry_file(background, index_path, "background")
@@ -384,8 +444,11 @@ def _entry_file(entry: Any, index_path: Path, where: str) -> str:
     """The ``file`` of an index entry: a plain file name inside the library folder."""
     file = entry.get("file") if isinstance(entry, dict) else None
     if not isinstance(file, str) or not file or "/" in file or "\\" in file or file.startswith("."):
-        raise BadFileError(index_path, f"must name a statistics file in the library folder, got {file!r}",
-                           field=f"{where}.file")
+        raise BadFileError(
+            index_path,
+            f"must name a statistics file in the library folder, got {file!r}",
+            field=f"{where}.file",
+        )
     return file
 
 

@@ -47,8 +47,9 @@ def l0(latents: Tensor | Sequence[Tensor]) -> Tensor:
     return (values != 0).sum(dim=-1).to(torch.float32).mean()
 
 
-def dead_fraction(fire_counts: Tensor | None = None, *, tokens_since_fired: Tensor | None = None,
-                  threshold: float = 0) -> Tensor:
+def dead_fraction(
+    fire_counts: Tensor | None = None, *, tokens_since_fired: Tensor | None = None, threshold: float = 0
+) -> Tensor:
     """Fraction of latents that are dead, from one of two per-latent [n] statistics.
 
     - ``fire_counts``: how often each latent fired over an evaluation set; dead when

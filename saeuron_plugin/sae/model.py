@@ -51,8 +51,9 @@ class SaeOutput(NamedTuple):
 class SparseAutoencoder(nn.Module):
     """TopK SAE: z = TopK(ReLU(W_enc (x − b_dec) + b_enc)), x̂ = z W_dec + b_dec."""
 
-    def __init__(self, cfg: SaeConfig, *, device: torch.device | str | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, cfg: SaeConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         n, d = cfg.num_latents, cfg.d_in
@@ -156,8 +157,7 @@ class SparseAutoencoder(nn.Module):
         if self.cfg.encoder == "threshold":
             self.check_input(x)
             xs, _, _ = self._standardise(x)
-            pre = F.relu(F.linear(xs - self.b_dec, self.encoder.weight[latents],
-                                  self.encoder.bias[latents]))
+            pre = F.relu(F.linear(xs - self.b_dec, self.encoder.weight[latents], self.encoder.bias[latents]))
             return pre * (pre > self.cfg.threshold)
         return self.encode(x)[..., latents]
 
@@ -169,15 +169,24 @@ class SparseAutoencoder(nn.Module):
     def decode_sparse(self, values: Tensor, indices: Tensor, *, bias: bool = True) -> Tensor:
         """x̂ from a sparse code via ``embedding_bag``: k·d work per token instead of n·d."""
         lead = values.shape[:-1]
-        out = F.embedding_bag(indices.reshape(-1, indices.shape[-1]), self.W_dec,
-                              per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.dtype),
-                              mode="sum")
+        out = F.embedding_bag(
+            indices.reshape(-1, indices.shape[-1]),
+            self.W_dec,
+            per_sample_weights=values.reshape(-1, values.shape[-1]).to(self.dtype),
+            mode="sum",
+        )
         out = out.reshape(*lead, self.d_in)
         return out + self.b_dec if bias else out
 
     # --------------------------------------------------------------- forward
-    def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, batch_topk: bool = False,
-                measure_threshold: bool = True) -> SaeOutput:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        dead_mask: Tensor | None = None,
+        batch_topk: bool = False,
+        measure_threshold: bool = True,
+    ) -> SaeOutput:
         """Encode, decode and measure a batch of tokens [..., d].
 
         ``batch_topk`` keeps the k·B largest activations over the whole batch (training mode of
@@ -196,8 +205,15 @@ class SparseAutoencoder(nn.Module):
             scale, k_aux = min(n_dead / k_aux_full, 1.0), min(k_aux_full, n_dead)
             dead_mask = dead_mask.to(xs.device)
         values, indices, aux_values, aux_indices, kept_min = _SparseEncode.apply(
-            xs - self.b_dec, self.encoder.weight, self.encoder.bias, self.cfg.k, batch_topk,
-            dead_mask, k_aux, measure_threshold)
+            xs - self.b_dec,
+            self.encoder.weight,
+            self.encoder.bias,
+            self.cfg.k,
+            batch_topk,
+            dead_mask,
+            k_aux,
+            measure_threshold,
+        )
         recon = self.decode_sparse(values, indices)
 
         total_variance = (xs - xs.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -211,8 +227,7 @@ class SparseAutoencoder(nn.Module):
         if std is not None:
             recon = recon * std + mean
         l0 = (values.detach() > 0).sum(-1).float().mean()
-        return SaeOutput(recon.reshape(shape).to(x.dtype), values, indices, fvu, auxk, l0,
-                         kept_min)
+        return SaeOutput(recon.reshape(shape).to(x.dtype), values, indices, fvu, auxk, l0, kept_min)
 
     # ------------------------------------------------------------- training
     @torch.no_grad()
@@ -234,8 +249,9 @@ class SparseAutoencoder(nn.Module):
         save_sae(self, path, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: Any, subfolder: str | None = None,
-                        **kwargs: Any) -> SparseAutoencoder:
+    def from_pretrained(
+        cls, path_or_repo_id: Any, subfolder: str | None = None, **kwargs: Any
+    ) -> SparseAutoencoder:
         """Load from a local folder or a Hugging Face Hub repo (see :mod:`saeuron_plugin.sae.io`)."""
         return load_sae(path_or_repo_id, subfolder=subfolder, sae_class=cls, **kwargs)
 
@@ -275,8 +291,9 @@ def _sparse_grad_weight(grad: Tensor, indices: Tensor, x: Tensor, n: int) -> Ten
     """Σ_tokens grad[t, j] · x[t] into row indices[t, j] of an [n, d] matrix, via a CSR matmul."""
     rows, k = indices.shape
     crow = torch.arange(0, rows * k + 1, k, device=x.device)
-    g = torch.sparse_csr_tensor(crow, indices.reshape(-1), grad.reshape(-1).to(x.dtype), (rows, n),
-                                check_invariants=False)
+    g = torch.sparse_csr_tensor(
+        crow, indices.reshape(-1), grad.reshape(-1).to(x.dtype), (rows, n), check_invariants=False
+    )
     return g.t() @ x
 
 
@@ -289,8 +306,17 @@ class _SparseEncode(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, xc: Tensor, weight: Tensor, bias: Tensor, k: int, batch_topk: bool,
-                dead_mask: Tensor | None, k_aux: int, need_theta: bool) -> tuple[Tensor, ...]:
+    def forward(
+        ctx: Any,
+        xc: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        k: int,
+        batch_topk: bool,
+        dead_mask: Tensor | None,
+        k_aux: int,
+        need_theta: bool,
+    ) -> tuple[Tensor, ...]:
         pre = F.relu(F.linear(xc, weight, bias))
         values, indices, theta = _select(pre, k, batch_topk, need_theta)
         if k_aux > 0 and dead_mask is not None:
@@ -305,8 +331,9 @@ class _SparseEncode(torch.autograd.Function):
         return values, indices, aux_values, aux_indices, theta
 
     @staticmethod
-    def backward(ctx: Any, g_values: Tensor, _gi: Any, g_aux: Tensor, _gai: Any,
-                 _gt: Any) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, g_values: Tensor, _gi: Any, g_aux: Tensor, _gai: Any, _gt: Any
+    ) -> tuple[Tensor | None, ...]:
         xc, weight, values, indices, aux_values, aux_indices = ctx.saved_tensors
         n = weight.shape[0]
         parts = [(g_values * (values > 0), indices)]  # ReLU and the BatchTopK mask: no grad at 0
@@ -314,8 +341,10 @@ class _SparseEncode(torch.autograd.Function):
             parts.append((g_aux * (aux_values > 0), aux_indices))
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = sum(F.embedding_bag(i, weight, per_sample_weights=g.to(weight.dtype), mode="sum")
-                         for g, i in parts)
+            grad_x = sum(
+                F.embedding_bag(i, weight, per_sample_weights=g.to(weight.dtype), mode="sum")
+                for g, i in parts
+            )
         if ctx.needs_input_grad[1]:
             grad_w = sum(_sparse_grad_weight(g, i, xc, n) for g, i in parts)
         if ctx.needs_input_grad[2]:

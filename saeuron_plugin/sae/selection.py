@@ -49,8 +49,9 @@ CONTRAST_MODES = ("auto", "others", "worst", "background")
 """The named contrast sets of :func:`concept_scores` (anything else is a list of concept names)."""
 
 
-def concept_scores(lib: ConceptLibrary, name: str, contrast: str | list[str] = "auto",
-                   delta: float = SCORE_DELTA) -> Tensor:
+def concept_scores(
+    lib: ConceptLibrary, name: str, contrast: str | list[str] = "auto", delta: float = SCORE_DELTA
+) -> Tensor:
     """SAeUron score of every latent for concept ``name`` per τ bucket: [K, n] float64.
 
     ``contrast``: ``"others"`` (the library's other concepts, pooled), ``"worst"`` (each other
@@ -71,16 +72,20 @@ def concept_scores(lib: ConceptLibrary, name: str, contrast: str | list[str] = "
             contrast = "others" if others else "background"
         if contrast in ("others", "worst"):
             if not others:
-                raise ValueError(f"concept {name!r} is the only concept in the library: "
-                                 "score it against a background set (contrast='background')")
+                raise ValueError(
+                    f"concept {name!r} is the only concept in the library: "
+                    "score it against a background set (contrast='background')"
+                )
             if contrast == "worst":
                 rest = torch.stack([_share(lib.get(n).means(fill_empty=True), delta) for n in others])
                 return _share(mu_c, delta) - rest.max(0).values
             mu_rest = lib.pooled_means(others)
         elif contrast == "background":
             if lib.background is None:
-                raise ValueError(f"the library has no background set to contrast {name!r} with; add one "
-                                 "(ConceptLibrary.accumulate_background) or add other concepts")
+                raise ValueError(
+                    f"the library has no background set to contrast {name!r} with; add one "
+                    "(ConceptLibrary.accumulate_background) or add other concepts"
+                )
             mu_rest = lib.background.means(fill_empty=True)
         else:
             raise ValueError(f"contrast must be one of {CONTRAST_MODES} or a list of names, got {contrast!r}")
@@ -149,18 +154,24 @@ class FeatureSelection:
         return sorted(((i, b, s) for i, (b, s) in rows.items()), key=lambda r: (-r[2], r[0]))
 
     def describe(self, limit: int = 20) -> str:
-        lines = [f"{len(self.union())} latents selected over {self.num_buckets} τ buckets "
-                 f"({len(self)} (latent, bucket) pairs)"]
+        lines = [
+            f"{len(self.union())} latents selected over {self.num_buckets} τ buckets "
+            f"({len(self)} (latent, bucket) pairs)"
+        ]
         centres = self.tau_grid.centre_values().tolist() if self.tau_grid is not None else None
         for i, buckets, s in self.table()[:limit]:
-            where = (f"τ {centres[min(buckets)]:.3f}–{centres[max(buckets)]:.3f}" if centres
-                     else f"buckets {min(buckets)}–{max(buckets)}")
+            where = (
+                f"τ {centres[min(buckets)]:.3f}–{centres[max(buckets)]:.3f}"
+                if centres
+                else f"buckets {min(buckets)}–{max(buckets)}"
+            )
             lines.append(f"  latent {i:6d}  score {s:.4g}  {len(buckets)} buckets, {where}")
         return "\n".join(lines)
 
 
-def select_features(scores: Tensor, percentile: float | None = None, top_n: int | None = None,
-                    tau_grid: TauGrid | None = None) -> FeatureSelection:
+def select_features(
+    scores: Tensor, percentile: float | None = None, top_n: int | None = None, tau_grid: TauGrid | None = None
+) -> FeatureSelection:
     """Select latents per bucket from ``scores`` [K, n]: give exactly one of ``percentile`` / ``top_n``.
 
     ``percentile`` p ∈ [0, 100]: latents with score strictly above the row's linear-interpolated

@@ -144,11 +144,20 @@ class EditSite:
     forward hooks.
     """
 
-    def __init__(self, path: str, module: nn.Module, editor: Editor, *, allow_stack: bool = False,
-                 prepend: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        module: nn.Module,
+        editor: Editor,
+        *,
+        allow_stack: bool = False,
+        prepend: bool = False,
+    ) -> None:
         if not allow_stack and any(isinstance(h, EditSite) for h in module._forward_hooks.values()):
-            raise HookConflictError(f"{path} already has an editing hook installed (remove it first, or "
-                                    "pass allow_stack=True to apply both)")
+            raise HookConflictError(
+                f"{path} already has an editing hook installed (remove it first, or "
+                "pass allow_stack=True to apply both)"
+            )
         self.path = path
         self.editor = editor
         self.calls = self.edits = 0
@@ -216,8 +225,9 @@ class UnlearnHandle:
     ``notes`` adds a per-hookpoint remark to :meth:`describe` (the VLM adapter's token set).
     """
 
-    def __init__(self, hooks: InstalledSites, ablators: Mapping[str, Any],
-                 notes: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, hooks: InstalledSites, ablators: Mapping[str, Any], notes: Mapping[str, str] | None = None
+    ) -> None:
         self.hooks = hooks
         self.ablators = dict(ablators)
         self.notes = dict(notes or {})
@@ -243,8 +253,10 @@ class UnlearnHandle:
 
     def describe(self) -> str:
         """Which latents each concept ablates, where and when."""
-        return "\n".join(a.describe() + (f" [{self.notes[p]}]" if p in self.notes else "")
-                         for p, a in self.ablators.items())
+        return "\n".join(
+            a.describe() + (f" [{self.notes[p]}]" if p in self.notes else "")
+            for p, a in self.ablators.items()
+        )
 
     def __enter__(self) -> UnlearnHandle:
         return self
@@ -278,8 +290,9 @@ class StatisticsRecorder:
     statistics (the VLM token set); ``missing_hint`` ends the error for a sample with no tokens.
     """
 
-    def __init__(self, entry: Any, txn: Any, extra: Mapping[str, Any] | None = None,
-                 missing_hint: str = "") -> None:
+    def __init__(
+        self, entry: Any, txn: Any, extra: Mapping[str, Any] | None = None, missing_hint: str = ""
+    ) -> None:
         self.entry = entry
         self.txn = txn
         self.extra = dict(extra or {})
@@ -308,8 +321,10 @@ class StatisticsRecorder:
         if tau is None and self.entry.library.tau_grid.num_buckets > 1:
             raise RuntimeError(f"{self.path}: no timestep seen for this call (run outside the denoiser?)")
         if rows.shape[0] and int(owner.max()) >= len(self.names):
-            raise RuntimeError(f"{self.path}: rows of {int(owner.max()) + 1} samples for a batch of "
-                               f"{len(self.names)}; the batch layout is not understood (use batch_size=1)")
+            raise RuntimeError(
+                f"{self.path}: rows of {int(owner.max()) + 1} samples for a batch of "
+                f"{len(self.names)}; the batch layout is not understood (use batch_size=1)"
+            )
         if rows.shape[0]:
             self._seen.update(self.record(rows, owner, self.names, tau))
         return tokens
@@ -318,16 +333,19 @@ class StatisticsRecorder:
         """Check every sample of the batch had tokens here; record each concept's prompts."""
         missing = [self.labels[i] for i in range(len(self.labels)) if i not in self._seen]
         if missing:
-            raise RuntimeError(f"{self.path}: no selected tokens for samples {missing[:3]}"
-                               f"{self.missing_hint}")
+            raise RuntimeError(
+                f"{self.path}: no selected tokens for samples {missing[:3]}{self.missing_hint}"
+            )
         for name in dict.fromkeys(n for names in self.names for n in names):
-            self.stats(name).record_prompts(dict.fromkeys(
-                label for label, names in zip(self.labels, self.names) if name in names))
+            self.stats(name).record_prompts(
+                dict.fromkeys(label for label, names in zip(self.labels, self.names) if name in names)
+            )
         self.names, self.labels = [], []
 
     @torch.no_grad()
-    def record(self, rows: Tensor, owner: Tensor, names: Sequence[Sequence[str | None]],
-               tau: Tensor | None = None) -> list[int]:
+    def record(
+        self, rows: Tensor, owner: Tensor, names: Sequence[Sequence[str | None]], tau: Tensor | None = None
+    ) -> list[int]:
         """Add rows [M, d] of samples ``owner`` [M] (indices into ``names`` / ``tau``); returns the
         samples that had rows."""
         sae = self.entry.sae
@@ -346,5 +364,14 @@ class StatisticsRecorder:
         return present
 
 
-__all__ = ["CallContext", "CallTracker", "CollectResult", "EditSite", "Editor", "InstalledSites", "Site",
-           "StatisticsRecorder", "UnlearnHandle"]
+__all__ = [
+    "CallContext",
+    "CallTracker",
+    "CollectResult",
+    "EditSite",
+    "Editor",
+    "InstalledSites",
+    "Site",
+    "StatisticsRecorder",
+    "UnlearnHandle",
+]

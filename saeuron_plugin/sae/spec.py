@@ -54,10 +54,15 @@ class ConceptAblation:
         else:
             percentile, top_n = (None, d.top_n) if d.top_n is not None else (d.percentile, None)
         if self.gamma is not None and self.strength is not None and self.gamma != -self.strength:
-            raise ValueError(f"{self.concept!r}: gamma={self.gamma} contradicts strength={self.strength} "
-                             "(gamma = -strength)")
-        gamma = self.gamma if self.gamma is not None else (
-            -self.strength if self.strength is not None else d.gamma)
+            raise ValueError(
+                f"{self.concept!r}: gamma={self.gamma} contradicts strength={self.strength} "
+                "(gamma = -strength)"
+            )
+        gamma = (
+            self.gamma
+            if self.gamma is not None
+            else (-self.strength if self.strength is not None else d.gamma)
+        )
         rule = AblationRule(self.rule or d.rule)
         clamp_value = self.clamp_value if self.clamp_value is not None else d.clamp_value
         _check_finite(self.concept, "gamma (= -strength)", gamma, MAX_ABS_GAMMA)
@@ -67,12 +72,21 @@ class ConceptAblation:
         if top_n is not None and (isinstance(top_n, bool) or int(top_n) != top_n or top_n < 0):
             raise ValueError(f"{self.concept!r}: top_n must be a non-negative integer, got {top_n!r}")
         if rule is AblationRule.REFERENCE and not gamma < 0:
-            raise ValueError(f"{self.concept!r}: the reference rule needs gamma < 0 (strength > 0), got "
-                             f"gamma={gamma}; to leave a concept alone, do not list it")
+            raise ValueError(
+                f"{self.concept!r}: the reference rule needs gamma < 0 (strength > 0), got "
+                f"gamma={gamma}; to leave a concept alone, do not list it"
+            )
         if rule is AblationRule.CLAMP and clamp_value > 0:
             raise ValueError(f"{self.concept!r}: clamp_value must be ≤ 0, got {clamp_value}")
-        return ResolvedAblation(self.concept, rule, percentile, top_n, float(gamma), float(clamp_value),
-                                self.contrast if self.contrast is not None else d.contrast)
+        return ResolvedAblation(
+            self.concept,
+            rule,
+            percentile,
+            top_n,
+            float(gamma),
+            float(clamp_value),
+            self.contrast if self.contrast is not None else d.contrast,
+        )
 
 
 MAX_ABS_GAMMA = 1e3

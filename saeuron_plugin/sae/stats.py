@@ -105,7 +105,8 @@ class ConceptStats:
         if tuple(self.sums.shape) != (k, n) or tuple(self.counts.shape) != (k,):
             raise ConceptMismatchError(
                 f"concept {self.name!r}: sums {tuple(self.sums.shape)} / counts {tuple(self.counts.shape)} "
-                f"do not fit {k} τ buckets × {n} latents")
+                f"do not fit {k} τ buckets × {n} latents"
+            )
         if self.prompts is not None:
             self.num_prompts = len(self.prompts)
             self.prompts_sha256 = hash_prompts(self.prompts) if self.prompts else self.prompts_sha256
@@ -119,8 +120,10 @@ class ConceptStats:
         """
         latents = pool_tokens(latents)
         if latents.shape[-1] != self.num_latents:
-            raise ConceptMismatchError(f"concept {self.name!r}: latents have width {latents.shape[-1]}, "
-                                       f"the statistics expect {self.num_latents}")
+            raise ConceptMismatchError(
+                f"concept {self.name!r}: latents have width {latents.shape[-1]}, "
+                f"the statistics expect {self.num_latents}"
+            )
         b = latents.shape[0]
         if tau is None:
             if self.tau_grid.num_buckets != 1:
@@ -149,11 +152,15 @@ class ConceptStats:
         """Raise :class:`ConceptMismatchError` unless both were made for the same SAE, hookpoint and grid."""
         what = f"concept {self.name!r} and {other.name!r}"
         if self.num_latents != other.num_latents or self.d_in != other.d_in:
-            raise ConceptMismatchError(f"{what}: SAE dims differ (d_in {self.d_in} vs {other.d_in}, "
-                                       f"n {self.num_latents} vs {other.num_latents})")
+            raise ConceptMismatchError(
+                f"{what}: SAE dims differ (d_in {self.d_in} vs {other.d_in}, "
+                f"n {self.num_latents} vs {other.num_latents})"
+            )
         if self.sae_fingerprint != other.sae_fingerprint:
-            raise ConceptMismatchError(f"{what}: made with different SAEs (fingerprint "
-                                       f"{self.sae_fingerprint} vs {other.sae_fingerprint})")
+            raise ConceptMismatchError(
+                f"{what}: made with different SAEs (fingerprint "
+                f"{self.sae_fingerprint} vs {other.sae_fingerprint})"
+            )
         if self.tau_grid != other.tau_grid:
             raise ConceptMismatchError(f"{what}: τ grids differ ({self.tau_grid} vs {other.tau_grid})")
         if self.hookpoint and other.hookpoint and self.hookpoint != other.hookpoint:
@@ -175,8 +182,13 @@ class ConceptStats:
         return self
 
     def copy(self) -> ConceptStats:
-        return dataclasses.replace(self, prompts=None if self.prompts is None else list(self.prompts),
-                                   extra=dict(self.extra), sums=self.sums.clone(), counts=self.counts.clone())
+        return dataclasses.replace(
+            self,
+            prompts=None if self.prompts is None else list(self.prompts),
+            extra=dict(self.extra),
+            sums=self.sums.clone(),
+            counts=self.counts.clone(),
+        )
 
     # ------------------------------------------------------------------- read
     @property
@@ -194,15 +206,23 @@ class ConceptStats:
     # -------------------------------------------------------------------- io
     def metadata(self, include_prompts: bool = True) -> dict[str, Any]:
         return {
-            "format": STATS_FORMAT, "version": FORMAT_VERSION, "name": self.name,
-            "num_latents": self.num_latents, "d_in": self.d_in, "hookpoint": self.hookpoint,
-            "sae_fingerprint": self.sae_fingerprint, "tau_grid": self.tau_grid.to_dict(),
+            "format": STATS_FORMAT,
+            "version": FORMAT_VERSION,
+            "name": self.name,
+            "num_latents": self.num_latents,
+            "d_in": self.d_in,
+            "hookpoint": self.hookpoint,
+            "sae_fingerprint": self.sae_fingerprint,
+            "tau_grid": self.tau_grid.to_dict(),
             "prompts": self.prompts if include_prompts else None,
-            "prompts_sha256": self.prompts_sha256, "num_prompts": self.num_prompts, "extra": self.extra,
+            "prompts_sha256": self.prompts_sha256,
+            "num_prompts": self.num_prompts,
+            "extra": self.extra,
         }
 
-    def save(self, path: str | Path, include_prompts: bool = True,
-             stats_dtype: torch.dtype = torch.float64) -> Path:
+    def save(
+        self, path: str | Path, include_prompts: bool = True, stats_dtype: torch.dtype = torch.float64
+    ) -> Path:
         """Write ``sums``/``counts`` and the metadata (JSON in the safetensors header).
 
         ``stats_dtype=torch.float32`` halves the file for shipping; loading reads either back into
@@ -215,8 +235,9 @@ class ConceptStats:
         meta = json.dumps(self.metadata(include_prompts), ensure_ascii=False)
         tmp = path.with_name(path.name + ".tmp")
         sums = self.sums.to(stats_dtype).contiguous().cpu()
-        save_file({"sums": sums, "counts": self.counts.contiguous().cpu()},
-                  str(tmp), metadata={_HEADER_KEY: meta})
+        save_file(
+            {"sums": sums, "counts": self.counts.contiguous().cpu()}, str(tmp), metadata={_HEADER_KEY: meta}
+        )
         tmp.replace(path)
         return path
 
@@ -240,16 +261,20 @@ class ConceptStats:
             raise ConceptError(f"{path}: unsupported format {meta.get('format')!r} v{meta.get('version')}")
         prompts = typed_field(meta, "prompts", list, path, default=None)
         try:
-            return cls(name=typed_field(meta, "name", str, path),
-                       num_latents=typed_field(meta, "num_latents", int, path, positive=True),
-                       tau_grid=_tau_grid(meta, path),
-                       sae_fingerprint=typed_field(meta, "sae_fingerprint", str, path, default=None),
-                       d_in=typed_field(meta, "d_in", int, path, default=None, positive=True),
-                       hookpoint=typed_field(meta, "hookpoint", str, path, default=None),
-                       prompts=None if prompts is None else [str(p) for p in prompts],
-                       prompts_sha256=typed_field(meta, "prompts_sha256", str, path, default=None),
-                       num_prompts=typed_field(meta, "num_prompts", int, path, default=0),
-                       extra=typed_field(meta, "extra", dict, path, default={}), sums=sums, counts=counts)
+            return cls(
+                name=typed_field(meta, "name", str, path),
+                num_latents=typed_field(meta, "num_latents", int, path, positive=True),
+                tau_grid=_tau_grid(meta, path),
+                sae_fingerprint=typed_field(meta, "sae_fingerprint", str, path, default=None),
+                d_in=typed_field(meta, "d_in", int, path, default=None, positive=True),
+                hookpoint=typed_field(meta, "hookpoint", str, path, default=None),
+                prompts=None if prompts is None else [str(p) for p in prompts],
+                prompts_sha256=typed_field(meta, "prompts_sha256", str, path, default=None),
+                num_prompts=typed_field(meta, "num_prompts", int, path, default=0),
+                extra=typed_field(meta, "extra", dict, path, default={}),
+                sums=sums,
+                counts=counts,
+            )
         except ConceptMismatchError as err:
             raise BadFileError(path, str(err), field="sums") from err
 
@@ -289,5 +314,14 @@ def pooled_stats(stats: Sequence[ConceptStats]) -> tuple[Tensor, Tensor]:
     return sums, counts
 
 
-__all__ = ["FORMAT_VERSION", "STATS_FORMAT", "ConceptError", "ConceptMismatchError", "ConceptStats",
-           "UnknownConceptError", "hash_prompts", "pool_tokens", "pooled_stats"]
+__all__ = [
+    "FORMAT_VERSION",
+    "STATS_FORMAT",
+    "ConceptError",
+    "ConceptMismatchError",
+    "ConceptStats",
+    "UnknownConceptError",
+    "hash_prompts",
+    "pool_tokens",
+    "pooled_stats",
+]

@@ -95,14 +95,16 @@ class ActivationStore:
         if not manifest.is_file():
             what = "folder does not exist" if not self.path.exists() else f"{MANIFEST} not found"
             raise MissingFileError(
-                f"no activation store at {self.path}: {what} (make one with ActivationStore.create)")
+                f"no activation store at {self.path}: {what} (make one with ActivationStore.create)"
+            )
         try:
             raw = read_json_object(manifest, "activation store manifest")
         except BadFileError as err:
             raise StoreFileError(manifest, err.problem) from err
         if raw.get("format") != FORMAT:
-            raise StoreFileError(manifest, f"not an activation store manifest (expected format {FORMAT!r})",
-                                 field="format")
+            raise StoreFileError(
+                manifest, f"not an activation store manifest (expected format {FORMAT!r})", field="format"
+            )
         self.d_in: int = _manifest_field(raw, "d_in", int, manifest, positive=True)
         dtype = _manifest_field(raw, "dtype", str, manifest)
         if dtype not in _DTYPES:
@@ -131,34 +133,55 @@ class ActivationStore:
         self._closed = False
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str], d_in: int, dtype: torch.dtype = torch.float16,
-               shard_rows: int = 65_536, metadata: dict[str, Any] | None = None,
-               exist_ok: bool = False) -> ActivationStore:
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        d_in: int,
+        dtype: torch.dtype = torch.float16,
+        shard_rows: int = 65_536,
+        metadata: dict[str, Any] | None = None,
+        exist_ok: bool = False,
+    ) -> ActivationStore:
         """Make an empty store at ``path``; with ``exist_ok`` reopen a matching existing one."""
         path = Path(path)
         name = next((k for k, v in _DTYPES.items() if v == dtype), None)
         if name is None:
             raise ValueError(f"store dtype must be float16, bfloat16 or float32, got {dtype}")
         if not (_positive_int(d_in) and _positive_int(shard_rows)):
-            raise ValueError(f"d_in and shard_rows must be positive integers, got {d_in!r} and "
-                             f"{shard_rows!r}")
+            raise ValueError(
+                f"d_in and shard_rows must be positive integers, got {d_in!r} and {shard_rows!r}"
+            )
         if (path / MANIFEST).exists():
             if not exist_ok:
-                raise FileExistsError(f"an activation store already exists at {path} (pass exist_ok=True "
-                                      "to append to it, or reopen it with ActivationStore(path))")
+                raise FileExistsError(
+                    f"an activation store already exists at {path} (pass exist_ok=True "
+                    "to append to it, or reopen it with ActivationStore(path))"
+                )
             store = cls(path)
             if (store.d_in, store.dtype) != (d_in, dtype):
-                raise ActivationStoreError(f"the store at {path} holds d_in={store.d_in} {store.dtype}, "
-                                           f"not d_in={d_in} {dtype}")
+                raise ActivationStoreError(
+                    f"the store at {path} holds d_in={store.d_in} {store.dtype}, not d_in={d_in} {dtype}"
+                )
             return store
         try:
             json.dumps(metadata or {})
         except TypeError as err:
             raise TypeError(f"store metadata must be JSON-serialisable: {err}") from err
         path.mkdir(parents=True, exist_ok=True)
-        _write_json(path / MANIFEST, {"format": FORMAT, "version": 1, "d_in": int(d_in), "dtype": name,
-                                      "shard_rows": int(shard_rows), "has_tau": None, "shards": [],
-                                      "keys": [], "metadata": metadata or {}})
+        _write_json(
+            path / MANIFEST,
+            {
+                "format": FORMAT,
+                "version": 1,
+                "d_in": int(d_in),
+                "dtype": name,
+                "shard_rows": int(shard_rows),
+                "has_tau": None,
+                "shards": [],
+                "keys": [],
+                "metadata": metadata or {},
+            },
+        )
         return cls(path)
 
     # ------------------------------------------------------------ properties
@@ -184,8 +207,10 @@ class ActivationStore:
         return key in self._key_set or key in self._pending_keys
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, rows={len(self)}, d_in={self.d_in}, "
-                f"dtype={self.dtype}, shards={self.num_shards})")
+        return (
+            f"ActivationStore({str(self.path)!r}, rows={len(self)}, d_in={self.d_in}, "
+            f"dtype={self.dtype}, shards={self.num_shards})"
+        )
 
     # --------------------------------------------------------------- writing
     def append(self, batch: Tensor, tau: Tensor | float | None = None, key: str | None = None) -> None:
@@ -197,8 +222,10 @@ class ActivationStore:
         if self._closed:
             raise ValueError(f"activation store at {self.path} is closed")
         if not torch.is_tensor(batch) or not batch.is_floating_point():
-            raise ValueError(f"activations must be a floating-point tensor, got {type(batch).__name__}"
-                             + (f" of {batch.dtype}" if torch.is_tensor(batch) else ""))
+            raise ValueError(
+                f"activations must be a floating-point tensor, got {type(batch).__name__}"
+                + (f" of {batch.dtype}" if torch.is_tensor(batch) else "")
+            )
         if batch.dim() == 0 or batch.shape[-1] != self.d_in:
             width = batch.shape[-1] if batch.dim() else "a scalar"
             raise ValueError(f"activation width {width} does not match the store's d_in={self.d_in}")
@@ -217,8 +244,10 @@ class ActivationStore:
             if not (torch.isfinite(t).all() and (t >= 0).all() and (t <= 1).all()):
                 raise ValueError("tau must be finite normalised times in [0, 1]")
         if self.has_tau is not None and self.has_tau != (t is not None):
-            raise ValueError(f"the store {'has' if self.has_tau else 'has no'} τ column: pass tau with "
-                             f"{'every' if self.has_tau else 'no'} append")
+            raise ValueError(
+                f"the store {'has' if self.has_tau else 'has no'} τ column: pass tau with "
+                f"{'every' if self.has_tau else 'no'} append"
+            )
         if n:
             self.has_tau = t is not None
             self._pending.append(x)
@@ -240,8 +269,9 @@ class ActivationStore:
         if not (self._keys or self._pending_keys):
             return self.shard_rows
         durable = len(self) - self._pending_rows
-        ends = sorted(end - durable for end in self._pending_keys.values()
-                      if 0 < end - durable <= self._pending_rows)
+        ends = sorted(
+            end - durable for end in self._pending_keys.values() if 0 < end - durable <= self._pending_rows
+        )
         within = [e for e in ends if e <= self.shard_rows]
         if within:
             return within[-1]
@@ -292,11 +322,20 @@ class ActivationStore:
             self._pending_rows -= rows
 
     def _write_manifest(self, shards: list[ShardInfo], keys: list[str]) -> None:
-        _write_json(self.path / MANIFEST, {
-            "format": FORMAT, "version": 1, "d_in": self.d_in,
-            "dtype": str(self.dtype).removeprefix("torch."), "shard_rows": self.shard_rows,
-            "has_tau": self.has_tau, "shards": [s._asdict() for s in shards], "keys": keys,
-            "metadata": self._metadata})
+        _write_json(
+            self.path / MANIFEST,
+            {
+                "format": FORMAT,
+                "version": 1,
+                "d_in": self.d_in,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "shard_rows": self.shard_rows,
+                "has_tau": self.has_tau,
+                "shards": [s._asdict() for s in shards],
+                "keys": keys,
+                "metadata": self._metadata,
+            },
+        )
 
     def _remove_orphans(self) -> None:
         """Delete shard files the manifest does not name (left by a crash mid-write)."""
@@ -321,8 +360,12 @@ class ActivationStore:
             if name not in shapes:
                 raise StoreFileError(path, "missing from the shard", field=name)
             if shapes[name] != (shape, dtype):
-                raise StoreFileError(path, f"holds {list(shapes[name][0])} {shapes[name][1]}, the manifest "
-                                           f"says {list(shape)} {dtype}", field=name)
+                raise StoreFileError(
+                    path,
+                    f"holds {list(shapes[name][0])} {shapes[name][1]}, the manifest "
+                    f"says {list(shape)} {dtype}",
+                    field=name,
+                )
 
     def _load(self, shard: ShardInfo, with_tau: bool) -> tuple[Tensor, Tensor | None]:
         path = self.path / shard.file
@@ -334,11 +377,14 @@ class ActivationStore:
             raise StoreFileError(path, f"unreadable activation shard ({type(err).__name__}: {err})") from err
         for name, t in (("x", x), ("tau", tau)):
             if t is not None and not bool(torch.isfinite(t).all()):
-                raise StoreFileError(path, "holds NaN/inf values (appends refuse them: the file was changed)",
-                                     field=name)
+                raise StoreFileError(
+                    path, "holds NaN/inf values (appends refuse them: the file was changed)", field=name
+                )
         if tuple(x.shape) != (shard.rows, self.d_in) or x.dtype != self.dtype:
-            raise ActivationStoreError(f"shard {self.path / shard.file} holds {tuple(x.shape)} {x.dtype}, "
-                                       f"the manifest says ({shard.rows}, {self.d_in}) {self.dtype}")
+            raise ActivationStoreError(
+                f"shard {self.path / shard.file} holds {tuple(x.shape)} {x.dtype}, "
+                f"the manifest says ({shard.rows}, {self.d_in}) {self.dtype}"
+            )
         return x, tau
 
     def _check_read(self, with_tau: bool) -> None:
@@ -346,9 +392,19 @@ class ActivationStore:
         if with_tau and not self.has_tau:
             raise ValueError(f"activation store at {self.path} has no τ column (with_tau=True)")
 
-    def iter_batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, buffer_shards: int = 4,
-                     with_tau: bool = False, dtype: torch.dtype = torch.float32, drop_last: bool = False,
-                     start_batch: int = 0, epochs: int = 1) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+    def iter_batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        buffer_shards: int = 4,
+        with_tau: bool = False,
+        dtype: torch.dtype = torch.float32,
+        drop_last: bool = False,
+        start_batch: int = 0,
+        epochs: int = 1,
+    ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         """Stream [batch_size, d_in] batches (``(x, tau)`` with ``with_tau``), ``epochs`` passes.
 
         Shuffled reads permute the shard order, then rows across groups of ``buffer_shards``
@@ -369,15 +425,35 @@ class ActivationStore:
             for epoch in range(epochs):
                 skip = start_batch - epoch * per_epoch
                 if skip < per_epoch:
-                    yield from self._epoch(shards, batch_size, shuffle, seed + epoch, buffer_shards,
-                                           with_tau, dtype, drop_last, max(skip, 0) * batch_size)
+                    yield from self._epoch(
+                        shards,
+                        batch_size,
+                        shuffle,
+                        seed + epoch,
+                        buffer_shards,
+                        with_tau,
+                        dtype,
+                        drop_last,
+                        max(skip, 0) * batch_size,
+                    )
+
         return stream()
 
-    def _epoch(self, shards: list[ShardInfo], batch_size: int, shuffle: bool, seed: int, buffer: int,
-               with_tau: bool, dtype: torch.dtype, drop_last: bool, start: int) -> Iterator[Any]:
+    def _epoch(
+        self,
+        shards: list[ShardInfo],
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        buffer: int,
+        with_tau: bool,
+        dtype: torch.dtype,
+        drop_last: bool,
+        start: int,
+    ) -> Iterator[Any]:
         if shuffle:
             order = torch.randperm(len(shards), generator=_generator(seed, 0)).tolist()
-            groups = [order[i:i + buffer] for i in range(0, len(order), buffer)]
+            groups = [order[i : i + buffer] for i in range(0, len(order), buffer)]
         else:
             groups = [[i] for i in range(len(shards))]
         pos, carry_x, carry_t = 0, None, None  # pos: stream position where the current group starts
@@ -393,21 +469,22 @@ class ActivationStore:
                 perm = torch.randperm(rows, generator=_generator(seed, gi + 1))
                 x, t = x[perm], (t[perm] if t is not None else None)
             if pos < start:
-                x, t = x[start - pos:], (t[start - pos:] if t is not None else None)
+                x, t = x[start - pos :], (t[start - pos :] if t is not None else None)
             pos += rows
             if carry_x is not None:
                 x = torch.cat([carry_x, x])
                 t = torch.cat([carry_t, t]) if t is not None else None
             full = x.shape[0] // batch_size * batch_size
             for b in range(0, full, batch_size):
-                xb = x[b:b + batch_size].to(dtype)
-                yield (xb, t[b:b + batch_size]) if t is not None else xb
+                xb = x[b : b + batch_size].to(dtype)
+                yield (xb, t[b : b + batch_size]) if t is not None else xb
             carry_x, carry_t = x[full:], (t[full:] if t is not None else None)
         if carry_x is not None and carry_x.shape[0] and not drop_last:
             yield (carry_x.to(dtype), carry_t) if carry_t is not None else carry_x.to(dtype)
 
-    def read_all(self, limit: int | None = None, *, with_tau: bool = False,
-                 dtype: torch.dtype | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def read_all(
+        self, limit: int | None = None, *, with_tau: bool = False, dtype: torch.dtype | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Every row (or the first ``limit``) in storage order, in the store dtype by default."""
         self._check_read(with_tau)
         xs, ts, have = [], [], 0
@@ -448,8 +525,9 @@ def _read_shard_list(raw: dict[str, Any], manifest: Path) -> list[ShardInfo]:
         if not isinstance(file, str) or not _SHARD_FILE.match(file) or file.endswith(".tmp"):
             raise StoreFileError(manifest, f"not a shard file name: {file!r}", field=f"{where}.file")
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
-            raise StoreFileError(manifest, f"must be a non-negative integer, got {rows!r}",
-                                 field=f"{where}.rows")
+            raise StoreFileError(
+                manifest, f"must be a non-negative integer, got {rows!r}", field=f"{where}.rows"
+            )
         shards.append(ShardInfo(file, rows))
     return shards
 
@@ -469,8 +547,9 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     _fsync(path.parent)
 
 
-def open_stores(store: Any, specs: Mapping[str, tuple[int, dict[str, Any]]],
-                dtype: torch.dtype) -> dict[str, Any] | Callable[..., None]:
+def open_stores(
+    store: Any, specs: Mapping[str, tuple[int, dict[str, Any]]], dtype: torch.dtype
+) -> dict[str, Any] | Callable[..., None]:
     """Where a collection run writes, per hookpoint: ``specs`` is ``path -> (width, metadata)``.
 
     ``store`` may be a folder (one store per hookpoint in ``<folder>/<path>``, created or reopened),
@@ -478,8 +557,10 @@ def open_stores(store: Any, specs: Mapping[str, tuple[int, dict[str, Any]]],
     """
     if isinstance(store, str | os.PathLike):
         root = Path(store)
-        return {path: ActivationStore.create(root / path, d_in=width, dtype=dtype, exist_ok=True,
-                                             metadata=meta) for path, (width, meta) in specs.items()}
+        return {
+            path: ActivationStore.create(root / path, d_in=width, dtype=dtype, exist_ok=True, metadata=meta)
+            for path, (width, meta) in specs.items()
+        }
     if isinstance(store, Mapping):
         missing = [p for p in specs if p not in store]
         if missing:
@@ -487,10 +568,13 @@ def open_stores(store: Any, specs: Mapping[str, tuple[int, dict[str, Any]]],
         return {p: store[p] for p in specs}
     if hasattr(store, "append") and hasattr(store, "has_key"):
         if len(specs) != 1:
-            raise ValueError("one store was given for several hookpoints; pass a dict hookpoint -> store, "
-                             "or a folder path")
+            raise ValueError(
+                "one store was given for several hookpoints; pass a dict hookpoint -> store, or a folder path"
+            )
         return {next(iter(specs)): store}
     if callable(store):
         return store
-    raise TypeError(f"store must be an ActivationStore, a dict of them, a folder path or a callable sink, "
-                    f"got {type(store).__name__}")
+    raise TypeError(
+        f"store must be an ActivationStore, a dict of them, a folder path or a callable sink, "
+        f"got {type(store).__name__}"
+    )

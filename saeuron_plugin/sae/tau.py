@@ -61,11 +61,15 @@ class TauGrid:
         return out
 
     def _warn(self, lo: float, hi: float) -> None:
-        if not self._warned[0] and (lo < -_TAU_TOLERANCE or hi > 1 + _TAU_TOLERANCE
-                                    or math.isnan(lo) or math.isnan(hi)):
+        if not self._warned[0] and (
+            lo < -_TAU_TOLERANCE or hi > 1 + _TAU_TOLERANCE or math.isnan(lo) or math.isnan(hi)
+        ):
             self._warned[0] = True
-            warnings.warn(f"normalised time τ in [{lo:.4g}, {hi:.4g}] is outside [0, 1]; clamped to "
-                          "the nearest bucket (warned once)", stacklevel=3)
+            warnings.warn(
+                f"normalised time τ in [{lo:.4g}, {hi:.4g}] is outside [0, 1]; clamped to "
+                "the nearest bucket (warned once)",
+                stacklevel=3,
+            )
 
     def nearest(self, tau: float) -> int:
         """Bucket of one τ, in plain Python (no tensor work: the per-call path of the ablation)."""

@@ -118,8 +118,9 @@ class TrainState:
 
 
 # --------------------------------------------------------------------------- data
-def _rebatch(chunks: Iterable[Tensor], batch_size: int, buffer_rows: int,
-             generator: torch.Generator) -> Iterator[Tensor]:
+def _rebatch(
+    chunks: Iterable[Tensor], batch_size: int, buffer_rows: int, generator: torch.Generator
+) -> Iterator[Tensor]:
     """Cut a stream of [N, d] chunks into [batch_size, d] batches, shuffled within a buffer.
 
     With ``buffer_rows`` > 0 the buffer is filled to that many rows, permuted, and emptied down
@@ -133,7 +134,8 @@ def _rebatch(chunks: Iterable[Tensor], batch_size: int, buffer_rows: int,
         chunk = chunk.reshape(-1, chunk.shape[-1])
         if buf is not None and chunk.shape[-1] != buf.shape[-1]:
             raise TrainingDataError(
-                f"activation chunks disagree in width: {buf.shape[-1]} then {chunk.shape[-1]}")
+                f"activation chunks disagree in width: {buf.shape[-1]} then {chunk.shape[-1]}"
+            )
         buf = chunk if buf is None else torch.cat([buf, chunk])
         if buf.shape[0] < want:
             continue
@@ -156,14 +158,14 @@ def _is_store(data: Any) -> bool:
 def _epoch_batches(data: DataSource, cfg: TrainConfig, epoch: int) -> Iterator[Tensor]:
     """Batches of one pass over the source, identical on every call with the same epoch."""
     if _is_store(data):
-        yield from data.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch,
-                                     drop_last=True)
+        yield from data.iter_batches(cfg.batch_size, shuffle=True, seed=cfg.seed + epoch, drop_last=True)
         return
     source = data() if callable(data) else data
     if epoch > 0 and iter(source) is source:
         raise TrainingDataError(
             "epochs > 1 needs a re-iterable source (a list, an ActivationStore or a callable "
-            "returning a fresh iterator); got a one-shot iterator")
+            "returning a fresh iterator); got a one-shot iterator"
+        )
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     yield from _rebatch(source, cfg.batch_size, cfg.shuffle_buffer, gen)
 
@@ -181,7 +183,8 @@ def _batches(data: DataSource, cfg: TrainConfig) -> Iterator[Tensor]:
             if epoch == 1:
                 raise TrainingDataError(
                     f"no activations to train on: the data source yielded no full batch of "
-                    f"{cfg.batch_size} rows (is the store empty or batch_size too large?)")
+                    f"{cfg.batch_size} rows (is the store empty or batch_size too large?)"
+                )
             return
         if cfg.steps is None and epoch >= cfg.epochs:
             return
@@ -189,8 +192,7 @@ def _batches(data: DataSource, cfg: TrainConfig) -> Iterator[Tensor]:
 
 def _check_batch(x: Tensor, d_in: int, index: int) -> None:
     if x.shape[-1] != d_in:
-        raise TrainingDataError(
-            f"batch {index} has width {x.shape[-1]} but the SAE's d_in is {d_in}")
+        raise TrainingDataError(f"batch {index} has width {x.shape[-1]} but the SAE's d_in is {d_in}")
     if not torch.isfinite(x).all():
         raise TrainingDataError(f"batch {index} contains NaN or inf activations")
 
@@ -203,7 +205,8 @@ def _count_steps(data: DataSource, cfg: TrainConfig) -> int:
     if not callable(data) and iter(data) is data:
         raise TrainingDataError(
             "pass `steps=` when training from a one-shot iterator (the learning-rate schedule "
-            "needs the run length), or pass a list / callable / ActivationStore")
+            "needs the run length), or pass a list / callable / ActivationStore"
+        )
     return sum(1 for _ in _batches(data, cfg))
 
 
@@ -239,8 +242,14 @@ _CKPT_TENSORS = "trainer.safetensors"
 _CKPT_STATE = "trainer_state.json"
 
 
-def _save_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-                     since_fired: Tensor, state: TrainState, cfg: TrainConfig) -> None:
+def _save_checkpoint(
+    folder: Path,
+    sae: SparseAutoencoder,
+    opt: torch.optim.Optimizer,
+    since_fired: Tensor,
+    state: TrainState,
+    cfg: TrainConfig,
+) -> None:
     """Atomically replace ``folder`` with the current training state (no pickles)."""
     tensors = {f"sae.{k}": v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
     params = list(sae.parameters())
@@ -252,8 +261,11 @@ def _save_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Opti
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / _CKPT_TENSORS))
-    meta = {"state": asdict(state), "sae_config": sae.cfg.to_dict(),
-            "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"}}
+    meta = {
+        "state": asdict(state),
+        "sae_config": sae.cfg.to_dict(),
+        "train_config": {k: v for k, v in asdict(cfg).items() if k != "extra"},
+    }
     (tmp / _CKPT_STATE).write_text(json.dumps(meta, indent=1))
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -266,8 +278,9 @@ def _save_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Opti
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-                     since_fired: Tensor) -> TrainState:
+def _load_checkpoint(
+    folder: Path, sae: SparseAutoencoder, opt: torch.optim.Optimizer, since_fired: Tensor
+) -> TrainState:
     hint = "; delete the checkpoint folder or start without resume"
     state_path, tensors_path = folder / _CKPT_STATE, folder / _CKPT_TENSORS
     try:
@@ -282,7 +295,8 @@ def _load_checkpoint(folder: Path, sae: SparseAutoencoder, opt: torch.optim.Opti
     if dims != (sae.d_in, sae.num_latents):
         raise ValueError(
             f"checkpoint at {folder} is for an SAE of d_in={dims[0]}, n={dims[1]}; "
-            f"this run builds d_in={sae.d_in}, n={sae.num_latents}")
+            f"this run builds d_in={sae.d_in}, n={sae.num_latents}"
+        )
     try:
         state = TrainState(**saved_state)
         sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
@@ -307,7 +321,8 @@ def _diverged(step: int, what: str, ckpt: Path | None) -> TrainingDivergedError:
     kept = f"the last finite checkpoint in {ckpt} is kept" if saved else "nothing was saved"
     return TrainingDivergedError(
         f"SAE training diverged at step {step}: {what}; {kept}. Lower the learning rate (--lr), "
-        "check the activations' scale (input_unit_norm=True standardises each token), or keep grad_clip on")
+        "check the activations' scale (input_unit_norm=True standardises each token), or keep grad_clip on"
+    )
 
 
 def _check_weights(sae: SparseAutoencoder, step: int, ckpt: Path | None) -> None:
@@ -341,16 +356,25 @@ class Trainer:
     of a fresh initialisation; its d_in/n/k win over the config's.
     """
 
-    def __init__(self, data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | None = None,
-                 init: SparseAutoencoder | None = None) -> None:
+    def __init__(
+        self,
+        data: DataSource,
+        cfg: TrainConfig | None = None,
+        *,
+        d_in: int | None = None,
+        init: SparseAutoencoder | None = None,
+    ) -> None:
         from accelerate import Accelerator
 
         self.data, self.cfg, self.init = data, cfg or TrainConfig(), init
         on_cpu = self.cfg.device == "cpu" or not torch.cuda.is_available()
         self.accelerator = Accelerator(mixed_precision=self.cfg.mixed_precision, cpu=on_cpu)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
-        self.device = (self.accelerator.device if (_distributed() or self.cfg.device is None)
-                       else torch.device(self.cfg.device))
+        self.device = (
+            self.accelerator.device
+            if (_distributed() or self.cfg.device is None)
+            else torch.device(self.cfg.device)
+        )
         self.total_steps = _count_steps(data, self.cfg)
         if self.total_steps <= 0:
             raise TrainingDataError("no activations to train on: zero training steps")
@@ -373,10 +397,19 @@ class Trainer:
             if sae.d_in != self.d_in:
                 raise TrainingDataError(f"init SAE has d_in={sae.d_in} but the data has width {self.d_in}")
             return sae
-        sae = SparseAutoencoder(SaeConfig(
-            d_in=self.d_in, num_latents=cfg.num_latents, expansion_factor=cfg.expansion_factor, k=cfg.k,
-            input_unit_norm=cfg.input_unit_norm, hookpoint=cfg.hookpoint, model_family=cfg.model_family,
-            base_model=cfg.base_model, extra=dict(cfg.extra)))
+        sae = SparseAutoencoder(
+            SaeConfig(
+                d_in=self.d_in,
+                num_latents=cfg.num_latents,
+                expansion_factor=cfg.expansion_factor,
+                k=cfg.k,
+                input_unit_norm=cfg.input_unit_norm,
+                hookpoint=cfg.hookpoint,
+                model_family=cfg.model_family,
+                base_model=cfg.base_model,
+                extra=dict(cfg.extra),
+            )
+        )
         sae.reset_parameters(torch.Generator().manual_seed(cfg.seed))
         with torch.no_grad():
             xs, _, _ = sae._standardise(self.first.float())
@@ -412,22 +445,31 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self._setup()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, unit="step",
-                   disable=not self.cfg.progress or self.rank != 0,
-                   desc=f"train SAE {self.cfg.hookpoint or ''}".strip())
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            unit="step",
+            disable=not self.cfg.progress or self.rank != 0,
+            desc=f"train SAE {self.cfg.hookpoint or ''}".strip(),
+        )
         for batch in self._my_batches():
             out, loss, x = self._step(batch)
             self._track(out, loss, x)
             bar.update(1)
-            bar.set_postfix(fvu=f"{self.state.last_fvu:.3f}", l0=f"{self.state.last_l0:.1f}",
-                            dead=f"{100 * self.state.dead_fraction:.1f}%", refresh=False)
+            bar.set_postfix(
+                fvu=f"{self.state.last_fvu:.3f}",
+                l0=f"{self.state.last_l0:.1f}",
+                dead=f"{100 * self.state.dead_fraction:.1f}%",
+                refresh=False,
+            )
             if self.cfg.checkpoint_every and self.state.step % self.cfg.checkpoint_every == 0:
                 self._checkpoint()
         bar.close()
         if self.state.step < self.total_steps:
             raise TrainingDataError(
                 f"the data ran out after {self.state.step} of {self.total_steps} steps; lower `steps` or "
-                "pass a re-iterable source")
+                "pass a re-iterable source"
+            )
         self._checkpoint()
         return TrainResult(self._finish(), self.state)
 
@@ -440,10 +482,17 @@ class Trainer:
             group["lr"] = self.lr * _lr_factor(self.state.step, self.total_steps, cfg)
         dead = self.since_fired > cfg.dead_tokens_threshold
         with self.accelerator.autocast():
-            measure = (cfg.batch_topk or self.state.step % _THETA_EVERY == 0
-                       or self.state.step + 1 == self.total_steps)
-            out = self.model(x, dead_mask=dead if cfg.auxk_alpha > 0 else None,
-                             batch_topk=cfg.batch_topk, measure_threshold=measure)
+            measure = (
+                cfg.batch_topk
+                or self.state.step % _THETA_EVERY == 0
+                or self.state.step + 1 == self.total_steps
+            )
+            out = self.model(
+                x,
+                dead_mask=dead if cfg.auxk_alpha > 0 else None,
+                batch_topk=cfg.batch_topk,
+                measure_threshold=measure,
+            )
             loss = out.fvu + cfg.auxk_alpha * out.auxk_loss
         self.accelerator.backward(loss)
         core.remove_parallel_grad()
@@ -468,7 +517,7 @@ class Trainer:
         self.since_fired[fired > 0] = 0
         theta_value = float(theta)
         if not math.isnan(theta_value):
-            m = cfg.threshold_momentum if cfg.batch_topk else cfg.threshold_momentum ** _THETA_EVERY
+            m = cfg.threshold_momentum if cfg.batch_topk else cfg.threshold_momentum**_THETA_EVERY
             previous = state.threshold
             state.threshold = theta_value if previous is None else m * previous + (1 - m) * theta_value
         state.step += 1
@@ -490,12 +539,24 @@ class Trainer:
         cfg, state = self.cfg, self.state
         core = self.sae
         core.cfg = core.cfg.replace(
-            threshold=state.threshold, encoder=cfg.encoder,
-            extra={**core.cfg.extra, "training": {
-                "steps": state.step, "tokens": state.tokens, "batch_size": cfg.batch_size,
-                "processes": self.world, "lr": self.lr, "batch_topk": cfg.batch_topk, "seed": cfg.seed,
-                "auxk_alpha": cfg.auxk_alpha, "final_fvu": state.last_fvu,
-                "dead_fraction": state.dead_fraction}})
+            threshold=state.threshold,
+            encoder=cfg.encoder,
+            extra={
+                **core.cfg.extra,
+                "training": {
+                    "steps": state.step,
+                    "tokens": state.tokens,
+                    "batch_size": cfg.batch_size,
+                    "processes": self.world,
+                    "lr": self.lr,
+                    "batch_topk": cfg.batch_topk,
+                    "seed": cfg.seed,
+                    "auxk_alpha": cfg.auxk_alpha,
+                    "final_fvu": state.last_fvu,
+                    "dead_fraction": state.dead_fraction,
+                },
+            },
+        )
         return core
 
 
@@ -510,8 +571,14 @@ def train_config(cfg: TrainConfig | None = None, **overrides: Any) -> TrainConfi
     return cfg
 
 
-def train_sae(data: DataSource, cfg: TrainConfig | None = None, *, d_in: int | None = None,
-              init: SparseAutoencoder | None = None, **overrides: Any) -> SparseAutoencoder:
+def train_sae(
+    data: DataSource,
+    cfg: TrainConfig | None = None,
+    *,
+    d_in: int | None = None,
+    init: SparseAutoencoder | None = None,
+    **overrides: Any,
+) -> SparseAutoencoder:
     """Train an SAE on ``data`` and return it: ``Trainer(data, cfg, ...).fit().sae``.
 
     Keyword overrides set fields of :class:`TrainConfig`, e.g. ``train_sae(store, k=32, steps=1000)``.

@@ -143,10 +143,13 @@ class Build:
     # --------------------------------------------------------------- stages
     def run(self) -> Path:
         self.work.mkdir(parents=True, exist_ok=True)
-        steps = [("collect", ("collect",), self.collect), ("train", ("collect", "train"), self.train),
-                 ("statistics", ("collect", "train", "statistics", "concepts"), self.statistics),
-                 ("tune", ("collect", "train", "statistics", "concepts", "tune"), self.tune),
-                 ("bundle", ("collect", "train", "statistics", "concepts", "tune", "hub_repo"), self.bundle)]
+        steps = [
+            ("collect", ("collect",), self.collect),
+            ("train", ("collect", "train"), self.train),
+            ("statistics", ("collect", "train", "statistics", "concepts"), self.statistics),
+            ("tune", ("collect", "train", "statistics", "concepts", "tune"), self.tune),
+            ("bundle", ("collect", "train", "statistics", "concepts", "tune", "hub_repo"), self.bundle),
+        ]
         for stage, sections, fn in steps:
             stamp = _stamp(self.recipe, *sections)
             if self.done(stage, stamp):
@@ -166,10 +169,16 @@ class Build:
             return
         c = self.recipe["collect"]
         result = collect_activations(
-            self.pipe, _prompts(c.get("prompts", "shapescanvas"), self.recipe), self.hookpoints,
-            self.work / "activations", num_inference_steps=int(c.get("steps", 25)),
-            guidance_scale=c.get("guidance_scale"), tokens_per_step=c.get("tokens_per_step"),
-            seed=int(c.get("seed", 10_000)), batch_size=int(c.get("batch_size", 8)))
+            self.pipe,
+            _prompts(c.get("prompts", "shapescanvas"), self.recipe),
+            self.hookpoints,
+            self.work / "activations",
+            num_inference_steps=int(c.get("steps", 25)),
+            guidance_scale=c.get("guidance_scale"),
+            tokens_per_step=c.get("tokens_per_step"),
+            seed=int(c.get("seed", 10_000)),
+            batch_size=int(c.get("batch_size", 8)),
+        )
         self.log(f"collect: {result.collected} prompts ({result.skipped} already stored), rows {result.rows}")
 
     def train(self) -> None:
@@ -188,11 +197,18 @@ class Build:
                 continue
             store = ActivationStore(self.work / "activations" / hp)
             meta = store.metadata
-            cfg = TrainConfig(**{
-                "progress": False, **options, "hookpoint": hp, "model_family": meta.get("model_family"),
-                "base_model": meta.get("base_model"),
-                "checkpoint_dir": str(self.work / "sae" / hp / "checkpoint"),
-                "checkpoint_every": int(options.get("checkpoint_every", 200)), "resume": True})
+            cfg = TrainConfig(
+                **{
+                    "progress": False,
+                    **options,
+                    "hookpoint": hp,
+                    "model_family": meta.get("model_family"),
+                    "base_model": meta.get("base_model"),
+                    "checkpoint_dir": str(self.work / "sae" / hp / "checkpoint"),
+                    "checkpoint_every": int(options.get("checkpoint_every", 200)),
+                    "resume": True,
+                }
+            )
             sae, state = Trainer(store, cfg).fit()
             sae.save_pretrained(self.work / "sae" / hp)
             self.log(f"train {hp}: {state.step} steps, FVU {state.last_fvu:.3f}")
@@ -202,15 +218,23 @@ class Build:
         from ..sae.model import SparseAutoencoder
 
         s = self.recipe.get("statistics", {})
-        eraser = SAeUron.from_saes({hp: SparseAutoencoder.from_pretrained(self.work / "sae" / hp)
-                                    for hp in self.hookpoints})
-        prompts = {name: _prompts(spec.get("prompts", "shapescanvas"), self.recipe, name)
-                   for name, spec in self.recipe["concepts"].items()}
+        eraser = SAeUron.from_saes(
+            {hp: SparseAutoencoder.from_pretrained(self.work / "sae" / hp) for hp in self.hookpoints}
+        )
+        prompts = {
+            name: _prompts(spec.get("prompts", "shapescanvas"), self.recipe, name)
+            for name, spec in self.recipe["concepts"].items()
+        }
         if s.get("background"):
             prompts[None] = _prompts(s["background"], self.recipe)
-        eraser.add_concepts(prompts, self.pipe, num_inference_steps=int(s.get("steps", 25)),
-                            guidance_scale=s.get("guidance_scale"), seed=int(s.get("seed", 20_000)),
-                            batch_size=int(s.get("batch_size", 8)))
+        eraser.add_concepts(
+            prompts,
+            self.pipe,
+            num_inference_steps=int(s.get("steps", 25)),
+            guidance_scale=s.get("guidance_scale"),
+            seed=int(s.get("seed", 20_000)),
+            batch_size=int(s.get("batch_size", 8)),
+        )
         shutil.rmtree(self.work / "statistics", ignore_errors=True)
         eraser.save_pretrained(self.work / "statistics")
 
@@ -225,21 +249,38 @@ class Build:
         eraser = SAeUron.from_pretrained(self.work / "statistics")
         n = BUDGETS[t.get("budget", "small")]["prompts"]
         space = SearchSpace.from_budget(t.get("budget", "small"))
-        cfg = TuneConfig(num_inference_steps=int(t.get("steps", 25)), guidance_scale=t.get("guidance_scale"),
-                         batch_size=int(t.get("batch_size", 4)), show_progress=bool(t.get("progress", True)))
+        cfg = TuneConfig(
+            num_inference_steps=int(t.get("steps", 25)),
+            guidance_scale=t.get("guidance_scale"),
+            batch_size=int(t.get("batch_size", 4)),
+            show_progress=bool(t.get("progress", True)),
+        )
         for name, spec in self.recipe["concepts"].items():
             own = _prompts(spec.get("prompts", "shapescanvas"), self.recipe, name)
-            forget = (_prompts(spec["forget"], self.recipe) if "forget" in spec
-                      else own[::max(1, len(own) // n)])
+            forget = (
+                _prompts(spec["forget"], self.recipe) if "forget" in spec else own[:: max(1, len(own) // n)]
+            )
             if "retain" in spec:
                 retain = _prompts(spec["retain"], self.recipe)
             else:
-                others = [p for other, o in self.recipe["concepts"].items() if other != name
-                          for p in _prompts(o.get("prompts", "shapescanvas"), self.recipe, other)
-                          if p not in own]
-                retain = others[::max(1, len(others) // n)]
-            tune_concept(eraser, self.pipe, judge, TuneTask(name, forget[:n], retain[:n]), space, folder, cfg,
-                         log=self.log)
+                others = [
+                    p
+                    for other, o in self.recipe["concepts"].items()
+                    if other != name
+                    for p in _prompts(o.get("prompts", "shapescanvas"), self.recipe, other)
+                    if p not in own
+                ]
+                retain = others[:: max(1, len(others) // n)]
+            tune_concept(
+                eraser,
+                self.pipe,
+                judge,
+                TuneTask(name, forget[:n], retain[:n]),
+                space,
+                folder,
+                cfg,
+                log=self.log,
+            )
         eraser.save_pretrained(folder)
 
     def bundle(self) -> None:
@@ -251,8 +292,11 @@ class Build:
         recipe = {k: v for k, v in self.recipe.items() if not k.startswith("_")}
         search = json.loads((self.work / "tuned" / "search.json").read_text(encoding="utf-8"))
         keys = ("hookpoints", "contrast", "percentile", "gamma", "ua", "ira", "cra")
-        tuned = {name: {k: entry["best"][k] for k in keys}
-                 for name, entry in search.get("tune", {}).items() if "best" in entry}
+        tuned = {
+            name: {k: entry["best"][k] for k in keys}
+            for name, entry in search.get("tune", {}).items()
+            if "best" in entry
+        }
         # the card records the recipe, the tuned settings and their validation scores
         eraser.save_pretrained(staging, metrics={"validation (tuned settings)": tuned, "recipe": recipe})
         shutil.copy2(self.work / "tuned" / "search.json", staging / "search.json")

@@ -15,14 +15,26 @@ def tune_args(p: argparse.ArgumentParser) -> None:
     model_args(p, "diffusers pipeline")
     p.add_argument("--sae", required=True, help="bundle folder to tune (written in place unless --out)")
     p.add_argument("--concept", action="append", required=True, help="concept to tune (repeatable)")
-    p.add_argument("--judge", required=True,
-                   help="shapescanvas[:FOLDER], clip:MODEL (Hub id or folder) or module:function")
-    p.add_argument("--labels", action="append", default=None, metavar="DOMAIN=A,B,...",
-                   help="the judge's labels for clip / callable judges (repeatable, one per domain)")
+    p.add_argument(
+        "--judge",
+        required=True,
+        help="shapescanvas[:FOLDER], clip:MODEL (Hub id or folder) or module:function",
+    )
+    p.add_argument(
+        "--labels",
+        action="append",
+        default=None,
+        metavar="DOMAIN=A,B,...",
+        help="the judge's labels for clip / callable judges (repeatable, one per domain)",
+    )
     p.add_argument("--forget-prompts", default=None, help="file: prompts with the concept (one --concept)")
     p.add_argument("--retain-prompts", default=None, help="file: prompts without it (one --concept)")
-    p.add_argument("--budget", choices=list(BUDGETS), default="small",
-                   help="grid size and validation prompts (tiny, small, medium, large)")
+    p.add_argument(
+        "--budget",
+        choices=list(BUDGETS),
+        default="small",
+        help="grid size and validation prompts (tiny, small, medium, large)",
+    )
     p.add_argument("--steps", type=int, default=25, help="denoising steps of the validation images")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -54,7 +66,7 @@ def shapescanvas_captions(concept: str, with_concept: bool = True) -> list[str]:
 def shapescanvas_prompts(concept: str, n: int) -> tuple[list[str], list[str]]:
     """``n`` ShapesCanvas captions with ``concept`` and ``n`` without it, spread over the list."""
     with_c, without = shapescanvas_captions(concept), shapescanvas_captions(concept, with_concept=False)
-    return with_c[::max(1, len(with_c) // n)][:n], without[::max(1, len(without) // n)][:n]
+    return with_c[:: max(1, len(with_c) // n)][:n], without[:: max(1, len(without) // n)][:n]
 
 
 def tasks(args: argparse.Namespace, judge: Any) -> list[TuneTask]:
@@ -93,12 +105,16 @@ def tune(args: argparse.Namespace) -> int:
     cfg = TuneConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size)
     best = {t.concept: tune_concept(eraser, pipe, judge, t, space, out, cfg) for t in todo}
     eraser.save_pretrained(out)
-    print(f"{'concept':12s} {'p':>7s} {'γ':>6s} {'contrast':>9s}  {'UA':>5s} {'IRA':>5s} {'CRA':>5s}  "
-          "hookpoints")
+    print(
+        f"{'concept':12s} {'p':>7s} {'γ':>6s} {'contrast':>9s}  {'UA':>5s} {'IRA':>5s} {'CRA':>5s}  "
+        "hookpoints"
+    )
     for name, b in best.items():
         scores = f"{100 * b['ua']:5.1f} {100 * b['ira']:5.1f} {100 * b['cra']:5.1f}"
-        print(f"{name:12s} {b['percentile']:7.3f} {b['gamma']:6.1f} {b['contrast']!s:>9s}  {scores}  "
-              f"{', '.join(b['hookpoints'])}")
+        print(
+            f"{name:12s} {b['percentile']:7.3f} {b['gamma']:6.1f} {b['contrast']!s:>9s}  {scores}  "
+            f"{', '.join(b['hookpoints'])}"
+        )
     print(json.dumps({"out": str(out), "best": best}))
     return 0
 

@@ -84,9 +84,16 @@ class ClipZeroShotJudge:
     and its processor; ``HF_HUB_OFFLINE=1`` uses the cache only.
     """
 
-    def __init__(self, model: str, labels: Mapping[str, Sequence[str]], *,
-                 templates: Mapping[str, str] | None = None, device: str | torch.device = "cpu",
-                 batch_size: int = 64, **from_pretrained: Any) -> None:
+    def __init__(
+        self,
+        model: str,
+        labels: Mapping[str, Sequence[str]],
+        *,
+        templates: Mapping[str, str] | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 64,
+        **from_pretrained: Any,
+    ) -> None:
         if not labels or any(len(v) < 2 for v in labels.values()):
             raise ValueError("a CLIP judge needs at least one domain with two or more labels")
         from_pretrained.setdefault("local_files_only", hub_offline())  # read now, not at import time
@@ -101,8 +108,10 @@ class ClipZeroShotJudge:
         given = dict(templates or {})
         self.templates = {d: given.get(d, DEFAULT_TEMPLATES.get(d, "a photo of {}")) for d in labels}
         self.batch_size = batch_size
-        self._text = {d: self._embed_text([self.templates[d].format(n) for n in names])
-                      for d, names in self._labels.items()}
+        self._text = {
+            d: self._embed_text([self.templates[d].format(n) for n in names])
+            for d, names in self._labels.items()
+        }
 
     @property
     def labels(self) -> dict[str, list[str]]:
@@ -130,8 +139,9 @@ class ClipZeroShotJudge:
         scale = float(self.model.logit_scale.exp())
         out: dict[str, list[Tensor]] = {d: [] for d in self._labels}
         for i in range(0, len(x), self.batch_size):
-            pixels = self.processor(images=_pil(x[i:i + self.batch_size]),
-                                    return_tensors="pt")["pixel_values"].to(self.device)
+            pixels = self.processor(images=_pil(x[i : i + self.batch_size]), return_tensors="pt")[
+                "pixel_values"
+            ].to(self.device)
             emb = self._features(self.model.get_image_features(pixel_values=pixels))
             emb = torch.nn.functional.normalize(emb.float(), dim=-1)
             for d, text in self._text.items():
@@ -143,12 +153,14 @@ class CallableJudge:
     """A judge from any callable ``fn(images) -> {domain: probabilities}``; ``labels`` as given, or the
     callable's own ``labels`` attribute."""
 
-    def __init__(self, fn: Callable[[Any], Mapping[str, Tensor]],
-                 labels: Mapping[str, Sequence[str]] | None = None) -> None:
+    def __init__(
+        self, fn: Callable[[Any], Mapping[str, Tensor]], labels: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
         found = labels if labels is not None else getattr(fn, "labels", None)
         if not found:
-            raise ValueError("give the judge's labels ({domain: [names]}) or a callable with a `labels` "
-                             "attribute")
+            raise ValueError(
+                "give the judge's labels ({domain: [names]}) or a callable with a `labels` attribute"
+            )
         self.fn = fn
         self._labels = {d: list(v) for d, v in found.items()}
 
@@ -174,8 +186,13 @@ def _import(spec: str) -> Any:
         raise JudgeLoadError(f"cannot import the judge {spec!r} (expected 'module:function'): {err}") from err
 
 
-def load_judge(spec: str | Judge, *, labels: Mapping[str, Sequence[str]] | None = None,
-               device: str | torch.device = "cpu", **options: Any) -> Judge:
+def load_judge(
+    spec: str | Judge,
+    *,
+    labels: Mapping[str, Sequence[str]] | None = None,
+    device: str | torch.device = "cpu",
+    **options: Any,
+) -> Judge:
     """A judge from a name: ``"shapescanvas"`` (the shipped judges, or ``"shapescanvas:FOLDER"``),
     ``"clip:MODEL"`` (a Hub id or folder; needs ``labels``), ``"module:function"`` (a callable, or a
     factory returning a judge), or a judge object itself. Fails here, before any generation."""
@@ -209,5 +226,12 @@ def load_judge(spec: str | Judge, *, labels: Mapping[str, Sequence[str]] | None 
     return CallableJudge(obj, labels)
 
 
-__all__ = ["DEFAULT_TEMPLATES", "CallableJudge", "ClipZeroShotJudge", "Judge", "JudgeLoadError",
-           "as_float_images", "load_judge"]
+__all__ = [
+    "DEFAULT_TEMPLATES",
+    "CallableJudge",
+    "ClipZeroShotJudge",
+    "Judge",
+    "JudgeLoadError",
+    "as_float_images",
+    "load_judge",
+]

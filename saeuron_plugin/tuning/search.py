@@ -43,10 +43,18 @@ SEARCH_FILE = "search.json"
 BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": {"percentiles": (99.0,), "gammas": (-2.0,), "prompts": 2, "refine_top": 0},
     "small": {"percentiles": (99.0, 99.9), "gammas": (-1.0, -6.0), "prompts": 6, "refine_top": 2},
-    "medium": {"percentiles": (98.0, 99.0, 99.5, 99.9), "gammas": (-1.0, -2.0, -6.0), "prompts": 12,
-               "refine_top": 3},
-    "large": {"percentiles": (95.0, 98.0, 99.0, 99.5, 99.9, 99.99), "gammas": (-1.0, -2.0, -6.0, -20.0),
-              "prompts": 24, "refine_top": 4},
+    "medium": {
+        "percentiles": (98.0, 99.0, 99.5, 99.9),
+        "gammas": (-1.0, -2.0, -6.0),
+        "prompts": 12,
+        "refine_top": 3,
+    },
+    "large": {
+        "percentiles": (95.0, 98.0, 99.0, 99.5, 99.9, 99.99),
+        "gammas": (-1.0, -2.0, -6.0, -20.0),
+        "prompts": 24,
+        "refine_top": 4,
+    },
 }
 """Per ``--budget``: the grid, the validation size (prompts: forget and as many retain prompts) and the
 stage-2 finalists."""
@@ -77,8 +85,10 @@ class SearchSpace:
 
     def settings(self, held_at: Sequence[str]) -> list[dict[str, Any]]:
         sets = self.hookpoint_sets or [(p,) for p in held_at] + ([tuple(held_at)] if len(held_at) > 1 else [])
-        return [{"hookpoints": list(s), "contrast": c, "percentile": float(p), "gamma": float(g)}
-                for s, c, p, g in itertools.product(sets, self.contrasts, self.percentiles, self.gammas)]
+        return [
+            {"hookpoints": list(s), "contrast": c, "percentile": float(p), "gamma": float(g)}
+            for s, c, p, g in itertools.product(sets, self.contrasts, self.percentiles, self.gammas)
+        ]
 
 
 @dataclass
@@ -116,8 +126,10 @@ def judge_domain(judge: Judge, concept: str, domain: str | None = None) -> str:
         return domain
     found = [d for d, names in labels.items() if concept in names]
     if len(found) != 1:
-        raise TuningError(f"{concept!r} must be a label of exactly one judge domain, found {found or 'none'} "
-                          f"in {labels}; pass the domain or the judge's labels")
+        raise TuningError(
+            f"{concept!r} must be a label of exactly one judge domain, found {found or 'none'} "
+            f"in {labels}; pass the domain or the judge's labels"
+        )
     return found[0]
 
 
@@ -128,13 +140,14 @@ def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: TuneC
         kwargs = {"num_inference_steps": cfg.num_inference_steps, "output_type": "pt", **cfg.pipe_kwargs}
         if cfg.guidance_scale is not None:
             kwargs["guidance_scale"] = cfg.guidance_scale
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + cfg.batch_size]]
-        out.append(pipe(list(prompts[i:i + cfg.batch_size]), generator=gens, **kwargs).images.float().cpu())
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + cfg.batch_size]]
+        out.append(pipe(list(prompts[i : i + cfg.batch_size]), generator=gens, **kwargs).images.float().cpu())
     return torch.cat(out)
 
 
-def paired_scores(judge: Judge, domain: str, concept: str, probs: dict[str, Tensor],
-                  base: dict[str, Tensor], n_forget: int) -> dict[str, float]:
+def paired_scores(
+    judge: Judge, domain: str, concept: str, probs: dict[str, Tensor], base: dict[str, Tensor], n_forget: int
+) -> dict[str, float]:
     """UA / IRA / CRA (fractions) and the probability margin of edited images against base images
     at the same seeds; the first ``n_forget`` rows are forget images, the rest retain images."""
     target = judge.labels[domain].index(concept)
@@ -148,15 +161,22 @@ def paired_scores(judge: Judge, domain: str, concept: str, probs: dict[str, Tens
     # margin: the same three with probabilities instead of decisions (the tie-break)
     p_own = probs[domain]
     keep = p_own[n_forget:].gather(1, base_top[domain][n_forget:, None]).mean()
-    m_cra = (torch.cat([probs[d].gather(1, base_top[d][:, None]).flatten() for d in others]).mean()
-             if others else torch.tensor(1.0))
+    m_cra = (
+        torch.cat([probs[d].gather(1, base_top[d][:, None]).flatten() for d in others]).mean()
+        if others
+        else torch.tensor(1.0)
+    )
     margin = ((1 - p_own[:n_forget, target]).mean() + keep + m_cra) / 3
     return {"ua": float(ua), "ira": float(ira), "cra": float(cra), "margin": float(margin)}
 
 
 def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
-    return (tuple(trial["hookpoints"]), trial.get("contrast", "auto"), float(trial["percentile"]),
-            float(trial["gamma"]))
+    return (
+        tuple(trial["hookpoints"]),
+        trial.get("contrast", "auto"),
+        float(trial["percentile"]),
+        float(trial["gamma"]),
+    )
 
 
 def read_search(folder: str | Path) -> dict[str, Any]:
@@ -184,8 +204,10 @@ class _Stage:
         task = run.task
         self.run, self.name = run, name
         self.prompts = [*task.forget, *task.retain]
-        self.seeds = [*(seed + i for i in range(len(task.forget))),
-                      *(seed + 10_000 + j for j in range(len(task.retain)))]
+        self.seeds = [
+            *(seed + i for i in range(len(task.forget))),
+            *(seed + 10_000 + j for j in range(len(task.retain))),
+        ]
         self.trials = run.entry.setdefault(name, [])
         self.done = {_key(t): t for t in self.trials}
 
@@ -194,16 +216,26 @@ class _Stage:
         run, task = self.run, self.run.task
         todo = [s for s in settings if _key(s) not in self.done]
         reused = len(settings) - len(todo)
-        run.log(f"{task.concept} {self.name}: {len(settings)} settings ({reused} reused) × "
-                f"{len(self.prompts)} images")
+        run.log(
+            f"{task.concept} {self.name}: {len(settings)} settings ({reused} reused) × "
+            f"{len(self.prompts)} images"
+        )
         if todo:
             start = time.perf_counter()
             base = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
-            bar = tqdm(todo, desc=f"tune {task.concept} ({self.name})", unit="trial",
-                       disable=not run.cfg.show_progress)
+            bar = tqdm(
+                todo,
+                desc=f"tune {task.concept} ({self.name})",
+                unit="trial",
+                disable=not run.cfg.show_progress,
+            )
             for setting in bar:
-                ablation = ConceptAblation(task.concept, percentile=setting["percentile"],
-                                           gamma=setting["gamma"], contrast=setting["contrast"])
+                ablation = ConceptAblation(
+                    task.concept,
+                    percentile=setting["percentile"],
+                    gamma=setting["gamma"],
+                    contrast=setting["contrast"],
+                )
                 with run.eraser.unlearn(run.pipe, [ablation], hookpoints=setting["hookpoints"]):
                     probs = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
                 scores = paired_scores(run.judge, run.domain, task.concept, probs, base, len(task.forget))
@@ -220,8 +252,16 @@ class _Stage:
 class _ConceptRun:
     """State of one concept's search: the saved entry in search.json and what judging needs."""
 
-    def __init__(self, eraser: Any, pipe: Any, judge: Judge, task: TuneTask, folder: Path, cfg: TuneConfig,
-                 log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        eraser: Any,
+        pipe: Any,
+        judge: Judge,
+        task: TuneTask,
+        folder: Path,
+        cfg: TuneConfig,
+        log: Callable[[str], None],
+    ) -> None:
         self.eraser, self.pipe, self.judge, self.task = eraser, pipe, judge, task
         self.cfg, self.log = cfg, log
         self.folder = folder
@@ -229,9 +269,14 @@ class _ConceptRun:
         self.search = read_search(folder)
         # its own section: the ShapesCanvas builder keeps its search under "search" in the same file
         self.entry = self.search.setdefault("tune", {}).setdefault(task.concept, {})
-        recipe = {"forget": task.forget, "retain": task.retain, "seed": task.seed, "domain": self.domain,
-                  "refine_seed": task.refine_seed,
-                  "generation": {k: v for k, v in asdict(cfg).items() if k != "show_progress"}}
+        recipe = {
+            "forget": task.forget,
+            "retain": task.retain,
+            "seed": task.seed,
+            "domain": self.domain,
+            "refine_seed": task.refine_seed,
+            "generation": {k: v for k, v in asdict(cfg).items() if k != "show_progress"},
+        }
         if self.entry.get("recipe") != recipe:  # other prompts, seeds or sampling: old trials do not apply
             self.entry.clear()
             self.entry["recipe"] = recipe
@@ -240,8 +285,16 @@ class _ConceptRun:
         _write_search(self.folder, self.search)
 
 
-def tune_concept(eraser: Any, pipe: Any, judge: Judge, task: TuneTask, space: SearchSpace, folder: str | Path,
-                 cfg: TuneConfig | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+def tune_concept(
+    eraser: Any,
+    pipe: Any,
+    judge: Judge,
+    task: TuneTask,
+    space: SearchSpace,
+    folder: str | Path,
+    cfg: TuneConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Search ``task.concept``'s settings, write the winner as its defaults in ``eraser`` and every trial
     to ``folder/search.json`` (resumable); returns the winning trial.
 
@@ -258,19 +311,38 @@ def tune_concept(eraser: Any, pipe: Any, judge: Judge, task: TuneTask, space: Se
     trials = _Stage(run, "trials", task.seed).judge(space.settings(held_at))
     ranked = sorted(trials, key=_rank, reverse=True)
     if space.refine_top > 0 and len(ranked) > 1:
-        finalists = [{k: t[k] for k in ("hookpoints", "contrast", "percentile", "gamma")}
-                     for t in ranked[:space.refine_top]]
+        finalists = [
+            {k: t[k] for k in ("hookpoints", "contrast", "percentile", "gamma")}
+            for t in ranked[: space.refine_top]
+        ]
         ranked = sorted(_Stage(run, "refine", task.refine_seed).judge(finalists), key=_rank, reverse=True)
     best = ranked[0]
     for hp in eraser.hookpoints:
         if task.concept in eraser.hookpoints[hp].library:
-            eraser.set_defaults(task.concept, hookpoints=[hp], percentile=best["percentile"], top_n=None,
-                                gamma=best["gamma"], contrast=best["contrast"],
-                                active=hp in best["hookpoints"])
+            eraser.set_defaults(
+                task.concept,
+                hookpoints=[hp],
+                percentile=best["percentile"],
+                top_n=None,
+                gamma=best["gamma"],
+                contrast=best["contrast"],
+                active=hp in best["hookpoints"],
+            )
     run.entry["best"] = best
     run.save()
     return best
 
 
-__all__ = ["BUDGETS", "SEARCH_FILE", "SearchSpace", "TuneConfig", "TuneTask", "TuningError", "generate",
-           "judge_domain", "paired_scores", "read_search", "tune_concept"]
+__all__ = [
+    "BUDGETS",
+    "SEARCH_FILE",
+    "SearchSpace",
+    "TuneConfig",
+    "TuneTask",
+    "TuningError",
+    "generate",
+    "judge_domain",
+    "paired_scores",
+    "read_search",
+    "tune_concept",
+]

@@ -25,7 +25,6 @@ from .inputs import Sample, iter_batches, make_samples, to_device
 Sink = Callable[[str, Tensor], None]
 
 
-
 def model_name(model: Any) -> str | None:
     name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
         model, "name_or_path", None
@@ -104,8 +103,16 @@ def _open_stores(
 ) -> dict[str, Any] | Sink:
     name = model_name(model)
     specs = {
-        hp.path: (hp.width, {"hookpoint": hp.path, "model_family": hp.family, "base_model": name,
-                             "tokens": modes[hp.path], "kind": hp.kind})
+        hp.path: (
+            hp.width,
+            {
+                "hookpoint": hp.path,
+                "model_family": hp.family,
+                "base_model": name,
+                "tokens": modes[hp.path],
+                "kind": hp.kind,
+            },
+        )
         for hp in hookpoints
     }
     return open_stores(store, specs, dtype)

@@ -74,8 +74,6 @@ _VISION_ROOTS = (
 _LAYER_LISTS = ("layers", "blocks")
 
 
-
-
 @dataclass(frozen=True)
 class VLMHookpoint:
     """A resolved hookpoint: module, kind, output width and, for decoder layers, the layer index."""

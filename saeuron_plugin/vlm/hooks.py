@@ -105,6 +105,7 @@ class InputTracker(CallTracker):
             return None
         return (self.input_ids == self.image_token_id).sum(1).cpu()
 
+
 class TokenSite(EditSite):
     """Forward hook at one hookpoint: selected tokens → ``editor(tokens, ctx)`` → written back if edited."""
 

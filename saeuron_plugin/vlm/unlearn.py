@@ -233,9 +233,13 @@ class VLMUnlearner(SaeBundle):
                     f"would read {mode!r} tokens; use the same token set (tokens=...) or a fresh library"
                 )
         modes = {p: checked[p][1] for p in paths}
-        txn = self.statistics_pass(paths, calibrate, extra={p: {TOKENS_KEY: m} for p, m in modes.items()},
-                                   missing_hint=" (does the prompt contain the image placeholder? are image "
-                                   "tokens what this hookpoint reads?)")
+        txn = self.statistics_pass(
+            paths,
+            calibrate,
+            extra={p: {TOKENS_KEY: m} for p, m in modes.items()},
+            missing_hint=" (does the prompt contain the image placeholder? are image "
+            "tokens what this hookpoint reads?)",
+        )
         with txn:  # the libraries and SAE configs change only if every sample ran
             for name, spec in samples_by_concept.items():
                 if not isinstance(spec, tuple | list) or len(spec) != 3:
@@ -246,11 +250,19 @@ class VLMUnlearner(SaeBundle):
                 def start(chunk: list[int], samples: list[Any] = samples, name: str | None = name) -> None:
                     txn.start_batch([[name]] * len(chunk), [samples[i].label for i in chunk])
 
-                run_samples(model, samples, txn.recorders, modes,
-                            processor=spec[2] if samples[0].inputs is None else None, batch_size=batch_size,
-                            add_image_token=add_image_token, show_progress=show_progress,
-                            desc=f"concept {'background' if name is None else name}",
-                            on_batch_start=start, on_batch_end=lambda _: txn.finish_batch())
+                run_samples(
+                    model,
+                    samples,
+                    txn.recorders,
+                    modes,
+                    processor=spec[2] if samples[0].inputs is None else None,
+                    batch_size=batch_size,
+                    add_image_token=add_image_token,
+                    show_progress=show_progress,
+                    desc=f"concept {'background' if name is None else name}",
+                    on_batch_start=start,
+                    on_batch_end=lambda _: txn.finish_batch(),
+                )
             for path in paths:  # the ablation must edit the tokens the statistics saw
                 self.hookpoints[path].sae.cfg.extra[TOKENS_KEY] = modes[path]
         return txn.results(list(samples_by_concept))

@@ -46,6 +46,7 @@ def arm_kill(kill_at: int) -> None:
             out = fn(*args, **kwargs)
             tick()
             return out
+
         return inner
 
     store_module.save_file = wrap(store_module.save_file)

@@ -28,8 +28,14 @@ __all__ = ["BASELINES", "BaselineRun", "esd", "generate_with", "negative_prompt"
 
 
 @torch.no_grad()
-def generate_with(run: BaselineRun, prompts: Sequence[str], seeds: Sequence[int], steps: int = 25,
-                  guidance_scale: float = 5.0, batch_size: int = 256) -> torch.Tensor:
+def generate_with(
+    run: BaselineRun,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = 25,
+    guidance_scale: float = 5.0,
+    batch_size: int = 256,
+) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1], one per (prompt, seed), with the baseline of ``run`` active.
 
     One ``torch.Generator`` per image, seeded with its seed (results do not depend on batching);
@@ -42,13 +48,19 @@ def generate_with(run: BaselineRun, prompts: Sequence[str], seeds: Sequence[int]
     device = pipe.device
     out = []
     for i in range(0, len(prompts), batch_size):
-        chunk, sd = list(prompts[i:i + batch_size]), list(seeds[i:i + batch_size])
+        chunk, sd = list(prompts[i : i + batch_size]), list(seeds[i : i + batch_size])
         kwargs = dict(run.call_kwargs)
         if isinstance(kwargs.get("negative_prompt"), str):
             kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(chunk)
         gens = [torch.Generator(device).manual_seed(int(s)) for s in sd]
-        res = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale, generator=gens,
-                   output_type="pt", **kwargs)
+        res = pipe(
+            chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=gens,
+            output_type="pt",
+            **kwargs,
+        )
         images = res.images
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images).permute(0, 3, 1, 2)

@@ -89,8 +89,13 @@ def restored_module_state(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------- text
 def tokenize(pipe, texts: Sequence[str]) -> torch.Tensor:
     """Token ids [B, L] padded to the tokenizer's ``model_max_length`` (as the pipeline does)."""
-    return pipe.tokenizer(list(texts), padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                          truncation=True, return_tensors="pt").input_ids
+    return pipe.tokenizer(
+        list(texts),
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 @torch.no_grad()

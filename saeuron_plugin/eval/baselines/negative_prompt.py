@@ -15,8 +15,9 @@ NAME = "negative_prompt"
 
 
 @contextmanager
-def erase(pipe, concept_text: str, *, retain_texts: Sequence[str] = (),
-          negative_text: str | None = None) -> Iterator[BaselineRun]:
+def erase(
+    pipe, concept_text: str, *, retain_texts: Sequence[str] = (), negative_text: str | None = None
+) -> Iterator[BaselineRun]:
     """Yield ``pipe`` itself with ``negative_prompt=negative_text or concept_text`` (no retain term).
 
     ``negative_text`` lets the negative prompt be a well-formed prompt for the concept (e.g. "a star"

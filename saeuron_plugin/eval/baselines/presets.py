@@ -51,8 +51,9 @@ def concept_domain(concept_text: str) -> tuple[str, str]:
 def concept_caption(concept_text: str) -> str:
     """Training-style caption of the concept alone: "a star", "a shape in striped style", "a red shape"."""
     domain, word = concept_domain(concept_text)
-    return sc.caption(**{"obj": None, "style": None, "color": None,
-                         {"object": "obj"}.get(domain, domain): word})
+    return sc.caption(
+        **{"obj": None, "style": None, "color": None, {"object": "obj"}.get(domain, domain): word}
+    )
 
 
 def concept_templates(concept_text: str) -> list[str]:
@@ -78,8 +79,11 @@ def shapescanvas_hparams(method: str, concept_text: str) -> dict[str, Any]:
         return {"safety_concept": concept_caption(concept_text)}
     if method == "uce":
         domain, _ = concept_domain(concept_text)
-        return {"templates": concept_templates(concept_text), "include_suffix": True,
-                "target_text": "shape" if domain == "object" else ""}
+        return {
+            "templates": concept_templates(concept_text),
+            "include_suffix": True,
+            "target_text": "shape" if domain == "object" else "",
+        }
     if method == "esd":
         return {"prompts": [concept_caption(concept_text)]}
     raise ValueError(f"unknown baseline {method!r}")

@@ -43,8 +43,9 @@ MEDIUM: dict[str, float] = {
 class SafeLatentDiffusionPipeline(StableDiffusionPipelineSafe):
     """``StableDiffusionPipelineSafe`` with ``output_type="pt"`` and a fractional warm-up."""
 
-    def __call__(self, *args, output_type: str | None = "pil",
-                 sld_warmup_fraction: float | None = None, **kwargs):
+    def __call__(
+        self, *args, output_type: str | None = "pil", sld_warmup_fraction: float | None = None, **kwargs
+    ):
         if sld_warmup_fraction is not None and kwargs.get("sld_warmup_steps") is None:
             steps = kwargs.get("num_inference_steps", 50)
             kwargs["sld_warmup_steps"] = round(sld_warmup_fraction * steps)
@@ -63,9 +64,15 @@ def build_safe_pipeline(pipe, concept_text: str) -> SafeLatentDiffusionPipeline:
     dlogging.set_verbosity_error()  # silence the "deprecated pipeline" warning of every construction
     try:
         safe = SafeLatentDiffusionPipeline(
-            vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-            scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-            image_encoder=getattr(pipe, "image_encoder", None), requires_safety_checker=False,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            unet=pipe.unet,
+            scheduler=pipe.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            image_encoder=getattr(pipe, "image_encoder", None),
+            requires_safety_checker=False,
         )
     finally:
         dlogging.set_verbosity(level)
@@ -75,13 +82,19 @@ def build_safe_pipeline(pipe, concept_text: str) -> SafeLatentDiffusionPipeline:
 
 
 @contextmanager
-def erase(pipe, concept_text: str, *, retain_texts: Sequence[str] = (), safety_concept: str | None = None,
-          sld_guidance_scale: float = MEDIUM["sld_guidance_scale"],
-          sld_warmup_fraction: float = MEDIUM["sld_warmup_fraction"],
-          sld_warmup_steps: int | None = None,
-          sld_threshold: float = MEDIUM["sld_threshold"],
-          sld_momentum_scale: float = MEDIUM["sld_momentum_scale"],
-          sld_mom_beta: float = MEDIUM["sld_mom_beta"]) -> Iterator[BaselineRun]:
+def erase(
+    pipe,
+    concept_text: str,
+    *,
+    retain_texts: Sequence[str] = (),
+    safety_concept: str | None = None,
+    sld_guidance_scale: float = MEDIUM["sld_guidance_scale"],
+    sld_warmup_fraction: float = MEDIUM["sld_warmup_fraction"],
+    sld_warmup_steps: int | None = None,
+    sld_threshold: float = MEDIUM["sld_threshold"],
+    sld_momentum_scale: float = MEDIUM["sld_momentum_scale"],
+    sld_mom_beta: float = MEDIUM["sld_mom_beta"],
+) -> Iterator[BaselineRun]:
     """Yield an SLD pipeline sharing ``pipe``'s modules; ``retain_texts`` is not used by SLD.
 
     The safety concept is ``safety_concept or concept_text`` (a well-formed prompt for the concept can
@@ -96,14 +109,19 @@ def erase(pipe, concept_text: str, *, retain_texts: Sequence[str] = (), safety_c
     saved = [(m, m._internal_dict) for m in (pipe.scheduler, pipe.unet) if hasattr(m, "_internal_dict")]
     try:
         safe = build_safe_pipeline(pipe, safety_concept or concept_text)
-        kwargs = {"sld_guidance_scale": sld_guidance_scale, "sld_threshold": sld_threshold,
-                  "sld_momentum_scale": sld_momentum_scale, "sld_mom_beta": sld_mom_beta}
+        kwargs = {
+            "sld_guidance_scale": sld_guidance_scale,
+            "sld_threshold": sld_threshold,
+            "sld_momentum_scale": sld_momentum_scale,
+            "sld_mom_beta": sld_mom_beta,
+        }
         if sld_warmup_steps is not None:
             kwargs["sld_warmup_steps"] = int(sld_warmup_steps)
         else:
             kwargs["sld_warmup_fraction"] = sld_warmup_fraction
-        yield BaselineRun(pipe=safe, call_kwargs=kwargs,
-                          info={"route": "diffusers StableDiffusionPipelineSafe"})
+        yield BaselineRun(
+            pipe=safe, call_kwargs=kwargs, info={"route": "diffusers StableDiffusionPipelineSafe"}
+        )
     finally:
         for m, d in saved:
             m._internal_dict = d

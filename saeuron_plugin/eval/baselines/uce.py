@@ -61,7 +61,7 @@ def _span(pipe, template: str, text: str) -> tuple[int, int]:
     start = 1 + len(word_tokens(pipe, squash_spaces(prefix)))
     n = len(word_tokens(pipe, text))
     ids = tokenize(pipe, [_fill(template, text)])[0].tolist()
-    if n and ids[start:start + n] != word_tokens(pipe, text):
+    if n and ids[start : start + n] != word_tokens(pipe, text):
         raise ValueError(f"could not locate the tokens of {text!r} in {_fill(template, text)!r}")
     return start, start + n
 
@@ -72,8 +72,14 @@ def _positions(pipe, template: str, text: str, include_suffix: bool) -> list[int
     return list(range(start, length if include_suffix else min(stop, length)))
 
 
-def edit_keys(pipe, concept_text: str, retain_texts: Sequence[str] = (), target_text: str = "",
-              templates: Sequence[str] = ("{}",), include_suffix: bool = False) -> EditKeys:
+def edit_keys(
+    pipe,
+    concept_text: str,
+    retain_texts: Sequence[str] = (),
+    target_text: str = "",
+    templates: Sequence[str] = ("{}",),
+    include_suffix: bool = False,
+) -> EditKeys:
     """Edit keys, their targets and the preserved keys (text-encoder outputs, float64)."""
     length = pipe.tokenizer.model_max_length
     concept, target, retain = [], [], []
@@ -126,9 +132,17 @@ def apply_edit(unet, keys: EditKeys, preserve_scale: float = 1.0, reg: float = 0
 
 
 @contextmanager
-def erase(pipe, concept_text: str, *, retain_texts: Sequence[str] = (), target_text: str = "",
-          templates: Sequence[str] = ("{}",), include_suffix: bool = False, preserve_scale: float = 1.0,
-          reg: float = 0.1) -> Iterator[BaselineRun]:
+def erase(
+    pipe,
+    concept_text: str,
+    *,
+    retain_texts: Sequence[str] = (),
+    target_text: str = "",
+    templates: Sequence[str] = ("{}",),
+    include_suffix: bool = False,
+    preserve_scale: float = 1.0,
+    reg: float = 0.1,
+) -> Iterator[BaselineRun]:
     """Edit ``pipe.unet``'s cross-attention K/V in place for the block; restore them on exit.
 
     ``preserve_scale`` is λ (1: a preserved key weighs as much as an edited one); ``reg`` is ε, the
@@ -147,5 +161,8 @@ def erase(pipe, concept_text: str, *, retain_texts: Sequence[str] = (), target_t
     keys = edit_keys(pipe, concept_text, retain_texts, target_text, templates, include_suffix)
     with restored_tensors(weights):
         apply_edit(pipe.unet, keys, preserve_scale, reg)
-        yield BaselineRun(pipe=pipe, call_kwargs={}, info={"n_concept_keys": len(keys.concept),
-                                                           "n_retain_keys": len(keys.retain)})
+        yield BaselineRun(
+            pipe=pipe,
+            call_kwargs={},
+            info={"n_concept_keys": len(keys.concept), "n_retain_keys": len(keys.retain)},
+        )
