@@ -170,7 +170,7 @@ class Build:
         c = self.recipe["collect"]
         result = collect_activations(
             self.pipe,
-            _prompts(c.get("prompts", "shapescanvas"), self.recipe),
+            _prompts(c.get("prompts", "shapescanvas"), self.recipe) * int(c.get("repeats", 1)),
             self.hookpoints,
             self.work / "activations",
             num_inference_steps=int(c.get("steps", 25)),
@@ -217,9 +217,12 @@ class Build:
         from ..diffusion.unlearn import SAeUron
         from ..sae.model import SparseAutoencoder
 
+        from ..sae.tau import TauGrid
+
         s = self.recipe.get("statistics", {})
         eraser = SAeUron.from_saes(
-            {hp: SparseAutoencoder.from_pretrained(self.work / "sae" / hp) for hp in self.hookpoints}
+            {hp: SparseAutoencoder.from_pretrained(self.work / "sae" / hp) for hp in self.hookpoints},
+            tau_grid=TauGrid(int(s["tau_buckets"])) if "tau_buckets" in s else None,
         )
         prompts = {
             name: _prompts(spec.get("prompts", "shapescanvas"), self.recipe, name)
