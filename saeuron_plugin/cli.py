@@ -194,6 +194,11 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         _build_args,
         _build,
     ),
+    "diagnose": (
+        "what an unlearning edit does inside the model: metrics per block and τ, effect sizes, heatmaps",
+        _lazy(".diagnostics.commands", "diagnose_args"),
+        _lazy(".diagnostics.commands", "diagnose_command"),
+    ),  # type: ignore[dict-item]
     "generate": (
         "generate images, optionally unlearning concepts (and side by side with the original)",
         _lazy(_DIFF, "generate_args"),

@@ -216,7 +216,6 @@ class Build:
     def statistics(self) -> None:
         from ..diffusion.unlearn import SAeUron
         from ..sae.model import SparseAutoencoder
-
         from ..sae.tau import TauGrid
 
         s = self.recipe.get("statistics", {})
