@@ -279,6 +279,7 @@ USER_ERRORS = (SAeUronError, ValueError, OSError, KeyError, TypeError)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that write results
     debug = bool(getattr(args, "debug", False)) or os.environ.get("SAEURON_DEBUG", "") not in ("", "0")
     try:
         return int(args.handler(args))

@@ -4,7 +4,9 @@ stores (``--store-dtype``), prompts (``--prompt``, ``--prompts FILE``) and ``--c
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -46,3 +48,40 @@ def contrast_arg(values: list[str] | None) -> str | list[str] | None:
     if values is not None and len(values) == 1 and values[0] in CONTRAST_MODES:
         return values[0]
     return values
+
+
+def concept_target_args(p: argparse.ArgumentParser, samples: str) -> None:
+    """The options every ``concept add`` shares: ``--name`` / ``--background``, ``--contrast``,
+    ``--hookpoint``, ``--out`` (``samples``: what the command adds, "prompts" or "samples")."""
+    p.add_argument("--name", help="concept name (omit with --background)")
+    p.add_argument("--background", action="store_true", help=f"add the {samples} to the background set")
+    p.add_argument(
+        "--contrast",
+        nargs="+",
+        default=None,
+        help="default contrast set: auto, others, worst, background, or concept names",
+    )
+    p.add_argument("--hookpoint", action="append", default=None, help="only these hookpoints")
+    p.add_argument("--out", default=None, help="where to write the bundle (default: --sae, in place)")
+
+
+def concept_target(args: argparse.Namespace) -> str | None:
+    """The concept ``concept add`` fills (None: the background set); exactly one of the two is given."""
+    if bool(args.name) == bool(args.background):
+        raise ValueError("give --name NAME or --background (exactly one)")
+    return None if args.background else args.name
+
+
+def print_added(out: str | Path, args: argparse.Namespace, stats: dict[str, Any]) -> None:
+    """The one JSON line ``concept add`` prints: where, which concept, samples per hookpoint."""
+    samples = {p: s.total_count for p, s in stats.items()}
+    print(json.dumps({"out": str(out), "concept": args.name or "background", "samples": samples}))
+
+
+def print_collected(out: str | Path, result: Any) -> None:
+    """The one JSON line ``collect`` prints: where, prompts / samples collected and skipped, rows."""
+    print(
+        json.dumps(
+            {"out": str(out), "collected": result.collected, "skipped": result.skipped, "rows": result.rows}
+        )
+    )

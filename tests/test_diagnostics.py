@@ -129,7 +129,7 @@ def test_paired_editor_edits_only_the_edited_twins():
 # ------------------------------------------------------------------------------ paired capture
 @pytest.fixture(scope="module")
 def sd():
-    from tests.tiny_pipelines import tiny_sd_pipeline
+    from tiny_pipelines import tiny_sd_pipeline
 
     return tiny_sd_pipeline()
 

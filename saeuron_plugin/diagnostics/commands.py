@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -67,10 +68,12 @@ def attacked_embeddings(
     """Soft prompts ``[N, L, D]`` optimised against the unlearned pipeline, one per prompt, starting
     from the prompt's own embedding; targets are the base model's images of it (gradients through
     the edit)."""
+    from tqdm.auto import tqdm
+
     from ..attacks.soft_prompt import AttackConfig, soft_prompt_attack, target_latents
 
     out = []
-    for i, prompt in enumerate(prompts):
+    for i, prompt in enumerate(tqdm(prompts, desc=f"attack {concept}", unit="prompt")):
         targets = target_latents(
             pipe,
             prompt,
@@ -390,7 +393,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
             pipe, bundle, concept, forget, retain, cfg, judge=judge, strengths=strengths, attacked=attacked
         )
     meta = {
-        "command": "saeuron " + " ".join(sys.argv[1:]),
+        "command": "saeuron " + shlex.join(getattr(args, "argv", sys.argv[1:])),
         "machine": f"{platform.machine()} · {os.cpu_count()} cores · torch {torch.__version__}",
         "seed": args.seed,
         "seconds": time.perf_counter() - start,

@@ -10,16 +10,16 @@ trainer's queue, without touching disk.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from ..sae.sites import CallContext, CollectResult
-from ..sae.store import open_stores
+from ..sae.sites import BatchLoop, CallContext, CollectResult
+from ..sae.store import flushing, open_stores
 from .hookpoints import Hookpoint, detect_family, resolve_hookpoint
 from .hooks import install_hooks
 
@@ -211,46 +211,53 @@ def collect_activations(
         result.collected += len(batch)
 
     keys = {i: key for i, _, key in todo}
-    try:
+    with flushing(stores):
+        loop = BatchLoop("collect", show_progress, start, done)
         run_prompts(
             pipe,
             [(i, p) for i, p, _ in todo],
             captures,
+            loop,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             batch_size=batch_size,
             seed=seed,
             output_type=output_type,
-            show_progress=show_progress,
-            desc="collect",
-            on_batch_start=start,
-            on_batch_end=done,
             **pipe_kwargs,
         )
-    finally:
-        for s in stores.values():
-            s.flush()
     return result
+
+
+@contextlib.contextmanager
+def quiet_pipeline(pipe: Any) -> Iterator[None]:
+    """Silence the pipeline's own progress bar for a loop that shows one of its own; restored after."""
+    saved = getattr(pipe, "_progress_bar_config", None)
+    pipe.set_progress_bar_config(**{**(saved or {}), "disable": True})
+    try:
+        yield
+    finally:
+        if saved is None:
+            pipe.__dict__.pop("_progress_bar_config", None)
+        else:
+            pipe._progress_bar_config = saved
 
 
 def run_prompts(
     pipe: Any,
     prompts: Sequence[tuple[int, Prompt]],
     editors: Mapping[str, Any],
+    loop: BatchLoop,
     *,
     num_inference_steps: int = 50,
     guidance_scale: float | None = None,
     batch_size: int = 1,
     seed: int = 0,
     output_type: str = "latent",
-    show_progress: bool = True,
-    desc: str = "generate",
-    on_batch_start: Callable[[list[tuple[int, Prompt]]], None] | None = None,
-    on_batch_end: Callable[[list[tuple[int, Prompt]]], None] | None = None,
     **pipe_kwargs: Any,
 ) -> None:
     """Generate ``(index, prompt)`` pairs in batches with ``editors`` hooked in: the loop shared by
-    collection and the concept statistics pass.
+    collection and the concept statistics pass (``loop``: its progress bar and per-batch callbacks,
+    which receive the batch's ``(index, prompt)`` pairs).
 
     Image ``r`` of prompt ``i`` uses a generator seeded ``seed + i * images_per_prompt + r``, so
     results do not depend on batching or resumption. The pipeline's own progress bar is silenced
@@ -260,39 +267,24 @@ def run_prompts(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images_per_prompt = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
     prompts = list(prompts)
-    saved_bar = getattr(pipe, "_progress_bar_config", None)
-    pipe.set_progress_bar_config(**{**(saved_bar or {}), "disable": True})
-    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not show_progress)
-    try:
-        with install_hooks(pipe, editors):
-            for start in range(0, len(prompts), batch_size):
-                batch = prompts[start : start + batch_size]
-                if on_batch_start is not None:
-                    on_batch_start(batch)
-                generators = [
-                    torch.Generator().manual_seed(seed + i * images_per_prompt + r)
-                    for i, _ in batch
-                    for r in range(images_per_prompt)
-                ]
-                kwargs = {
-                    "num_inference_steps": num_inference_steps,
-                    "output_type": output_type,
-                    "generator": generators,
-                    **_batch_kwargs([p for _, p in batch]),
-                    **pipe_kwargs,
-                }
-                if guidance_scale is not None:
-                    kwargs["guidance_scale"] = guidance_scale
-                pipe(**kwargs)
-                if on_batch_end is not None:
-                    on_batch_end(batch)
-                bar.update(len(batch))
-    finally:
-        bar.close()
-        if saved_bar is None:
-            pipe.__dict__.pop("_progress_bar_config", None)
-        else:
-            pipe._progress_bar_config = saved_bar
+    batches = (prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size))
+    with quiet_pipeline(pipe), install_hooks(pipe, editors):
+        for batch in loop.each(batches, len(prompts), "prompt"):
+            generators = [
+                torch.Generator().manual_seed(seed + i * images_per_prompt + r)
+                for i, _ in batch
+                for r in range(images_per_prompt)
+            ]
+            kwargs = {
+                "num_inference_steps": num_inference_steps,
+                "output_type": output_type,
+                "generator": generators,
+                **_batch_kwargs([p for _, p in batch]),
+                **pipe_kwargs,
+            }
+            if guidance_scale is not None:
+                kwargs["guidance_scale"] = guidance_scale
+            pipe(**kwargs)
 
 
 def _write(

@@ -14,7 +14,17 @@ from typing import Any
 
 import torch
 
-from ..cli_prompts import DTYPES, contrast_arg, model_args, prompt_args, store_dtype_arg
+from ..cli_prompts import (
+    DTYPES,
+    concept_target,
+    concept_target_args,
+    contrast_arg,
+    model_args,
+    print_added,
+    print_collected,
+    prompt_args,
+    store_dtype_arg,
+)
 
 
 # ----------------------------------------------------------------------------- shared
@@ -90,11 +100,7 @@ def collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         store_dtype=DTYPES[args.store_dtype],
     )
-    print(
-        json.dumps(
-            {"out": args.out, "collected": result.collected, "skipped": result.skipped, "rows": result.rows}
-        )
-    )
+    print_collected(args.out, result)
     return 0
 
 
@@ -103,23 +109,13 @@ def concept_add_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     _generation_args(p)
     p.add_argument("--sae", required=True, help="SAE bundle folder (or Hub repo, then give --out)")
-    p.add_argument("--name", help="concept name (omit with --background)")
-    p.add_argument("--background", action="store_true", help="add the prompts to the background set")
-    p.add_argument(
-        "--contrast",
-        nargs="+",
-        default=None,
-        help="default contrast set: auto, others, worst, background, or concept names",
-    )
-    p.add_argument("--hookpoint", action="append", default=None, help="only these hookpoints")
-    p.add_argument("--out", default=None, help="where to write the bundle (default: --sae, in place)")
+    concept_target_args(p, "prompts")
 
 
 def concept_add(args: argparse.Namespace) -> int:
     from .unlearn import SAeUron
 
-    if bool(args.name) == bool(args.background):
-        raise ValueError("give --name NAME or --background (exactly one)")
+    name = concept_target(args)
     out = args.out or args.sae
     if not Path(out).is_dir():
         raise ValueError(f"{out} is not a local bundle folder; give --out DIR to write the result")
@@ -129,7 +125,7 @@ def concept_add(args: argparse.Namespace) -> int:
     eraser.paths(args.hookpoint)  # unknown --hookpoint: fail now
     pipe = load_pipeline(args.model, args.device, args.dtype)
     stats = eraser.add_concept(
-        None if args.background else args.name,
+        name,
         prompts,
         pipe,
         hookpoints=args.hookpoint,
@@ -140,15 +136,7 @@ def concept_add(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     eraser.save_pretrained(out)
-    print(
-        json.dumps(
-            {
-                "out": str(out),
-                "concept": args.name or "background",
-                "samples": {p: s.total_count for p, s in stats.items()},
-            }
-        )
-    )
+    print_added(out, args, stats)
     return 0
 
 

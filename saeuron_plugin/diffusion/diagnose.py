@@ -24,6 +24,7 @@ from ..sae.diagnostics import SampleMetrics
 from ..sae.probes import PairedEditor, PairedRun, PairLayout, PairObserver
 from ..sae.sites import Editor
 from ..sae.tau import TauGrid
+from .collect import quiet_pipeline
 from .hookpoints import list_hookpoints, resolve_hookpoint
 from .hooks import install_hooks
 from .timestep import TimestepTracker
@@ -133,12 +134,14 @@ def run_pairs(
     base_images: list[Tensor] = []
     edited_images: list[Tensor] = []
     start = time.perf_counter()
-    saved_bar = getattr(pipe, "_progress_bar_config", None)
-    pipe.set_progress_bar_config(**{**(saved_bar or {}), "disable": True})
     probes: list[AttentionProbe] = []
     edit_hooks = install_hooks(pipe, {p: PairedEditor(e, layout) for p, e in editors.items()})
     try:
-        with edit_hooks, install_hooks(pipe, observers, tracker=edit_hooks.tracker, allow_stack=True):
+        with (
+            quiet_pipeline(pipe),
+            edit_hooks,
+            install_hooks(pipe, observers, tracker=edit_hooks.tracker, allow_stack=True),
+        ):
             if cfg.attention:
                 probes = [
                     AttentionProbe(hp.module, observers[s], edit_hooks.tracker)
@@ -172,10 +175,6 @@ def run_pairs(
     finally:
         for probe in probes:
             probe.remove()
-        if saved_bar is None:
-            pipe.__dict__.pop("_progress_bar_config", None)
-        else:
-            pipe._progress_bar_config = saved_bar
     return PairedRun(
         metrics=store,
         order=list(layout.order) + [s for s in sites if s not in layout.order],

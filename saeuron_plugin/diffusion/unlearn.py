@@ -27,7 +27,7 @@ import torch
 from ..sae.ablation import FeatureAblator
 from ..sae.bundle import BundleEntry, DeviceFollowingAblator, SaeBundle, SaeWidthError
 from ..sae.concepts import ConceptStats
-from ..sae.sites import UnlearnHandle
+from ..sae.sites import BatchLoop, UnlearnHandle
 from .collect import Prompt, prompt_key, run_prompts
 from .hookpoints import detect_family, resolve_hookpoint
 from .hooks import install_hooks
@@ -164,18 +164,16 @@ class SAeUron(SaeBundle):
         what = ", ".join("background" if n is None else str(n) for n in list(prompts_by_concept)[:3])
         more = f" +{len(prompts_by_concept) - 3}" if len(prompts_by_concept) > 3 else ""
         with torch.no_grad(), txn:  # the libraries change only if every prompt ran
+            loop = BatchLoop(f"concepts {what}{more}", show_progress, start, lambda _: txn.finish_batch())
             run_prompts(
                 pipe,
                 list(enumerate(unique)),
                 txn.recorders,
+                loop,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 batch_size=batch_size,
                 seed=seed,
-                show_progress=show_progress,
-                desc=f"concepts {what}{more}",
-                on_batch_start=start,
-                on_batch_end=lambda _: txn.finish_batch(),
                 **pipe_kwargs,
             )
         return txn.results(list(prompts_by_concept))

@@ -270,6 +270,31 @@ class UnlearnHandle:
 
 
 @dataclass
+class BatchLoop:
+    """How a runtime's generation loop reports and what it calls around each batch (collection, the
+    statistics pass): one progress bar over the items, ``on_batch_start`` / ``on_batch_end`` with
+    the batch's key (diffusers: the ``(index, prompt)`` pairs; VLMs: the sample indices)."""
+
+    desc: str = "generate"
+    show_progress: bool = True
+    on_batch_start: Callable[[Any], None] | None = None
+    on_batch_end: Callable[[Any], None] | None = None
+
+    def each(self, batches: Any, total: int, unit: str, key: Callable[[Any], Any] = lambda b: b) -> Any:
+        """Yield each batch between its two callbacks; the bar advances by ``len(key(batch))``."""
+        from tqdm.auto import tqdm
+
+        with tqdm(total=total, desc=self.desc, unit=unit, disable=not self.show_progress) as bar:
+            for batch in batches:
+                if self.on_batch_start is not None:
+                    self.on_batch_start(key(batch))
+                yield batch
+                if self.on_batch_end is not None:
+                    self.on_batch_end(key(batch))
+                bar.update(len(key(batch)))
+
+
+@dataclass
 class CollectResult:
     """What a collection run did: prompts / samples run, skipped as already stored, rows per hookpoint."""
 

@@ -23,6 +23,7 @@ the next writer deletes. One writer per store at a time.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
@@ -545,6 +546,16 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+@contextlib.contextmanager
+def flushing(stores: Mapping[str, Any]) -> Iterator[None]:
+    """Flush every store on the way out, also when collection raised (what was appended is kept)."""
+    try:
+        yield
+    finally:
+        for store in stores.values():
+            store.flush()
 
 
 def open_stores(

@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ..sae.sites import CallContext, CollectResult, Editor
-from ..sae.store import open_stores
+from ..sae.sites import BatchLoop, CallContext, CollectResult, Editor
+from ..sae.store import flushing, open_stores
 from .hookpoints import VLMHookpoint, check_tokens, hookpoint_index, pad_token_id, resolve_hookpoint
 from .hooks import install_sites
 from .inputs import Sample, iter_batches, make_samples, to_device
@@ -41,35 +40,24 @@ def run_samples(
     samples: Sequence[Sample],
     editors: Mapping[str, Editor],
     tokens: Mapping[str, str | None] | str | None,
+    loop: BatchLoop,
     *,
     processor: Any = None,
     batch_size: int = 1,
     add_image_token: bool = True,
-    show_progress: bool = False,
-    desc: str = "samples",
-    on_batch_start: Callable[[list[int]], None] | None = None,
-    on_batch_end: Callable[[list[int]], None] | None = None,
 ) -> None:
     """Forward every sample (no cache, no grad) with ``editors`` hooked in: the loop shared by
-    collection and the concept statistics pass."""
+    collection and the concept statistics pass (``loop``: its progress bar and per-batch
+    callbacks, which receive the batch's sample indices)."""
     index = hookpoint_index(model)
     device = next(model.parameters()).device
     dtype = _model_dtype(model)
-    pad = pad_token_id(model)
-    bar = tqdm(total=len(samples), desc=desc, unit="sample", disable=not show_progress)
-    try:
-        with install_sites(model, editors, tokens, index=index), torch.no_grad():
-            for chunk, batch in iter_batches(
-                samples, processor, batch_size, pad, add_image_token=add_image_token
-            ):
-                if on_batch_start is not None:
-                    on_batch_start(chunk)
-                model(**to_device(batch, device, dtype), use_cache=False)
-                if on_batch_end is not None:
-                    on_batch_end(chunk)
-                bar.update(len(chunk))
-    finally:
-        bar.close()
+    batches = iter_batches(
+        samples, processor, batch_size, pad_token_id(model), add_image_token=add_image_token
+    )
+    with install_sites(model, editors, tokens, index=index), torch.no_grad():
+        for _, batch in loop.each(batches, len(samples), "sample", key=lambda item: item[0]):
+            model(**to_device(batch, device, dtype), use_cache=False)
 
 
 class _Capture:
@@ -193,22 +181,18 @@ def collect_activations(
                 result.rows[path] += rows.shape[0]
         result.collected += len(chunk)
 
-    try:
+    with flushing(stores):
+        loop = BatchLoop("collect", show_progress, on_batch_end=done)
         run_samples(
             model,
             order,
             captures,
             modes,
+            loop,
             processor=processor,
             batch_size=batch_size,
             add_image_token=add_image_token,
-            show_progress=show_progress,
-            desc="collect",
-            on_batch_end=done,
         )
-    finally:
-        for s in stores.values():
-            s.flush()
     return result
 
 

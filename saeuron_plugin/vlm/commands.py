@@ -19,7 +19,17 @@ from typing import Any
 
 import torch
 
-from ..cli_prompts import DTYPES, contrast_arg, model_args, prompt_args, store_dtype_arg
+from ..cli_prompts import (
+    DTYPES,
+    concept_target,
+    concept_target_args,
+    contrast_arg,
+    model_args,
+    print_added,
+    print_collected,
+    prompt_args,
+    store_dtype_arg,
+)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -159,11 +169,7 @@ def collect(args: argparse.Namespace) -> int:
         store_dtype=DTYPES[args.store_dtype],
         show_progress=False,
     )
-    print(
-        json.dumps(
-            {"out": args.out, "collected": result.collected, "skipped": result.skipped, "rows": result.rows}
-        )
-    )
+    print_collected(args.out, result)
     return 0
 
 
@@ -177,23 +183,13 @@ def concept_args(p: argparse.ArgumentParser) -> None:
         action="append",
         help="SAE bundle folder or Hub repo, or an SAE folder naming its hookpoint (repeatable)",
     )
-    p.add_argument("--name", help="concept name (omit with --background)")
-    p.add_argument("--background", action="store_true", help="add the samples to the background set")
-    p.add_argument(
-        "--contrast",
-        nargs="+",
-        default=None,
-        help="default contrast set: auto, others, worst, background, or concept names",
-    )
-    p.add_argument("--hookpoint", action="append", default=None, help="only these hookpoints")
-    p.add_argument("--out", default=None, help="where to write the bundle (default: --sae, in place)")
+    concept_target_args(p, "samples")
 
 
 def concept(args: argparse.Namespace) -> int:
     from .unlearn import VLMUnlearner
 
-    if bool(args.name) == bool(args.background):
-        raise ValueError("give --name NAME or --background (exactly one)")
+    name = concept_target(args)
     out = args.out or args.sae[0]
     if args.out is None and (len(args.sae) > 1 or not Path(out).is_dir()):
         raise ValueError("give --out DIR to write the bundle (several --sae, or a Hub repo)")
@@ -206,7 +202,7 @@ def concept(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device, args.dtype)
     tokens = None if args.tokens == "auto" else args.tokens
     stats = unlearner.add_concept(
-        None if args.background else args.name,
+        name,
         images,
         prompts,
         model,
@@ -217,15 +213,7 @@ def concept(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
     )
     unlearner.save_pretrained(out)
-    print(
-        json.dumps(
-            {
-                "out": str(out),
-                "concept": args.name or "background",
-                "samples": {p: s.total_count for p, s in stats.items()},
-            }
-        )
-    )
+    print_added(out, args, stats)
     return 0
 
 

@@ -30,7 +30,7 @@ from ..sae.ablation import FeatureAblator
 from ..sae.bundle import BundleEntry, DeviceFollowingAblator, SaeBundle, SaeWidthError, per_concept
 from ..sae.concepts import ConceptLibrary, ConceptStats, TauGrid
 from ..sae.model import SparseAutoencoder
-from ..sae.sites import UnlearnHandle
+from ..sae.sites import BatchLoop, UnlearnHandle
 from .collect import model_name, run_samples
 from .hookpoints import (
     TokenMode,
@@ -250,18 +250,17 @@ class VLMUnlearner(SaeBundle):
                 def start(chunk: list[int], samples: list[Any] = samples, name: str | None = name) -> None:
                     txn.start_batch([[name]] * len(chunk), [samples[i].label for i in chunk])
 
+                desc = f"concept {'background' if name is None else name}"
+                loop = BatchLoop(desc, show_progress, start, lambda _: txn.finish_batch())
                 run_samples(
                     model,
                     samples,
                     txn.recorders,
                     modes,
-                    processor=spec[2] if samples[0].inputs is None else None,
+                    loop,
                     batch_size=batch_size,
+                    processor=spec[2] if samples[0].inputs is None else None,
                     add_image_token=add_image_token,
-                    show_progress=show_progress,
-                    desc=f"concept {'background' if name is None else name}",
-                    on_batch_start=start,
-                    on_batch_end=lambda _: txn.finish_batch(),
                 )
             for path in paths:  # the ablation must edit the tokens the statistics saw
                 self.hookpoints[path].sae.cfg.extra[TOKENS_KEY] = modes[path]
