@@ -37,7 +37,7 @@ def vlm_part(value: str, samples: int, seed: int) -> dict:
     model, processor = load_vlm("checkpoints/shapescanvas-vlm")
     bundle = VLMUnlearner.from_pretrained("checkpoints/shapescanvas-vlm-saeuron")
     attribute = attribute_of(value)
-    renders = random_renders(samples * 8, seed)
+    renders = random_renders(samples * 16, seed)  # 1 in 6 renders is red: enough of both
     with_value = renders.where(attribute, value).subset(range(samples))
     without = renders.where(attribute, value, present=False).subset(range(samples))
 
@@ -58,6 +58,11 @@ def main() -> int:
     p.add_argument("--attack-prompts", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "diagnostics"))
+    p.add_argument(
+        "--vlm-only",
+        action="store_true",
+        help="reuse the diffusion part already in --out (it is deterministic) and run the VLM part",
+    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,7 +95,7 @@ def main() -> int:
         str(out),
     ]
     print("saeuron " + shlex.join(argv), flush=True)
-    if saeuron(argv) != 0:
+    if not args.vlm_only and saeuron(argv) != 0:
         return 1
     diffusion_seconds = time.perf_counter() - start
     blob = json.loads((out / "diagnostics.json").read_text())
