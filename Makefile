@@ -66,6 +66,8 @@ bench: setup
 	$(BIN)/python benchmarks/pipeline_overhead.py
 	$(BIN)/python benchmarks/unlearning.py
 	$(BIN)/python benchmarks/vlm_unlearning.py
+	$(BIN)/python benchmarks/robustness.py
+	$(BIN)/python benchmarks/diagnostics.py
 
 bundle: setup
 	$(BIN)/python examples/build_shapescanvas_bundle.py
