@@ -140,3 +140,41 @@ def test_a_fully_masked_attacker_is_blind_and_says_so(setup):
     with eraser.unlearn(pipe, ["red"], hookpoints=[BLOCK, ATTN]) as handle, masked_edits(handle):
         out = soft_prompt_attack(pipe, targets, init, cfg)
     assert torch.equal(out, init.detach().float()) and len(cfg.losses) == 3
+
+
+def test_snapshots_are_the_prompt_after_each_recorded_iteration(setup):
+    pipe, eraser = setup
+    targets = target_latents(pipe, "a red star", [0, 1], num_inference_steps=2)
+    init, _ = pipe.encode_prompt("a blue circle", "cpu", 1, False)
+    cfg = AttackConfig(iterations=4, lr=5e-2, batch=2, seed=3, record_at=(0, 2, 4))
+    with eraser.unlearn(pipe, ["red"]):
+        final = soft_prompt_attack(pipe, targets, init, cfg)
+        again = AttackConfig(iterations=2, lr=5e-2, batch=2, seed=3)
+        after_two = soft_prompt_attack(pipe, targets, init, again)
+    assert sorted(cfg.snapshots) == [0, 2, 4]
+    assert torch.equal(cfg.snapshots[0], init) and torch.equal(cfg.snapshots[4], final)
+    assert torch.equal(cfg.snapshots[2], after_two)  # the same run stopped after 2 steps
+
+
+def test_robustness_benchmark_smoke(tmp_path, capsys):
+    """The benchmark end to end on the shipped model: 1 concept, 2 iterations, 4 steps, UCE attacked too."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import robustness
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "robustness.json"
+    robustness.main(
+        ["--concepts", "red", "--iterations", "2", "--steps", "4", "--baselines", "uce", "--out", str(out)]
+    )
+    import json
+
+    blob = json.loads(out.read_text())
+    for method in ("saeuron", "uce"):
+        row = blob[method]["red"]
+        assert set(row["curve_adaptive"]) == {"0"} and 0 <= row["ua_adaptive"] <= 100
+        assert row["unlearndiffatk_prompt"].endswith("a red square in solid style")
+    assert "ua_masked" in blob["saeuron"]["red"] and blob["protocol"]["curve_iterations"] == [0]
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -39,6 +39,10 @@ class AttackConfig:
     seed: int = 0
     losses: list[float] = field(default_factory=list)
     """Filled by the attack: the loss of every step."""
+    record_at: tuple[int, ...] = ()
+    """Iterations after which the prompt is kept in ``snapshots`` (0: the start), for UA-vs-budget curves."""
+    snapshots: dict[int, Any] = field(default_factory=dict)
+    """Filled by the attack: iteration → the prompt embeddings after it (CPU copies)."""
 
 
 @contextlib.contextmanager
@@ -129,7 +133,7 @@ def soft_prompt_attack(
 ) -> Tensor:
     """Optimised ``prompt_embeds`` [1, L, D] starting from ``init_embeds`` (the concept's own prompt, or
     anything else); hooks installed on ``pipe`` (an eraser) take part in every step. ``cfg.losses``
-    records the loss per step."""
+    records the loss per step, ``cfg.snapshots`` the prompt after each iteration in ``cfg.record_at``."""
     cfg = cfg or AttackConfig()
     unet = pipe.unet
     embeds = init_embeds.detach().clone().float().requires_grad_(True)
@@ -141,9 +145,13 @@ def soft_prompt_attack(
     for p in params:  # the model is frozen: only the prompt is optimised
         p.requires_grad_(False)
     cfg.losses.clear()
+    cfg.snapshots.clear()
     try:
-        for _ in range(cfg.iterations):
-            attack_step(unet, embeds, targets, pipe.scheduler, opt, cfg, gen)
+        for it in range(cfg.iterations + 1):
+            if it in cfg.record_at:
+                cfg.snapshots[it] = embeds.detach().cpu().clone()
+            if it < cfg.iterations:
+                attack_step(unet, embeds, targets, pipe.scheduler, opt, cfg, gen)
     finally:
         for p in params:
             p.requires_grad_(True)

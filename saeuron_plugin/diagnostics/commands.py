@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .analysis import pooled_prediction, summarize
-from .heatmap import draw_heatmap
+from .charts import draw_heatmap
 
 HEATMAP_METRICS = ("effective_rank", "variance_kurtosis", "top_singular_share", "fvu", "attention_entropy")
 
