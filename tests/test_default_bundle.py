@@ -48,6 +48,40 @@ def test_judge_scores_arithmetic():
     assert B.judge_scores(None, None, prompts, "star", probs) == s  # from probabilities: argmax
 
 
+class ProbJudges:
+    def __init__(self, probs):
+        self.probs = probs
+
+    def probabilities(self, images):
+        return self.probs
+
+
+def test_quality_scores_count_clean_and_in_domain_images():
+    """clean: some class of the domain at >= 0.9; in-domain: another class of it at >= 0.9 (#22)."""
+    from saeuron_plugin.eval.unlearning import scores
+
+    prompts = [sc.BenchmarkPrompt("", o, "solid", "red") for o in ("star", "star", "star", "heart")]
+    n = len(sc.OBJECTS)
+    star, heart = sc.OBJECTS.index("star"), sc.OBJECTS.index("heart")
+
+    def row(index, p):
+        out = torch.full((n,), (1 - p) / (n - 1))
+        out[index] = p
+        return out
+
+    obj = torch.stack([row(heart, 0.95), row(star, 0.99), row(heart, 0.5), row(heart, 0.97)])
+    probs = {
+        d: torch.nn.functional.one_hot(torch.zeros(4, dtype=torch.long), len(v)).float()
+        for d, v in sc.VOCABULARIES.items()
+    }
+    probs["object"] = obj
+    s = scores(ProbJudges(probs), None, prompts, "star")
+    assert s["ua"] == pytest.approx(2 / 3)  # star images 0 and 2 are not called star
+    assert s["clean_forget"] == pytest.approx(2 / 3)  # image 2 (0.5) is debris
+    assert s["in_domain"] == pytest.approx(1 / 3)  # only image 0 is confidently another shape
+    assert s["clean_retain"] == 1.0
+
+
 def test_judge_margin_uses_probabilities():
     """The search's tie-break: mean of (1 − p(concept) on its images, p(true) elsewhere, p(true) across)."""
     prompts = [sc.BenchmarkPrompt("", obj, "solid", "red") for obj in ("star", "heart")]

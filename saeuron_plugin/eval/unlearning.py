@@ -6,7 +6,12 @@ with the test seeds (never used for statistics or the hyperparameter search):
 
 * UA  = share of c-images the domain's judge does not classify as c;
 * IRA = domain-judge accuracy on the images without c;
-* CRA = accuracy of the other domains' judges on all of them.
+* CRA = accuracy of the other domains' judges on all of them;
+* clean (forget / retain) = share of the c-images / the other images that the domain's judge
+  assigns to *some* class with confidence >= 0.9 (a clean image, not debris: PER's artifact
+  question);
+* in-domain = share of the c-images assigned with that confidence to *another* class of the
+  domain (an unlearned star became another shape).
 
 Image seeds depend on (seed set, caption index) only, so the untouched model's images are
 generated once and shared by every method as the paired reference (``base``). Methods:
@@ -112,6 +117,32 @@ def method_generator(
 
 
 # ------------------------------------------------------------------------------------------- benchmark
+CLEAN_CONFIDENCE = 0.9
+METRICS = ("ua", "ira", "cra", "clean_forget", "clean_retain", "in_domain")
+
+
+def scores(
+    judges: Any, images: torch.Tensor, prompts: Sequence[sc.BenchmarkPrompt], concept: str
+) -> dict[str, float]:
+    """UA / IRA / CRA (:func:`judge_scores`) and the quality fractions of the module docstring."""
+    probs = judges.probabilities(images)
+    domain = concept_domain(concept)
+    top = probs[domain].max(-1)
+    confident = top.values >= CLEAN_CONFIDENCE
+    has = torch.tensor([getattr(p, domain) == concept for p in prompts])
+    other = top.indices != sc.VOCABULARIES[domain].index(concept)
+
+    def share(x: torch.Tensor) -> float:
+        return float(x.float().mean()) if x.numel() else float("nan")
+
+    return {
+        **judge_scores(judges, images, prompts, concept, probs=probs),
+        "clean_forget": share(confident[has]),
+        "clean_retain": share(confident[~has]),
+        "in_domain": share((confident & other)[has]),
+    }
+
+
 def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     vals = [v for v in values if not math.isnan(v)]
     if not vals:
@@ -173,7 +204,7 @@ def run_benchmark(
         idx = eval_prompts(name, protocol)
         sub = [prompts[i] for i in idx]
         for s in protocol.seeds:
-            b = judge_scores(judges, base_images[s][idx], sub, name)
+            b = scores(judges, base_images[s][idx], sub, name)
             rows.append({"method": "none", "concept": name, "domain": concept_domain(name), "seed": s, **b})
     for method in methods:
         t_m = time.time()
@@ -190,7 +221,7 @@ def run_benchmark(
                             "concept": name,
                             "domain": concept_domain(name),
                             "seed": s,
-                            **judge_scores(judges, images, sub, name),
+                            **scores(judges, images, sub, name),
                         }
                     )
             last = [r for r in rows[-len(protocol.seeds) :]]
@@ -239,7 +270,9 @@ def summarise(
             if not mine:
                 continue
             metrics, sds = {}, {}
-            for m in ("ua", "ira", "cra"):
+            for m in METRICS:
+                if not all(m in r for r in mine):
+                    continue
                 per_seed = [
                     statistics.fmean([r[m] for r in mine if r["seed"] == s])
                     for s in protocol.seeds
@@ -285,16 +318,18 @@ def markdown_table(results: dict[str, Any], command: str = "") -> str:
         "Base model (judge accuracy on every caption): "
         + ", ".join(f"{k} {v:.1f} %" for k, v in results["base"].items()),
         "",
-        "| method | domain | concepts | UA | IRA | CRA | avg |",
-        "|---|---|---|---|---|---|---|",
+        "| method | domain | concepts | UA | IRA | CRA | avg | clean, forget | clean, retain | in-domain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, domains in results["methods"].items():
         for key, m in domains.items():
             sd = results["spread"][method][key]
             avg = (m["ua"] + m["ira"] + m["cra"]) / 3
+            quality = " | ".join(f"{m[q]:.1f}" if q in m else "–" for q in METRICS[3:])
             lines.append(
                 f"| {method} | {key} | {m['concepts']} | {m['ua']:.1f} ± {sd['ua']:.1f} | "
-                f"{m['ira']:.1f} ± {sd['ira']:.1f} | {m['cra']:.1f} ± {sd['cra']:.1f} | {avg:.1f} |"
+                f"{m['ira']:.1f} ± {sd['ira']:.1f} | {m['cra']:.1f} ± {sd['cra']:.1f} | {avg:.1f} | "
+                f"{quality} |"
             )
     lines += [
         "",
