@@ -107,7 +107,8 @@ def main() -> int:
         "diffusion_seconds": round(diffusion_seconds, 1),
         "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
     }
-    (RESULTS / "diagnostics.json").write_text(json.dumps(blob, indent=1) + "\n")
+    results = out.parent  # diagnostics.{json,md} beside the heatmap folder
+    (results / "diagnostics.json").write_text(json.dumps(blob, indent=1) + "\n")
     md = (out / "diagnostics.md").read_text()
     vlm = blob["vlm"]["red"]
     lines = [
@@ -117,18 +118,22 @@ def main() -> int:
         "| metric | site | d (unlearned vs base, red renders) | AUC | d on renders without red |",
         "|---|---|---|---|---|",
     ]
+
+    def fmt(x, digits=2):
+        return "–" if x is None else f"{x:.{digits}f}"
+
     for r in vlm["ranking"]:
         lines.append(
-            f"| {r['metric']} | {r['site']} | {r['d']:.2f} | {r['auc']:.2f} | {r.get('control_d')} |"
+            f"| {r['metric']} | {r['site']} | {fmt(r['d'])} | {fmt(r['auc'])} | {r.get('control_d')} |"
         )
     for name in ("concept", "retained"):
         drift = vlm["conditions"][name]["drift"]["relative_l2"]
         lines.append(
             f"- {name}: relative L2 drift per layer "
-            + ", ".join(f"{s.rsplit('.', 1)[-1]}: {v['mean']:.4f}" for s, v in drift.items())
+            + ", ".join(f"{s.rsplit('.', 1)[-1]}: {fmt(v['mean'], 4)}" for s, v in drift.items())
         )
-    (RESULTS / "diagnostics.md").write_text(f"```\n{header}\n```\n\n" + md + "\n".join(lines) + "\n")
-    print(f"total {time.perf_counter() - start:.0f} s; wrote {RESULTS / 'diagnostics.md'}")
+    (results / "diagnostics.md").write_text(f"```\n{header}\n```\n\n" + md + "\n".join(lines) + "\n")
+    print(f"total {time.perf_counter() - start:.0f} s; wrote {results / 'diagnostics.md'}")
     return 0
 
 

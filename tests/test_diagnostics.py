@@ -163,6 +163,18 @@ def test_nothing_selected_gives_bit_identical_twins(sd):
                 )
 
 
+def test_twins_without_cfg_are_not_taken_for_cfg_halves(sd):
+    """guidance 1: the batch is [base, edited] with equal halves at the first step; not CFG rows."""
+    from saeuron_plugin.diffusion.diagnose import run_pairs
+
+    plain = run_pairs(sd, ["a red star", "a blue cat"], {}, _cfg(guidance_scale=1.0))
+    assert torch.equal(
+        plain.metrics.table(BLOCK, "drift/relative_l2").nan_to_num(), torch.zeros(2, 5).double()
+    )
+    run = run_pairs(sd, ["a red star"], {BLOCK: lambda t, ctx: t + 0.5}, _cfg(guidance_scale=1.0))
+    assert (run.metrics.per_sample(BLOCK, "drift/relative_l2") > 0).all()
+
+
 def test_an_edit_drifts_at_its_site_and_downstream_only_after_it_ran(sd):
     from saeuron_plugin.diagnostics.analysis import spread
     from saeuron_plugin.diffusion.diagnose import run_pairs

@@ -501,3 +501,13 @@ def test_inactive_defaults_keep_a_concept_to_its_hookpoint(sd, sd_eraser):
             sd_eraser.apply(sd, "blue")
     finally:
         sd_eraser.set_defaults("blue", active=True)
+
+
+def test_statistics_count_each_prompt_once_with_several_images_per_prompt(sd):
+    eraser = SAeUron.from_saes({BLOCK: random_sae(_width(sd, BLOCK))}, tau_grid=TauGrid(10))
+    out = eraser.add_concept(
+        "red", RED[:2], sd, num_inference_steps=2, num_images_per_prompt=2, show_progress=False
+    )
+    stats = out[BLOCK]
+    assert stats.num_prompts == 2 and stats.prompts == RED[:2]
+    assert stats.total_count == 2 * 2 * 2  # prompts x images x steps

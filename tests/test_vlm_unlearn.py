@@ -330,6 +330,11 @@ def test_prepared_inputs_equal_processor_path(tmp_path_factory):
     )
     assert torch.allclose(a[setup.path].sums, b[setup.path].sums, atol=1e-5)
     assert b[setup.path].num_prompts == 2
+    # the same label for every sample (one prompt string for prepared inputs): still one prompt each
+    c = VLMUnlearner.from_saes({setup.path: sae}).add_concept(
+        "c", None, PROMPT, vlm.model, per_sample, batch_size=2
+    )
+    assert c[setup.path].num_prompts == 2
 
 
 def test_token_set_is_recorded_and_enforced(tmp_path_factory):

@@ -6,7 +6,9 @@ same fields works) per condition, e.g. ``concept`` (prompts with the concept), `
 
 * **edit effect** per (condition, metric, site): the edited twins against the base twins (same
   seeds), Cohen's d with a bootstrap interval and AUC, over per-sample means, and d per τ bucket
-  (the heatmaps).
+  (the heatmaps). The two groups are compared as independent (pooled-SD d, each group resampled
+  on its own), as the matrix-dynamics paper compares prompt classes; the pairing by seed is not
+  used, so the intervals are conservative (a paired d_z would be larger still).
 * **drift** per (condition, site, τ bucket) and the **spread**: sites in execution order after the
   first edited one, with their drift relative to the edited site's.
 * **off-distribution score** per sample: the mean change of FVU (edited − base twin) at the bundle's

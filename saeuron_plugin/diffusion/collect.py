@@ -268,8 +268,9 @@ def run_prompts(
     images_per_prompt = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
     prompts = list(prompts)
     batches = (prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size))
-    with quiet_pipeline(pipe), install_hooks(pipe, editors):
-        for batch in loop.each(batches, len(prompts), "prompt"):
+    each = contextlib.closing(loop.each(batches, len(prompts), "prompt"))  # an error closes the bar
+    with quiet_pipeline(pipe), install_hooks(pipe, editors), each as batches:
+        for batch in batches:
             generators = [
                 torch.Generator().manual_seed(seed + i * images_per_prompt + r)
                 for i, _ in batch

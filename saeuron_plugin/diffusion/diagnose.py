@@ -11,6 +11,8 @@ a forward hook sees (no processor is replaced, and the edit hook on the same mod
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +27,7 @@ from ..sae.probes import PairedEditor, PairedRun, PairLayout, PairObserver
 from ..sae.sites import Editor
 from ..sae.tau import TauGrid
 from .collect import quiet_pipeline
-from .hookpoints import list_hookpoints, resolve_hookpoint
+from .hookpoints import detect_family, list_hookpoints, resolve_hookpoint
 from .hooks import install_hooks
 from .timestep import TimestepTracker
 
@@ -99,6 +101,18 @@ class AttentionProbe:
             self._handle = None
 
 
+def _cfg_layout(pipe: Any, guidance_scale: float | None) -> str:
+    """How the denoiser batch is laid out: twins share seeds, so the tracker's automatic test (equal
+    halves mean CFG) would take [base, edited] twins for [uncond, cond] without CFG; decide from the
+    guidance scale (the pipeline's default when None) instead. FLUX never doubles its batch."""
+    if detect_family(pipe) == "flux":
+        return "none"
+    if guidance_scale is None:
+        param = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+        guidance_scale = param.default if param is not None and param.default is not param.empty else 1.0
+    return "uncond_cond" if float(guidance_scale) > 1.0 else "none"
+
+
 def default_sites(pipe: Any) -> list[str]:
     """Every block and cross-attention hookpoint of the denoiser."""
     return [hp.path for hp in list_hookpoints(pipe)]
@@ -134,47 +148,41 @@ def run_pairs(
     base_images: list[Tensor] = []
     edited_images: list[Tensor] = []
     start = time.perf_counter()
-    probes: list[AttentionProbe] = []
-    edit_hooks = install_hooks(pipe, {p: PairedEditor(e, layout) for p, e in editors.items()})
-    try:
-        with (
-            quiet_pipeline(pipe),
-            edit_hooks,
-            install_hooks(pipe, observers, tracker=edit_hooks.tracker, allow_stack=True),
+    with contextlib.ExitStack() as stack:  # everything installed is removed, also after an error
+        tracker = TimestepTracker(pipe, cfg_layout=_cfg_layout(pipe, cfg.guidance_scale))
+        stack.callback(tracker.remove)
+        stack.enter_context(quiet_pipeline(pipe))
+        edits = {p: PairedEditor(e, layout) for p, e in editors.items()}
+        stack.enter_context(install_hooks(pipe, edits, tracker=tracker))
+        stack.enter_context(install_hooks(pipe, observers, tracker=tracker, allow_stack=True))
+        if cfg.attention:
+            for s, hp in resolved.items():
+                if hp.kind == "attn":
+                    stack.callback(AttentionProbe(hp.module, observers[s], tracker).remove)
+        for first in tqdm(
+            range(0, n, cfg.batch_size), desc=desc, unit="batch", disable=not cfg.show_progress
         ):
-            if cfg.attention:
-                probes = [
-                    AttentionProbe(hp.module, observers[s], edit_hooks.tracker)
-                    for s, hp in resolved.items()
-                    if hp.kind == "attn"
-                ]
-            for first in tqdm(
-                range(0, n, cfg.batch_size), desc=desc, unit="batch", disable=not cfg.show_progress
-            ):
-                chunk = prompts[first : first + cfg.batch_size]
-                layout.pairs, layout.offset = len(chunk), first
-                gens = [torch.Generator().manual_seed(cfg.seed + first + j) for j in range(len(chunk))]
-                kwargs: dict[str, Any] = {
-                    "num_inference_steps": cfg.num_inference_steps,
-                    "generator": gens
-                    + [torch.Generator().manual_seed(cfg.seed + first + j) for j in range(len(chunk))],
-                    "output_type": "pt" if cfg.images else "latent",
-                }
-                if cfg.guidance_scale is not None:
-                    kwargs["guidance_scale"] = cfg.guidance_scale
-                if isinstance(chunk, Tensor):
-                    kwargs["prompt_embeds"] = torch.cat([chunk, chunk])
-                else:
-                    kwargs["prompt"] = list(chunk) * 2
-                with torch.no_grad():
-                    images = pipe(**kwargs).images
-                if cfg.images:
-                    images = torch.as_tensor(images).float().cpu()
-                    base_images.append(images[: len(chunk)])
-                    edited_images.append(images[len(chunk) :])
-    finally:
-        for probe in probes:
-            probe.remove()
+            chunk = prompts[first : first + cfg.batch_size]
+            layout.pairs, layout.offset = len(chunk), first
+            gens = [torch.Generator().manual_seed(cfg.seed + first + j) for j in range(len(chunk))]
+            kwargs: dict[str, Any] = {
+                "num_inference_steps": cfg.num_inference_steps,
+                "generator": gens
+                + [torch.Generator().manual_seed(cfg.seed + first + j) for j in range(len(chunk))],
+                "output_type": "pt" if cfg.images else "latent",
+            }
+            if cfg.guidance_scale is not None:
+                kwargs["guidance_scale"] = cfg.guidance_scale
+            if isinstance(chunk, Tensor):
+                kwargs["prompt_embeds"] = torch.cat([chunk, chunk])
+            else:
+                kwargs["prompt"] = list(chunk) * 2
+            with torch.no_grad():
+                images = pipe(**kwargs).images
+            if cfg.images:
+                images = torch.as_tensor(images).float().cpu()
+                base_images.append(images[: len(chunk)])
+                edited_images.append(images[len(chunk) :])
     return PairedRun(
         metrics=store,
         order=list(layout.order) + [s for s in sites if s not in layout.order],

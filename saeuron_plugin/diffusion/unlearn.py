@@ -145,7 +145,7 @@ class SAeUron(SaeBundle):
         paths = self.paths(hookpoints)
         self._check_pipe(pipe, paths)
         images = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
-        txn = self.statistics_pass(paths, calibrate)
+        txn = self.statistics_pass(paths, calibrate, require_tau=True)
         txn.declare(list(prompts_by_concept))
 
         def start(batch: list[tuple[int, Prompt]]) -> None:  # one sample per generated image
@@ -159,6 +159,7 @@ class SAeUron(SaeBundle):
             txn.start_batch(
                 [names[k] for k, _ in keys for _ in range(images)],
                 [label for _, label in keys for _ in range(images)],
+                prompts=range(0, len(keys) * images, images),  # each prompt counts once
             )
 
         what = ", ".join("background" if n is None else str(n) for n in list(prompts_by_concept)[:3])

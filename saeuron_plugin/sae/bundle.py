@@ -85,6 +85,7 @@ class StatisticsTransaction:
         *,
         extra: Mapping[str, Mapping[str, Any]] | None = None,
         missing_hint: str = "",
+        require_tau: bool = False,
     ) -> None:
         self.bundle = bundle
         self.paths = list(paths)
@@ -96,7 +97,8 @@ class StatisticsTransaction:
         self.committed: dict[str, dict[str | None, Any]] | None = None
         extra = extra or {}
         self.recorders = {
-            p: StatisticsRecorder(bundle.hookpoints[p], self, extra.get(p), missing_hint) for p in self.paths
+            p: StatisticsRecorder(bundle.hookpoints[p], self, extra.get(p), missing_hint, require_tau)
+            for p in self.paths
         }
 
     def declare(self, names: Sequence[str | None]) -> None:
@@ -105,10 +107,16 @@ class StatisticsTransaction:
             for name in names:
                 recorder.stats(name)
 
-    def start_batch(self, names: Sequence[Sequence[str | None]], labels: Sequence[str]) -> None:
-        """The concepts and label of each sample of the next batch, for every recorder."""
+    def start_batch(
+        self,
+        names: Sequence[Sequence[str | None]],
+        labels: Sequence[str],
+        prompts: Sequence[int] | None = None,
+    ) -> None:
+        """The concepts and label of each sample of the next batch, for every recorder (see
+        :meth:`~.sites.StatisticsRecorder.start_batch`)."""
         for recorder in self.recorders.values():
-            recorder.start_batch(names, labels)
+            recorder.start_batch(names, labels, prompts)
 
     def finish_batch(self) -> None:
         for recorder in self.recorders.values():

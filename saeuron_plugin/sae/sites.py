@@ -285,6 +285,7 @@ class BatchLoop:
         from tqdm.auto import tqdm
 
         with tqdm(total=total, desc=self.desc, unit=unit, disable=not self.show_progress) as bar:
+            # callers iterate inside ``contextlib.closing``, so an error closes the bar at once
             for batch in batches:
                 if self.on_batch_start is not None:
                     self.on_batch_start(key(batch))
@@ -312,18 +313,26 @@ class StatisticsRecorder:
     (:meth:`CallContext.samples`) and adds the means, with the sample's τ, to the pass's
     statistics (:meth:`~.bundle.StatisticsTransaction.stats`). :meth:`finish_batch` checks that
     every sample was seen and records the prompts. ``extra`` is stored with each concept's
-    statistics (the VLM token set); ``missing_hint`` ends the error for a sample with no tokens.
+    statistics (the VLM token set); ``missing_hint`` ends the error for a sample with no tokens;
+    ``require_tau`` refuses a call without a timestep even for a one-bucket library (diffusers).
     """
 
     def __init__(
-        self, entry: Any, txn: Any, extra: Mapping[str, Any] | None = None, missing_hint: str = ""
+        self,
+        entry: Any,
+        txn: Any,
+        extra: Mapping[str, Any] | None = None,
+        missing_hint: str = "",
+        require_tau: bool = False,
     ) -> None:
         self.entry = entry
         self.txn = txn
         self.extra = dict(extra or {})
         self.missing_hint = missing_hint
+        self.require_tau = require_tau
         self.names: list[list[str | None]] = []
         self.labels: list[str] = []
+        self.prompts: list[int] = []
         self._seen: set[int] = set()
 
     @property
@@ -337,13 +346,21 @@ class StatisticsRecorder:
             stats.extra.setdefault(key, value)
         return stats
 
-    def start_batch(self, names: Sequence[Sequence[str | None]], labels: Sequence[str]) -> None:
-        """The concepts and the label of each sample of the next batch (one entry per sample)."""
+    def start_batch(
+        self,
+        names: Sequence[Sequence[str | None]],
+        labels: Sequence[str],
+        prompts: Sequence[int] | None = None,
+    ) -> None:
+        """The concepts and the label of each sample of the next batch (one entry per sample);
+        ``prompts``: the samples whose labels count as prompts (default: every sample; diffusers
+        passes the first image of each prompt, so ``num_images_per_prompt`` does not multiply them)."""
         self.names, self.labels, self._seen = [list(n) for n in names], list(labels), set()
+        self.prompts = list(range(len(self.labels))) if prompts is None else list(prompts)
 
     def __call__(self, tokens: Tensor, ctx: CallContext) -> Tensor:
         rows, owner, tau = ctx.samples(tokens)
-        if tau is None and self.entry.library.tau_grid.num_buckets > 1:
+        if tau is None and (self.require_tau or self.entry.library.tau_grid.num_buckets > 1):
             raise RuntimeError(f"{self.path}: no timestep seen for this call (run outside the denoiser?)")
         if rows.shape[0] and int(owner.max()) >= len(self.names):
             raise RuntimeError(
@@ -362,10 +379,8 @@ class StatisticsRecorder:
                 f"{self.path}: no selected tokens for samples {missing[:3]}{self.missing_hint}"
             )
         for name in dict.fromkeys(n for names in self.names for n in names):
-            self.stats(name).record_prompts(
-                dict.fromkeys(label for label, names in zip(self.labels, self.names) if name in names)
-            )
-        self.names, self.labels = [], []
+            self.stats(name).record_prompts([self.labels[i] for i in self.prompts if name in self.names[i]])
+        self.names, self.labels, self.prompts = [], [], []
 
     @torch.no_grad()
     def record(
@@ -390,6 +405,7 @@ class StatisticsRecorder:
 
 
 __all__ = [
+    "BatchLoop",
     "CallContext",
     "CallTracker",
     "CollectResult",

@@ -9,6 +9,7 @@ re-run. A callable ``sink(hookpoint, rows)`` can take the rows instead (streamin
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -55,8 +56,9 @@ def run_samples(
     batches = iter_batches(
         samples, processor, batch_size, pad_token_id(model), add_image_token=add_image_token
     )
-    with install_sites(model, editors, tokens, index=index), torch.no_grad():
-        for _, batch in loop.each(batches, len(samples), "sample", key=lambda item: item[0]):
+    each = contextlib.closing(loop.each(batches, len(samples), "sample", key=lambda item: item[0]))
+    with install_sites(model, editors, tokens, index=index), torch.no_grad(), each as batches:
+        for _, batch in batches:
             model(**to_device(batch, device, dtype), use_cache=False)
 
 

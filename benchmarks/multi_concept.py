@@ -1,0 +1,178 @@
+"""Many concepts at once on ShapesCanvas (#22): UA and retention against the number of concepts removed.
+
+    python benchmarks/multi_concept.py [--threads 2] [--forget 8] [--retain 24] [--seed 0]
+
+SAeUron (the shipped bundle, each concept at its tuned defaults; overlapping latents take the most
+negative result) removes growing sets of concepts at once:
+
+* ``mixed``: star, striped, red, square, dotted, blue, triangle, checkered, first 1, 2, 3, 5 and 8
+  (objects, styles and colors interleaved: the cross-domain case and sequential addition, one concept
+  more each time);
+* ``colors``: red, blue, green, yellow, purple (one domain; 5 = every color but orange).
+
+For each set: UA of every removed concept on ``--forget`` captions with it (the domain judge does not see
+it), and, on ``--retain`` captions with none of them, the judges' accuracy in the domains that lost a
+concept (IRA) and in the others (CRA), as a share of the untouched model's accuracy on the same captions
+and seeds. Writes benchmarks/results/multi_concept.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from _common import describe_run
+
+from saeuron_plugin import SAeUron
+from saeuron_plugin.diagnostics.charts import draw_curves
+from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.eval.default_model import generate
+from saeuron_plugin.eval.judges import Judges
+from saeuron_plugin.eval.shapescanvas_build import concept_domain, load_default
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+ORDERS = {
+    "mixed": ("star", "striped", "red", "square", "dotted", "blue", "triangle", "checkered"),
+    "colors": ("red", "blue", "green", "yellow", "purple"),
+}
+SIZES = {"mixed": (1, 2, 3, 5, 8), "colors": (1, 2, 3, 5)}
+SEED_BASE = 60_000  # never used for statistics or tuning (those use 10k-40k)
+
+
+def accuracy(judges: Judges, images: torch.Tensor, prompts: list[sc.BenchmarkPrompt], domain: str) -> float:
+    labels = torch.tensor([p.label(domain) for p in prompts])
+    return float((judges.classify(images)[domain] == labels).float().mean())
+
+
+def measure(pipe, eraser, judges, removed, args, rng) -> dict:
+    """UA per removed concept, IRA / CRA (absolute and % of base) on captions with none of them."""
+    prompts = sc.benchmark_prompts()
+    gen = {"steps": 25, "guidance_scale": 5.0}
+    forget = {
+        c: rng.sample([p for p in prompts if getattr(p, concept_domain(c)) == c], args.forget)
+        for c in removed
+    }
+    free = [p for p in prompts if all(getattr(p, concept_domain(c)) != c for c in removed)]
+    retain = rng.sample(free, min(args.retain, len(free)))
+    seeds = [SEED_BASE + i for i in range(len(retain))]
+    lost = {concept_domain(c) for c in removed}
+    base_images = generate(pipe, [p.prompt for p in retain], seeds, **gen)
+    with eraser.unlearn(pipe, list(removed)):
+        ua = {}
+        for c, ps in forget.items():
+            images = generate(
+                pipe, [p.prompt for p in ps], [SEED_BASE + 500 + i for i in range(len(ps))], **gen
+            )
+            domain = concept_domain(c)
+            target = sc.VOCABULARIES[domain].index(c)
+            ua[c] = 100 * float((judges.classify(images)[domain] != target).float().mean())
+        images = generate(pipe, [p.prompt for p in retain], seeds, **gen)
+    row = {
+        "removed": list(removed),
+        "ua": ua,
+        "ua_mean": sum(ua.values()) / len(ua),
+        "retain_prompts": len(retain),
+    }
+    for name, domains in (("ira", sorted(lost)), ("cra", [d for d in sc.DOMAINS if d not in lost])):
+        if not domains:
+            row[name] = row[f"{name}_base"] = row[f"{name}_of_base"] = None
+            continue
+        mine = sum(accuracy(judges, images, retain, d) for d in domains) / len(domains)
+        base = sum(accuracy(judges, base_images, retain, d) for d in domains) / len(domains)
+        row[name], row[f"{name}_base"] = 100 * mine, 100 * base
+        row[f"{name}_of_base"] = 100 * mine / base if base else None
+    return row
+
+
+def markdown(result: dict, header: str) -> str:
+    lines = ["# Many concepts at once (SAeUron, shipped bundle)", "", f"```\n{header}\n```", ""]
+    for order, rows in result["runs"].items():
+        lines += [
+            f"## {order}",
+            "",
+            "| removed | UA mean | UA per concept | IRA (% of base) | CRA (% of base) |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rows:
+            per = ", ".join(f"{c} {v:.0f}" for c, v in r["ua"].items())
+            ira = "–" if r["ira"] is None else f"{r['ira']:.1f} ({r['ira_of_base']:.1f})"
+            cra = "–" if r["cra"] is None else f"{r['cra']:.1f} ({r['cra_of_base']:.1f})"
+            lines.append(f"| {len(r['removed'])} | {r['ua_mean']:.1f} | {per} | {ira} | {cra} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--forget", type=int, default=8, help="captions per removed concept")
+    p.add_argument("--retain", type=int, default=24, help="captions with none of the removed concepts")
+    p.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(RESULTS / "multi_concept.json"))
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    header = describe_run(args.seed)
+    print(header, flush=True)
+    pipe = load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
+    eraser = SAeUron.from_pretrained(ROOT / "checkpoints" / "shapescanvas-saeuron")
+    judges = Judges.from_pretrained(ROOT / "checkpoints" / "shapescanvas-judges")
+    start = time.perf_counter()
+    runs = {}
+    for order in args.orders:
+        runs[order] = []
+        for k in SIZES[order]:
+            rng = random.Random(f"{args.seed}-{order}-{k}")
+            row = measure(pipe, eraser, judges, ORDERS[order][:k], args, rng)
+            runs[order].append(row)
+            print(
+                f"{order} {k}: UA {row['ua_mean']:.1f} ({row['ua']}), IRA % of base {row['ira_of_base']}, "
+                f"CRA % of base {row['cra_of_base']}",
+                flush=True,
+            )
+    result = {
+        "protocol": {
+            "forget": args.forget,
+            "retain": args.retain,
+            "seed": args.seed,
+            "steps": 25,
+            "guidance": 5.0,
+            "seconds": round(time.perf_counter() - start),
+            "header": header,
+        },
+        "runs": runs,
+    }
+    out = Path(args.out)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result, header))
+    panels = {
+        f"{order}: {what}": {
+            name: {float(len(r["removed"])): r[key] for r in rows if r[key] is not None}
+            for name, key in (
+                ("UA", "ua_mean"),
+                ("IRA % of base", "ira_of_base"),
+                ("CRA % of base", "cra_of_base"),
+            )
+        }
+        for order, rows in runs.items()
+        for what in ("UA and retention",)
+    }
+    draw_curves(
+        out.with_suffix(".png"),
+        panels,
+        title="SAeUron, many concepts at once (ShapesCanvas)",
+        x_label="concepts removed at once",
+        y_label="%",
+        y_range=(0, 110),
+    )
+    print(f"wrote {out} ({result['protocol']['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()
