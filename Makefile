@@ -68,6 +68,7 @@ bench: setup
 	$(BIN)/python benchmarks/vlm_unlearning.py
 	$(BIN)/python benchmarks/robustness.py
 	$(BIN)/python benchmarks/diagnostics.py
+	$(BIN)/python benchmarks/multi_concept.py
 
 bundle: setup
 	$(BIN)/python examples/build_shapescanvas_bundle.py

@@ -20,11 +20,16 @@ ALL_CONCEPTS = list(sc.CONCEPTS)
 
 
 class FakeJudges:
-    def __init__(self, pred):
-        self.pred = pred
+    """Judges that answer fixed decisions (``pred``) or probabilities (``probs``)."""
+
+    def __init__(self, pred=None, probs=None):
+        self.pred, self.probs = pred, probs
 
     def classify(self, images):
-        return self.pred
+        return self.pred if self.probs is None else {d: p.argmax(-1) for d, p in self.probs.items()}
+
+    def probabilities(self, images):
+        return self.probs
 
 
 def test_judge_scores_arithmetic():
@@ -48,14 +53,6 @@ def test_judge_scores_arithmetic():
     assert B.judge_scores(None, None, prompts, "star", probs) == s  # from probabilities: argmax
 
 
-class ProbJudges:
-    def __init__(self, probs):
-        self.probs = probs
-
-    def probabilities(self, images):
-        return self.probs
-
-
 def test_quality_scores_count_clean_and_in_domain_images():
     """clean: some class of the domain at >= 0.9; in-domain: another class of it at >= 0.9 (#22)."""
     from saeuron_plugin.eval.unlearning import scores
@@ -75,7 +72,7 @@ def test_quality_scores_count_clean_and_in_domain_images():
         for d, v in sc.VOCABULARIES.items()
     }
     probs["object"] = obj
-    s = scores(ProbJudges(probs), None, prompts, "star")
+    s = scores(FakeJudges(probs=probs), None, prompts, "star")
     assert s["ua"] == pytest.approx(2 / 3)  # star images 0 and 2 are not called star
     assert s["clean_forget"] == pytest.approx(2 / 3)  # image 2 (0.5) is debris
     assert s["in_domain"] == pytest.approx(1 / 3)  # only image 0 is confidently another shape
