@@ -194,6 +194,11 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         _build_args,
         _build,
     ),
+    "attack": (
+        "attack an unlearned concept through the edit (soft prompt or UnlearnDiffAtk); UA before and after",
+        _lazy(".attacks.commands", "attack_args"),
+        _lazy(".attacks.commands", "attack"),
+    ),  # type: ignore[dict-item]
     "diagnose": (
         "what an unlearning edit does inside the model: metrics per block and τ, effect sizes, heatmaps",
         _lazy(".diagnostics.commands", "diagnose_args"),

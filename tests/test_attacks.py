@@ -178,3 +178,60 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
         assert row["unlearndiffatk_prompt"].endswith("a red square in solid style")
     assert "ua_masked" in blob["saeuron"]["red"] and blob["protocol"]["curve_iterations"] == [0]
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_saeuron_attack_command_on_the_shipped_model(tmp_path, capsys):
+    import json
+
+    from saeuron_plugin.cli import main
+
+    out = tmp_path / "attack.json"
+    for method in ("soft", "unlearndiffatk"):
+        code = main(
+            [
+                "attack",
+                "--model",
+                "checkpoints/shapescanvas-sd",
+                "--sae",
+                "checkpoints/shapescanvas-saeuron",
+                "--concept",
+                "red",
+                "--judge",
+                "shapescanvas",
+                "--method",
+                method,
+                "--iterations",
+                "2",
+                "--images",
+                "2",
+                "--steps",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        assert code == 0
+        result = json.loads(out.read_text())
+        assert (
+            result["method"] == method
+            and 0 <= result["ua_attacked"] <= 100
+            and 0 <= result["ua_clean"] <= 100
+        )
+        assert len(result["loss_first_last"]) == 2
+    assert result["attack_prompt"].endswith(result["prompt"])
+    assert (
+        main(
+            [
+                "attack",
+                "--model",
+                "x",
+                "--sae",
+                "checkpoints/shapescanvas-saeuron",
+                "--concept",
+                "unicorn",
+                "--judge",
+                "shapescanvas",
+            ]
+        )
+        == 2
+    )  # unknown to the judge: refused before any model loads
