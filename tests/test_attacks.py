@@ -187,15 +187,12 @@ def test_saeuron_attack_command_on_the_shipped_model(tmp_path, capsys):
 
     out = tmp_path / "attack.json"
     for method in ("soft", "unlearndiffatk"):
+        argv = (
+            "attack --model checkpoints/shapescanvas-sd --sae checkpoints/shapescanvas-saeuron --concept red"
+        )
         code = main(
             [
-                "attack",
-                "--model",
-                "checkpoints/shapescanvas-sd",
-                "--sae",
-                "checkpoints/shapescanvas-saeuron",
-                "--concept",
-                "red",
+                *argv.split(),
                 "--judge",
                 "shapescanvas",
                 "--method",

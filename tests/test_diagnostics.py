@@ -224,33 +224,9 @@ def test_saeuron_diagnose_on_the_shipped_model(tmp_path, capsys):
     from saeuron_plugin.cli import main
 
     out = tmp_path / "diag"
-    code = main(
-        [
-            "diagnose",
-            "--model",
-            "checkpoints/shapescanvas-sd",
-            "--sae",
-            "checkpoints/shapescanvas-saeuron",
-            "--concept",
-            "red",
-            "-n",
-            "2",
-            "--steps",
-            "4",
-            "--batch-size",
-            "2",
-            "--strength",
-            "1",
-            "--strength",
-            "3",
-            "--judge",
-            "shapescanvas",
-            "--tau-buckets",
-            "2",
-            "--out",
-            str(out),
-        ]
-    )
+    shipped = ["--model", "checkpoints/shapescanvas-sd", "--sae", "checkpoints/shapescanvas-saeuron"]
+    options = "--concept red -n 2 --steps 4 --batch-size 2 --strength 1 --strength 3 --judge shapescanvas"
+    code = main(["diagnose", *shipped, *options.split(), "--tau-buckets", "2", "--out", str(out)])
     assert code == 0
     blob = json.loads((out / "diagnostics.json").read_text())
     red = blob["concepts"]["red"]
