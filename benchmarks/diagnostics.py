@@ -58,11 +58,6 @@ def main() -> int:
     p.add_argument("--attack-prompts", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "diagnostics"))
-    p.add_argument(
-        "--vlm-only",
-        action="store_true",
-        help="reuse the diffusion part already in --out (it is deterministic) and run the VLM part",
-    )
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,10 +90,14 @@ def main() -> int:
         str(out),
     ]
     print("saeuron " + shlex.join(argv), flush=True)
-    if not args.vlm_only and saeuron(argv) != 0:
+    if saeuron(argv) != 0:
         return 1
     diffusion_seconds = time.perf_counter() - start
+    # the CLI's own diagnostics.{json,md} are merged into results/diagnostics.{json,md}, not kept twice
     blob = json.loads((out / "diagnostics.json").read_text())
+    md = (out / "diagnostics.md").read_text()
+    (out / "diagnostics.json").unlink()
+    (out / "diagnostics.md").unlink()
     t0 = time.perf_counter()
     blob["vlm"] = {"red": vlm_part("red", args.samples, 41_000 + args.seed)}
     blob["vlm_seconds"] = round(time.perf_counter() - t0, 1)
@@ -109,7 +108,6 @@ def main() -> int:
     }
     results = out.parent  # diagnostics.{json,md} beside the heatmap folder
     (results / "diagnostics.json").write_text(json.dumps(blob, indent=1) + "\n")
-    md = (out / "diagnostics.md").read_text()
     vlm = blob["vlm"]["red"]
     lines = [
         "",

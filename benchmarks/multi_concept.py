@@ -44,9 +44,13 @@ SIZES = {"mixed": (1, 2, 3, 5, 8), "colors": (1, 2, 3, 5)}
 SEED_BASE = 60_000  # never used for statistics or tuning (those use 10k-40k)
 
 
-def accuracy(judges: Judges, images: torch.Tensor, prompts: list[sc.BenchmarkPrompt], domain: str) -> float:
-    labels = torch.tensor([p.label(domain) for p in prompts])
-    return float((judges.classify(images)[domain] == labels).float().mean())
+def accuracy(
+    judges: Judges, images: torch.Tensor, prompts: list[sc.BenchmarkPrompt], domains: list[str]
+) -> float:
+    """Mean judge accuracy over ``domains`` (one judge pass: ``Judges.accuracy``)."""
+    labels = {d: torch.tensor([p.label(d) for p in prompts]) for d in domains}
+    per_domain = judges.accuracy(images, labels)
+    return sum(per_domain[d] for d in domains) / len(domains)
 
 
 def measure(pipe, eraser, judges, removed, args, rng) -> dict:
@@ -82,8 +86,8 @@ def measure(pipe, eraser, judges, removed, args, rng) -> dict:
         if not domains:
             row[name] = row[f"{name}_base"] = row[f"{name}_of_base"] = None
             continue
-        mine = sum(accuracy(judges, images, retain, d) for d in domains) / len(domains)
-        base = sum(accuracy(judges, base_images, retain, d) for d in domains) / len(domains)
+        mine = accuracy(judges, images, retain, domains)
+        base = accuracy(judges, base_images, retain, domains)
         row[name], row[f"{name}_base"] = 100 * mine, 100 * base
         row[f"{name}_of_base"] = 100 * mine / base if base else None
     return row

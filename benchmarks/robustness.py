@@ -45,6 +45,7 @@ from saeuron_plugin.eval.baselines import BASELINES
 from saeuron_plugin.eval.baselines.presets import shapescanvas_hparams
 from saeuron_plugin.eval.shapescanvas_build import load_default
 from saeuron_plugin.tuning import load_judge
+from saeuron_plugin.tuning.search import forget_percent
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTION = {
@@ -145,10 +146,9 @@ def main(argv: list[str] | None = None) -> None:
         caption = CAPTION[domain].format(concept)
         targets = target_latents(pipe, caption, range(8), **GEN_KW)
         init, _ = pipe.encode_prompt(caption, "cpu", 1, False)
-        label = judge.labels[domain].index(concept)
 
-        def ua(images: torch.Tensor, domain: str = domain, label: int = label) -> float:
-            return 100 * float((judge.probabilities(images)[domain].argmax(-1) != label).float().mean())
+        def ua(images: torch.Tensor, concept: str = concept, domain: str = domain) -> float:
+            return forget_percent(judge, images, concept, domain)
 
         where = eraser.where(concept) if args.everywhere else None
         with eraser.unlearn(pipe, [concept], hookpoints=where) as handle:

@@ -43,7 +43,7 @@ def attack(args: argparse.Namespace) -> int:
     from ..diffusion.unlearn import SAeUron
     from ..tuning.commands import shapescanvas_prompts
     from ..tuning.judges import load_judge
-    from ..tuning.search import judge_domain
+    from ..tuning.search import forget_percent, judge_domain
     from .soft_prompt import AttackConfig, generate_from_embeds, soft_prompt_attack, target_latents
     from .unlearndiffatk import unlearndiffatk
 
@@ -51,7 +51,6 @@ def attack(args: argparse.Namespace) -> int:
         raise ValueError("--iterations and --images must be >= 1")
     judge = load_judge(args.judge)  # everything cheap is checked before the model loads
     domain = judge_domain(judge, args.concept)
-    label = judge.labels[domain].index(args.concept)
     eraser = SAeUron.from_pretrained(args.sae)
     eraser.check_known([args.concept])
     prompt = args.prompt or shapescanvas_prompts(args.concept, 1)[0][0]
@@ -60,7 +59,7 @@ def attack(args: argparse.Namespace) -> int:
     eval_seeds = range(args.seed + 100, args.seed + 100 + args.images)
 
     def ua(images: Any) -> float:
-        return 100 * float((judge.probabilities(images)[domain].argmax(-1) != label).float().mean())
+        return forget_percent(judge, images, args.concept, domain)
 
     start = time.perf_counter()
     targets = target_latents(pipe, prompt, range(args.seed, args.seed + args.images), **gen)

@@ -147,7 +147,6 @@ def diagnose(
         summary["clean_rate"] = {
             n: round(float((p.max(-1).values >= 0.9).double().mean()), 4) for n, p in probs.items()
         }
-    summary["_runs"] = runs  # for heatmaps; dropped when written
     return summary
 
 
@@ -187,7 +186,6 @@ def diagnose_vlm(
         )
     summary = summarize(runs, rounds=rounds)
     summary["concept"] = concept
-    summary["_runs"] = runs
     return summary
 
 
@@ -224,10 +222,7 @@ def write_outputs(summaries: dict[str, dict[str, Any]], out: Path, meta: dict[st
                 title=f"{concept}: relative L2 drift, unlearned vs base (concept prompts)",
             )
         )
-    blob = {
-        "meta": meta,
-        "concepts": {c: {k: v for k, v in s.items() if not k.startswith("_")} for c, s in summaries.items()},
-    }
+    blob = {"meta": meta, "concepts": summaries}
     path = out / "diagnostics.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(blob, indent=1) + "\n", encoding="utf-8")

@@ -133,6 +133,12 @@ def judge_domain(judge: Judge, concept: str, domain: str | None = None) -> str:
     return found[0]
 
 
+def forget_percent(judge: Judge, images: Any, concept: str, domain: str) -> float:
+    """UA in %: the share of ``images`` the judge does not assign to ``concept`` in its domain."""
+    label = judge.labels[domain].index(concept)
+    return 100 * float((judge.probabilities(images)[domain].argmax(-1) != label).float().mean())
+
+
 def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: TuneConfig) -> Tensor:
     """Images [N, 3, H, W] in [0, 1], image i from a generator seeded ``seeds[i]`` (batch-independent)."""
     out = []
