@@ -46,7 +46,6 @@ def vlm_part(value: str, samples: int, seed: int) -> dict:
         return [{k: v[i : i + 1] for k, v in batch.items()} for i in range(len(r))]
 
     summary = diagnose_vlm(model, bundle, value, inputs(with_value), inputs(without), strengths=(1.0, 4.0))
-    summary.pop("_runs")
     return summary
 
 
