@@ -86,6 +86,34 @@ def test_batch_topk_keeps_k_per_token_on_average():
     assert out.l0.item() == pytest.approx(active / 64)
 
 
+@pytest.mark.parametrize("heavy", [1.0, 5.0, 100.0])
+def test_batch_topk_is_exact_when_some_tokens_take_many_latents(heavy):
+    """BatchTopK keeps exactly the batch's k·B largest ReLU'd activations, however they spread:
+    a few tokens scaled ×100 take far more than the 2k candidates first looked at."""
+    sae = make_sae(n=256, k=4)
+    x = torch.randn(32, 16)
+    x[:3] *= heavy
+    out = sae(x, batch_topk=True)
+    pre = manual_pre(sae, x)
+    theta = pre.flatten().topk(4 * 32).values.min()
+    assert out.pre_threshold.item() == pytest.approx(theta.item())
+    code = torch.zeros_like(pre).scatter(1, out.latent_indices, out.latent_values)
+    expected = pre * (pre >= theta)
+    assert torch.allclose(code, expected, atol=1e-6)
+    assert (code > 0).sum(-1).max() > (8 if heavy == 100.0 else 0)
+
+
+def test_training_forward_reuses_one_cpu_buffer():
+    sae = make_sae(n=128, k=8)
+    x = torch.randn(40, 16)
+    first = sae(x)
+    buffer = sae._pre_buffer
+    again = sae(x)
+    assert sae._pre_buffer is buffer and torch.equal(first.reconstruction, again.reconstruction)
+    assert torch.allclose(first.reconstruction, sae.decode(sae.encode(x)), atol=1e-5)
+    assert sae._scratch(40, x.double()) is None
+
+
 def test_decoder_normalisation_and_parallel_grad():
     sae = make_sae()
     with torch.no_grad():
