@@ -77,9 +77,12 @@ def _build_args(p: argparse.ArgumentParser) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
+    from .sae.processes import Processes
     from .tuning.build import build
 
-    print(json.dumps({"bundle": str(build(args.recipe))}))
+    bundle = build(args.recipe)
+    if Processes.current().main:
+        print(json.dumps({"bundle": str(bundle)}))
     return 0
 
 

@@ -207,3 +207,64 @@ def test_bad_folders_give_clear_errors(tmp_path):
     (tmp_path / "s" / "shard-000000.safetensors").unlink()
     with pytest.raises(ActivationStoreError, match="missing shards"):
         ActivationStore(tmp_path / "s")
+
+
+def keyed_store(path, units: range, rows_per_unit: int = 3) -> ActivationStore:
+    """A store of keyed units ``u{i}`` (a collection's prompts), ``rows_per_unit`` rows each."""
+    store = ActivationStore.create(path, d_in=D, dtype=torch.float32, shard_rows=4, exist_ok=True)
+    for i in units:
+        store.append(rows(rows_per_unit, 100 * i), tau=0.5, key=f"u{i}")
+    store.flush()
+    return store
+
+
+def ids(store: ActivationStore) -> list[int]:
+    return sorted(int(v) for v in store.read_all()[:, 0])
+
+
+def test_parts_of_a_multiprocess_collection_are_absorbed_whole(tmp_path):
+    main = keyed_store(tmp_path / "s", range(2))
+    keyed_store(main.part(0).path, range(2, 5))
+    keyed_store(main.part(1).path, range(5, 7))
+    assert main.absorb_parts() == 5 * 3
+    again = ActivationStore(tmp_path / "s")
+    assert again.keys == {f"u{i}" for i in range(7)} and len(again) == 21
+    assert ids(again) == sorted(100 * i + j for i in range(7) for j in range(3))
+    assert not (tmp_path / "s" / "parts").exists()
+    assert again.absorb_parts() == 0  # nothing left
+
+
+def test_absorb_survives_a_crash_at_any_point(tmp_path, monkeypatch):
+    main = keyed_store(tmp_path / "s", range(2))
+    part = keyed_store(main.part(1).path, range(2, 4))
+
+    def fail(*_a, **_k):
+        raise OSError("disk full")
+
+    # crash before the manifest names the new shards: the store is as it was, the part intact
+    monkeypatch.setattr(main, "_write_manifest", fail)
+    with pytest.raises(OSError, match="disk full"):
+        main.absorb(part.path)
+    monkeypatch.undo()
+    reopened = ActivationStore(tmp_path / "s")
+    assert len(reopened) == 6 and ActivationStore(part.path).keys == {"u2", "u3"}
+    # crash after the manifest write, before the part is deleted: the rerun only deletes it
+    monkeypatch.setattr("saeuron_plugin.sae.store.shutil.rmtree", fail)
+    with pytest.raises(OSError, match="disk full"):
+        reopened.absorb(part.path)
+    monkeypatch.undo()
+    final = ActivationStore(tmp_path / "s")
+    assert final.absorb_parts() == 0
+    assert len(final) == 12 and ids(final) == sorted(100 * i + j for i in range(4) for j in range(3))
+    assert not part.path.exists()
+
+
+def test_absorb_refuses_what_would_duplicate_or_not_fit(tmp_path):
+    main = keyed_store(tmp_path / "s", range(3))
+    overlapping = keyed_store(tmp_path / "p", range(2, 5))
+    with pytest.raises(ActivationStoreError, match="both hold keys"):
+        main.absorb(overlapping.path)
+    wide = ActivationStore.create(tmp_path / "w", d_in=D + 1, dtype=torch.float32)
+    with pytest.raises(ActivationStoreError, match="cannot merge"):
+        main.absorb(wide.path)
+    assert len(ActivationStore(tmp_path / "s")) == 9

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..sae.processes import Processes
 from ..sae.sites import BatchLoop, CallContext, CollectResult
-from ..sae.store import flushing, open_stores
+from ..sae.store import flushing, merge_process_stores, open_process_stores, open_stores
 from .hookpoints import Hookpoint, detect_family, resolve_hookpoint
 from .hooks import install_hooks
 
@@ -53,15 +54,17 @@ class _Capture:
         self.cond_only = cond_only
         self.tokens_per_step = tokens_per_step
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generators: list[torch.Generator] = []
         self.prompts_in_batch = 1
         self.images_per_prompt = 1
         self.chunks: list[tuple[Tensor, Tensor, Tensor]] = []  # rows [n, k, d], tau [n], local prompt [n]
 
-    def start_batch(self, prompts: int, images_per_prompt: int, first_index: int) -> None:
-        """Prepare for a pipeline call; the token subsample is seeded by the batch's first prompt."""
-        self.prompts_in_batch, self.images_per_prompt = prompts, images_per_prompt
-        self.generator.manual_seed(self.seed + first_index)
+    def start_batch(self, indices: Sequence[int], images_per_prompt: int) -> None:
+        """Prepare for a pipeline call over the prompts ``indices``. Each prompt's token subsample
+        has its own generator (seeded by its index), so the rows kept do not depend on batching or
+        on how prompts are dealt to processes."""
+        self.prompts_in_batch, self.images_per_prompt = len(indices), images_per_prompt
+        self.generators = [torch.Generator().manual_seed(self.seed + i) for i in indices]
         self.chunks = []
 
     def __call__(self, x: Tensor, ctx: CallContext) -> Tensor:
@@ -84,7 +87,8 @@ class _Capture:
         dev_rows = rows.to(x.device)
         picked = x.detach().index_select(0, dev_rows)
         if self.tokens_per_step is not None and self.tokens_per_step < tokens:
-            order = torch.rand(rows.numel(), tokens, generator=self.generator).argsort(dim=1)
+            draws = [torch.rand(tokens, generator=self.generators[int(p)]) for p in local]
+            order = torch.stack(draws).argsort(dim=1)
             idx = order[:, : self.tokens_per_step].to(x.device)
             picked = picked.gather(1, idx.unsqueeze(-1).expand(-1, -1, picked.shape[-1]))
         tau_t = torch.as_tensor(tau, dtype=torch.float32, device=x.device).expand(batch)
@@ -135,19 +139,13 @@ def _batch_kwargs(prompts: list[Prompt]) -> dict[str, Any]:
     return merged
 
 
-def _open_stores(
-    store: Any, hookpoints: list[Hookpoint], pipe: Any, dtype: torch.dtype
-) -> dict[str, Any] | Sink:
+def _store_specs(hookpoints: list[Hookpoint], pipe: Any) -> dict[str, tuple[int, dict[str, Any]]]:
     family = detect_family(pipe)
     name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    return open_stores(
-        store,
-        {
-            hp.path: (hp.width, {"hookpoint": hp.path, "model_family": family, "base_model": name})
-            for hp in hookpoints
-        },
-        dtype,
-    )
+    return {
+        hp.path: (hp.width, {"hookpoint": hp.path, "model_family": family, "base_model": name})
+        for hp in hookpoints
+    }
 
 
 def collect_activations(
@@ -176,25 +174,41 @@ def collect_activations(
     called once per prompt batch. ``tokens_per_step`` keeps that many random tokens per image
     per step (seeded). Image i uses a generator seeded ``seed + i``, so results do not depend on
     batching or resumption. ``output_type="latent"`` skips the VAE decode.
+
+    Under ``accelerate launch`` / ``torchrun`` the prompts still to do are dealt round-robin to
+    the processes (each with ``pipe`` on its own device); each appends to its own part of each
+    store (``<store>/parts/rank-N``) and the main process merges the parts into one manifest at
+    the end, or at the start of the next run if this one was interrupted. A multi-process run
+    needs a folder ``store`` (or a sink, then called by every process with its own rows); the
+    result counts every process's work.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokens_per_step is not None and tokens_per_step < 1:
         raise ValueError(f"tokens_per_step must be >= 1 or None, got {tokens_per_step}")
     resolved = [resolve_hookpoint(pipe, path) for path in hookpoints]
-    targets = _open_stores(store, resolved, pipe, store_dtype)
-    sink = targets if callable(targets) else None
-    stores: dict[str, Any] = {} if sink is not None else targets  # type: ignore[assignment]
+    procs = Processes.current()
+    specs = _store_specs(resolved, pipe)
+    merged: dict[str, Any] = {}
+    if procs.world > 1 and not callable(store):
+        merged, stores = open_process_stores(store, specs, store_dtype, procs)
+        sink = None
+    else:
+        targets = open_stores(store, specs, store_dtype)
+        sink = targets if callable(targets) else None
+        stores = {} if sink is not None else targets  # type: ignore[assignment]
+    done_in = merged or stores
     images_per_prompt = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
 
     todo: list[tuple[int, Prompt, str]] = []
     result = CollectResult(rows={hp.path: 0 for hp in resolved})
     for i, prompt in enumerate(prompts):
         key = prompt_key(i, prompt)
-        if stores and all(s.has_key(key) for s in stores.values()):
+        if done_in and all(s.has_key(key) for s in done_in.values()):
             result.skipped += 1
         else:
             todo.append((i, prompt, key))
+    todo = procs.share(todo)
 
     captures = {
         hp.path: _Capture(hp.path, cond_only, tokens_per_step, seed + 7919 * n)
@@ -203,7 +217,7 @@ def collect_activations(
 
     def start(batch: list[tuple[int, Prompt]]) -> None:
         for cap in captures.values():
-            cap.start_batch(len(batch), images_per_prompt, batch[0][0])
+            cap.start_batch([i for i, _ in batch], images_per_prompt)
 
     def done(batch: list[tuple[int, Prompt]]) -> None:
         keyed = [(i, p, keys[i]) for i, p in batch]
@@ -212,7 +226,7 @@ def collect_activations(
 
     keys = {i: key for i, _, key in todo}
     with flushing(stores):
-        loop = BatchLoop("collect", show_progress, start, done)
+        loop = BatchLoop("collect", show_progress and procs.main, start, done)
         run_prompts(
             pipe,
             [(i, p) for i, p, _ in todo],
@@ -225,7 +239,19 @@ def collect_activations(
             output_type=output_type,
             **pipe_kwargs,
         )
+    if procs.world > 1:
+        if merged:
+            merge_process_stores(merged, stores, procs)
+        result = _sum_results(result, procs)
     return result
+
+
+def _sum_results(result: CollectResult, procs: Processes) -> CollectResult:
+    """Every process's counts added up (``skipped`` is the same everywhere: it was counted before
+    the prompts were dealt)."""
+    parts = procs.gather({"collected": result.collected, "rows": result.rows})
+    rows = {path: sum(p["rows"][path] for p in parts) for path in result.rows}
+    return CollectResult(sum(p["collected"] for p in parts), result.skipped, rows)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from ..cli_prompts import (
     prompt_args,
     store_dtype_arg,
 )
+from ..sae.processes import Processes
 
 
 # ----------------------------------------------------------------------------- shared
@@ -44,11 +45,13 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str = "fp32") -> Any:
-    """A diffusers pipeline from a folder or Hub id, on ``device`` (default: CUDA when available)."""
+    """A diffusers pipeline from a folder or Hub id, on ``device`` (default: this process's GPU under
+    ``accelerate launch`` / ``torchrun``, else CUDA when available)."""
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(model, **dtype_kwarg(DTYPES[dtype]))
-    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    launched = Processes.current().device
+    pipe.to(device or launched or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -100,7 +103,8 @@ def collect(args: argparse.Namespace) -> int:
         seed=args.seed,
         store_dtype=DTYPES[args.store_dtype],
     )
-    print_collected(args.out, result)
+    if Processes.current().main:
+        print_collected(args.out, result)
     return 0
 
 
@@ -135,8 +139,9 @@ def concept_add(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
     )
-    eraser.save_pretrained(out)
-    print_added(out, args, stats)
+    if Processes.current().main:  # every process holds the pooled statistics; one writes them
+        eraser.save_pretrained(out)
+        print_added(out, args, stats)
     return 0
 
 

@@ -27,6 +27,7 @@ import torch
 from ..sae.ablation import FeatureAblator
 from ..sae.bundle import BundleEntry, DeviceFollowingAblator, SaeBundle, SaeWidthError
 from ..sae.concepts import ConceptStats
+from ..sae.processes import Processes
 from ..sae.sites import BatchLoop, UnlearnHandle
 from .collect import Prompt, prompt_key, run_prompts
 from .hookpoints import detect_family, resolve_hookpoint
@@ -145,30 +146,31 @@ class SAeUron(SaeBundle):
         paths = self.paths(hookpoints)
         self._check_pipe(pipe, paths)
         images = int(pipe_kwargs.get("num_images_per_prompt", 1) or 1)
-        txn = self.statistics_pass(paths, calibrate, require_tau=True)
+        procs = Processes.current()
+
+        def label(i: int, p: Prompt) -> str:
+            return p if isinstance(p, str) else f"<prompt {prompt_key(i, p)}>"
+
+        order = [label(i, p) for i, p in enumerate(unique)]
+        txn = self.statistics_pass(paths, calibrate, require_tau=True, processes=procs, prompt_order=order)
         txn.declare(list(prompts_by_concept))
 
         def start(batch: list[tuple[int, Prompt]]) -> None:  # one sample per generated image
-            keys = [
-                (
-                    p if isinstance(p, str) else prompt_key(0, p),
-                    p if isinstance(p, str) else f"<prompt {prompt_key(i, p)}>",
-                )
-                for i, p in batch
-            ]
+            keys = [(p if isinstance(p, str) else prompt_key(0, p), label(i, p)) for i, p in batch]
             txn.start_batch(
                 [names[k] for k, _ in keys for _ in range(images)],
-                [label for _, label in keys for _ in range(images)],
+                [name for _, name in keys for _ in range(images)],
                 prompts=range(0, len(keys) * images, images),  # each prompt counts once
             )
 
         what = ", ".join("background" if n is None else str(n) for n in list(prompts_by_concept)[:3])
         more = f" +{len(prompts_by_concept) - 3}" if len(prompts_by_concept) > 3 else ""
         with torch.no_grad(), txn:  # the libraries change only if every prompt ran
-            loop = BatchLoop(f"concepts {what}{more}", show_progress, start, lambda _: txn.finish_batch())
+            desc = f"concepts {what}{more}"
+            loop = BatchLoop(desc, show_progress and procs.main, start, lambda _: txn.finish_batch())
             run_prompts(
                 pipe,
-                list(enumerate(unique)),
+                procs.share(list(enumerate(unique))),  # every process its share; the pass pools them
                 txn.recorders,
                 loop,
                 num_inference_steps=num_inference_steps,

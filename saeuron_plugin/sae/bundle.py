@@ -86,9 +86,13 @@ class StatisticsTransaction:
         extra: Mapping[str, Mapping[str, Any]] | None = None,
         missing_hint: str = "",
         require_tau: bool = False,
+        processes: Any = None,
+        prompt_order: Sequence[str] = (),
     ) -> None:
         self.bundle = bundle
         self.paths = list(paths)
+        self.processes = processes
+        self.prompt_order = {label: i for i, label in enumerate(prompt_order)}
         self.fresh: dict[str, dict[str | None, Any]] = {p: {} for p in self.paths}
         self._saved_calibrators = {
             p: _calibrator_snapshot(bundle.hookpoints[p].calibrator) for p in self.paths
@@ -132,6 +136,7 @@ class StatisticsTransaction:
 
     def commit(self) -> dict[str, dict[str | None, Any]]:
         """Merge the pass into the libraries; returns hookpoint → concept → the library's statistics."""
+        self._pool_processes()
         out: dict[str, dict[str | None, Any]] = {}
         for path in self.paths:
             library = self.bundle.hookpoints[path].library
@@ -142,6 +147,31 @@ class StatisticsTransaction:
         self.bundle.record_calibration(self.paths)
         self.committed = out
         return out
+
+    def _pool_processes(self) -> None:
+        """A multi-process pass (``processes`` with world > 1, each process given its share of the
+        prompts): every process ends with the statistics and θ histogram of all samples, so all
+        commit the same libraries. Prompts are put back in ``prompt_order``."""
+        procs = self.processes
+        if procs is None or procs.world == 1:
+            return
+        for path in self.paths:
+            for stats in self.fresh[path].values():  # the same declared names, in order, everywhere
+                stats.sums, stats.counts = procs.sum(stats.sums), procs.sum(stats.counts)
+                if stats.prompts is not None:
+                    seen = [p for part in procs.gather(stats.prompts) for p in part]
+                    seen.sort(key=lambda label: self.prompt_order.get(label, len(self.prompt_order)))
+                    stats.prompts, stats.num_prompts, stats.prompts_sha256 = [], 0, None
+                    stats.record_prompts(seen)
+            calibrator = self.bundle.hookpoints[path].calibrator
+            if calibrator is not None:
+                saved = self._saved_calibrators[path]
+                base_hist = saved[1] if saved is not None else torch.zeros_like(calibrator.hist)
+                base_above, base_tokens = (saved[2], saved[3]) if saved is not None else (0, 0)
+                counts = torch.tensor([calibrator.above - base_above, calibrator.tokens - base_tokens])
+                calibrator.hist = base_hist + procs.sum(calibrator.hist - base_hist)
+                above, tokens = procs.sum(counts).tolist()
+                calibrator.above, calibrator.tokens = base_above + above, base_tokens + tokens
 
     def results(self, names: Sequence[str | None]) -> dict[str, dict[str | None, Any]]:
         """After :meth:`commit`: hookpoint → concept → the library's statistics, for ``names``."""

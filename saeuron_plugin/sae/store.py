@@ -29,6 +29,7 @@ import math
 import numbers
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -42,6 +43,8 @@ from ..errors import BadFileError, MissingFileError, SAeUronError
 from .files import read_json_object, safetensors_shapes, typed_field
 
 MANIFEST = "manifest.json"
+PARTS = "parts"
+"""Sub-folder of a store holding the per-process part stores of a multi-process collection."""
 FORMAT = "saeuron-activation-store"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _HEADER_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32"}
@@ -322,6 +325,82 @@ class ActivationStore:
             self._pending_tau = [t[rows:]] if t is not None and x.shape[0] > rows else []
             self._pending_rows -= rows
 
+    # ------------------------------------------------------- multi-process parts
+    def part(self, rank: int, metadata: dict[str, Any] | None = None) -> ActivationStore:
+        """The store process ``rank`` of a multi-process collection writes to (created or reopened):
+        ``<store>/parts/rank-NNNNN``, merged back by :meth:`absorb_parts`."""
+        return ActivationStore.create(
+            self.path / PARTS / f"rank-{rank:05d}",
+            d_in=self.d_in,
+            dtype=self.dtype,
+            shard_rows=self.shard_rows,
+            metadata=self._metadata if metadata is None else metadata,
+            exist_ok=True,
+        )
+
+    def absorb_parts(self) -> int:
+        """Absorb every part store under ``<store>/parts`` (rank order), then drop the empty folder;
+        returns the rows added. Safe to call again after a crash at any point."""
+        root = self.path / PARTS
+        if not root.is_dir():
+            return 0
+        added = sum(self.absorb(part) for part in sorted(root.iterdir()) if part.is_dir())
+        with contextlib.suppress(OSError):
+            root.rmdir()
+        return added
+
+    def absorb(self, part_path: str | os.PathLike[str]) -> int:
+        """Move another store's durable rows and keys into this one, atomically; returns the rows added.
+
+        The part's shards are hard-linked (copied where links are impossible) under this store's
+        next shard names, then one manifest write adds them with their keys, then the part is
+        deleted. A crash before the manifest write leaves this store as it was (the new names are
+        orphans the next writer deletes); a crash after it leaves a part whose keys are all here
+        already, which the next call just deletes. Keys found in both stores otherwise are refused
+        (their rows would be counted twice).
+        """
+        self.flush()
+        part = ActivationStore(part_path)
+        if (part.d_in, part.dtype) != (self.d_in, self.dtype):
+            raise ActivationStoreError(
+                f"cannot merge {part.path} (d_in={part.d_in} {part.dtype}) into {self.path} "
+                f"(d_in={self.d_in} {self.dtype})"
+            )
+        if None not in (part.has_tau, self.has_tau) and part.has_tau != self.has_tau:
+            raise ActivationStoreError(
+                f"cannot merge {part.path} into {self.path}: one has a τ column, one not"
+            )
+        new_keys = [k for k in part._keys if k not in self._key_set]
+        if part._keys and not new_keys:  # merged before a crash: only the deletion was left
+            shutil.rmtree(part.path)
+            return 0
+        if len(new_keys) != len(part._keys):
+            shared = sorted(set(part._keys) & self._key_set)
+            raise ActivationStoreError(
+                f"{part.path} and {self.path} both hold keys {shared[:3]}: merging would duplicate their rows"
+            )
+        if not self._cleaned:
+            self._remove_orphans()
+        shards, index = list(self._shards), self._next_index
+        for shard in part._shards:
+            name = f"shard-{index:06d}.safetensors"
+            _link_or_copy(part.path / shard.file, self.path / name)
+            shards.append(ShardInfo(name, shard.rows))
+            index += 1
+        _fsync(self.path)
+        has_tau = self.has_tau
+        if part.has_tau is not None:
+            self.has_tau = part.has_tau
+        try:
+            self._write_manifest(shards, self._keys + new_keys)
+        except BaseException:
+            self.has_tau = has_tau
+            raise
+        self._shards, self._keys, self._next_index = shards, self._keys + new_keys, index
+        self._key_set.update(new_keys)
+        shutil.rmtree(part.path)
+        return sum(s.rows for s in part._shards)
+
     def _write_manifest(self, shards: list[ShardInfo], keys: list[str]) -> None:
         _write_json(
             self.path / MANIFEST,
@@ -533,6 +612,17 @@ def _read_shard_list(raw: dict[str, Any], manifest: Path) -> list[ShardInfo]:
     return shards
 
 
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Give ``src`` a second name ``dst`` (a hard link), or a durable copy where links fail."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        _fsync(tmp)
+        os.replace(tmp, dst)
+
+
 def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -589,3 +679,40 @@ def open_stores(
         f"store must be an ActivationStore, a dict of them, a folder path or a callable sink, "
         f"got {type(store).__name__}"
     )
+
+
+def open_process_stores(
+    store: Any, specs: Mapping[str, tuple[int, dict[str, Any]]], dtype: torch.dtype, procs: Any
+) -> tuple[dict[str, ActivationStore], dict[str, ActivationStore]]:
+    """The merged stores and this process's part stores of a multi-process collection into the
+    folder ``store`` (``specs`` as for :func:`open_stores`; ``procs`` a
+    :class:`~.processes.Processes`).
+
+    The main process first absorbs parts an interrupted run left behind, so every process then
+    sees one store that lists all that is done; each process appends only to its own part.
+    """
+    if not isinstance(store, str | os.PathLike):
+        raise ValueError(
+            "a multi-process collection writes to a folder (one store per hookpoint): every process "
+            f"appends to its own part, merged at the end; got {type(store).__name__}"
+        )
+    merged: dict[str, ActivationStore] = {}
+    if procs.main:
+        merged = open_stores(store, specs, dtype)  # type: ignore[assignment]
+        for target in merged.values():
+            target.absorb_parts()
+    procs.barrier()
+    if not procs.main:
+        merged = {path: ActivationStore(Path(store) / path) for path in specs}
+    return merged, {path: target.part(procs.rank) for path, target in merged.items()}
+
+
+def merge_process_stores(merged: Mapping[str, ActivationStore], parts: Mapping[str, Any], procs: Any) -> None:
+    """End of a multi-process collection: every part durable, then the main process absorbs them."""
+    for part in parts.values():
+        part.flush()
+    procs.barrier()
+    if procs.main:
+        for target in merged.values():
+            target.absorb_parts()
+    procs.barrier()

@@ -109,8 +109,11 @@ class Build:
     """One recipe's run; :meth:`run` does the stages that are not done yet."""
 
     def __init__(self, recipe: dict[str, Any], log: Callable[[str], None] = print) -> None:
+        from ..sae.processes import Processes
+
+        self.procs = Processes.current()
         self.recipe = recipe
-        self.log = log
+        self.log = log if self.procs.main else (lambda _: None)
         base = Path(recipe["_dir"])
         self.work = base / recipe["work"]
         self.out = base / recipe["out"]
@@ -151,13 +154,17 @@ class Build:
             ("bundle", ("collect", "train", "statistics", "concepts", "tune", "hub_repo"), self.bundle),
         ]
         for stage, sections, fn in steps:
+            if stage == "tune" and not self.procs.main:
+                return self.out  # tuning's trials run one after another on the main process
             stamp = _stamp(self.recipe, *sections)
             if self.done(stage, stamp):
                 self.log(f"{stage}: done (recipe unchanged), skipped")
                 continue
             start = time.perf_counter()
             fn()
-            self._mark(stage, stamp, time.perf_counter() - start)
+            if self.procs.main:
+                self._mark(stage, stamp, time.perf_counter() - start)
+            self.procs.barrier()  # every process sees the same stamps at the next stage
             self.log(f"{stage}: {time.perf_counter() - start:.0f} s")
         return self.out
 
@@ -193,7 +200,8 @@ class Build:
                 from ..sae.model import SparseAutoencoder
 
                 sae = SparseAutoencoder.from_pretrained(released, subfolder=hp)
-                sae.save_pretrained(self.work / "sae" / hp)
+                if self.procs.main:
+                    sae.save_pretrained(self.work / "sae" / hp)
                 continue
             store = ActivationStore(self.work / "activations" / hp)
             meta = store.metadata
@@ -210,7 +218,8 @@ class Build:
                 }
             )
             sae, state = Trainer(store, cfg).fit()
-            sae.save_pretrained(self.work / "sae" / hp)
+            if self.procs.main:
+                sae.save_pretrained(self.work / "sae" / hp)
             self.log(f"train {hp}: {state.step} steps, FVU {state.last_fvu:.3f}")
 
     def statistics(self) -> None:
@@ -237,8 +246,9 @@ class Build:
             seed=int(s.get("seed", 20_000)),
             batch_size=int(s.get("batch_size", 8)),
         )
-        shutil.rmtree(self.work / "statistics", ignore_errors=True)
-        eraser.save_pretrained(self.work / "statistics")
+        if self.procs.main:  # every process holds the pooled statistics; one writes them
+            shutil.rmtree(self.work / "statistics", ignore_errors=True)
+            eraser.save_pretrained(self.work / "statistics")
 
     def tune(self) -> None:
         from ..diffusion.unlearn import SAeUron
