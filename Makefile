@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all test-latest lock lint bench bundle clean
+.PHONY: setup demo test test-all test-latest lock lint bench bench-gpu bundle clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -64,11 +64,16 @@ bench: setup
 	$(BIN)/python benchmarks/encode_cost.py
 	$(BIN)/python benchmarks/ablation_overhead.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/gpu_suite.py --small
 	$(BIN)/python benchmarks/unlearning.py
 	$(BIN)/python benchmarks/vlm_unlearning.py
 	$(BIN)/python benchmarks/robustness.py
 	$(BIN)/python benchmarks/diagnostics.py
 	$(BIN)/python benchmarks/multi_concept.py
+
+bench-gpu: setup  # on a CUDA machine: SD 1.5 size, fp16 / bf16, eager and compiled
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/gpu_suite.py --compile
 
 bundle: setup
 	$(BIN)/python examples/build_shapescanvas_bundle.py
