@@ -23,6 +23,13 @@ def describe_run(seed: int) -> str:
             ).stdout.strip()
             or "unknown"
         )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        commit += " + uncommitted changes" if dirty and commit != "unknown" else ""
     except OSError:
         commit = "unknown"
     cpu = platform.processor() or platform.machine()
