@@ -40,9 +40,9 @@ def loss_and_grad(pipe, embeds, targets, seed=0):
     t = torch.randint(0, 1000, (cfg.batch,), generator=gen)
     noise = torch.randn(targets[:2].shape, generator=gen)
     a = pipe.scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
-    xt = a.sqrt() * targets[:2] + (1 - a).sqrt() * noise
+    xt = (a.sqrt() * targets[:2].float() + (1 - a).sqrt() * noise).to(pipe.unet.dtype)
     pred = pipe.unet(xt, t, encoder_hidden_states=e.expand(2, -1, -1)).sample
-    loss = torch.nn.functional.mse_loss(pred, noise)
+    loss = torch.nn.functional.mse_loss(pred.float(), noise)
     loss.backward()
     return float(loss.detach()), torch.zeros_like(e) if e.grad is None else e.grad.clone()
 
@@ -63,6 +63,22 @@ def test_gradients_pass_through_the_edit_and_masking_changes_them(setup):
         assert loss_edit == pytest.approx(loss_masked, rel=1e-5)  # the forward pass is the same
         # the tiny UNet's output passes through the last edited block: masked there, no gradient is left
         assert bool(masked.abs().sum() > 0) == masked_reaches
+
+
+def test_gradients_pass_through_the_edit_in_bf16(setup):
+    """The same check with the pipeline in bfloat16 (the SAEs stay fp32): the edit is differentiable
+    in the dtype users attack in, and its gradient is finite."""
+    _, eraser = setup
+    pipe = tiny_sd_pipeline().to(torch.bfloat16)
+    targets = target_latents(pipe, "a red star", [0, 1], num_inference_steps=2).to(torch.bfloat16)
+    embeds, _ = pipe.encode_prompt("a red star", "cpu", 1, False)
+    _, plain = loss_and_grad(pipe, embeds, targets)
+    with eraser.unlearn(pipe, ["red"], hookpoints=[ATTN]) as handle:
+        _, through = loss_and_grad(pipe, embeds, targets)
+        with masked_edits(handle):
+            _, masked = loss_and_grad(pipe, embeds, targets)
+    assert through.dtype == torch.bfloat16 and bool(torch.isfinite(through).all())
+    assert through.abs().sum() > 0 and not torch.equal(through, plain) and not torch.equal(through, masked)
 
 
 def test_the_attack_lowers_its_loss_through_the_eraser(setup):
