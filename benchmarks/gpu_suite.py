@@ -41,6 +41,7 @@ from sae_train import planted, train_ours, train_sparsify
 from saeuron_plugin.diffusion.collect import collect_activations
 from saeuron_plugin.diffusion.hookpoints import resolve_hookpoint, to_tokens
 from saeuron_plugin.diffusion.unlearn import SAeUron
+from saeuron_plugin.eval.default_model import build_pipeline
 from saeuron_plugin.sae.ablation import ConceptAblation, FeatureAblator
 from saeuron_plugin.sae.model import SaeConfig, SparseAutoencoder
 
@@ -70,7 +71,7 @@ SMALL = Size((32, 64, 128, 128), 128, 6, 128, 2048, 32, 4, 1 << 15, 1024)
 
 def sd15_shaped_pipeline(size: Size, device: torch.device, dtype: torch.dtype):
     """SD 1.5's pipeline layout with random weights: its UNet config (channels scaled by ``size``)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -95,25 +96,8 @@ def sd15_shaped_pipeline(size: Size, device: torch.device, dtype: torch.dtype):
     text = CLIPTextModel(
         CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=64, num_hidden_layers=1)
     )
-    scheduler = DDIMScheduler(  # SD 1.5's scheduler config
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     unet, vae, text = (m.to(device=device, dtype=dtype).eval() for m in (unet, vae, text))
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = build_pipeline(vae, text, tokenizer, unet)  # with SD 1.x's DDIM schedule
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
