@@ -71,3 +71,41 @@ def test_dead_fraction():
         dead_fraction()
     with pytest.raises(ValueError, match="exactly one"):
         dead_fraction(counts, tokens_since_fired=since)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
+    from saeuron_plugin.eval.kid import kernel_inception_distance, polynomial_mmd2
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(300, 16, generator=g), torch.randn(300, 16, generator=g)
+    same, same_sd = kernel_inception_distance(x, y)
+    shifted, shifted_sd = kernel_inception_distance(x, y + 0.5)
+    assert abs(same) < 2 * same_sd + 1e-3  # unbiased: 0 in expectation, either sign
+    assert shifted > 5 * shifted_sd > 0 and shifted > 20 * abs(same)
+    # the estimator itself: for one sample each, by hand
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    k = lambda u, v: (float(u @ v) / 2 + 1) ** 3  # noqa: E731
+    by_hand = k(a[0], a[1]) + k(b[0], b[1]) - sum(k(u, v) for u in a for v in b) / 2
+    assert polynomial_mmd2(a, b) == pytest.approx(by_hand)
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_inception_distance(x[:1], y)
+
+
+def test_unlearning_tables_carry_kid_with_its_spread():
+    from saeuron_plugin.eval.unlearning import Protocol, markdown_table, summarise
+
+    row = {"method": "saeuron", "concept": "star", "domain": "object", "seed": 0}
+    rows = [{**row, "ua": 1.0, "ira": 1.0, "cra": 1.0}]
+    out = summarise(
+        rows,
+        {"objects": 100.0},
+        Protocol(seeds=(0,)),
+        ["saeuron"],
+        1.0,
+        {("saeuron", "objects"): (2e-3, 5e-4)},
+    )
+    assert (
+        out["methods"]["saeuron"]["objects"]["kid"] == 2.0
+        and out["spread"]["saeuron"]["objects"]["kid"] == 0.5
+    )
+    assert "| 2.00 ± 0.50 |" in markdown_table(out)

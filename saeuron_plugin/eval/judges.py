@@ -58,9 +58,13 @@ class JudgeNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.heads = nn.ModuleDict({d: nn.Linear(c_in, len(v)) for d, v in cfg.labels.items()})
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1], [B, 3, H, W] -> the pooled features every head reads, [B, C]."""
+        return self.features(x * 2 - 1).mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Images in [0, 1], [B, 3, H, W] -> logits per domain."""
-        h = self.features(x * 2 - 1).mean(dim=(2, 3))
+        h = self.embed(x)
         return {d: head(h) for d, head in self.heads.items()}
 
 
@@ -119,6 +123,18 @@ class Judges:
             for d, v in logits.items():
                 out[d].append(v.float().softmax(-1).cpu())
         return {d: torch.cat(v) for d, v in out.items()}
+
+    @torch.no_grad()
+    def features(self, images, batch_size: int = 512) -> torch.Tensor:
+        """The judges' penultimate features (pooled, before the heads), [B, C] on CPU: the feature
+        space of the benchmark's KID."""
+        x = to_tensor(images, self.config.image_size)
+        return torch.cat(
+            [
+                self.model.embed(x[i : i + batch_size].to(self.device)).float().cpu()
+                for i in range(0, len(x), batch_size)
+            ]
+        )
 
     def classify(self, images, batch_size: int = 512) -> dict[str, torch.Tensor]:
         """Predicted label index per domain, LongTensor [B]."""

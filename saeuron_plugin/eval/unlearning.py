@@ -11,7 +11,10 @@ with the test seeds (never used for statistics or the hyperparameter search):
   assigns to *some* class with confidence >= 0.9 (a clean image, not debris: PER's artifact
   question);
 * in-domain = share of the c-images assigned with that confidence to *another* class of the
-  domain (an unlearned star became another shape).
+  domain (an unlearned star became another shape);
+* KID (retain) = :func:`~.kid.kernel_inception_distance` between the method's images of the captions
+  without c and the untouched model's images of the same captions and seeds, on the judges'
+  penultimate features, pooled over the domain's concepts (× 10³, ± sd over 50 subsets).
 
 Image seeds depend on (seed set, caption index) only, so the untouched model's images are
 generated once and shared by every method as the paired reference (``base``). Methods:
@@ -38,6 +41,7 @@ import torch
 
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from .kid import kernel_inception_distance
 from .shapescanvas_build import concept_domain, judge_scores
 
 TEST_SEED = 50_000
@@ -192,6 +196,8 @@ def run_benchmark(
         for s in protocol.seeds
     }
     base_pred = {s: judges.classify(img) for s, img in base_images.items()}
+    base_feats = {s: judges.features(img) for s, img in base_images.items()}
+    retained: dict[tuple[str, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     base = {}
     for domain, key in DOMAIN_KEYS.items():
         labels = torch.tensor([p.label(domain) for p in prompts])
@@ -215,6 +221,10 @@ def run_benchmark(
             with method_generator(method, pipe, name, protocol, eraser=eraser, presets=presets) as gen:
                 for s in protocol.seeds:
                     images = gen([texts[i] for i in idx], [image_seed(s, i) for i in idx])
+                    keep = [j for j, p in enumerate(sub) if getattr(p, concept_domain(name)) != name]
+                    mine, theirs = retained.setdefault((method, concept_domain(name)), ([], []))
+                    mine.append(judges.features(images[keep]))
+                    theirs.append(base_feats[s][[idx[j] for j in keep]])
                     rows.append(
                         {
                             "method": method,
@@ -231,7 +241,11 @@ def run_benchmark(
                 f"({time.time() - t_c:.0f} s)"
             )
         log(f"{method}: {time.time() - t_m:.0f} s")
-    return summarise(rows, base, protocol, methods, time.time() - t0)
+    kid = {
+        (method, DOMAIN_KEYS[domain]): kernel_inception_distance(torch.cat(mine), torch.cat(theirs))
+        for (method, domain), (mine, theirs) in retained.items()
+    }
+    return summarise(rows, base, protocol, methods, time.time() - t0, kid)
 
 
 def summarise(
@@ -240,8 +254,10 @@ def summarise(
     protocol: Protocol,
     methods: Sequence[str],
     seconds: float,
+    kid: dict[tuple[str, str], tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
-    """Domain averages per method: mean over concepts per seed, then mean ± sd over seeds (percent)."""
+    """Domain averages per method: mean over concepts per seed, then mean ± sd over seeds (percent);
+    ``kid``: (method, domain key) → KID of the retained images (mean, sd over subsets), × 10³."""
     try:
         commit = (
             subprocess.run(
@@ -280,6 +296,8 @@ def summarise(
                 ]
                 mean, sd = _mean_sd(per_seed)
                 metrics[m], sds[m] = round(100 * mean, 2), round(100 * sd, 2)
+            if kid and (method, key) in kid:
+                metrics["kid"], sds["kid"] = (round(1000 * v, 3) for v in kid[method, key])
             metrics["concepts"] = len({r["concept"] for r in mine})
             per_domain[key], spread[key] = metrics, sds
         out["methods"][method if method != "none" else "no_unlearning"] = per_domain
@@ -318,14 +336,16 @@ def markdown_table(results: dict[str, Any], command: str = "") -> str:
         "Base model (judge accuracy on every caption): "
         + ", ".join(f"{k} {v:.1f} %" for k, v in results["base"].items()),
         "",
-        "| method | domain | concepts | UA | IRA | CRA | avg | clean, forget | clean, retain | in-domain |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | domain | concepts | UA | IRA | CRA | avg | clean, forget | clean, retain | in-domain "
+        "| KID×10³, retain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, domains in results["methods"].items():
         for key, m in domains.items():
             sd = results["spread"][method][key]
             avg = (m["ua"] + m["ira"] + m["cra"]) / 3
             quality = " | ".join(f"{m[q]:.1f}" if q in m else "–" for q in METRICS[3:])
+            quality += f" | {m['kid']:.2f} ± {sd['kid']:.2f}" if "kid" in m else " | –"
             lines.append(
                 f"| {method} | {key} | {m['concepts']} | {m['ua']:.1f} ± {sd['ua']:.1f} | "
                 f"{m['ira']:.1f} ± {sd['ira']:.1f} | {m['cra']:.1f} ± {sd['cra']:.1f} | {avg:.1f} | "
