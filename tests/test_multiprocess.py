@@ -77,3 +77,17 @@ def test_a_rerun_collects_nothing_twice(runs):
     assert "rank 0 of 2: generated 4 collected 0 skipped 7" in log  # only the statistics pass ran
     assert "rank 1 of 2: generated 3 collected 0 skipped 7" in log
     assert len(ActivationStore(multi / "acts" / HOOKPOINTS[0])) == 7 * 3 * 5
+
+
+def test_vlm_collection_and_statistics_refuse_a_launcher(monkeypatch):
+    """The VLM adapter does not split its work yet: under a launcher it says so before any work,
+    instead of every process writing the same store."""
+    from saeuron_plugin.errors import SAeUronError
+    from saeuron_plugin.vlm.collect import collect_activations
+    from saeuron_plugin.vlm.unlearn import VLMUnlearner
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SAeUronError, match="one of 2 launched processes"):
+        collect_activations(None, None, None, None, [], "unused")
+    with pytest.raises(SAeUronError, match="one of 2 launched processes"):
+        VLMUnlearner.add_concepts(None, {}, None)

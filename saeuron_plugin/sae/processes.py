@@ -18,12 +18,26 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ..errors import SAeUronError
+
 T = TypeVar("T")
 
 
 def launched_world_size() -> int:
     """Processes the launcher started (``WORLD_SIZE``; 1 for a plain run)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def require_single_process(what: str) -> None:
+    """Refuse to run ``what`` under a multi-process launcher: every process would do all the work
+    and write the same files at once."""
+    world = launched_world_size()
+    if world > 1:
+        raise SAeUronError(
+            f"{what} runs in one process only, but this is one of {world} launched processes "
+            "(WORLD_SIZE): run it without accelerate launch / torchrun. Diffusers collection, "
+            "the diffusers statistics pass and training split their work over processes; this does not yet."
+        )
 
 
 @dataclass(frozen=True)
@@ -85,4 +99,4 @@ class Processes:
         ]
 
 
-__all__ = ["Processes", "launched_world_size"]
+__all__ = ["Processes", "launched_world_size", "require_single_process"]

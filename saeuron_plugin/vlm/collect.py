@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..sae.processes import require_single_process
 from ..sae.sites import BatchLoop, CallContext, CollectResult, Editor
 from ..sae.store import flushing, open_stores
 from .hookpoints import VLMHookpoint, check_tokens, hookpoint_index, pad_token_id, resolve_hookpoint
@@ -134,6 +135,7 @@ def collect_activations(
     hookpoint → store, or a callable ``sink(hookpoint, rows)`` called once per batch.
     ``max_tokens_per_sample`` keeps that many random tokens (seeded) per sample and hookpoint.
     """
+    require_single_process("VLM activation collection")
     if max_tokens_per_sample is not None and max_tokens_per_sample < 1:
         raise ValueError(f"max_tokens_per_sample must be >= 1 or None, got {max_tokens_per_sample}")
     samples = make_samples(images, prompts, processor_or_inputs)

@@ -30,6 +30,7 @@ from ..sae.ablation import FeatureAblator
 from ..sae.bundle import BundleEntry, DeviceFollowingAblator, SaeBundle, SaeWidthError, per_concept
 from ..sae.concepts import ConceptLibrary, ConceptStats, TauGrid
 from ..sae.model import SparseAutoencoder
+from ..sae.processes import require_single_process
 from ..sae.sites import BatchLoop, UnlearnHandle
 from .collect import model_name, run_samples
 from .hookpoints import (
@@ -223,6 +224,7 @@ class VLMUnlearner(SaeBundle):
         ``calibrate`` (default: when the SAE has no θ) calibrates the threshold encoder's θ on the
         same pre-activations. Returns hookpoint → concept → statistics.
         """
+        require_single_process("The VLM statistics pass")
         paths = self.paths(hookpoints)
         checked = self.check_model(model, paths, tokens)
         for path in paths:  # check everything before changing anything
