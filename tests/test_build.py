@@ -48,6 +48,9 @@ labels = {{ color = ["red", "blue"] }}
 budget = "tiny"
 steps = 2
 progress = false
+
+[tune.domains.color]  # the color domain's own grid (the budget's is p 99)
+percentiles = [99.5]
 """
 
 
@@ -79,6 +82,8 @@ def test_build_from_nothing_then_stopped_in_each_stage_loses_nothing(recipe, tmp
     card = (tmp_path / "bundle" / "README.md").read_text()
     assert "validation (tuned settings)" in card and '"judge": "test_build:color_judge"' in card
     assert all((tmp_path / "work" / f"{s}.done.json").is_file() for s in build_module.STAGES)
+    tuned = json.loads((tmp_path / "bundle" / "search.json").read_text())["tune"]
+    assert {e["best"]["percentile"] for e in tuned.values()} == {99.5}  # [tune.domains.color] applied
     reference = {p: t.clone() for p, t in bundle.hookpoints[HP].sae.state_dict().items()}
 
     # a rerun with the recipe unchanged does nothing
@@ -152,6 +157,16 @@ def test_shipped_recipes_parse_and_the_sd15_recipe_runs_on_tiny_models(tmp_path,
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     for path in recipes.glob("*.toml"):
         build_module.read_recipe(path)
+    shapes = build_module.read_recipe(recipes / "shapescanvas.toml")  # make bundle's per-domain search
+    trials = {
+        domain: len(
+            search.SearchSpace.from_budget(
+                shapes["tune"]["budget"], **build_module._space_options(table)
+            ).settings(shapes["collect"]["hookpoints"])
+        )
+        for domain, table in shapes["tune"]["domains"].items()
+    }
+    assert trials == {"object": 3 * 5 * 4 + 3 * 3, "style": 3 * 3 * 2, "color": 3 * 3 * 2}
     text = (recipes / "sd15-unlearncanvas-styles.toml").read_text()
     tiny_sd_pipeline().save_pretrained(tmp_path / "model")
     shutil.copytree(recipes / "prompts", tmp_path / "prompts")

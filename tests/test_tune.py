@@ -239,3 +239,21 @@ def test_stage_two_judges_the_finalists_on_fresh_seeds(setup, tmp_path, monkeypa
     assert best in saved["refine"]  # decided in stage 2
     assert seen_seeds.count((100, 101, 10_100, 10_101)) == 5  # stage 1: base + 4 trials
     assert seen_seeds.count((900, 901, 10_900, 10_901)) == 3  # stage 2: base + 2 finalists, fresh seeds
+
+
+def test_hookpoint_sets_can_bring_their_own_grid():
+    from saeuron_plugin.tuning.search import SearchSpace, TuningError
+
+    own = {"hookpoints": ["b", "c"], "contrasts": ["worst"], "percentiles": [99.5, 99.8], "gammas": [-1.0]}
+    got = SearchSpace.from_budget("tiny", hookpoint_sets=[["a"], own]).settings(["a", "b", "c"])
+    assert got[0] == {"hookpoints": ["a"], "contrast": "auto", "percentile": 99.0, "gamma": -2.0}
+    assert [(t["hookpoints"], t["contrast"], t["percentile"]) for t in got[1:]] == [
+        (["b", "c"], "worst", 99.5),
+        (["b", "c"], "worst", 99.8),
+    ]
+    with pytest.raises(TuningError, match="a hookpoint set is"):
+        SearchSpace(hookpoint_sets=["unet.up_blocks.1"]).settings([])  # a string, not a list
+    with pytest.raises(TuningError, match="a hookpoint set is"):
+        SearchSpace(hookpoint_sets=[{"hookpoints": ["a"], "percentile": 99}]).settings([])
+    with pytest.raises(TuningError, match="unknown search options"):
+        SearchSpace.from_budget("tiny", percentile=(99.0,))

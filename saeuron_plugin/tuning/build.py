@@ -105,6 +105,13 @@ def _stamp(recipe: dict[str, Any], *sections: str) -> dict[str, Any]:
     return {"recipe": part, "sha256": hashlib.sha256(blob.encode()).hexdigest()}
 
 
+def _space_options(domain: dict[str, Any]) -> dict[str, Any]:
+    """A recipe's ``[tune.domains.<domain>]`` table as :class:`~.search.SearchSpace` options
+    (``sets`` names the hookpoint sets; lists become tuples)."""
+    options = {("hookpoint_sets" if k == "sets" else k): v for k, v in domain.items()}
+    return {k: (tuple(v) if isinstance(v, list) and k != "hookpoint_sets" else v) for k, v in options.items()}
+
+
 class Build:
     """One recipe's run; :meth:`run` does the stages that are not done yet."""
 
@@ -164,7 +171,8 @@ class Build:
             fn()
             if self.procs.main:
                 self._mark(stage, stamp, time.perf_counter() - start)
-            self.procs.barrier()  # every process sees the same stamps at the next stage
+            if stage in ("collect", "train", "statistics"):  # the stages every process runs
+                self.procs.barrier()  # every process sees the same stamps at the next stage
             self.log(f"{stage}: {time.perf_counter() - start:.0f} s")
         return self.out
 
@@ -253,14 +261,14 @@ class Build:
     def tune(self) -> None:
         from ..diffusion.unlearn import SAeUron
         from .judges import load_judge
-        from .search import BUDGETS, SearchSpace, TuneConfig, TuneTask, tune_concept
+        from .search import BUDGETS, SearchSpace, TuneConfig, TuneTask, judge_domain, tune_concept
 
         t = self.recipe.get("tune", {})
         judge = load_judge(t.get("judge", "shapescanvas"), labels=t.get("labels"))
         folder = self.work / "tuned"  # every trial is saved to folder/search.json: a rerun reuses them
         eraser = SAeUron.from_pretrained(self.work / "statistics")
         n = BUDGETS[t.get("budget", "small")]["prompts"]
-        space = SearchSpace.from_budget(t.get("budget", "small"))
+        domains = t.get("domains", {})  # [tune.domains.<judge domain>]: that domain's search space
         cfg = TuneConfig(
             num_inference_steps=int(t.get("steps", 25)),
             guidance_scale=t.get("guidance_scale"),
@@ -283,6 +291,9 @@ class Build:
                     if p not in own
                 ]
                 retain = others[:: max(1, len(others) // n)]
+            space = SearchSpace.from_budget(
+                t.get("budget", "small"), **_space_options(domains.get(judge_domain(judge, name), {}))
+            )
             tune_concept(
                 eraser,
                 self.pipe,

@@ -25,8 +25,8 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -67,9 +67,14 @@ class TuningError(SAeUronError, ValueError):
 @dataclass
 class SearchSpace:
     """The settings a search tries; hookpoint sets default to each hookpoint holding the concept
-    alone, plus all of them together."""
+    alone, plus all of them together.
 
-    hookpoint_sets: list[tuple[str, ...]] | None = None
+    A hookpoint set is a sequence of hookpoints (searched over the space's contrasts × percentiles ×
+    γ), or a mapping ``{"hookpoints": [...], "contrasts": [...], "percentiles": [...], "gammas": [...]}``
+    whose keys replace the space's own for that set (a recipe's ``[[tune.domains.object.sets]]``).
+    """
+
+    hookpoint_sets: list[Any] | None = None
     contrasts: tuple[str, ...] = ("auto",)
     percentiles: tuple[float, ...] = (99.0, 99.9)
     gammas: tuple[float, ...] = (-1.0, -6.0)
@@ -80,15 +85,40 @@ class SearchSpace:
     def from_budget(cls, budget: str, **overrides: Any) -> SearchSpace:
         if budget not in BUDGETS:
             raise ValueError(f"budget must be one of {list(BUDGETS)}, got {budget!r}")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TuningError(
+                f"unknown search options {sorted(unknown)}; known: {[f.name for f in fields(cls)]}"
+            )
         grid = {k: v for k, v in BUDGETS[budget].items() if k != "prompts"}
         return cls(**{**grid, **overrides})
 
     def settings(self, held_at: Sequence[str]) -> list[dict[str, Any]]:
         sets = self.hookpoint_sets or [(p,) for p in held_at] + ([tuple(held_at)] if len(held_at) > 1 else [])
-        return [
-            {"hookpoints": list(s), "contrast": c, "percentile": float(p), "gamma": float(g)}
-            for s, c, p, g in itertools.product(sets, self.contrasts, self.percentiles, self.gammas)
-        ]
+        out = []
+        for entry in sets:
+            own = dict(entry) if isinstance(entry, Mapping) else {"hookpoints": entry}
+            extra = set(own) - {"hookpoints", "contrasts", "percentiles", "gammas"}
+            if extra or isinstance(own.get("hookpoints"), str) or not own.get("hookpoints"):
+                raise TuningError(
+                    f"a hookpoint set is a list of hookpoints or a table with 'hookpoints' and optional "
+                    f"'contrasts', 'percentiles', 'gammas'; got {entry!r}"
+                )
+            grid = itertools.product(
+                own.get("contrasts", self.contrasts),
+                own.get("percentiles", self.percentiles),
+                own.get("gammas", self.gammas),
+            )
+            out += [
+                {
+                    "hookpoints": list(own["hookpoints"]),
+                    "contrast": c,
+                    "percentile": float(p),
+                    "gamma": float(g),
+                }
+                for c, p, g in grid
+            ]
+        return out
 
 
 @dataclass
