@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import describe_run, time_rounds
+from _common import describe_run, time_rounds, wall_time
 from ablation_overhead import synthetic_library
 from sae_train import planted, train_ours, train_sparsify
 
@@ -146,21 +146,52 @@ def overhead(pipe, size: Size, rounds: int, compiled: bool) -> dict[str, float]:
 
     ablators = planted_ablators(pipe, size, call)
     eraser = SAeUron.from_saes({HOOKPOINT: ablators["topk"].sae})
-    if compiled:
-        pipe.unet.compile()  # in place: hooks on its blocks stay where they are
-
-    def hooked(name: str):
-        def run():
-            with eraser.install_ablators(pipe, {HOOKPOINT: ablators[name]}):
-                call(pipe)
-
-        return run
-
-    times = time_rounds({"plain": lambda: call(pipe), **{m: hooked(m) for m in ablators}}, rounds)
+    times = (
+        compiled_times(pipe, eraser, ablators, call, rounds)
+        if compiled
+        else eager_times(pipe, eraser, ablators, call, rounds)
+    )
     return {
         m: statistics.median(h / p for h, p in zip(times[m], times["plain"], strict=True)) - 1
         for m in ablators
     } | {"plain_s": statistics.median(times["plain"])}
+
+
+def _checked(handle) -> None:
+    """The edit really ran (a hook a compiled graph skipped would measure nothing)."""
+    if handle.edits(HOOKPOINT) == 0:
+        raise RuntimeError(f"the ablation at {HOOKPOINT} never changed anything: nothing was measured")
+
+
+def eager_times(pipe, eraser, ablators, call, rounds: int) -> dict[str, list[float]]:
+    """Plain and hooked calls in interleaved rounds."""
+
+    def hooked(name: str):
+        def run():
+            with eraser.install_ablators(pipe, {HOOKPOINT: ablators[name]}) as handle:
+                call(pipe)
+                _checked(handle)
+
+        return run
+
+    return time_rounds({"plain": lambda: call(pipe), **{m: hooked(m) for m in ablators}}, rounds)
+
+
+def compiled_times(pipe, eraser, ablators, call, rounds: int) -> dict[str, list[float]]:
+    """One compiled UNet per variant, hooks installed before compiling (dynamo does not re-guard on
+    hooks added later, so a graph compiled plain would silently skip them); each variant is timed
+    in its own block of rounds after its compile call."""
+    times = {}
+    for name in ["plain", *ablators]:
+        torch._dynamo.reset()
+        handle = eraser.install_ablators(pipe, {HOOKPOINT: ablators[name]}) if name != "plain" else None
+        pipe.unet.compile()  # in place: the hooks on its blocks are traced with it
+        call(pipe)  # compile
+        times[name] = [wall_time(lambda: call(pipe)) for _ in range(rounds)]
+        if handle is not None:
+            _checked(handle)
+            handle.remove()
+    return times
 
 
 def collection(pipe, size: Size, rounds: int) -> dict[str, float]:

@@ -256,7 +256,19 @@ def test_absorb_survives_a_crash_at_any_point(tmp_path, monkeypatch):
     final = ActivationStore(tmp_path / "s")
     assert final.absorb_parts() == 0
     assert len(final) == 12 and ids(final) == sorted(100 * i + j for i in range(4) for j in range(3))
-    assert not part.path.exists()
+    assert not part.path.exists() and not (tmp_path / "s" / "parts").exists()  # the renamed leftover too
+
+
+def test_leftover_parts_are_merged_by_any_later_open_and_empty_ones_dropped(tmp_path):
+    from saeuron_plugin.sae.store import open_stores
+
+    main = keyed_store(tmp_path / "hp", range(2))
+    keyed_store(main.part(0).path, range(2, 3))
+    (tmp_path / "hp" / "parts" / "rank-00001").mkdir()  # created, crashed before its manifest
+    (tmp_path / "hp" / "parts" / "rank-00001" / "shard-000000.safetensors.tmp").write_bytes(b"x")
+    stores = open_stores(tmp_path, {"hp": (D, {})}, torch.float32)  # a plain, one-process collection
+    assert stores["hp"].keys == {"u0", "u1", "u2"} and len(stores["hp"]) == 9
+    assert not (tmp_path / "hp" / "parts").exists()
 
 
 def test_absorb_refuses_what_would_duplicate_or_not_fit(tmp_path):

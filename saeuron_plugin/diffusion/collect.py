@@ -221,7 +221,7 @@ def collect_activations(
 
     def done(batch: list[tuple[int, Prompt]]) -> None:
         keyed = [(i, p, keys[i]) for i, p in batch]
-        _write(keyed, captures, stores, sink, result)
+        _write(keyed, captures, stores, sink, result, done_in)
         result.collected += len(batch)
 
     keys = {i: key for i, _, key in todo}
@@ -320,7 +320,11 @@ def _write(
     stores: dict[str, Any],
     sink: Sink | None,
     result: CollectResult,
+    done_in: dict[str, Any],
 ) -> None:
+    """Append each prompt's rows to its store, or hand them to the sink. A prompt a store (or, in a
+    multi-process run, the merged store) already holds is skipped there: after a crash one
+    hookpoint's store may have kept a prompt that another lost, and the rerun collects it again."""
     for path, cap in captures.items():
         per_prompt = cap.take()
         if sink is not None:
@@ -331,7 +335,7 @@ def _write(
             continue
         target = stores[path]
         for (_, _, key), (rows, tau) in zip(batch, per_prompt):
-            if target.has_key(key):
+            if target.has_key(key) or (path in done_in and done_in[path].has_key(key)):
                 continue
             target.append(rows, tau=tau, key=key)
             result.rows[path] += rows.shape[0]

@@ -51,7 +51,9 @@ def load_pipeline(model: str, device: str | None = None, dtype: str = "fp32") ->
 
     pipe = DiffusionPipeline.from_pretrained(model, **dtype_kwarg(DTYPES[dtype]))
     launched = Processes.current().device
-    pipe.to(device or launched or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if launched is not None and device in (None, "cuda"):  # each process on its own GPU, not all on cuda:0
+        device = str(launched)
+    pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

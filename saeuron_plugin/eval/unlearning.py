@@ -12,9 +12,10 @@ with the test seeds (never used for statistics or the hyperparameter search):
   question);
 * in-domain = share of the c-images assigned with that confidence to *another* class of the
   domain (an unlearned star became another shape);
-* KID (retain) = :func:`~.kid.kernel_inception_distance` between the method's images of the captions
+* KID (retain) = the unbiased MMD² of :mod:`.kid` between the method's images of the captions
   without c and the untouched model's images of the same captions and seeds, on the judges'
-  penultimate features, pooled over the domain's concepts (× 10³, ± sd over 50 subsets).
+  penultimate features; per concept (each side's images distinct: pooling concepts would repeat
+  base images the concepts' caption samples share), then mean ± sd over the domain's concepts (× 10³).
 
 Image seeds depend on (seed set, caption index) only, so the untouched model's images are
 generated once and shared by every method as the paired reference (``base``). Methods:
@@ -41,7 +42,7 @@ import torch
 
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
-from .kid import kernel_inception_distance
+from .kid import polynomial_mmd2
 from .shapescanvas_build import concept_domain, judge_scores
 
 TEST_SEED = 50_000
@@ -197,7 +198,7 @@ def run_benchmark(
     }
     base_pred = {s: judges.classify(img) for s, img in base_images.items()}
     base_feats = {s: judges.features(img) for s, img in base_images.items()}
-    retained: dict[tuple[str, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    retained: dict[tuple[str, str, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     base = {}
     for domain, key in DOMAIN_KEYS.items():
         labels = torch.tensor([p.label(domain) for p in prompts])
@@ -222,7 +223,7 @@ def run_benchmark(
                 for s in protocol.seeds:
                     images = gen([texts[i] for i in idx], [image_seed(s, i) for i in idx])
                     keep = [j for j, p in enumerate(sub) if getattr(p, concept_domain(name)) != name]
-                    mine, theirs = retained.setdefault((method, concept_domain(name)), ([], []))
+                    mine, theirs = retained.setdefault((method, concept_domain(name), name), ([], []))
                     mine.append(judges.features(images[keep]))
                     theirs.append(base_feats[s][[idx[j] for j in keep]])
                     rows.append(
@@ -241,10 +242,12 @@ def run_benchmark(
                 f"({time.time() - t_c:.0f} s)"
             )
         log(f"{method}: {time.time() - t_m:.0f} s")
-    kid = {
-        (method, DOMAIN_KEYS[domain]): kernel_inception_distance(torch.cat(mine), torch.cat(theirs))
-        for (method, domain), (mine, theirs) in retained.items()
-    }
+    per_concept: dict[tuple[str, str], list[float]] = {}
+    for (method, domain, _), (mine, theirs) in retained.items():  # distinct images on both sides
+        per_concept.setdefault((method, DOMAIN_KEYS[domain]), []).append(
+            polynomial_mmd2(torch.cat(mine), torch.cat(theirs))
+        )
+    kid = {key: _mean_sd(values) for key, values in per_concept.items()}
     return summarise(rows, base, protocol, methods, time.time() - t0, kid)
 
 
@@ -257,7 +260,7 @@ def summarise(
     kid: dict[tuple[str, str], tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     """Domain averages per method: mean over concepts per seed, then mean ± sd over seeds (percent);
-    ``kid``: (method, domain key) → KID of the retained images (mean, sd over subsets), × 10³."""
+    ``kid``: (method, domain key) → KID of the retained images (mean, sd over concepts), × 10³."""
     try:
         commit = (
             subprocess.run(

@@ -235,11 +235,12 @@ class SparseAutoencoder(nn.Module):
 
         A fresh 30 MB tensor per step is fresh pages from the OS each time: about 15 ms of a
         100 ms step at n = 8192, B = 1024. The buffer is only written and read inside one forward
-        (nothing saved for backward holds it). Devices with a caching allocator (CUDA) and
-        autocast runs allocate as usual.
+        (nothing saved for backward holds it). Only training steps use it (grad enabled, not
+        inference mode); devices with a caching allocator (CUDA) and autocast runs allocate as usual.
         """
-        if x.device.type != "cpu" or x.dtype != self.dtype or _cpu_autocast():
-            return None
+        training = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        if not training or x.device.type != "cpu" or x.dtype != self.dtype or _cpu_autocast():
+            return None  # evaluation passes (any size, inference tensors) allocate as usual
         need = rows * self.num_latents
         buf = getattr(self, "_pre_buffer", None)
         if buf is None or buf.numel() < need or buf.dtype != x.dtype:

@@ -344,7 +344,14 @@ class ActivationStore:
         root = self.path / PARTS
         if not root.is_dir():
             return 0
-        added = sum(self.absorb(part) for part in sorted(root.iterdir()) if part.is_dir())
+        added = 0
+        for part in sorted(root.iterdir()):
+            if not part.is_dir():
+                continue
+            if part.name.endswith(_ABSORBED) or not (part / MANIFEST).is_file():
+                shutil.rmtree(part)  # merged already, or created without ever holding a durable row
+            else:
+                added += self.absorb(part)
         with contextlib.suppress(OSError):
             root.rmdir()
         return added
@@ -372,7 +379,7 @@ class ActivationStore:
             )
         new_keys = [k for k in part._keys if k not in self._key_set]
         if part._keys and not new_keys:  # merged before a crash: only the deletion was left
-            shutil.rmtree(part.path)
+            _remove_store(part.path)
             return 0
         if len(new_keys) != len(part._keys):
             shared = sorted(set(part._keys) & self._key_set)
@@ -398,7 +405,7 @@ class ActivationStore:
             raise
         self._shards, self._keys, self._next_index = shards, self._keys + new_keys, index
         self._key_set.update(new_keys)
-        shutil.rmtree(part.path)
+        _remove_store(part.path)
         return sum(s.rows for s in part._shards)
 
     def _write_manifest(self, shards: list[ShardInfo], keys: list[str]) -> None:
@@ -612,6 +619,17 @@ def _read_shard_list(raw: dict[str, Any], manifest: Path) -> list[ShardInfo]:
     return shards
 
 
+_ABSORBED = ".absorbed"
+
+
+def _remove_store(path: Path) -> None:
+    """Delete a merged part: renamed first (one atomic step), so a crash mid-deletion leaves a
+    folder :meth:`ActivationStore.absorb_parts` recognises and deletes, never a half-deleted store."""
+    gone = path.with_name(path.name + _ABSORBED)
+    os.replace(path, gone)
+    shutil.rmtree(gone)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Give ``src`` a second name ``dst`` (a hard link), or a durable copy where links fail."""
     try:
@@ -658,10 +676,13 @@ def open_stores(
     """
     if isinstance(store, str | os.PathLike):
         root = Path(store)
-        return {
+        stores = {
             path: ActivationStore.create(root / path, d_in=width, dtype=dtype, exist_ok=True, metadata=meta)
             for path, (width, meta) in specs.items()
         }
+        for target in stores.values():  # what an interrupted multi-process run left in its parts
+            target.absorb_parts()
+        return stores
     if isinstance(store, Mapping):
         missing = [p for p in specs if p not in store]
         if missing:
@@ -698,9 +719,7 @@ def open_process_stores(
         )
     merged: dict[str, ActivationStore] = {}
     if procs.main:
-        merged = open_stores(store, specs, dtype)  # type: ignore[assignment]
-        for target in merged.values():
-            target.absorb_parts()
+        merged = open_stores(store, specs, dtype)  # type: ignore[assignment]  (absorbs leftover parts)
     procs.barrier()
     if not procs.main:
         merged = {path: ActivationStore(Path(store) / path) for path in specs}
