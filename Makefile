@@ -64,6 +64,7 @@ bench: setup
 	$(BIN)/python benchmarks/encode_cost.py
 	$(BIN)/python benchmarks/ablation_overhead.py
 	$(BIN)/python benchmarks/pipeline_overhead.py
+	$(BIN)/python benchmarks/collect_scaling.py
 	$(BIN)/python benchmarks/gpu_suite.py --small
 	$(BIN)/python benchmarks/unlearning.py
 	$(BIN)/python benchmarks/vlm_unlearning.py

@@ -89,6 +89,12 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
     assert polynomial_mmd2(a, b) == pytest.approx(by_hand)
     with pytest.raises(ValueError, match="at least 2"):
         kernel_inception_distance(x[:1], y)
+    # paired sets (an edit that changes almost nothing): ~0 paired, strongly negative if the pairs count
+    near = x + 1e-3 * torch.randn(x.shape, generator=g)
+    assert abs(polynomial_mmd2(x, near, paired=True)) < 1e-6 < 0.01 < -polynomial_mmd2(x, near)
+    assert polynomial_mmd2(x, y + 0.5, paired=True) > 0.5
+    with pytest.raises(ValueError, match="as many rows"):
+        polynomial_mmd2(x, y[:10], paired=True)
 
 
 def test_unlearning_tables_carry_kid_with_its_spread():

@@ -12,7 +12,7 @@ with the test seeds (never used for statistics or the hyperparameter search):
   question);
 * in-domain = share of the c-images assigned with that confidence to *another* class of the
   domain (an unlearned star became another shape);
-* KID (retain) = the unbiased MMD² of :mod:`.kid` between the method's images of the captions
+* KID (retain) = the paired unbiased MMD² of :mod:`.kid` between the method's images of the captions
   without c and the untouched model's images of the same captions and seeds, on the judges'
   penultimate features; per concept (each side's images distinct: pooling concepts would repeat
   base images the concepts' caption samples share), then mean ± sd over the domain's concepts (× 10³).
@@ -245,7 +245,9 @@ def run_benchmark(
     per_concept: dict[tuple[str, str], list[float]] = {}
     for (method, domain, _), (mine, theirs) in retained.items():  # distinct images on both sides
         per_concept.setdefault((method, DOMAIN_KEYS[domain]), []).append(
-            polynomial_mmd2(torch.cat(mine), torch.cat(theirs))
+            polynomial_mmd2(
+                torch.cat(mine), torch.cat(theirs), paired=True
+            )  # row i: the same caption and seed
         )
     kid = {key: _mean_sd(values) for key, values in per_concept.items()}
     return summarise(rows, base, protocol, methods, time.time() - t0, kid)
