@@ -3,7 +3,8 @@
     python benchmarks/multi_concept.py [--threads 2] [--forget 8] [--retain 24] [--seed 0]
 
 SAeUron (the shipped bundle, each concept at its tuned defaults; overlapping latents take the most
-negative result) removes growing sets of concepts at once:
+negative result), UCE (one closed-form edit with every concept's keys, its own multi-concept form)
+and negative prompting (the concepts' captions listed) remove growing sets of concepts at once:
 
 * ``mixed``: star, striped, red, square, dotted, blue, triangle, checkered, first 1, 2, 3, 5 and 8
   (objects, styles and colors interleaved: the cross-domain case and sequential addition, one concept
@@ -22,6 +23,8 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,9 +33,12 @@ from _common import describe_run
 from saeuron_plugin import SAeUron
 from saeuron_plugin.diagnostics.charts import draw_curves
 from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.eval.baselines import generate_with, negative_prompt, uce
+from saeuron_plugin.eval.baselines.presets import concept_caption, shapescanvas_hparams
 from saeuron_plugin.eval.default_model import generate
 from saeuron_plugin.eval.judges import Judges
 from saeuron_plugin.eval.shapescanvas_build import concept_domain, load_default
+from saeuron_plugin.eval.unlearning import concept_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -42,6 +48,9 @@ ORDERS = {
 }
 SIZES = {"mixed": (1, 2, 3, 5, 8), "colors": (1, 2, 3, 5)}
 SEED_BASE = 60_000  # never used for statistics or tuning (those use 10k-40k)
+GEN = {"steps": 25, "guidance_scale": 5.0}
+METHODS = ("saeuron", "uce", "negative_prompt")
+"""The methods that remove several concepts at once without training (ESD-x would train once per set)."""
 
 
 def accuracy(
@@ -53,29 +62,47 @@ def accuracy(
     return sum(per_domain[d] for d in domains) / len(domains)
 
 
-def measure(pipe, eraser, judges, removed, args, rng) -> dict:
+@contextmanager
+def removing(method: str, pipe, eraser, removed: Sequence[str]) -> Iterator[Callable[..., torch.Tensor]]:
+    """``generate(prompts, seeds)`` with ``method`` removing every concept of ``removed`` at once.
+
+    SAeUron: one ``unlearn`` with all of them (each at its tuned defaults). UCE: one closed-form edit
+    with every concept's keys (its own multi-concept form), each concept with its preset templates and
+    target, preserving the concepts of the same domains that stay. Negative prompt: the concepts'
+    captions listed in one negative prompt.
+    """
+    texts = [concept_text(c) for c in removed]
+    if method == "saeuron":
+        with eraser.unlearn(pipe, list(removed)):
+            yield lambda prompts, seeds: generate(pipe, prompts, seeds, **GEN)
+        return
+    if method == "uce":
+        edits = [(t, shapescanvas_hparams("uce", t)) for t in texts]
+        domains = {concept_domain(c) for c in removed}
+        retain = [concept_text(w) for d in sorted(domains) for w in sc.VOCABULARIES[d] if w not in removed]
+        with uce.erase_many(pipe, edits, retain_texts=retain) as run:
+            yield lambda prompts, seeds: generate_with(run, prompts, seeds, **GEN)
+        return
+    if method == "negative_prompt":
+        listing = ", ".join(concept_caption(t) for t in texts)
+        with negative_prompt.erase(pipe, listing) as run:
+            yield lambda prompts, seeds: generate_with(run, prompts, seeds, **GEN)
+        return
+    raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def measure(pipe, eraser, judges, method, removed, sample) -> dict:
     """UA per removed concept, IRA / CRA (absolute and % of base) on captions with none of them."""
-    prompts = sc.benchmark_prompts()
-    gen = {"steps": 25, "guidance_scale": 5.0}
-    forget = {
-        c: rng.sample([p for p in prompts if getattr(p, concept_domain(c)) == c], args.forget)
-        for c in removed
-    }
-    free = [p for p in prompts if all(getattr(p, concept_domain(c)) != c for c in removed)]
-    retain = rng.sample(free, min(args.retain, len(free)))
-    seeds = [SEED_BASE + i for i in range(len(retain))]
+    forget, retain, seeds, base_images = sample
     lost = {concept_domain(c) for c in removed}
-    base_images = generate(pipe, [p.prompt for p in retain], seeds, **gen)
-    with eraser.unlearn(pipe, list(removed)):
+    with removing(method, pipe, eraser, removed) as gen:
         ua = {}
         for c, ps in forget.items():
-            images = generate(
-                pipe, [p.prompt for p in ps], [SEED_BASE + 500 + i for i in range(len(ps))], **gen
-            )
+            images = gen([p.prompt for p in ps], [SEED_BASE + 500 + i for i in range(len(ps))])
             domain = concept_domain(c)
             target = sc.VOCABULARIES[domain].index(c)
             ua[c] = 100 * float((judges.classify(images)[domain] != target).float().mean())
-        images = generate(pipe, [p.prompt for p in retain], seeds, **gen)
+        images = gen([p.prompt for p in retain], seeds)
     row = {
         "removed": list(removed),
         "ua": ua,
@@ -93,21 +120,36 @@ def measure(pipe, eraser, judges, removed, args, rng) -> dict:
     return row
 
 
+def sample_set(pipe, removed: Sequence[str], args, rng: random.Random) -> tuple:
+    """Forget captions per concept, retain captions (none of them), their seeds and base images:
+    the same for every method."""
+    prompts = sc.benchmark_prompts()
+    forget = {
+        c: rng.sample([p for p in prompts if getattr(p, concept_domain(c)) == c], args.forget)
+        for c in removed
+    }
+    free = [p for p in prompts if all(getattr(p, concept_domain(c)) != c for c in removed)]
+    retain = rng.sample(free, min(args.retain, len(free)))
+    seeds = [SEED_BASE + i for i in range(len(retain))]
+    return forget, retain, seeds, generate(pipe, [p.prompt for p in retain], seeds, **GEN)
+
+
 def markdown(result: dict, header: str) -> str:
-    lines = ["# Many concepts at once (SAeUron, shipped bundle)", "", f"```\n{header}\n```", ""]
-    for order, rows in result["runs"].items():
-        lines += [
-            f"## {order}",
-            "",
-            "| removed | UA mean | UA per concept | IRA (% of base) | CRA (% of base) |",
-            "|---|---|---|---|---|",
-        ]
-        for r in rows:
-            per = ", ".join(f"{c} {v:.0f}" for c, v in r["ua"].items())
-            ira = "–" if r["ira"] is None else f"{r['ira']:.1f} ({r['ira_of_base']:.1f})"
-            cra = "–" if r["cra"] is None else f"{r['cra']:.1f} ({r['cra_of_base']:.1f})"
-            lines.append(f"| {len(r['removed'])} | {r['ua_mean']:.1f} | {per} | {ira} | {cra} |")
-        lines.append("")
+    lines = ["# Many concepts at once (ShapesCanvas)", "", f"```\n{header}\n```", ""]
+    for method, runs in result["methods"].items():
+        for order, rows in runs.items():
+            lines += [
+                f"## {method}, {order}",
+                "",
+                "| removed | UA mean | UA per concept | IRA (% of base) | CRA (% of base) |",
+                "|---|---|---|---|---|",
+            ]
+            for r in rows:
+                per = ", ".join(f"{c} {v:.0f}" for c, v in r["ua"].items())
+                ira = "–" if r["ira"] is None else f"{r['ira']:.1f} ({r['ira_of_base']:.1f})"
+                cra = "–" if r["cra"] is None else f"{r['cra']:.1f} ({r['cra_of_base']:.1f})"
+                lines.append(f"| {len(r['removed'])} | {r['ua_mean']:.1f} | {per} | {ira} | {cra} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -118,6 +160,7 @@ def main() -> None:
     p.add_argument("--retain", type=int, default=24, help="captions with none of the removed concepts")
     p.add_argument("--orders", nargs="+", default=list(ORDERS), choices=list(ORDERS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", default=str(RESULTS / "multi_concept.json"))
     args = p.parse_args()
     if args.threads:
@@ -128,18 +171,19 @@ def main() -> None:
     eraser = SAeUron.from_pretrained(ROOT / "checkpoints" / "shapescanvas-saeuron")
     judges = Judges.from_pretrained(ROOT / "checkpoints" / "shapescanvas-judges")
     start = time.perf_counter()
-    runs = {}
+    methods: dict[str, dict[str, list]] = {m: {} for m in args.methods}
     for order in args.orders:
-        runs[order] = []
         for k in SIZES[order]:
             rng = random.Random(f"{args.seed}-{order}-{k}")
-            row = measure(pipe, eraser, judges, ORDERS[order][:k], args, rng)
-            runs[order].append(row)
-            print(
-                f"{order} {k}: UA {row['ua_mean']:.1f} ({row['ua']}), IRA % of base {row['ira_of_base']}, "
-                f"CRA % of base {row['cra_of_base']}",
-                flush=True,
-            )
+            sample = sample_set(pipe, ORDERS[order][:k], args, rng)
+            for method in args.methods:
+                row = measure(pipe, eraser, judges, method, ORDERS[order][:k], sample)
+                methods[method].setdefault(order, []).append(row)
+                print(
+                    f"{method} {order} {k}: UA {row['ua_mean']:.1f} ({row['ua']}), IRA % of base "
+                    f"{row['ira_of_base']}, CRA % of base {row['cra_of_base']}",
+                    flush=True,
+                )
     result = {
         "protocol": {
             "forget": args.forget,
@@ -150,27 +194,27 @@ def main() -> None:
             "seconds": round(time.perf_counter() - start),
             "header": header,
         },
-        "runs": runs,
+        "methods": methods,
     }
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result, header))
     panels = {
         f"{order}: {what}": {
-            name: {float(len(r["removed"])): r[key] for r in rows if r[key] is not None}
-            for name, key in (
-                ("UA", "ua_mean"),
-                ("IRA % of base", "ira_of_base"),
-                ("CRA % of base", "cra_of_base"),
-            )
+            method: {float(len(r["removed"])): r[key] for r in runs.get(order, []) if r[key] is not None}
+            for method, runs in methods.items()
         }
-        for order, rows in runs.items()
-        for what in ("UA and retention",)
+        for order in args.orders
+        for what, key in (
+            ("UA", "ua_mean"),
+            ("IRA % of base", "ira_of_base"),
+            ("CRA % of base", "cra_of_base"),
+        )
     }
     draw_curves(
         out.with_suffix(".png"),
         panels,
-        title="SAeUron, many concepts at once (ShapesCanvas)",
+        title="Many concepts at once (ShapesCanvas)",
         x_label="concepts removed at once",
         y_label="%",
         y_range=(0, 110),

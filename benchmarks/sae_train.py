@@ -176,7 +176,7 @@ def main() -> None:
     p.add_argument("--timing-steps", type=int, default=48, help="optimiser steps per arm and round")
     p.add_argument(
         "--lr-multipliers",
-        default="0.5,1,2,4,8,16",
+        default="0.5,1,2,4,8",
         help="every arm's lr grid, as multiples of its own default rule (the same budget for all)",
     )
     p.add_argument("--dead-tokens", type=int, default=100_000)

@@ -406,13 +406,23 @@ def evaluate_setting(
     ablation = ConceptAblation(name, percentile=pct, gamma=gamma, contrast=contrast)
     with eraser.unlearn(pipe, [ablation], hookpoints=list(hps)):
         images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
-    probs = judges.probabilities(images)  # one judge pass for the scores and the tie-break
-    s = judge_scores(judges, images, prompts, name, probs)
     return {
         "hookpoints": list(hps),
         "percentile": pct,
         "gamma": gamma,
         "contrast": contrast,
+        **trial_scores(judges, images, prompts, name),
+    }
+
+
+def trial_scores(
+    judges: Any, images: torch.Tensor, prompts: Sequence[sc.BenchmarkPrompt], name: str
+) -> dict[str, float]:
+    """A search trial's UA / IRA / CRA, its objective ``score`` (their mean) and the tie-break
+    ``margin``, from one judge pass. Every method's search (ours and the baselines') ranks by these."""
+    probs = judges.probabilities(images)
+    s = judge_scores(judges, images, prompts, name, probs)
+    return {
         **s,
         "score": (s["ua"] + s["ira"] + s["cra"]) / 3,
         "margin": judge_margin(probs, prompts, name),

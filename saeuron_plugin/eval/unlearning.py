@@ -46,6 +46,8 @@ from .kid import polynomial_mmd2
 from .shapescanvas_build import concept_domain, judge_scores
 
 TEST_SEED = 50_000
+SEARCH_DIR = "benchmarks/results/baseline-search"
+"""Where the baselines' searches keep their trials (:mod:`.baselines.search`)."""
 DOMAIN_KEYS = {"object": "objects", "style": "styles", "color": "colors"}
 Generate = Callable[[Sequence[str], Sequence[int]], torch.Tensor]
 
@@ -94,11 +96,15 @@ def method_generator(
     *,
     eraser: Any = None,
     presets: dict[str, dict[str, Any]] | None = None,
+    setting: dict[str, Any] | None = None,
 ) -> Iterator[Generate]:
     """A ``generate(prompts, seeds)`` with ``method`` unlearning ``concept`` (restored on exit).
 
     Baselines get :func:`~.baselines.presets.shapescanvas_hparams` (well-formed captions for the
-    concept: the default's text encoder never saw a bare concept word), updated by ``presets[method]``.
+    concept: the default's text encoder never saw a bare concept word), updated by ``presets[method]``
+    and then by ``setting`` (this concept's tuned or searched hyper-parameters, see
+    :mod:`.baselines.search`), where ``guidance_scale`` is the generation's CFG and ``retain``
+    ("domain", "all", "none") picks the concepts a method preserves.
     """
     steps, guidance = protocol.steps, protocol.guidance_scale
     if method == "none":
@@ -112,11 +118,16 @@ def method_generator(
 
     if method not in BASELINES:
         raise KeyError(f"unknown method {method!r}; known: saeuron, {', '.join(BASELINES)}")
-    domain = concept_domain(concept)
-    retain = [concept_text(w) for w in sc.VOCABULARIES[domain] if w != concept]
     from .baselines.presets import shapescanvas_hparams
+    from .baselines.search import retain_texts
 
-    hparams = {**shapescanvas_hparams(method, concept_text(concept)), **(presets or {}).get(method, {})}
+    hparams = {
+        **shapescanvas_hparams(method, concept_text(concept)),
+        **(presets or {}).get(method, {}),
+        **(setting or {}),
+    }
+    guidance = hparams.pop("guidance_scale", guidance)
+    retain = retain_texts(concept, hparams.pop("retain", "domain"))
     with BASELINES[method].erase(pipe, concept_text(concept), retain_texts=retain, **hparams) as run:
         yield lambda prompts, seeds: generate_with(run, prompts, seeds, steps, guidance)
 
@@ -165,12 +176,16 @@ def run_benchmark(
     judges_path: str = "checkpoints/shapescanvas-judges",
     presets: dict[str, dict[str, Any]] | None = None,
     method_concepts: dict[str, Sequence[str]] | None = None,
+    search_dir: str | Path | None = SEARCH_DIR,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every method on every concept; returns the results dict (see :func:`write_results`).
 
     ``method_concepts`` restricts a method to some concepts (ESD trains per concept, so the
     benchmark may run it on a subset); its domain averages are then over that subset.
+    ``search_dir``: every baseline is first tuned per concept on the validation sets SAeUron's
+    bundle was tuned on (:mod:`.baselines.search`, resumable, trials saved there) and tested with
+    its winner; ``None`` runs the baselines at their presets.
     """
     from ..diffusion.unlearn import SAeUron
     from .judges import Judges
@@ -196,6 +211,9 @@ def run_benchmark(
         )
         for s in protocol.seeds
     }
+    tuned, tuning = tune_baselines(
+        methods, pipe, judges, protocol, concepts, method_concepts or {}, presets, search_dir, bundle, log
+    )
     base_pred = {s: judges.classify(img) for s, img in base_images.items()}
     base_feats = {s: judges.features(img) for s, img in base_images.items()}
     retained: dict[tuple[str, str, str], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -219,7 +237,10 @@ def run_benchmark(
             idx = eval_prompts(name, protocol)
             sub = [prompts[i] for i in idx]
             t_c = time.time()
-            with method_generator(method, pipe, name, protocol, eraser=eraser, presets=presets) as gen:
+            setting = tuned.get(method, {}).get(name)
+            with method_generator(
+                method, pipe, name, protocol, eraser=eraser, presets=presets, setting=setting
+            ) as gen:
                 for s in protocol.seeds:
                     images = gen([texts[i] for i in idx], [image_seed(s, i) for i in idx])
                     keep = [j for j, p in enumerate(sub) if getattr(p, concept_domain(name)) != name]
@@ -250,7 +271,43 @@ def run_benchmark(
             )  # row i: the same caption and seed
         )
     kid = {key: _mean_sd(values) for key, values in per_concept.items()}
-    return summarise(rows, base, protocol, methods, time.time() - t0, kid)
+    results = summarise(rows, base, protocol, methods, time.time() - t0, kid)
+    results["tuning"] = tuning
+    results["tuned_settings"] = tuned
+    return results
+
+
+def tune_baselines(
+    methods: Sequence[str],
+    pipe: Any,
+    judges: Any,
+    protocol: Protocol,
+    concepts: Sequence[str],
+    method_concepts: dict[str, Sequence[str]],
+    presets: dict[str, dict[str, Any]] | None,
+    search_dir: str | Path | None,
+    bundle: str,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Each baseline's tuned setting per concept and every method's tuning budget (trials, validation
+    images, seconds): SAeUron's from its bundle's search, the baselines' from this search."""
+    from .baselines.search import BaselineSearch, saeuron_summary
+
+    tuned: dict[str, dict[str, dict[str, Any]]] = {}
+    tuning: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        mine = list(method_concepts.get(method, concepts))
+        if method == "saeuron":
+            tuning[method] = saeuron_summary(bundle, mine)
+        elif search_dir is None:
+            tuning[method] = {"concepts": len(mine), "trials": 0, "images": 0, "seconds": 0, "presets": True}
+        else:
+            t0 = time.time()
+            search = BaselineSearch(method, pipe, judges, protocol, out=search_dir, presets=presets, log=log)
+            tuned[method] = {c: search.tune(c) for c in mine}
+            tuning[method] = search.summary(mine)
+            log(f"{method}: tuned in {time.time() - t0:.0f} s ({tuning[method]})")
+    return tuned, tuning
 
 
 def summarise(
@@ -356,6 +413,7 @@ def markdown_table(results: dict[str, Any], command: str = "") -> str:
                 f"{m['ira']:.1f} ± {sd['ira']:.1f} | {m['cra']:.1f} ± {sd['cra']:.1f} | {avg:.1f} | "
                 f"{quality} |"
             )
+    lines += tuning_table(results)
     lines += [
         "",
         "## Per concept (mean over seed sets)",
@@ -370,6 +428,31 @@ def markdown_table(results: dict[str, Any], command: str = "") -> str:
         vals = [100 * statistics.fmean(r[m] for r in rs) for m in ("ua", "ira", "cra")]
         lines.append(f"| {method} | {concept} | {vals[0]:.1f} | {vals[1]:.1f} | {vals[2]:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def tuning_table(results: dict[str, Any]) -> list[str]:
+    """The tuning budget each method had, and the baselines' tuned settings per concept."""
+    tuning = results.get("tuning") or {}
+    if not tuning:
+        return []
+    lines = [
+        "",
+        "## Tuning budget (per-concept validation search; the same prompts and seeds for every method)",
+        "",
+        "| method | concepts | trials | validation images | seconds |",
+        "|---|---|---|---|---|",
+    ]
+    for method, t in tuning.items():
+        secs = "–" if t.get("seconds") is None else f"{t['seconds']}"
+        label = f"{method} (presets)" if t.get("presets") else method
+        lines.append(f"| {label} | {t['concepts']} | {t['trials']} | {t['images']} | {secs} |")
+    for method, per_concept in (results.get("tuned_settings") or {}).items():
+        lines += ["", f"{method}, tuned settings:", ""]
+        lines += [
+            f"- {concept}: `{json.dumps(setting, sort_keys=True)}`"
+            for concept, setting in per_concept.items()
+        ]
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -416,6 +499,14 @@ def add_args(p: Any) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--out", default="benchmarks/results", help="folder for unlearning.{json,md,png}")
     p.add_argument("--esd-cache", default="runs/esd-cache", help="trained ESD weights are kept here")
+    p.add_argument(
+        "--baselines-at",
+        choices=("tuned", "presets"),
+        default="tuned",
+        help="tuned: each baseline searches its own hyper-parameters per concept on SAeUron's validation "
+        "sets first (equal tuning; resumable); presets: the hand-set presets",
+    )
+    p.add_argument("--search-dir", default=SEARCH_DIR, help="the baselines' search trials are kept here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
 
 
@@ -427,7 +518,12 @@ def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
     method_concepts = {"esd": [c for c in concepts if c in args.esd_concepts]}
     presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
     results = run_benchmark(
-        args.methods, concepts=concepts, protocol=protocol, presets=presets, method_concepts=method_concepts
+        args.methods,
+        concepts=concepts,
+        protocol=protocol,
+        presets=presets,
+        method_concepts=method_concepts,
+        search_dir=args.search_dir if args.baselines_at == "tuned" else None,
     )
     write_results(results, args.out, command)
     print(markdown_table(results, command).split("\n## Per concept")[0])

@@ -1,7 +1,7 @@
 """Erased Stable Diffusion, ESD-x (Gandikota et al., ICCV 2023): fine-tune the cross-attention only.
 
 Only the parameters of the UNet's cross-attention modules (``attn2`` in SD 1.x: to_q, to_k, to_v,
-to_out) are trained, so that for the concept prompt c
+to_out; with ``layers="attn2_kv"`` only to_k and to_v) are trained, so that for the concept prompt c
 
     ε_θ(x_t, c, t)  →  ε*(x_t, c, t) = ε_orig(x_t, ∅, t) − η (ε_orig(x_t, c, t) − ε_orig(x_t, ∅, t))
 
@@ -66,7 +66,21 @@ DEFAULTS: dict[str, Any] = {
     "sample_guidance": 5.0,
     "batch_size": 1,
     "seed": 0,
+    "layers": "attn2",
 }
+LAYERS = ("attn2", "attn2_kv")
+"""Which cross-attention parameters train: all of them (ESD-x) or only the key / value projections
+(the text side, the parameters UCE edits)."""
+
+
+def trained_parameters(unet: torch.nn.Module, layers: str = "attn2") -> dict[str, torch.nn.Parameter]:
+    """The parameters ESD-x trains for ``layers`` (one of :data:`LAYERS`)."""
+    if layers not in LAYERS:
+        raise ValueError(f"layers must be one of {LAYERS}, got {layers!r}")
+    params = cross_attention_parameters(unet)
+    if layers == "attn2_kv":
+        params = {n: p for n, p in params.items() if n.endswith(("to_k.weight", "to_v.weight"))}
+    return params
 
 
 def cache_path(pipe, concept_text: str, cache_dir: str | Path, hparams: dict[str, Any]) -> Path:
@@ -140,12 +154,13 @@ def train(
     sample_guidance: float,
     batch_size: int,
     seed: int,
+    layers: str = "attn2",
     progress: bool = True,
     desc: str = "ESD-x",
 ) -> dict[str, float]:
     """Run ESD-x on ``pipe.unet`` in place (cross-attention parameters only). Returns loss stats."""
     unet, dev = pipe.unet, pipe.device
-    params = cross_attention_parameters(unet)
+    params = trained_parameters(unet, layers)
     n_points = steps * batch_size
     data = sample_training_points(
         pipe, prompts, n_points, sample_steps, sample_guidance, negative_guidance, seed
@@ -192,6 +207,7 @@ def erase(
     sample_guidance: float = DEFAULTS["sample_guidance"],
     batch_size: int = DEFAULTS["batch_size"],
     seed: int = DEFAULTS["seed"],
+    layers: str = DEFAULTS["layers"],
     prompts: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
@@ -213,7 +229,9 @@ def erase(
         "seed": int(seed),
         "prompts": prompts,
     }
-    params = cross_attention_parameters(pipe.unet)
+    if layers != DEFAULTS["layers"]:  # keeps the cache keys of runs made before the option
+        hparams["layers"] = layers
+    params = trained_parameters(pipe.unet, layers)
     if not params:
         raise ValueError("the UNet has no cross-attention modules to fine-tune")
     path = cache_path(pipe, concept_text, cache_dir, hparams) if cache_dir is not None else None

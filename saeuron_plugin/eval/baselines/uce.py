@@ -105,13 +105,16 @@ def edit_keys(
     return EditKeys(torch.stack(concept), torch.stack(target), torch.stack(retain) if retain else empty)
 
 
-def closed_form(w: torch.Tensor, keys: EditKeys, preserve_scale: float, reg: float) -> torch.Tensor:
-    """UCE's W' for one projection ``w`` [out, D] (float64 result)."""
+def closed_form(
+    w: torch.Tensor, keys: EditKeys, preserve_scale: float, reg: float, erase_scale: float = 1.0
+) -> torch.Tensor:
+    """UCE's W' for one projection ``w`` [out, D] (float64 result); ``erase_scale`` weighs the edit
+    keys against the preserved ones and the ridge (the paper's erase scale)."""
     w64 = w.detach().double()
     c, cs, cr = (k.to(w64.device) for k in (keys.concept, keys.target, keys.retain))
     eye = torch.eye(w64.shape[1], dtype=torch.float64, device=w64.device)
-    num = (w64 @ cs.T) @ c + preserve_scale * (w64 @ cr.T) @ cr + reg * w64
-    den = c.T @ c + preserve_scale * cr.T @ cr + reg * eye
+    num = erase_scale * (w64 @ cs.T) @ c + preserve_scale * (w64 @ cr.T) @ cr + reg * w64
+    den = erase_scale * c.T @ c + preserve_scale * cr.T @ cr + reg * eye
     return torch.linalg.solve(den, num.T).T  # num @ den⁻¹ (den is symmetric)
 
 
@@ -125,10 +128,12 @@ def projections(unet) -> dict[str, torch.nn.Parameter]:
 
 
 @torch.no_grad()
-def apply_edit(unet, keys: EditKeys, preserve_scale: float = 1.0, reg: float = 0.1) -> None:
+def apply_edit(
+    unet, keys: EditKeys, preserve_scale: float = 1.0, reg: float = 0.1, erase_scale: float = 1.0
+) -> None:
     """Overwrite every cross-attention key/value projection of ``unet`` with its UCE edit (in place)."""
     for w in projections(unet).values():
-        w.copy_(closed_form(w, keys, preserve_scale, reg).to(w.dtype))
+        w.copy_(closed_form(w, keys, preserve_scale, reg, erase_scale).to(w.dtype))
 
 
 @contextmanager
@@ -142,10 +147,12 @@ def erase(
     include_suffix: bool = False,
     preserve_scale: float = 1.0,
     reg: float = 0.1,
+    erase_scale: float = 1.0,
 ) -> Iterator[BaselineRun]:
     """Edit ``pipe.unet``'s cross-attention K/V in place for the block; restore them on exit.
 
-    ``preserve_scale`` is λ (1: a preserved key weighs as much as an edited one); ``reg`` is ε, the
+    ``preserve_scale`` is λ (1: a preserved key weighs as much as an edited one), ``erase_scale`` the
+    weight of the edited keys (1 in the formula above); ``reg`` is ε, the
     ridge toward the original weights. The constraints then hold up to a residual of at most
     ε ‖T − W K‖ / σ_min(K)² (K: the keys, T: their targets): 0.1 is small next to ‖c‖² (≈ 58 for
     our 64-d text encoder, ≈ 800 for SD's CLIP), so well-separated keys are matched to a fraction of a
@@ -155,12 +162,47 @@ def erase(
     Default keys (template "{}", no suffix) are the paper's; for the ShapesCanvas model use
     :func:`saeuron_plugin.eval.baselines.presets.shapescanvas_hparams`.
     """
+    with erase_many(
+        pipe,
+        [
+            (
+                concept_text,
+                {"target_text": target_text, "templates": templates, "include_suffix": include_suffix},
+            )
+        ],
+        retain_texts=retain_texts,
+        preserve_scale=preserve_scale,
+        reg=reg,
+        erase_scale=erase_scale,
+    ) as run:
+        yield run
+
+
+@contextmanager
+def erase_many(
+    pipe,
+    edits: Sequence[tuple[str, dict]],
+    *,
+    retain_texts: Sequence[str] = (),
+    preserve_scale: float = 1.0,
+    reg: float = 0.1,
+    erase_scale: float = 1.0,
+) -> Iterator[BaselineRun]:
+    """UCE's own way of removing several concepts: one closed-form edit with every concept's keys.
+
+    ``edits``: ``(concept_text, {"target_text", "templates", "include_suffix"})`` per concept (the
+    keyword arguments of :func:`edit_keys`); ``retain_texts`` are preserved with every concept's
+    templates. :func:`erase` is the one-concept case.
+    """
     weights = projections(pipe.unet)
     if not weights:
         raise ValueError("the UNet has no cross-attention modules to edit")
-    keys = edit_keys(pipe, concept_text, retain_texts, target_text, templates, include_suffix)
+    if not edits:
+        raise ValueError("no concept to erase")
+    parts = [edit_keys(pipe, text, retain_texts, **options) for text, options in edits]
+    keys = EditKeys(*(torch.cat([getattr(k, f) for k in parts]) for f in ("concept", "target", "retain")))
     with restored_tensors(weights):
-        apply_edit(pipe.unet, keys, preserve_scale, reg)
+        apply_edit(pipe.unet, keys, preserve_scale, reg, erase_scale)
         yield BaselineRun(
             pipe=pipe,
             call_kwargs={},

@@ -1,0 +1,230 @@
+"""Equal tuning for the baselines: each gets a per-concept validation search, as SAeUron's bundle did.
+
+SAeUron's shipped defaults come from a search (``shapescanvas_build.search_defaults``) over hookpoint
+sets × percentile × γ on validation prompts and seeds, ranked by mean(UA, IRA, CRA) with the judges'
+probability margin as tie-break, and for objects a second stage on fresh prompts. A baseline run at
+one hand-set preset against that is not a fair comparison, so every baseline gets the same search:
+
+* the **same validation sets** (:func:`~..shapescanvas_build.validation_set`: the same prompts and
+  seeds as SAeUron's stage 1 and stage 2, never test seeds);
+* the **same objective and ranking** (:func:`~..shapescanvas_build.trial_scores`);
+* the **same second stage** where SAeUron had one (objects: the best 4 judged again on 30 + 30
+  fresh prompts);
+* a grid over the method's own hyper-parameters (:func:`search_grid`): negative prompt, its text and
+  guidance; SLD, its four levels × warm-up; UCE, erase scale × preserve set and λ × templates; ESD-x,
+  steps, lr, negative guidance η and which cross-attention parameters train.
+
+Each trial is saved to ``<out>/<method>.json`` as soon as it is judged (atomic write), so an
+interrupted search resumes and a rerun reuses every trial; ESD's trained weights go to its own cache,
+so the test run loads the winner's instead of training again. Trial counts, validation images and
+seconds are recorded per concept: the benchmark reports them next to the scores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .. import shapescanvas as sc
+from ..shapescanvas_build import REFINE_TOP, BundleConfig, concept_domain, trial_scores, validation_set
+from ..unlearning import SEARCH_DIR
+from .presets import concept_caption
+from .sld import MEDIUM
+
+SLD_LEVELS: dict[str, dict[str, float]] = {
+    # the paper's four configurations (diffusers' SafetyConfig), warm-up as a fraction of 50 steps
+    "weak": {
+        "sld_guidance_scale": 20.0,
+        "sld_warmup_fraction": 15 / 50,
+        "sld_threshold": 0.0,
+        "sld_momentum_scale": 0.0,
+        "sld_mom_beta": 0.0,
+    },
+    "medium": dict(MEDIUM),
+    "strong": {
+        "sld_guidance_scale": 2000.0,
+        "sld_warmup_fraction": 7 / 50,
+        "sld_threshold": 0.025,
+        "sld_momentum_scale": 0.5,
+        "sld_mom_beta": 0.7,
+    },
+    "max": {
+        "sld_guidance_scale": 5000.0,
+        "sld_warmup_fraction": 0.0,
+        "sld_threshold": 1.0,
+        "sld_momentum_scale": 0.5,
+        "sld_mom_beta": 0.7,
+    },
+}
+
+
+def search_grid(method: str, concept: str) -> list[dict[str, Any]]:
+    """The settings a baseline's search tries for ``concept`` (keyword arguments on top of the presets;
+    ``guidance_scale`` is the generation's CFG and ``retain`` picks the preserved concepts)."""
+    text = f"{concept} style" if concept_domain(concept) == "style" else concept
+    if method == "negative_prompt":
+        return [
+            {"negative_text": t, "guidance_scale": g}
+            for t in (concept_caption(text), text)
+            for g in (5.0, 7.5, 10.0, 15.0)
+        ]
+    if method == "sld":
+        out = []
+        for params in SLD_LEVELS.values():
+            for warmup in dict.fromkeys((params["sld_warmup_fraction"], 0.0, 0.1)):
+                out.append({**params, "sld_warmup_fraction": warmup})
+        return out
+    if method == "uce":
+        preserve = [("none", 0.0), ("domain", 0.3), ("domain", 1.0), ("all", 1.0)]
+        out = [
+            {"erase_scale": e, "retain": r, "preserve_scale": lam} for e in (1.0, 3.0) for r, lam in preserve
+        ]
+        return [*out, {"erase_scale": 1.0, "retain": "domain", "preserve_scale": 1.0, "templates": ["{}"]}]
+    if method == "esd":
+        return [
+            {"steps": 200, "lr": 1e-3, "negative_guidance": 1.0},
+            {"steps": 200, "lr": 3e-3, "negative_guidance": 1.0},
+            {"steps": 400, "lr": 1e-3, "negative_guidance": 1.0},
+            {"steps": 200, "lr": 1e-3, "negative_guidance": 3.0},
+            {"steps": 200, "lr": 3e-3, "negative_guidance": 1.0, "layers": "attn2_kv"},
+        ]
+    raise KeyError(f"no search grid for {method!r}; known: negative_prompt, sld, uce, esd")
+
+
+def retain_texts(concept: str, which: str = "domain") -> list[str]:
+    """Preserved concept texts: the rest of the concept's domain, every other concept, or none."""
+    if which not in ("domain", "all", "none"):
+        raise ValueError(f"retain must be 'domain', 'all' or 'none', got {which!r}")
+    domain = concept_domain(concept)
+    words = [] if which == "none" else sc.VOCABULARIES[domain] if which == "domain" else sc.CONCEPTS
+    return [f"{w} style" if concept_domain(w) == "style" else w for w in words if w != concept]
+
+
+def _key(setting: dict[str, Any]) -> str:
+    return json.dumps(setting, sort_keys=True)
+
+
+def _rank(trial: dict[str, Any]) -> tuple[float, float]:
+    return trial["score"], trial["margin"]
+
+
+class BaselineSearch:
+    """One baseline's search over the ShapesCanvas concepts, saved in ``<out>/<method>.json``."""
+
+    def __init__(
+        self,
+        method: str,
+        pipe: Any,
+        judges: Any,
+        protocol: Any,
+        *,
+        out: str | Path = SEARCH_DIR,
+        presets: dict[str, dict[str, Any]] | None = None,
+        grid: Callable[[str, str], list[dict[str, Any]]] = search_grid,
+        bundle: BundleConfig | None = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.method, self.pipe, self.judges, self.protocol = method, pipe, judges, protocol
+        self.presets, self.grid, self.log = presets or {}, grid, log
+        self.bundle = bundle or BundleConfig()
+        self.path = Path(out) / f"{method}.json"
+        recipe = {
+            "steps": protocol.steps,
+            "guidance_scale": protocol.guidance_scale,
+            "search_prompts": self.bundle.search_prompts,
+            "refine_prompts": self.bundle.refine_prompts,
+            "seed": self.bundle.seed,
+        }
+        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.data = saved if saved.get("recipe") == recipe else {"recipe": recipe, "concepts": {}}
+
+    def save(self) -> None:
+        from ...sae.io import atomic_write
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.data, indent=1) + "\n"
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def _judge(self, concept: str, stage: str, settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Every setting's trial on the stage's validation set (saved trials reused, new ones saved)."""
+        from ..unlearning import method_generator
+
+        entry = self.data["concepts"].setdefault(concept, {"seconds": 0.0})
+        trials = entry.setdefault(stage, [])
+        done = {_key(t["setting"]): t for t in trials}
+        n = self.bundle.search_prompts if stage == "search" else self.bundle.refine_prompts
+        prompts, seeds = validation_set(concept, n, self.bundle, stage)
+        for setting in settings:
+            if _key(setting) in done:
+                continue
+            start = time.perf_counter()
+            with method_generator(
+                self.method, self.pipe, concept, self.protocol, presets=self.presets, setting=setting
+            ) as gen:
+                images = gen([p.prompt for p in prompts], seeds)
+            trial = {
+                "setting": setting,
+                "images": len(prompts),
+                **trial_scores(self.judges, images, prompts, concept),
+            }
+            trials.append(trial)
+            done[_key(setting)] = trial
+            entry["seconds"] += time.perf_counter() - start
+            self.save()  # nothing is lost if the run stops here
+        return [done[_key(s)] for s in settings]
+
+    def tune(self, concept: str) -> dict[str, Any]:
+        """The best setting for ``concept`` (stage 2 decides where SAeUron's search had one)."""
+        ranked = sorted(
+            self._judge(concept, "search", self.grid(self.method, concept)), key=_rank, reverse=True
+        )
+        top = REFINE_TOP.get(concept_domain(concept), 0)
+        if top > 1 and len(ranked) > 1:
+            finalists = [t["setting"] for t in ranked[:top]]
+            ranked = sorted(self._judge(concept, "refine", finalists), key=_rank, reverse=True)
+        entry = self.data["concepts"][concept]
+        entry["best"] = ranked[0]
+        self.save()
+        b = ranked[0]
+        self.log(
+            f"{self.method:15s} {concept:10s} tuned: {b['setting']} UA {b['ua']:.2f} IRA {b['ira']:.2f} "
+            f"CRA {b['cra']:.2f} ({sum(len(entry.get(s, [])) for s in ('search', 'refine'))} trials, "
+            f"{entry['seconds']:.0f} s)"
+        )
+        return b["setting"]
+
+    def summary(self, concepts: Sequence[str]) -> dict[str, Any]:
+        """Trials, validation images and seconds spent on ``concepts`` (per concept means and totals)."""
+        entries = [self.data["concepts"][c] for c in concepts if c in self.data["concepts"]]
+        trials = [t for e in entries for s in ("search", "refine") for t in e.get(s, [])]
+        return {
+            "concepts": len(entries),
+            "trials": len(trials),
+            "images": sum(t["images"] for t in trials),
+            "seconds": round(sum(e["seconds"] for e in entries)),
+        }
+
+
+def saeuron_summary(bundle_folder: str | Path, concepts: Sequence[str]) -> dict[str, Any]:
+    """The same counts for the shipped bundle's search (from its ``search.json``); its seconds are the
+    recorded build's, which reused earlier trials, so they are left out."""
+    data = json.loads((Path(bundle_folder) / "search.json").read_text())
+    cfg = BundleConfig(
+        **{k: v for k, v in data["config"].items() if k in ("search_prompts", "refine_prompts", "seed")}
+    )
+    trials = images = 0
+    for concept in concepts:
+        record = data["search"].get(concept, {})
+        for stage, n in (("trials", cfg.search_prompts), ("refine", cfg.refine_prompts)):
+            count = len(record.get(stage, []))
+            trials += count
+            images += count * len(
+                validation_set(concept, n, cfg, "search" if stage == "trials" else "refine")[0]
+            )
+    return {"concepts": len(concepts), "trials": trials, "images": images, "seconds": None}
+
+
+__all__ = ["SEARCH_DIR", "SLD_LEVELS", "BaselineSearch", "retain_texts", "saeuron_summary", "search_grid"]

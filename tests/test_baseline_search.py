@@ -1,0 +1,155 @@
+"""Equal tuning for the baselines (#22): grids every method accepts, a resumable per-concept search on
+SAeUron's validation sets, and the two hyper-parameters the grids added (UCE's erase scale, ESD's layers)."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_pipelines import tiny_sd_pipeline
+
+from saeuron_plugin.eval.baselines import BASELINES, esd, uce
+from saeuron_plugin.eval.baselines import search as S
+from saeuron_plugin.eval.baselines.base import cross_attention_parameters
+from saeuron_plugin.eval.shapescanvas_build import BundleConfig, validation_set
+from saeuron_plugin.eval.unlearning import Protocol
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "checkpoints" / "shapescanvas-sd"
+JUDGES = ROOT / "checkpoints" / "shapescanvas-judges"
+
+
+@pytest.mark.parametrize("method", list(BASELINES))
+@pytest.mark.parametrize("concept", ["star", "striped", "red"])
+def test_every_grid_setting_is_a_valid_call(method, concept):
+    """Each setting binds to the method's ``erase`` once the generation-side keys are taken out."""
+    grid = S.search_grid(method, concept)
+    assert len(grid) >= 5 and len({json.dumps(s, sort_keys=True) for s in grid}) == len(grid)
+    signature = inspect.signature(BASELINES[method].erase)
+    for setting in grid:
+        kwargs = {k: v for k, v in setting.items() if k not in ("guidance_scale", "retain")}
+        signature.bind(
+            None, "concept", retain_texts=S.retain_texts(concept, setting.get("retain", "domain")), **kwargs
+        )
+
+
+def test_retain_sets():
+    assert S.retain_texts("striped") == ["solid style", "dotted style", "checkered style", "outline style"]
+    assert len(S.retain_texts("red", "all")) == 16 and "red" not in S.retain_texts("red", "all")
+    assert S.retain_texts("red", "none") == []
+    with pytest.raises(ValueError, match="retain"):
+        S.retain_texts("red", "some")
+
+
+def test_uce_erase_scale_weighs_the_edit_keys():
+    """erase scale s = the edit keys (and their targets) scaled by √s in the least-squares problem."""
+    g = torch.Generator().manual_seed(0)
+    keys = uce.EditKeys(*(torch.randn(n, 8, generator=g, dtype=torch.float64) for n in (3, 3, 5)))
+    w = torch.randn(6, 8, generator=g)
+    scaled = uce.EditKeys(keys.concept * 3**0.5, keys.target * 3**0.5, keys.retain)
+    torch.testing.assert_close(uce.closed_form(w, keys, 1.0, 0.1, 3.0), uce.closed_form(w, scaled, 1.0, 0.1))
+    # a larger erase scale matches the targets more closely against the same ridge and preserved keys
+    err = [
+        (uce.closed_form(w, keys, 1.0, 1.0, s) @ keys.concept.T - w.double() @ keys.target.T).norm()
+        for s in (1, 10)
+    ]
+    assert err[1] < err[0]
+
+
+def test_esd_kv_layers_train_only_key_and_value_projections():
+    pipe = tiny_sd_pipeline()
+    before = {n: p.detach().clone() for n, p in cross_attention_parameters(pipe.unet).items()}
+    with esd.erase(pipe, "star", steps=3, sample_steps=4, lr=1e-2, layers="attn2_kv", progress=False):
+        changed = {
+            n for n, p in cross_attention_parameters(pipe.unet).items() if not torch.equal(p, before[n])
+        }
+    assert changed and all(n.endswith(("to_k.weight", "to_v.weight")) for n in changed)
+    assert any(n.endswith("to_q.weight") for n in before)
+    with pytest.raises(ValueError, match="layers"):
+        esd.trained_parameters(pipe.unet, "all")
+
+
+def _shipped():
+    from saeuron_plugin.eval.judges import Judges
+    from saeuron_plugin.eval.shapescanvas_build import load_default
+
+    return load_default(str(MODEL)), Judges.from_pretrained(str(JUDGES))
+
+
+def test_search_ranks_resumes_and_counts(tmp_path, monkeypatch):
+    """Stage 1 on SAeUron's validation set, stage 2 for an object; every trial saved and reused."""
+    pipe, judges = _shipped()
+    protocol = Protocol(steps=2)
+    bundle = BundleConfig(search_prompts=1, refine_prompts=1)
+    grid = [{"negative_text": "a star", "guidance_scale": g} for g in (5.0, 9.0)]
+
+    def make(**kw):
+        return S.BaselineSearch(
+            "negative_prompt",
+            pipe,
+            judges,
+            protocol,
+            out=tmp_path,
+            grid=lambda m, c: grid,
+            bundle=bundle,
+            **kw,
+        )
+
+    search = make(log=lambda _: None)
+    best = search.tune("star")
+    saved = json.loads((tmp_path / "negative_prompt.json").read_text())
+    entry = saved["concepts"]["star"]
+    assert [t["setting"] for t in entry["search"]] == grid
+    assert sorted(t["setting"]["guidance_scale"] for t in entry["refine"]) == [5.0, 9.0]  # objects: stage 2
+    ranked = max(entry["refine"], key=lambda t: (t["score"], t["margin"]))
+    assert best == ranked["setting"] == entry["best"]["setting"]
+    for t in entry["search"] + entry["refine"]:
+        assert t["score"] == pytest.approx((t["ua"] + t["ira"] + t["cra"]) / 3)
+    n_search = len(validation_set("star", 1, bundle, "search")[0])
+    assert search.summary(["star"]) == {
+        "concepts": 1,
+        "trials": 4,
+        "images": 2 * n_search + 2 * len(validation_set("star", 1, bundle, "refine")[0]),
+        "seconds": round(entry["seconds"]),
+    }
+
+    # a rerun judges nothing again
+    import saeuron_plugin.eval.unlearning as U
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a saved trial was generated again")
+
+    monkeypatch.setattr(U, "method_generator", no_generation)
+    assert make(log=lambda _: None).tune("star") == best
+    # another protocol: the saved trials do not apply
+    other = S.BaselineSearch("negative_prompt", pipe, judges, Protocol(steps=3), out=tmp_path, bundle=bundle)
+    assert other.data["concepts"] == {}
+
+
+def test_saeuron_budget_is_read_from_the_bundle():
+    summary = S.saeuron_summary(ROOT / "checkpoints" / "shapescanvas-saeuron", ["star", "red"])
+    search = json.loads((ROOT / "checkpoints" / "shapescanvas-saeuron" / "search.json").read_text())["search"]
+    assert summary["trials"] == sum(
+        len(search[c]["trials"]) + len(search[c].get("refine", [])) for c in ("star", "red")
+    )
+    assert summary["images"] > 12 * summary["trials"] and summary["seconds"] is None
+
+
+def test_uce_erase_many_edits_every_concept_at_once_and_restores():
+    """UCE's multi-concept form (used by benchmarks/multi_concept.py): one edit holds every concept's keys."""
+    pipe = tiny_sd_pipeline()
+    before = {n: w.detach().clone() for n, w in uce.projections(pipe.unet).items()}
+    parts = [uce.edit_keys(pipe, text) for text in ("star", "heart")]
+    with uce.erase_many(pipe, [("star", {}), ("heart", {})], reg=1e-4) as run:
+        assert run.info["n_concept_keys"] == sum(len(k.concept) for k in parts)
+        for name, w in uce.projections(pipe.unet).items():
+            w0 = before[name].double()
+            for k in parts:
+                err = (w.detach().double() @ k.concept.T - w0 @ k.target.T).norm() / (w0 @ k.target.T).norm()
+                assert err < 1e-2, (name, err)
+    assert all(torch.equal(before[n], w) for n, w in uce.projections(pipe.unet).items())
+    with pytest.raises(ValueError, match="no concept"), uce.erase_many(pipe, []):
+        pass
