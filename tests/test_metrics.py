@@ -115,3 +115,12 @@ def test_unlearning_tables_carry_kid_with_its_spread():
         and out["spread"]["saeuron"]["objects"]["kid"] == 0.5
     )
     assert "| 2.00 ± 0.50 |" in markdown_table(out)
+    # every method's tuning budget and the baselines' tuned settings are part of the report (#22)
+    out["tuning"] = {
+        "saeuron": {"concepts": 1, "trials": 73, "images": 1896, "seconds": None},
+        "uce": {"concepts": 1, "trials": 13, "images": 456, "seconds": 60},
+    }
+    out["tuned_settings"] = {"uce": {"star": {"erase_scale": 3.0, "retain": "all"}}}
+    table = markdown_table(out)
+    assert "| saeuron | 1 | 73 | 1896 | – |" in table and "| uce | 1 | 13 | 456 | 60 |" in table
+    assert '- star: `{"erase_scale": 3.0, "retain": "all"}`' in table

@@ -257,3 +257,35 @@ def test_hookpoint_sets_can_bring_their_own_grid():
         SearchSpace(hookpoint_sets=[{"hookpoints": ["a"], "percentile": 99}]).settings([])
     with pytest.raises(TuningError, match="unknown search options"):
         SearchSpace.from_budget("tiny", percentile=(99.0,))
+
+
+def test_domain_contrast_pools_the_concepts_of_the_judge_domain(tmp_path):
+    """ "domain": the bundle's other concepts in the concept's judge domain (make bundle's contrast)."""
+    pipe = tiny_sd_pipeline()
+    eraser = make_eraser(pipe, [BLOCK])
+    eraser.add_concept(
+        "star", ["a red star", "a blue star"], pipe, num_inference_steps=2, show_progress=False
+    )
+    labels = {"color": ["red", "blue", "green"], "object": ["star", "circle"]}
+
+    def judge(images):
+        n = len(images)
+        return {"color": torch.full((n, 3), 1 / 3), "object": torch.full((n, 2), 0.5)}
+
+    space = SearchSpace(contrasts=("domain",), percentiles=(99.0,), gammas=(-2.0,))
+    best = tune_concept(
+        eraser,
+        pipe,
+        CallableJudge(judge, labels),
+        TuneTask("red", FORGET, RETAIN),
+        space,
+        tmp_path,
+        CFG,
+        log=lambda _: None,
+    )
+    assert best["contrast"] == "domain"  # saved by name; the bundle's default is the resolved list
+    assert eraser.hookpoints[BLOCK].library.selection_defaults("red").contrast == ["blue"]  # not "star"
+    run = search._ConceptRun(
+        eraser, pipe, CallableJudge(judge, labels), TuneTask("star", FORGET, RETAIN), tmp_path, CFG, print
+    )
+    assert run.contrast("domain") == "auto" and run.contrast("worst") == "worst"  # no other object held

@@ -40,6 +40,9 @@ from ..sae.spec import ConceptAblation
 from .judges import Judge
 
 SEARCH_FILE = "search.json"
+DOMAIN_CONTRAST = "domain"
+"""A search contrast of its own: the concept against the other concepts of its judge domain, pooled
+(the named modes of ``sae.selection.CONTRAST_MODES`` pool every other concept or take the worst)."""
 BUDGETS: dict[str, dict[str, Any]] = {
     "tiny": {"percentiles": (99.0,), "gammas": (-2.0,), "prompts": 2, "refine_top": 0},
     "small": {"percentiles": (99.0, 99.9), "gammas": (-1.0, -6.0), "prompts": 6, "refine_top": 2},
@@ -76,6 +79,7 @@ class SearchSpace:
 
     hookpoint_sets: list[Any] | None = None
     contrasts: tuple[str, ...] = ("auto",)
+    """Named contrasts (``sae.selection.CONTRAST_MODES``) or ``"domain"``: the concept's judge domain."""
     percentiles: tuple[float, ...] = (99.0, 99.9)
     gammas: tuple[float, ...] = (-1.0, -6.0)
     refine_top: int = 0
@@ -270,7 +274,7 @@ class _Stage:
                     task.concept,
                     percentile=setting["percentile"],
                     gamma=setting["gamma"],
-                    contrast=setting["contrast"],
+                    contrast=run.contrast(setting["contrast"]),
                 )
                 with run.eraser.unlearn(run.pipe, [ablation], hookpoints=setting["hookpoints"]):
                     probs = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
@@ -320,6 +324,16 @@ class _ConceptRun:
     def save(self) -> None:
         _write_search(self.folder, self.search)
 
+    def contrast(self, name: str) -> str | list[str]:
+        """A searched contrast as the ablation takes it: ``"domain"`` is the bundle's other concepts
+        that share the concept's judge domain, pooled (``"auto"`` when it holds none of them)."""
+        if name != DOMAIN_CONTRAST:
+            return name
+        same = [
+            c for c in self.judge.labels[self.domain] if c != self.task.concept and c in self.eraser.concepts
+        ]
+        return same or "auto"
+
 
 def tune_concept(
     eraser: Any,
@@ -361,7 +375,7 @@ def tune_concept(
                 percentile=best["percentile"],
                 top_n=None,
                 gamma=best["gamma"],
-                contrast=best["contrast"],
+                contrast=run.contrast(best["contrast"]),
                 active=hp in best["hookpoints"],
             )
     run.entry["best"] = best
