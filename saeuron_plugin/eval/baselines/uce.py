@@ -190,16 +190,19 @@ def erase_many(
 ) -> Iterator[BaselineRun]:
     """UCE's own way of removing several concepts: one closed-form edit with every concept's keys.
 
-    ``edits``: ``(concept_text, {"target_text", "templates", "include_suffix"})`` per concept (the
-    keyword arguments of :func:`edit_keys`); ``retain_texts`` are preserved with every concept's
-    templates. :func:`erase` is the one-concept case.
+    ``edits``: ``(concept_text, {"target_text", "templates", "include_suffix", "retain_texts"})`` per
+    concept (the keyword arguments of :func:`edit_keys`); a concept without its own ``retain_texts``
+    preserves ``retain_texts`` in its templates. Give each concept its own when the concepts have
+    different templates: a retained color filled into an object's template ("a red {} in solid style")
+    makes a key that contradicts the object's edit, and the edits then cancel.
+    :func:`erase` is the one-concept case.
     """
     weights = projections(pipe.unet)
     if not weights:
         raise ValueError("the UNet has no cross-attention modules to edit")
     if not edits:
         raise ValueError("no concept to erase")
-    parts = [edit_keys(pipe, text, retain_texts, **options) for text, options in edits]
+    parts = [edit_keys(pipe, text, **{"retain_texts": retain_texts, **options}) for text, options in edits]
     keys = EditKeys(*(torch.cat([getattr(k, f) for k in parts]) for f in ("concept", "target", "retain")))
     with restored_tensors(weights):
         apply_edit(pipe.unet, keys, preserve_scale, reg, erase_scale)
