@@ -15,7 +15,7 @@ from saeuron_plugin.eval.baselines import BASELINES, esd, uce
 from saeuron_plugin.eval.baselines import search as S
 from saeuron_plugin.eval.baselines.base import cross_attention_parameters
 from saeuron_plugin.eval.shapescanvas_build import BundleConfig, validation_set
-from saeuron_plugin.eval.unlearning import Protocol
+from saeuron_plugin.eval.unlearning import Protocol, method_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "checkpoints" / "shapescanvas-sd"
@@ -79,19 +79,20 @@ def _shipped():
     return load_default(str(MODEL)), Judges.from_pretrained(str(JUDGES))
 
 
-def test_search_ranks_resumes_and_counts(tmp_path, monkeypatch):
+def test_search_ranks_resumes_and_counts(tmp_path):
     """Stage 1 on SAeUron's validation set, stage 2 for an object; every trial saved and reused."""
     pipe, judges = _shipped()
     protocol = Protocol(steps=2)
     bundle = BundleConfig(search_prompts=1, refine_prompts=1)
     grid = [{"negative_text": "a star", "guidance_scale": g} for g in (5.0, 9.0)]
 
-    def make(**kw):
+    def make(generator=method_generator, **kw):
         return S.BaselineSearch(
             "negative_prompt",
             pipe,
             judges,
             protocol,
+            generator,
             out=tmp_path,
             grid=lambda m, c: grid,
             bundle=bundle,
@@ -117,15 +118,14 @@ def test_search_ranks_resumes_and_counts(tmp_path, monkeypatch):
     }
 
     # a rerun judges nothing again
-    import saeuron_plugin.eval.unlearning as U
-
     def no_generation(*args, **kwargs):
         raise AssertionError("a saved trial was generated again")
 
-    monkeypatch.setattr(U, "method_generator", no_generation)
-    assert make(log=lambda _: None).tune("star") == best
+    assert make(no_generation, log=lambda _: None).tune("star") == best
     # another protocol: the saved trials do not apply
-    other = S.BaselineSearch("negative_prompt", pipe, judges, Protocol(steps=3), out=tmp_path, bundle=bundle)
+    other = S.BaselineSearch(
+        "negative_prompt", pipe, judges, Protocol(steps=3), method_generator, out=tmp_path, bundle=bundle
+    )
     assert other.data["concepts"] == {}
 
 

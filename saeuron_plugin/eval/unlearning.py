@@ -303,7 +303,9 @@ def tune_baselines(
             tuning[method] = {"concepts": len(mine), "trials": 0, "images": 0, "seconds": 0, "presets": True}
         else:
             t0 = time.time()
-            search = BaselineSearch(method, pipe, judges, protocol, out=search_dir, presets=presets, log=log)
+            search = BaselineSearch(
+                method, pipe, judges, protocol, method_generator, out=search_dir, presets=presets, log=log
+            )
             tuned[method] = {c: search.tune(c) for c in mine}
             tuning[method] = search.summary(mine)
             log(f"{method}: tuned in {time.time() - t0:.0f} s ({tuning[method]})")

@@ -30,7 +30,6 @@ from typing import Any
 
 from .. import shapescanvas as sc
 from ..shapescanvas_build import REFINE_TOP, BundleConfig, concept_domain, trial_scores, validation_set
-from ..unlearning import SEARCH_DIR
 from .presets import concept_caption
 from .sld import MEDIUM
 
@@ -112,7 +111,11 @@ def _rank(trial: dict[str, Any]) -> tuple[float, float]:
 
 
 class BaselineSearch:
-    """One baseline's search over the ShapesCanvas concepts, saved in ``<out>/<method>.json``."""
+    """One baseline's search over the ShapesCanvas concepts, saved in ``<out>/<method>.json``.
+
+    ``generator`` is the benchmark's ``method_generator`` (``eval.unlearning``): a context manager
+    ``(method, pipe, concept, protocol, presets=..., setting=...)`` yielding ``generate(prompts, seeds)``.
+    """
 
     def __init__(
         self,
@@ -120,8 +123,9 @@ class BaselineSearch:
         pipe: Any,
         judges: Any,
         protocol: Any,
+        generator: Callable[..., Any],
         *,
-        out: str | Path = SEARCH_DIR,
+        out: str | Path,
         presets: dict[str, dict[str, Any]] | None = None,
         grid: Callable[[str, str], list[dict[str, Any]]] = search_grid,
         bundle: BundleConfig | None = None,
@@ -129,6 +133,7 @@ class BaselineSearch:
     ) -> None:
         self.method, self.pipe, self.judges, self.protocol = method, pipe, judges, protocol
         self.presets, self.grid, self.log = presets or {}, grid, log
+        self.generator = generator
         self.bundle = bundle or BundleConfig()
         self.path = Path(out) / f"{method}.json"
         recipe = {
@@ -150,8 +155,6 @@ class BaselineSearch:
 
     def _judge(self, concept: str, stage: str, settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Every setting's trial on the stage's validation set (saved trials reused, new ones saved)."""
-        from ..unlearning import method_generator
-
         entry = self.data["concepts"].setdefault(concept, {"seconds": 0.0})
         trials = entry.setdefault(stage, [])
         done = {_key(t["setting"]): t for t in trials}
@@ -161,7 +164,7 @@ class BaselineSearch:
             if _key(setting) in done:
                 continue
             start = time.perf_counter()
-            with method_generator(
+            with self.generator(
                 self.method, self.pipe, concept, self.protocol, presets=self.presets, setting=setting
             ) as gen:
                 images = gen([p.prompt for p in prompts], seeds)
@@ -227,4 +230,4 @@ def saeuron_summary(bundle_folder: str | Path, concepts: Sequence[str]) -> dict[
     return {"concepts": len(concepts), "trials": trials, "images": images, "seconds": None}
 
 
-__all__ = ["SEARCH_DIR", "SLD_LEVELS", "BaselineSearch", "retain_texts", "saeuron_summary", "search_grid"]
+__all__ = ["SLD_LEVELS", "BaselineSearch", "retain_texts", "saeuron_summary", "search_grid"]
