@@ -11,6 +11,7 @@ import pytest
 import torch
 from tiny_pipelines import tiny_sd_pipeline
 
+from saeuron_plugin.errors import BadFileError
 from saeuron_plugin.eval.baselines import BASELINES, esd, uce
 from saeuron_plugin.eval.baselines import search as S
 from saeuron_plugin.eval.baselines.base import cross_attention_parameters
@@ -127,6 +128,10 @@ def test_search_ranks_resumes_and_counts(tmp_path):
         "negative_prompt", pipe, judges, Protocol(steps=3), method_generator, out=tmp_path, bundle=bundle
     )
     assert other.data["concepts"] == {}
+    # a damaged file is named, not a bare JSON traceback
+    (tmp_path / "negative_prompt.json").write_text('{"recipe": ')
+    with pytest.raises(BadFileError, match="negative_prompt.json.*not valid JSON"):
+        make()
 
 
 def test_saeuron_budget_is_read_from_the_bundle():

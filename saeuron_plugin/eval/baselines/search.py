@@ -143,7 +143,9 @@ class BaselineSearch:
             "refine_prompts": self.bundle.refine_prompts,
             "seed": self.bundle.seed,
         }
-        saved = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        from ...sae.files import read_json_object
+
+        saved = read_json_object(self.path, "baseline search file") if self.path.is_file() else {}
         self.data = saved if saved.get("recipe") == recipe else {"recipe": recipe, "concepts": {}}
 
     def save(self) -> None:
@@ -214,7 +216,9 @@ class BaselineSearch:
 def saeuron_summary(bundle_folder: str | Path, concepts: Sequence[str]) -> dict[str, Any]:
     """The same counts for the shipped bundle's search (from its ``search.json``); its seconds are the
     recorded build's, which reused earlier trials, so they are left out."""
-    data = json.loads((Path(bundle_folder) / "search.json").read_text())
+    from ...sae.files import read_json_object
+
+    data = read_json_object(Path(bundle_folder) / "search.json", "bundle search file")
     cfg = BundleConfig(
         **{k: v for k, v in data["config"].items() if k in ("search_prompts", "refine_prompts", "seed")}
     )
