@@ -3,7 +3,7 @@
     python benchmarks/multi_concept.py [--threads 2] [--forget 8] [--retain 24] [--seed 0]
 
 SAeUron (the shipped bundle, each concept at its tuned defaults; overlapping latents take the most
-negative result), UCE (one closed-form edit with every concept's keys, its own multi-concept form)
+negative result), UCE (one closed-form edit, its own multi-concept form, keyed on whole captions)
 and negative prompting (the concepts' captions listed) remove growing sets of concepts at once:
 
 * ``mixed``: star, striped, red, square, dotted, blue, triangle, checkered, first 1, 2, 3, 5 and 8
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from saeuron_plugin import SAeUron
 from saeuron_plugin.diagnostics.charts import draw_curves
 from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.eval.baselines import generate_with, negative_prompt, uce
-from saeuron_plugin.eval.baselines.presets import concept_caption, shapescanvas_hparams
+from saeuron_plugin.eval.baselines.presets import concept_caption, joint_caption_pairs
 from saeuron_plugin.eval.default_model import generate
 from saeuron_plugin.eval.judges import Judges
 from saeuron_plugin.eval.shapescanvas_build import concept_domain, load_default
@@ -68,9 +67,11 @@ def removing(method: str, pipe, eraser, removed: Sequence[str]) -> Iterator[Call
     """``generate(prompts, seeds)`` with ``method`` removing every concept of ``removed`` at once.
 
     SAeUron: one ``unlearn`` with all of them (each at its tuned defaults). UCE: one closed-form edit
-    with every concept's keys (its own multi-concept form), each concept with its preset templates and
-    target and preserving the concepts of its own domain that stay (in its own templates). Negative
-    prompt: the concepts' captions listed in one negative prompt.
+    (its own multi-concept form) whose keys are whole captions mapped to the same caption without the
+    removed concepts, preserving every caption that holds none of them (:func:`uce.caption_keys`;
+    per-concept keys would give a caption with two removed concepts two targets, and the edits
+    cancel); λ and ε at UCE's defaults. Negative prompt: the concepts' captions listed in one negative
+    prompt.
     """
     texts = [concept_text(c) for c in removed]
     if method == "saeuron":
@@ -78,8 +79,8 @@ def removing(method: str, pipe, eraser, removed: Sequence[str]) -> Iterator[Call
             yield lambda prompts, seeds: generate(pipe, prompts, seeds, **GEN)
         return
     if method == "uce":
-        edits = [(concept_text(c), uce_options(c, removed)) for c in removed]
-        with uce.erase_many(pipe, edits) as run:
+        pairs, kept = joint_caption_pairs(list(removed))
+        with uce.edited(pipe, uce.caption_keys(pipe, pairs, kept)) as run:
             yield lambda prompts, seeds: generate_with(run, prompts, seeds, **GEN)
         return
     if method == "negative_prompt":
@@ -88,27 +89,6 @@ def removing(method: str, pipe, eraser, removed: Sequence[str]) -> Iterator[Call
             yield lambda prompts, seeds: generate_with(run, prompts, seeds, **GEN)
         return
     raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-
-
-def uce_options(concept: str, removed: Sequence[str]) -> dict:
-    """UCE's keys for ``concept`` when ``removed`` go at once: its preset (caption templates, suffix
-    keys) without the captions that hold another removed concept, preserving the rest of its domain.
-
-    A caption with two removed concepts ("a red star in striped style") would give the same key two
-    targets, one per concept's edit ("a red shape in striped style", "a red star in style"); least
-    squares then meets neither, and the edits cancel (measured: UA 0 for star, striped and red at once).
-    Leaving those captions out also leaves out keys the test captions use (the object's position after
-    "a red" once red is removed too), so across domains this is a lower bound for UCE; keys from whole
-    captions mapped to the caption with every removed concept gone would be UCE's joint edit here.
-    """
-    options = shapescanvas_hparams("uce", concept_text(concept))
-    others = [concept_text(c) for c in removed if c != concept]
-    holds_other = re.compile("|".join(rf"\b{re.escape(o)}\b" for o in others)) if others else None
-    options["templates"] = [t for t in options["templates"] if not (holds_other and holds_other.search(t))]
-    options["retain_texts"] = [
-        concept_text(w) for w in sc.VOCABULARIES[concept_domain(concept)] if w not in removed
-    ]
-    return options
 
 
 def measure(pipe, eraser, judges, method, removed, sample) -> dict:

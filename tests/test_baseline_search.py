@@ -130,7 +130,7 @@ def test_search_ranks_resumes_and_counts(tmp_path):
     assert other.data["concepts"] == {}
     # a damaged file is named, not a bare JSON traceback
     (tmp_path / "negative_prompt.json").write_text('{"recipe": ')
-    with pytest.raises(BadFileError, match="negative_prompt.json.*not valid JSON"):
+    with pytest.raises(BadFileError, match=r"negative_prompt\.json.*not valid JSON"):
         make()
 
 
@@ -158,3 +158,32 @@ def test_uce_erase_many_edits_every_concept_at_once_and_restores():
     assert all(torch.equal(before[n], w) for n, w in uce.projections(pipe.unet).items())
     with pytest.raises(ValueError, match="no concept"), uce.erase_many(pipe, []):
         pass
+
+
+def test_uce_caption_keys_map_whole_captions_without_contradictions():
+    """Joint keys (several concepts at once): from the first differing token on, aligned from the end."""
+    from saeuron_plugin.eval.baselines.base import encode_prompts, tokenize
+    from saeuron_plugin.eval.baselines.presets import joint_caption_pairs
+
+    pipe = tiny_sd_pipeline()
+    length, eos = pipe.tokenizer.model_max_length, pipe.tokenizer.eos_token_id
+    src, tgt = "a red star", "a star"
+    keys = uce.caption_keys(pipe, [(src, tgt)], retain_captions=["a blue heart"])
+    ids_s, ids_t = (tokenize(pipe, [x])[0].tolist() for x in (src, tgt))
+    first = next(p for p in range(length) if ids_s[p] != ids_t[p])
+    emb_s, emb_t = (encode_prompts(pipe, [x])[0].double() for x in (src, tgt))
+    assert len(keys.concept) == length - first
+    torch.testing.assert_close(keys.concept[0], emb_s[first])
+    eos_s, eos_t = ids_s.index(eos), ids_t.index(eos)
+    torch.testing.assert_close(keys.target[eos_s - first], emb_t[eos_t])  # EOS -> EOS
+    assert keys.retain.shape == (length - 1, emb_s.shape[-1])
+    with pytest.raises(ValueError, match="nothing to edit"):
+        uce.caption_keys(pipe, [(src, src)])
+    # ShapesCanvas: a caption with two removed concepts has one target, without both
+    pairs, kept = joint_caption_pairs(["star", "striped", "red"])
+    assert (
+        "a red star in striped style",
+        "",
+    ) in pairs  # all three gone: the empty prompt, UCE's default target
+    assert ("a blue star in solid style", "a blue shape in solid style") in pairs
+    assert len(pairs) + len(kept) == 180 and not any(w in k.split() for k in kept for w in ("star", "red"))

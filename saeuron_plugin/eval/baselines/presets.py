@@ -87,3 +87,22 @@ def shapescanvas_hparams(method: str, concept_text: str) -> dict[str, Any]:
     if method == "esd":
         return {"prompts": [concept_caption(concept_text)]}
     raise ValueError(f"unknown baseline {method!r}")
+
+
+def joint_caption_pairs(concepts: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """UCE's keys for removing several ShapesCanvas concepts at once (:func:`.uce.caption_keys`).
+
+    ``concepts`` are vocabulary words ("star", "striped", "red"). Every canonical caption that holds any
+    of them is paired with the same caption without them ("a red star in striped style" becomes "a red
+    shape in striped style" when star goes, "" when all three go); the captions that hold none are the
+    preserved ones.
+    """
+    gone = {concept_domain(c)[1] for c in concepts}
+    pairs, kept = [], []
+    for o, s, c in sc.combinations():
+        caption = sc.caption(o, s, c)
+        if gone & {o, s, c}:
+            pairs.append((caption, sc.caption(*(None if w in gone else w for w in (o, s, c)))))
+        else:
+            kept.append(caption)
+    return pairs, kept

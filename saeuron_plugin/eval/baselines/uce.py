@@ -197,13 +197,22 @@ def erase_many(
     makes a key that contradicts the object's edit, and the edits then cancel.
     :func:`erase` is the one-concept case.
     """
-    weights = projections(pipe.unet)
-    if not weights:
-        raise ValueError("the UNet has no cross-attention modules to edit")
     if not edits:
         raise ValueError("no concept to erase")
     parts = [edit_keys(pipe, text, **{"retain_texts": retain_texts, **options}) for text, options in edits]
     keys = EditKeys(*(torch.cat([getattr(k, f) for k in parts]) for f in ("concept", "target", "retain")))
+    with edited(pipe, keys, preserve_scale, reg, erase_scale) as run:
+        yield run
+
+
+@contextmanager
+def edited(
+    pipe, keys: EditKeys, preserve_scale: float = 1.0, reg: float = 0.1, erase_scale: float = 1.0
+) -> Iterator[BaselineRun]:
+    """``pipe.unet``'s cross-attention K/V edited for ``keys`` for the block; restored exactly on exit."""
+    weights = projections(pipe.unet)
+    if not weights:
+        raise ValueError("the UNet has no cross-attention modules to edit")
     with restored_tensors(weights):
         apply_edit(pipe.unet, keys, preserve_scale, reg, erase_scale)
         yield BaselineRun(
@@ -211,3 +220,43 @@ def erase_many(
             call_kwargs={},
             info={"n_concept_keys": len(keys.concept), "n_retain_keys": len(keys.retain)},
         )
+
+
+def caption_keys(pipe, pairs: Sequence[tuple[str, str]], retain_captions: Sequence[str] = ()) -> EditKeys:
+    """Keys of whole captions, for removing several concepts at once without contradictions.
+
+    Each pair is (caption, the same caption with every concept being removed taken out), e.g.
+    ("a red star in striped style", "a red shape in striped style") when star goes, and "" (the empty
+    prompt) when star, striped and red go together. The caption's
+    text-encoder outputs from the first token where the two differ to the end (EOS and padding
+    included) are the edit keys; each maps to the target caption's output at the position aligned
+    from the end of the text (clipped to that first token), as :func:`edit_keys` aligns the tokens
+    after a concept. Per-concept keys cannot do this: "a red star in striped style" would be a key
+    of star's edit (target "a red shape in striped style") and of striped's ("a red star in"), with
+    two targets, and least squares would meet neither. ``retain_captions`` are preserved at every
+    position after BOS.
+    """
+    length = pipe.tokenizer.model_max_length
+    eos = pipe.tokenizer.eos_token_id
+    sources, targets = [s for s, _ in pairs], [t for _, t in pairs]
+    ids_s, ids_t = tokenize(pipe, sources).tolist(), tokenize(pipe, targets).tolist()
+    emb_s, emb_t = encode_prompts(pipe, sources).double(), encode_prompts(pipe, targets).double()
+    concept, target = [], []
+    for i, (s_ids, t_ids) in enumerate(zip(ids_s, ids_t)):
+        differ = [p for p in range(length) if s_ids[p] != t_ids[p]]
+        if not differ:
+            continue
+        first = differ[0]
+        shift = (s_ids.index(eos) if eos in s_ids else length) - (
+            t_ids.index(eos) if eos in t_ids else length
+        )
+        for p in range(first, length):
+            concept.append(emb_s[i, p])
+            target.append(emb_t[i, min(length - 1, max(first, p - shift))])
+    if not concept:
+        raise ValueError("no caption differs from its target: nothing to edit")
+    d = emb_s.shape[-1]
+    retain = torch.zeros(0, d, dtype=torch.float64, device=emb_s.device)
+    if retain_captions:
+        retain = encode_prompts(pipe, list(retain_captions)).double()[:, 1:].reshape(-1, d)
+    return EditKeys(torch.stack(concept), torch.stack(target), retain)
