@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from .. import shapescanvas as sc
 from ..shapescanvas_build import REFINE_TOP, BundleConfig, concept_domain, trial_scores, validation_set
 from .presets import concept_caption
@@ -162,9 +164,8 @@ class BaselineSearch:
         done = {_key(t["setting"]): t for t in trials}
         n = self.bundle.search_prompts if stage == "search" else self.bundle.refine_prompts
         prompts, seeds = validation_set(concept, n, self.bundle, stage)
-        for setting in settings:
-            if _key(setting) in done:
-                continue
+        todo = [s for s in settings if _key(s) not in done]
+        for setting in tqdm(todo, desc=f"tune {self.method} {concept} ({stage})", unit="trial", leave=False):
             start = time.perf_counter()
             with self.generator(
                 self.method, self.pipe, concept, self.protocol, presets=self.presets, setting=setting
