@@ -165,7 +165,10 @@ class BaselineSearch:
         n = self.bundle.search_prompts if stage == "search" else self.bundle.refine_prompts
         prompts, seeds = validation_set(concept, n, self.bundle, stage)
         todo = [s for s in settings if _key(s) not in done]
-        for setting in tqdm(todo, desc=f"tune {self.method} {concept} ({stage})", unit="trial", leave=False):
+        bar = tqdm(
+            todo, desc=f"tune {self.method} {concept} ({stage})", unit="trial", leave=False, disable=not todo
+        )
+        for setting in bar:
             start = time.perf_counter()
             with self.generator(
                 self.method, self.pipe, concept, self.protocol, presets=self.presets, setting=setting
