@@ -143,23 +143,6 @@ def test_saeuron_budget_is_read_from_the_bundle():
     assert summary["images"] > 12 * summary["trials"] and summary["seconds"] is None
 
 
-def test_uce_erase_many_edits_every_concept_at_once_and_restores():
-    """UCE's multi-concept form (used by benchmarks/multi_concept.py): one edit holds every concept's keys."""
-    pipe = tiny_sd_pipeline()
-    before = {n: w.detach().clone() for n, w in uce.projections(pipe.unet).items()}
-    parts = [uce.edit_keys(pipe, text) for text in ("star", "heart")]
-    with uce.erase_many(pipe, [("star", {}), ("heart", {})], reg=1e-4) as run:
-        assert run.info["n_concept_keys"] == sum(len(k.concept) for k in parts)
-        for name, w in uce.projections(pipe.unet).items():
-            w0 = before[name].double()
-            for k in parts:
-                err = (w.detach().double() @ k.concept.T - w0 @ k.target.T).norm() / (w0 @ k.target.T).norm()
-                assert err < 1e-2, (name, err)
-    assert all(torch.equal(before[n], w) for n, w in uce.projections(pipe.unet).items())
-    with pytest.raises(ValueError, match="no concept"), uce.erase_many(pipe, []):
-        pass
-
-
 def test_uce_caption_keys_map_whole_captions_without_contradictions():
     """Joint keys (several concepts at once): from the first differing token on, aligned from the end."""
     from saeuron_plugin.eval.baselines.base import encode_prompts, tokenize

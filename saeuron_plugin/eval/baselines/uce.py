@@ -162,45 +162,7 @@ def erase(
     Default keys (template "{}", no suffix) are the paper's; for the ShapesCanvas model use
     :func:`saeuron_plugin.eval.baselines.presets.shapescanvas_hparams`.
     """
-    with erase_many(
-        pipe,
-        [
-            (
-                concept_text,
-                {"target_text": target_text, "templates": templates, "include_suffix": include_suffix},
-            )
-        ],
-        retain_texts=retain_texts,
-        preserve_scale=preserve_scale,
-        reg=reg,
-        erase_scale=erase_scale,
-    ) as run:
-        yield run
-
-
-@contextmanager
-def erase_many(
-    pipe,
-    edits: Sequence[tuple[str, dict]],
-    *,
-    retain_texts: Sequence[str] = (),
-    preserve_scale: float = 1.0,
-    reg: float = 0.1,
-    erase_scale: float = 1.0,
-) -> Iterator[BaselineRun]:
-    """UCE's own way of removing several concepts: one closed-form edit with every concept's keys.
-
-    ``edits``: ``(concept_text, {"target_text", "templates", "include_suffix", "retain_texts"})`` per
-    concept (the keyword arguments of :func:`edit_keys`); a concept without its own ``retain_texts``
-    preserves ``retain_texts`` in its templates. Give each concept its own when the concepts have
-    different templates: a retained color filled into an object's template ("a red {} in solid style")
-    makes a key that contradicts the object's edit, and the edits then cancel.
-    :func:`erase` is the one-concept case.
-    """
-    if not edits:
-        raise ValueError("no concept to erase")
-    parts = [edit_keys(pipe, text, **{"retain_texts": retain_texts, **options}) for text, options in edits]
-    keys = EditKeys(*(torch.cat([getattr(k, f) for k in parts]) for f in ("concept", "target", "retain")))
+    keys = edit_keys(pipe, concept_text, retain_texts, target_text, templates, include_suffix)
     with edited(pipe, keys, preserve_scale, reg, erase_scale) as run:
         yield run
 
