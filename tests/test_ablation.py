@@ -457,3 +457,79 @@ def test_cuda_device_path_matches_cpu(encoder, sync_free):
     assert got.dtype == torch.bfloat16
     untouched = (cpu(x.bfloat16(), tau, cond) == x.bfloat16()).all(-1)
     assert torch.equal(got.cpu()[untouched], xb.cpu()[untouched])
+
+
+# ------------------------------------------------------------------- target replacement
+def _target_shift(ab: FeatureAblator, concept: str, target: str, scale: float, bucket: int) -> torch.Tensor:
+    lib = ab.library
+    diff = lib.get(target).means(fill_empty=True)[bucket] - lib.get(concept).means(fill_empty=True)[bucket]
+    return scale * diff.float() @ ab.sae.W_dec.detach().float()
+
+
+@pytest.mark.parametrize("sparse_tokens", [True, False])
+@pytest.mark.parametrize(("encoder", "unit_norm"), [("topk", False), ("threshold", False), ("topk", True)])
+def test_target_adds_the_mean_difference_where_the_concept_fires(encoder, unit_norm, sparse_tokens):
+    sae, lib = setup(encoder, unit_norm)
+    plain = FeatureAblator(sae, lib, [ConceptAblation("A", top_n=3)])
+    steered = FeatureAblator(sae, lib, [ConceptAblation("A", top_n=3, target="C", target_scale=1.5)])
+    steered.sparse_tokens = sparse_tokens
+    for x, tau in itertools.product([concept_input(every=e) for e in (1, 8)], (0.05, 0.5)):
+        bucket = int(lib.tau_grid.index(tau))
+        base, out = plain(x, tau), steered(x, tau)
+        fired = (base != x).any(-1)
+        assert fired.any() and torch.equal(out[~fired], x[~fired])  # elsewhere x bit for bit
+        shift = _target_shift(steered, "A", "C", 1.5, bucket)
+        if unit_norm:
+            xf = x.float()
+            shift = shift * ((xf - xf.mean(-1, keepdim=True)).std(-1, keepdim=True) + 1e-5)[fired]
+        torch.testing.assert_close(
+            out[fired] - base[fired], shift.expand_as(out[fired]), atol=1e-5, rtol=1e-4
+        )
+
+
+def test_targets_of_several_concepts_follow_their_own_tokens_and_rows():
+    sae, lib = setup("threshold")
+    specs = [
+        ConceptAblation("A", top_n=3, target="C"),
+        ConceptAblation("B", top_n=2, target="C", target_scale=2),
+    ]
+    ab = FeatureAblator(sae, lib, specs)
+    x = concept_input(rows=3)
+    x[:, 1::4, 0] += 3  # A alone on some tokens
+    a_only = FeatureAblator(sae, lib, specs[:1])(x, 0.5)
+    b_only = FeatureAblator(sae, lib, specs[1:])(x, 0.5)
+    out = ab(x, 0.5)
+    a_fired, b_fired = (a_only != x).any(-1), (b_only != x).any(-1)
+    bucket = int(lib.tau_grid.index(0.5))
+    expected_shift = a_fired.unsqueeze(-1) * _target_shift(ab, "A", "C", 1.0, bucket) + b_fired.unsqueeze(
+        -1
+    ) * _target_shift(ab, "B", "C", 2.0, bucket)
+    removal = FeatureAblator(sae, lib, [ConceptAblation("A", top_n=3), ConceptAblation("B", top_n=2)])(x, 0.5)
+    torch.testing.assert_close(out, removal + expected_shift, atol=1e-5, rtol=1e-4)
+    tau = torch.tensor([0.05, 0.95, 0.5])  # per-row buckets: the batched tables
+    rows = ab(x, tau)
+    for r in range(3):
+        torch.testing.assert_close(rows[r], ab(x[r : r + 1], float(tau[r]))[0], atol=1e-5, rtol=1e-5)
+    ab.sparse_tokens = False
+    torch.testing.assert_close(ab(x, tau), rows, atol=1e-5, rtol=1e-5)
+
+
+def test_target_errors_defaults_and_gradient():
+    sae = make_sae()
+    lib = make_library(sae)
+    with pytest.raises(KeyError, match="Known concepts"):
+        FeatureAblator(sae, lib, [ConceptAblation("A", target="Z")])
+    with pytest.raises(ValueError, match="another concept"):
+        FeatureAblator(sae, lib, [ConceptAblation("A", target="A")])
+    with pytest.raises(ValueError, match="legacy_error_sign"):
+        FeatureAblator(sae, lib, [ConceptAblation("A", target="B")], legacy_error_sign=True)
+    lib.set_selection_defaults("A", target="C", target_scale=0.5, top_n=2)
+    (res,) = FeatureAblator(sae, lib, ["A"]).ablations
+    assert (res.target, res.target_scale) == ("C", 0.5)
+    (res,) = FeatureAblator(sae, lib, [ConceptAblation("A", target="")]).ablations
+    assert res.target is None  # "" switches a default target off
+    ab = FeatureAblator(sae, lib, ["A"])
+    assert "→ C" in ab.describe()
+    x = concept_input().requires_grad_(True)
+    ab(x, 0.5).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

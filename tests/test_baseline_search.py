@@ -30,7 +30,15 @@ def test_every_grid_setting_is_a_valid_call(method, concept):
     grid = S.search_grid(method, concept)
     assert len(grid) >= 5 and len({json.dumps(s, sort_keys=True) for s in grid}) == len(grid)
     signature = inspect.signature(BASELINES[method].erase)
-    for setting in grid:
+    replacements = S.replacement_grid(method, concept, grid[0])
+    if method == "uce":  # the winner, then every other concept of the domain at erase scale 1 and 3
+        assert replacements[0] == grid[0] and len(replacements) == 1 + 2 * len(S.replacement_targets(concept))
+        assert {r["target_text"] for r in replacements[1:]} == {
+            S._text(c) for c in S.replacement_targets(concept)
+        }
+    else:
+        assert replacements == []
+    for setting in grid + replacements:
         kwargs = {k: v for k, v in setting.items() if k not in ("guidance_scale", "retain")}
         signature.bind(
             None, "concept", retain_texts=S.retain_texts(concept, setting.get("retain", "domain")), **kwargs

@@ -172,6 +172,7 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
     monkeypatch.setattr(B, "generate", lambda *a: None)
     monkeypatch.setattr(B, "judge_scores", lambda *a: dict.fromkeys(("ua", "ira", "cra"), next(scores)))
     monkeypatch.setattr(B, "judge_margin", lambda *a: 0.0)
+    monkeypatch.setattr(B, "clean_flip", lambda *a: 0.0)
     judges = type("NoJudges", (), {"probabilities": staticmethod(lambda images: None)})()
     cfg = B.BundleConfig(
         hookpoints=tuple(paths),
@@ -180,6 +181,7 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
         search_gammas=(-2.0, -6.0),
         search_prompts=1,
         refine_top=0,
+        search_targets={},
     )
     out = B.search_defaults(eraser, None, judges, cfg, concepts=["red"], log=lambda _: None)
     assert tried == [
@@ -217,9 +219,9 @@ def test_a_search_set_brings_its_own_contrast_and_grid(monkeypatch):
     )
     out = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None)
     assert [s for _, s in calls] == [
-        ((a,), 99.0, -6.0, None),
-        ((b,), 99.9, -1.0, "worst"),
-        ((b,), 99.9, -2.0, "worst"),
+        B.Setting((a,), 99.0, -6.0, None),
+        B.Setting((b,), 99.9, -1.0, "worst"),
+        B.Setting((b,), 99.9, -2.0, "worst"),
     ]
     assert out["cross"]["best"]["contrast"] == "worst"
     assert eraser.active_hookpoints("cross") == [b]
@@ -263,7 +265,7 @@ def test_trained_steps_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch
     assert runs == [8, 4]
 
 
-def _fake_trials(monkeypatch, score_of):
+def _fake_trials(monkeypatch, score_of, clean_of=None):
     """Replace image generation + judging by ``score_of(stage, setting)``; returns the calls made."""
     calls = []
 
@@ -271,16 +273,19 @@ def _fake_trials(monkeypatch, score_of):
         stage = "search" if validation[1][0] < B.REFINE_SEED else "refine"
         calls.append((stage, setting))
         score = score_of(stage, setting)
+        setting = B.Setting(*setting)
         return {
-            "hookpoints": list(setting[0]),
-            "percentile": setting[1],
-            "gamma": setting[2],
-            "contrast": B.Setting(*setting).contrast,
+            "hookpoints": list(setting.hookpoints),
+            "percentile": setting.percentile,
+            "gamma": setting.gamma,
+            "contrast": setting.contrast,
+            **({"target": setting.target, "target_scale": setting.target_scale} if setting.target else {}),
             "ua": score,
             "ira": score,
             "cra": score,
             "score": score,
             "margin": 0.0,
+            "clean_flip": clean_of(setting) if clean_of else 0.0,
         }
 
     monkeypatch.setattr(B, "evaluate_setting", evaluate)
@@ -301,10 +306,11 @@ def test_refinement_picks_among_the_finalists_on_fresh_validation(monkeypatch):
         search_percentiles=(99.0,),
         search_gammas=(-2.0, -6.0, -20.0),
         refine_top={"object": 2},
+        search_targets={},
     )
     out = B.search_defaults(eraser, None, None, cfg, concepts=["cross", "red"], log=lambda _: None)
     refined = [c for c in calls if c[0] == "refine"]
-    assert refined == [("refine", ((a,), 99.0, -2.0, None)), ("refine", ((a,), 99.0, -6.0, None))]
+    assert refined == [("refine", B.Setting((a,), 99.0, -2.0)), ("refine", B.Setting((a,), 99.0, -6.0))]
     assert out["cross"]["best"]["gamma"] == -6.0 and len(out["cross"]["refine"]) == 2
     assert eraser.active_hookpoints("cross") == [a] and b not in eraser.active_hookpoints("cross")
     assert "refine" not in out["red"] and out["red"]["best"]["gamma"] == -2.0  # colours: stage 1 decides
@@ -350,7 +356,7 @@ def test_search_reuses_saved_trials_and_resumes(monkeypatch, tmp_path):
         log=lambda _: None,
         previous=B.reusable_search(saved, cfg),
     )
-    assert calls == [("search", ((a,), 99.0, -1.0, None))]
+    assert calls == [("search", B.Setting((a,), 99.0, -1.0))]
 
     cfg.refine_prompts = 10  # stage-2 trials belong to the old refinement size; stage 1 still matches
     assert "refine" not in B.reusable_search(saved, cfg)["cross"]
@@ -364,3 +370,40 @@ def test_search_reuses_saved_trials_and_resumes(monkeypatch, tmp_path):
     start, previous = B.starting_point(None, cfg, log=lambda _: None)
     assert sorted(start.concepts) == sorted(ALL_CONCEPTS)
     assert previous["cross"] == {"trials": []} and previous["red"]["trials"]  # progress overrides search.json
+
+
+def test_colours_get_a_replacement_stage_ranked_by_clean_flips(monkeypatch):
+    """The winner, alone and with each other colour as its target at each α, judged on stage 1's
+    set; equal scores are separated by clean flips, and the chosen target becomes the default."""
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    a = B.ATTN2_UP3
+    clean = {None: 0.5, ("green", 1.0): 1.0, ("blue", 2.0): 0.9}
+    calls = _fake_trials(
+        monkeypatch,
+        lambda stage, s: 0.5 if s.target == "purple" else 1.0,  # equal scores but one target
+        lambda s: clean.get(s.target and (s.target, s.target_scale), 0.0),
+    )
+    cfg = B.BundleConfig(
+        search_sets={"color": (a,)},
+        search_percentiles=(99.0,),
+        search_gammas=(-2.0,),
+        search_targets={"color": (1.0, 2.0)},
+    )
+    out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None)
+    replaced = [s for stage, s in calls][1:]
+    assert replaced[0] == B.Setting(a, 99.0, -2.0) and len(replaced) == 1 + 5 * 2
+    assert {s.target for s in replaced[1:]} == {"green", "blue", "yellow", "purple", "orange"}
+    assert all(stage == "search" for stage, _ in calls)  # stage 1's validation set
+    best = out["red"]["best"]
+    assert (best["target"], best["target_scale"]) == ("green", 1.0)
+    defaults = eraser.hookpoints[a[0]].library.selection_defaults("red")
+    assert (defaults.target, defaults.target_scale) == ("green", 1.0)
+    # a re-tune reuses the stage, and a winner without a target clears a saved one
+    calls.clear()
+    clean[None] = 1.0
+    previous = {"red": {"trials": out["red"]["trials"], "replace": out["red"]["replace"][1:]}}
+    out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None, previous=previous)
+    assert [s for _, s in calls] == [B.Setting(a, 99.0, -2.0)] and "target" not in out["red"]["best"]
+    assert eraser.hookpoints[a[0]].library.selection_defaults("red").target is None

@@ -7,8 +7,12 @@
 4. a per-concept search over hookpoint (or hookpoint set, ``search_sets``, each with its score
    contrast) × percentile × γ on validation seeds (never the test seeds), maximising
    mean(UA, IRA, CRA) as judged by the ShapesCanvas judges; for objects the best four are judged
-   again on every caption of the object with fresh seeds (stage 2), which decides. The winners are
-   saved as the concept's selection defaults (the hookpoint choice as ``active`` flags).
+   again on every caption of the object with fresh seeds (stage 2), which decides. For colours a
+   replacement stage follows (``search_targets``): the winner as it is, and with each other colour
+   as its target (:attr:`~..sae.spec.ConceptAblation.target`) at each α, ranked by the score, then
+   by the share of forget images that are a clean image of another concept, then by the margin.
+   The winners are saved as the concept's selection defaults (the hookpoint choice as ``active``
+   flags).
 
 ``python examples/build_shapescanvas_bundle.py`` runs it and writes ``checkpoints/shapescanvas-saeuron``.
 """
@@ -114,6 +118,13 @@ REFINE_SEED = 40_000  # stage-2 validation; test images use 50_000 and up
 # test seeds put at 70 %; all 30 captions of an object expose that. Styles and colours met their
 # targets on stage 1 alone.
 REFINE_TOP = {"object": 4}
+# Colours removed alone tend to land between two colours (red → yellow-orange: UA counts it, no judge
+# calls it a colour; clean rate 80 % on the test seeds). Steering the same tokens toward another
+# colour gives a clean image (red → green, α 1: 24 of 24 clean on stage-2 prompts). Objects and styles
+# were ≥ 90 % clean without it.
+TARGET_SCALES = {"color": (1.0, 2.0)}
+CLEAN_CONFIDENCE = 0.9
+"""A judge probability at least this high makes an image a clean image of its class."""
 
 
 def concept_domain(name: str) -> str:
@@ -181,6 +192,11 @@ class BundleConfig:
     0 or 1: stage 1 decides)."""
     refine_prompts: int = 30
     """Stage-2 prompts with the concept (every caption of an object, at most) and as many without."""
+    search_targets: tuple[float, ...] | dict[str, tuple[float, ...]] = field(
+        default_factory=lambda: dict(TARGET_SCALES)
+    )
+    """Replacement stage: the α grid, per domain as the other grids; every other concept of the domain
+    is tried as the target at each α, against the winner without one (empty: no replacement stage)."""
     from_bundle: str | None = None
     """Skip steps 1-3: take the SAEs and statistics of this bundle (folder or Hub repo) and reuse its
     ``search.json`` trials where the recipe matches (re-tuning a bundle's defaults)."""
@@ -359,6 +375,9 @@ class Setting(NamedTuple):
     gamma: float
     contrast: str | None = None
     """``None``: the concept's default contrast (:func:`domain_contrast`)."""
+    target: str | None = None
+    """Replacement target (None: removal only)."""
+    target_scale: float = 1.0
 
 
 def search_grid(
@@ -401,9 +420,11 @@ def evaluate_setting(
     setting: Setting,
 ) -> dict[str, Any]:
     """One trial: the validation images with ``setting`` (hookpoints, percentile, γ, contrast), judged."""
-    hps, pct, gamma, contrast = Setting(*setting)
+    hps, pct, gamma, contrast, target, scale = Setting(*setting)
     prompts, seeds = validation
-    ablation = ConceptAblation(name, percentile=pct, gamma=gamma, contrast=contrast)
+    ablation = ConceptAblation(
+        name, percentile=pct, gamma=gamma, contrast=contrast, target=target or "", target_scale=scale
+    )
     with eraser.unlearn(pipe, [ablation], hookpoints=list(hps)):
         images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
     return {
@@ -411,6 +432,7 @@ def evaluate_setting(
         "percentile": pct,
         "gamma": gamma,
         "contrast": contrast,
+        **({"target": target, "target_scale": scale} if target else {}),
         **trial_scores(judges, images, prompts, name),
     }
 
@@ -418,26 +440,58 @@ def evaluate_setting(
 def trial_scores(
     judges: Any, images: torch.Tensor, prompts: Sequence[sc.BenchmarkPrompt], name: str
 ) -> dict[str, float]:
-    """A search trial's UA / IRA / CRA, its objective ``score`` (their mean) and the tie-break
-    ``margin``, from one judge pass. Every method's search (ours and the baselines') ranks by these."""
+    """A search trial's UA / IRA / CRA, its objective ``score`` (their mean), the tie-break
+    ``margin`` and ``clean_flip`` (the share of forget images the domain's judge calls another class
+    with confidence ≥ 0.9), from one judge pass. Every method's search (ours and the baselines')
+    ranks by these: :func:`_rank`, and :func:`replacement_rank` in the replacement stage."""
     probs = judges.probabilities(images)
     s = judge_scores(judges, images, prompts, name, probs)
     return {
         **s,
         "score": (s["ua"] + s["ira"] + s["cra"]) / 3,
         "margin": judge_margin(probs, prompts, name),
+        "clean_flip": clean_flip(probs, prompts, name),
     }
+
+
+def clean_flip(probs: dict[str, torch.Tensor], prompts: Sequence[sc.BenchmarkPrompt], concept: str) -> float:
+    """The share of images of prompts with ``concept`` that the domain's judge assigns to another
+    class with probability ≥ :data:`CLEAN_CONFIDENCE`: unlearned into a clean image, not debris."""
+    domain = concept_domain(concept)
+    top = probs[domain].max(-1)
+    flip = (top.values >= CLEAN_CONFIDENCE) & (top.indices != sc.VOCABULARIES[domain].index(concept))
+    has = _has(prompts, concept)
+    return float(flip[has].float().mean()) if bool(has.any()) else float("nan")
 
 
 def _key(trial: dict[str, Any]) -> Setting:
     """A saved trial's setting (trials saved before contrasts were searched used the default)."""
     return Setting(
-        tuple(trial["hookpoints"]), float(trial["percentile"]), float(trial["gamma"]), trial.get("contrast")
+        tuple(trial["hookpoints"]),
+        float(trial["percentile"]),
+        float(trial["gamma"]),
+        trial.get("contrast"),
+        trial.get("target"),
+        float(trial.get("target_scale", 1.0)),
     )
 
 
 def _rank(trial: dict[str, Any]) -> tuple[float, float]:
     return trial["score"], trial["margin"]
+
+
+def replacement_rank(trial: dict[str, Any]) -> tuple[float, float, float]:
+    """The replacement stage's ranking: the objective, then clean flips, then the margin.
+
+    Removal and replacement often tie on the objective (both flip every image); what separates them
+    is whether the flipped image is a clean image of something else or debris between concepts.
+    """
+    return trial["score"], trial["clean_flip"], trial["margin"]
+
+
+def replacement_targets(name: str) -> list[str]:
+    """The targets a replacement stage tries for ``name``: the other concepts of its domain."""
+    return [c for c in sc.VOCABULARIES[concept_domain(name)] if c != name]
 
 
 def run_trials(
@@ -454,8 +508,8 @@ def run_trials(
 
     Returns the trials in ``settings`` order and how many were reused.
     """
-    n = cfg.search_prompts if stage == "search" else cfg.refine_prompts
-    validation = validation_set(name, n, cfg, stage)
+    n = cfg.refine_prompts if stage == "refine" else cfg.search_prompts
+    validation = validation_set(name, n, cfg, "refine" if stage == "refine" else "search")
     known = {_key(t): t for t in done}
     trials = [
         known[s] if s in known else evaluate_setting(eraser, pipe, judges, cfg, name, validation, s)
@@ -478,6 +532,8 @@ def set_winner(eraser: SAeUron, name: str, trial: dict[str, Any]) -> None:
             top_n=None,
             gamma=trial["gamma"],
             contrast=contrast,
+            target=trial.get("target"),
+            target_scale=float(trial.get("target_scale", 1.0)),
             active=hp in trial["hookpoints"],
         )
 
@@ -523,12 +579,26 @@ def search_defaults(
             )
             reused += again
             best = max(record["refine"], key=_rank)
+        scales = _for_domain(cfg.search_targets, domain)
+        if scales:
+            plain = _key(best)._replace(target=None, target_scale=1.0)
+            candidates = [plain] + [
+                plain._replace(target=t, target_scale=float(a))
+                for t in replacement_targets(name)
+                for a in scales
+            ]
+            record["replace"], again = run_trials(
+                eraser, pipe, judges, cfg, name, "replace", candidates, old.get("replace", ())
+            )
+            reused += again
+            best = max(record["replace"], key=replacement_rank)
         record["best"] = best
         set_winner(eraser, name, best)
         results[name] = record
         log(
             f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}"
-            f"{' contrast ' + best['contrast'] if best.get('contrast') else ''}: "
+            f"{' contrast ' + best['contrast'] if best.get('contrast') else ''}"
+            f"{' → ' + best['target'] if best.get('target') else ''}: "
             f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f}"
             f"{' (stage 2)' if 'refine' in record else ''} ({time.time() - t0:.0f} s, {reused} trials reused)"
         )
@@ -603,6 +673,8 @@ def reusable_search(saved: dict[str, Any] | None, cfg: BundleConfig) -> dict[str
         out[name] = {"trials": r.get("trials", [])}
         if keep_refine and "refine" in r:
             out[name]["refine"] = r["refine"]
+        if "replace" in r:  # on stage 1's validation set; trials are keyed by their whole setting
+            out[name]["replace"] = r["replace"]
     return out
 
 

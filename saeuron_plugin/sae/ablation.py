@@ -8,6 +8,14 @@ every prompt the library holds, all concepts and the background, pooled), the la
 * ``zero``: z_i ← 0;
 * ``clamp``: z_i ← c, a fixed value c ≤ 0.
 
+Target replacement (``target``, α = ``target_scale``): on every token where any of concept c's
+latents changed, the edit also adds α · (μ(τ, D_t) − μ(τ, D_c))·W_dec, the decoded difference of
+the target's and the concept's mean latents at the bucket. Removal alone leaves the concept's slot
+empty and the model may fill it with something between concepts (a red shape turns yellow-orange,
+which no judge calls a colour); steering the same tokens toward a named concept gives a clean
+image of it instead, as concept-replacement methods (UCE, Concept Ablation) do with their anchors.
+Tokens where c does not fire are untouched, so prompts without c keep their images.
+
 Several concepts at once: each keeps its own rule and scale. A latent selected by several
 concepts in the same bucket takes the *most negative* of their results, token by token, so the
 outcome does not depend on the order the concepts are listed in.
@@ -82,6 +90,10 @@ class _Plan:
     w_dec: Tensor | None = None
     pos: Tensor | None = None
     """Index into the ablator's shared row tables when the rows are not copied per bucket."""
+    member: Tensor | None = None
+    """[S, J] fp32: 1 where latent s belongs to the selection of the j-th concept with a target."""
+    steer: Tensor | None = None
+    """[J, d] fp32: that concept's target shift α·(μ_t − μ_c)·W_dec at this bucket."""
 
     def to(self, device: torch.device) -> _Plan:
         return _Plan(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
@@ -139,8 +151,11 @@ class FeatureAblator:
         self.ablations = [s.resolve(library) for s in specs]
         self.selections: dict[str, FeatureSelection] = {}
         for a in self.ablations:
-            if library.get(a.concept).total_count == 0:
-                raise ValueError(f"concept {a.concept!r} has no statistics yet")
+            for name in (a.concept, a.target) if a.target else (a.concept,):
+                if library.get(name).total_count == 0:
+                    raise ValueError(f"concept {name!r} has no statistics yet")
+            if a.target and legacy_error_sign:
+                raise ValueError(f"{a.concept!r}: target replacement needs legacy_error_sign=False")
             scores = concept_scores(library, a.concept, a.contrast)
             self.selections[a.concept] = select_features(scores, a.percentile, a.top_n, self.tau_grid)
         self._build(self.sae.device)
@@ -150,6 +165,8 @@ class FeatureAblator:
         lib, k_buckets = self.library, self.tau_grid.num_buckets
         gate_all = lib.all_means(fill_empty=True)
         coeffs = {a.concept: a.affine(lib.get(a.concept).means(fill_empty=True)) for a in self.ablations}
+        targeted = [a for a in self.ablations if a.target]
+        shifts = self._target_shifts(targeted)  # [K, J, d]
         plans: list[_Plan | None] = []
         for k in range(k_buckets):
             per_latent: dict[int, list[tuple[float, float]]] = {}
@@ -167,7 +184,13 @@ class FeatureAblator:
             for row, i in enumerate(lat):
                 for col, (ca_, cb_) in enumerate(per_latent[i]):
                     a_t[row, col], b_t[row, col] = ca_, cb_
-            plans.append(_Plan(torch.tensor(lat), *self._gates(gate_all[k, lat]), a_t, b_t))
+            plan = _Plan(torch.tensor(lat), *self._gates(gate_all[k, lat]), a_t, b_t)
+            if targeted:
+                plan.member = torch.stack(
+                    [torch.isin(plan.latents, self.selections[a.concept].bucket(k)) for a in targeted], 1
+                ).float()
+                plan.steer = shifts[k]
+            plans.append(plan)
         # Padded copies for per-row lookups on the device: padding has gate +inf (never changes).
         s_max = max((len(p.latents) for p in plans if p is not None), default=0)
         c_max = max((p.a.shape[1] for p in plans if p is not None), default=0)
@@ -175,15 +198,36 @@ class FeatureAblator:
         self._gate = torch.full((k_buckets, s_max), float("inf"))
         self._a = torch.zeros(k_buckets, s_max, c_max)
         self._b = torch.full((k_buckets, s_max, c_max), float("inf"))
+        self._member = torch.zeros(k_buckets, s_max, len(targeted)) if targeted else None
+        self._steer = shifts if targeted else None
         for k, p in enumerate(plans):
             if p is not None:
                 s, c = p.a.shape
                 self._lat[k, :s], self._gate[k, :s] = p.latents, p.gate
                 self._a[k, :s, :c], self._b[k, :s, :c] = p.a, p.b
+                if self._member is not None and p.member is not None:
+                    self._member[k, :s] = p.member
         self._gather_rows(plans)
         self._plans = plans
         self._any = s_max > 0
         self.to(device)
+
+    def _target_shifts(self, targeted: Sequence[ResolvedAblation]) -> Tensor:
+        """[K, J, d] fp32: α·(μ(τ_k, D_t) − μ(τ_k, D_c))·W_dec for each concept with a target."""
+        sae, lib = self.sae, self.library
+        if not targeted:
+            return torch.zeros(self.tau_grid.num_buckets, 0, sae.d_in)
+        with torch.no_grad():
+            diff = torch.stack(
+                [
+                    a.target_scale
+                    * (lib.get(a.target).means(fill_empty=True) - lib.get(a.concept).means(fill_empty=True))
+                    for a in targeted
+                    if a.target
+                ],
+                1,
+            )  # [K, J, n]
+            return (diff.float().to(sae.device) @ sae.W_dec.detach().float()).cpu()
 
     def _gates(self, gate: Tensor) -> tuple[Tensor, Tensor]:
         """(gate, cut) for a bucket: gates clamped at 0 (means of ReLU latents are never negative)."""
@@ -236,6 +280,8 @@ class FeatureAblator:
         self._u_enc, self._u_benc, self._u_dec = (t.to(device) for t in rows)
         tables = (self._lat, self._gate, self._a, self._b)
         self._lat, self._gate, self._a, self._b = (t.to(device) for t in tables)
+        if self._member is not None and self._steer is not None:
+            self._member, self._steer = self._member.to(device), self._steer.to(device)
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> FeatureAblator:
@@ -274,6 +320,8 @@ class FeatureAblator:
                 else (f"clamp {a.clamp_value:g}" if a.rule is AblationRule.CLAMP else "zero")
             )
             sel = f"p={a.percentile}" if a.top_n is None else f"top {a.top_n}"
+            if a.target:
+                sel += f", → {a.target} (α={a.target_scale:g})"
             lines.append(
                 f"- {a.concept}: {a.rule.value} {how}, {sel}; "
                 + self.selections[a.concept].describe(limit=5).replace("\n", "\n  ")
@@ -310,8 +358,19 @@ class FeatureAblator:
         z = self._encode(xr, lat.reshape(-1)).reshape(b, xr.shape[1], b, s)
         z = z.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # row r keeps its own bucket's latents: [b, T, S]
         change = z > self._gate[bucket].unsqueeze(1)
+        steer = None
+        if self._member is not None and self._steer is not None:
+            steer = (self._member[bucket], self._steer[bucket])
         out = self._edit(
-            xr, z, change, self._a[bucket], self._b[bucket], self._rows_of(lat), rows, batched=True
+            xr,
+            z,
+            change,
+            self._a[bucket],
+            self._b[bucket],
+            self._rows_of(lat),
+            rows,
+            batched=True,
+            steer=steer,
         )
         return x if out is xr else out.reshape(x.shape)
 
@@ -364,7 +423,9 @@ class FeatureAblator:
         pre = F.linear(xs.float(), w_enc, b_enc)  # the selected latents only: |F|·d per token
         if sae.cfg.encoder == "threshold":
             # z_i = pre_i where pre_i > θ (and ReLU); it changes iff pre_i > max(gate_i, θ)
-            return self._edit(x, pre, pre > plan.cut, plan.a, plan.b, w_dec, rows, batched=False)
+            return self._edit(
+                x, pre, pre > plan.cut, plan.a, plan.b, w_dec, rows, batched=False, steer=_steer_of(plan)
+            )
         # TopK: the full encode decides membership, but only where a selected latent passes its gate
         # can anything change; on CPU only those tokens are fully encoded (margin: rounding)
         idx = self._few_tokens((pre > plan.gate - 1e-4 * (1 + plan.gate)).any(-1), x)
@@ -375,7 +436,9 @@ class FeatureAblator:
             z = torch.zeros_like(pre)  # placeholders where nothing can change
             if idx[0].numel():
                 z[idx] = _topk_members(sae, x[idx], plan.latents, gate)
-        return self._edit(x, z, z > plan.gate, plan.a, plan.b, w_dec, rows, batched=False)
+        return self._edit(
+            x, z, z > plan.gate, plan.a, plan.b, w_dec, rows, batched=False, steer=_steer_of(plan)
+        )
 
     def _host_path(self, x: Tensor) -> bool:
         """True where data-dependent shortcuts (host syncs) pay: CPU, unless ``sparse_tokens`` is off."""
@@ -409,6 +472,7 @@ class FeatureAblator:
         rows: Tensor | None,
         *,
         batched: bool,
+        steer: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """out = x + (z′ − z)·W_dec[sel] on the tokens where ``change``; x itself if none (on CPU).
 
@@ -416,7 +480,8 @@ class FeatureAblator:
         and a, b [B, S, C], w [B, S, d] per row. On CPU the changed tokens are counted on the host:
         none returns x; up to half are gathered, computed and written alone (a clone of x plus a few
         rows); more take the dense path. On a device the edit is dense and sync-free, with unchanged
-        tokens taken from x by ``torch.where``.
+        tokens taken from x by ``torch.where``. ``steer`` (member [S, J], shift [J, d]; [B, …]
+        batched) adds shift j on the tokens where any latent of the j-th targeted concept changed.
         """
         if rows is not None:  # a token mask broadcastable to change.shape[:-1]
             change = change & rows.unsqueeze(-1)
@@ -430,6 +495,9 @@ class FeatureAblator:
                 a, b, w = a[idx[0]], b[idx[0]], w[idx[0]]
             dz = torch.where(cc, _target(zc, a, b) - zc, 0.0)
             delta = (dz.unsqueeze(-2) @ w).squeeze(-2) if batched else dz @ w
+            if steer is not None:
+                member, shift = (t[idx[0]] for t in steer) if batched else steer
+                delta = delta + _steering(cc, member, shift, batched)
             if self.sae.cfg.input_unit_norm:
                 delta = delta * self.sae._standardise(xc)[2].float()
             out = x.clone()
@@ -438,6 +506,8 @@ class FeatureAblator:
         if batched:
             a, b = a.unsqueeze(1), b.unsqueeze(1)  # broadcast over the tokens of each row
         delta = torch.where(change, _target(z, a, b) - z, 0.0) @ w
+        if steer is not None:
+            delta = delta + (((change.float() @ steer[0]) > 0).float() @ steer[1])
         if self.sae.cfg.input_unit_norm:
             delta = delta * self.sae._standardise(x)[2].float()
         edited = (x.float() + delta).to(x.dtype)
@@ -471,6 +541,21 @@ class FeatureAblator:
         if rows is not None:
             out = torch.where(rows.view(-1, *([1] * (x.dim() - 1))), out, x)
         return out
+
+
+def _steer_of(plan: _Plan) -> tuple[Tensor, Tensor] | None:
+    return None if plan.member is None or plan.steer is None else (plan.member, plan.steer)
+
+
+def _steering(change: Tensor, member: Tensor, shift: Tensor, batched: bool) -> Tensor:
+    """[m, d]: the target shifts of the concepts that fired on each of m gathered tokens.
+
+    change [m, S]; unbatched member [S, J], shift [J, d]; batched (each token its own row's
+    tables) member [m, S, J], shift [m, J, d]."""
+    if not batched:
+        return ((change.float() @ member) > 0).float() @ shift
+    fired = (change.float().unsqueeze(-2) @ member) > 0  # [m, 1, J]
+    return (fired.float() @ shift).squeeze(-2)
 
 
 def _with_encoder(sae: SparseAutoencoder, library: ConceptLibrary, encoder: str | None) -> SparseAutoencoder:

@@ -660,6 +660,8 @@ class SaeBundle:
             lib = self.hookpoints[where[0]].library
             d = lib.selection_defaults(name)
             sel = f"top {d.top_n}" if d.top_n is not None else f"p={d.percentile}"
+            if d.target:
+                sel += f", → {d.target} (α={d.target_scale:g})"
             marks = [
                 f"`{w}`" + (" ✓" if self.hookpoints[w].library.selection_defaults(name).active else "")
                 for w in where

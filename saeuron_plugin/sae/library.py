@@ -60,6 +60,10 @@ class SelectionDefaults:
     contrast: str | list[str] = "auto"
     """Contrast set for the score: ``auto`` (others, else background), ``others``, ``worst``,
     ``background``, or concept names (see :func:`.selection.concept_scores`)."""
+    target: str | None = None
+    """Concept to steer toward where this one is removed (see :attr:`.spec.ConceptAblation.target`)."""
+    target_scale: float = 1.0
+    """α of the target replacement."""
     active: bool = True
     """False: the statistics stay (as contrast and gate) but adapters ablate the concept at this
     hookpoint only when asked for this hookpoint explicitly (e.g. styles at one block, objects at another)."""

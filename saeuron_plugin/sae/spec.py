@@ -44,6 +44,13 @@ class ConceptAblation:
     rule: AblationRule | str | None = None
     clamp_value: float | None = None
     contrast: str | list[str] | None = None
+    target: str | None = None
+    """Replace rather than only remove: on every token where this concept's edit fires, also add
+    ``target_scale`` · (μ(τ, D_target) − μ(τ, D_concept))·W_dec, the decoded difference of the two
+    concepts' mean latents at the token's τ bucket (e.g. ``red`` → ``green``). ``None``: the
+    library's default (usually none); ``""``: none, whatever the default."""
+    target_scale: float | None = None
+    """α of ``target`` (1 by default)."""
 
     def resolve(self, library: ConceptLibrary) -> ResolvedAblation:
         d = library.selection_defaults(self.concept)
@@ -78,6 +85,13 @@ class ConceptAblation:
             )
         if rule is AblationRule.CLAMP and clamp_value > 0:
             raise ValueError(f"{self.concept!r}: clamp_value must be ≤ 0, got {clamp_value}")
+        target = (self.target if self.target is not None else d.target) or None
+        target_scale = float(self.target_scale if self.target_scale is not None else d.target_scale)
+        _check_finite(self.concept, "target_scale", target_scale, MAX_ABS_GAMMA)
+        if target is not None:
+            if target == self.concept:
+                raise ValueError(f"{self.concept!r}: the target must be another concept, not itself")
+            library.get(target)  # UnknownConceptError (with the known names) if the library lacks it
         return ResolvedAblation(
             self.concept,
             rule,
@@ -86,6 +100,8 @@ class ConceptAblation:
             float(gamma),
             float(clamp_value),
             self.contrast if self.contrast is not None else d.contrast,
+            target,
+            target_scale,
         )
 
 
@@ -110,6 +126,8 @@ class ResolvedAblation:
     gamma: float
     clamp_value: float
     contrast: str | list[str]
+    target: str | None = None
+    target_scale: float = 1.0
 
     def affine(self, mu_c: Tensor) -> tuple[Tensor, Tensor]:
         """The rule as z′ = a·z + b for latents with concept means ``mu_c``: (a, b)."""

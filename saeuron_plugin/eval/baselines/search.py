@@ -12,7 +12,11 @@ one hand-set preset against that is not a fair comparison, so every baseline get
   fresh prompts);
 * a grid over the method's own hyper-parameters (:func:`search_grid`): negative prompt, its text and
   guidance; SLD, its four levels × warm-up; UCE, erase scale × preserve set and λ × templates; ESD-x,
-  steps, lr, negative guidance η and which cross-attention parameters train.
+  steps, lr, negative guidance η and which cross-attention parameters train;
+* the **same replacement stage** where SAeUron had one (colours), for the methods that can steer
+  toward a target: UCE maps the concept to another colour's text (its anchor) at erase scale 1 and
+  3, 11 candidates as SAeUron's 5 targets × 2 α plus the winner, ranked the same way
+  (:func:`~..shapescanvas_build.replacement_rank`). ESD-x, SLD and negative prompting have no target.
 
 Each trial is saved to ``<out>/<method>.json`` as soon as it is judged (atomic write), so an
 interrupted search resumes and a rerun reuses every trial; ESD's trained weights go to its own cache,
@@ -31,7 +35,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from .. import shapescanvas as sc
-from ..shapescanvas_build import REFINE_TOP, BundleConfig, concept_domain, trial_scores, validation_set
+from ..shapescanvas_build import (
+    REFINE_TOP,
+    TARGET_SCALES,
+    BundleConfig,
+    concept_domain,
+    replacement_rank,
+    replacement_targets,
+    trial_scores,
+    validation_set,
+)
 from .presets import concept_caption
 from .sld import MEDIUM
 
@@ -62,10 +75,31 @@ SLD_LEVELS: dict[str, dict[str, float]] = {
 }
 
 
+def _text(concept: str) -> str:
+    return f"{concept} style" if concept_domain(concept) == "style" else concept
+
+
+STAGES = ("search", "refine", "replace")
+REPLACING = ("uce",)
+"""Baselines with a replacement target of their own (UCE's anchor text)."""
+
+
+def replacement_grid(method: str, concept: str, best: dict[str, Any]) -> list[dict[str, Any]]:
+    """The replacement stage's candidates: the winner as it is, and with each other concept of the
+    domain as its target (UCE: its anchor text, at erase scale 1 and 3); none for other methods."""
+    if method not in REPLACING:
+        return []
+    return [best] + [
+        {**best, "target_text": _text(t), "erase_scale": e}
+        for t in replacement_targets(concept)
+        for e in (1.0, 3.0)
+    ]
+
+
 def search_grid(method: str, concept: str) -> list[dict[str, Any]]:
     """The settings a baseline's search tries for ``concept`` (keyword arguments on top of the presets;
     ``guidance_scale`` is the generation's CFG and ``retain`` picks the preserved concepts)."""
-    text = f"{concept} style" if concept_domain(concept) == "style" else concept
+    text = _text(concept)
     if method == "negative_prompt":
         return [
             {"negative_text": t, "guidance_scale": g}
@@ -101,7 +135,7 @@ def retain_texts(concept: str, which: str = "domain") -> list[str]:
         raise ValueError(f"retain must be 'domain', 'all' or 'none', got {which!r}")
     domain = concept_domain(concept)
     words = [] if which == "none" else sc.VOCABULARIES[domain] if which == "domain" else sc.CONCEPTS
-    return [f"{w} style" if concept_domain(w) == "style" else w for w in words if w != concept]
+    return [_text(w) for w in words if w != concept]
 
 
 def _key(setting: dict[str, Any]) -> str:
@@ -162,8 +196,9 @@ class BaselineSearch:
         entry = self.data["concepts"].setdefault(concept, {"seconds": 0.0})
         trials = entry.setdefault(stage, [])
         done = {_key(t["setting"]): t for t in trials}
-        n = self.bundle.search_prompts if stage == "search" else self.bundle.refine_prompts
-        prompts, seeds = validation_set(concept, n, self.bundle, stage)
+        refine = stage == "refine"  # the replacement stage reuses stage 1's validation set
+        n = self.bundle.refine_prompts if refine else self.bundle.search_prompts
+        prompts, seeds = validation_set(concept, n, self.bundle, "refine" if refine else "search")
         todo = [s for s in settings if _key(s) not in done]
         bar = tqdm(
             todo, desc=f"tune {self.method} {concept} ({stage})", unit="trial", leave=False, disable=not todo
@@ -194,13 +229,16 @@ class BaselineSearch:
         if top > 1 and len(ranked) > 1:
             finalists = [t["setting"] for t in ranked[:top]]
             ranked = sorted(self._judge(concept, "refine", finalists), key=_rank, reverse=True)
+        candidates = replacement_grid(self.method, concept, ranked[0]["setting"])
+        if concept_domain(concept) in TARGET_SCALES and candidates:
+            ranked = sorted(self._judge(concept, "replace", candidates), key=replacement_rank, reverse=True)
         entry = self.data["concepts"][concept]
         entry["best"] = ranked[0]
         self.save()
         b = ranked[0]
         self.log(
             f"{self.method:15s} {concept:10s} tuned: {b['setting']} UA {b['ua']:.2f} IRA {b['ira']:.2f} "
-            f"CRA {b['cra']:.2f} ({sum(len(entry.get(s, [])) for s in ('search', 'refine'))} trials, "
+            f"CRA {b['cra']:.2f} ({sum(len(entry.get(s, [])) for s in STAGES)} trials, "
             f"{entry['seconds']:.0f} s)"
         )
         return b["setting"]
@@ -208,7 +246,7 @@ class BaselineSearch:
     def summary(self, concepts: Sequence[str]) -> dict[str, Any]:
         """Trials, validation images and seconds spent on ``concepts`` (per concept means and totals)."""
         entries = [self.data["concepts"][c] for c in concepts if c in self.data["concepts"]]
-        trials = [t for e in entries for s in ("search", "refine") for t in e.get(s, [])]
+        trials = [t for e in entries for s in STAGES for t in e.get(s, [])]
         return {
             "concepts": len(entries),
             "trials": len(trials),
@@ -229,11 +267,15 @@ def saeuron_summary(bundle_folder: str | Path, concepts: Sequence[str]) -> dict[
     trials = images = 0
     for concept in concepts:
         record = data["search"].get(concept, {})
-        for stage, n in (("trials", cfg.search_prompts), ("refine", cfg.refine_prompts)):
+        for stage, n in (
+            ("trials", cfg.search_prompts),
+            ("refine", cfg.refine_prompts),
+            ("replace", cfg.search_prompts),
+        ):
             count = len(record.get(stage, []))
             trials += count
             images += count * len(
-                validation_set(concept, n, cfg, "search" if stage == "trials" else "refine")[0]
+                validation_set(concept, n, cfg, "refine" if stage == "refine" else "search")[0]
             )
     return {"concepts": len(concepts), "trials": trials, "images": images, "seconds": None}
 
