@@ -18,6 +18,7 @@ _LAZY = {
     "TrainConfig": "saeuron_plugin.sae.train",
     "Trainer": "saeuron_plugin.sae.train",
     "train_sae": "saeuron_plugin.sae.train",
+    "ConceptAblation": "saeuron_plugin.sae.spec",
     "SAeUron": "saeuron_plugin.diffusion.unlearn",
     "VLMUnlearner": "saeuron_plugin.vlm.unlearn",
 }

@@ -530,6 +530,8 @@ def test_target_errors_defaults_and_gradient():
     assert res.target is None  # "" switches a default target off
     ab = FeatureAblator(sae, lib, ["A"])
     assert "→ C" in ab.describe()
+    both = FeatureAblator(sae, lib, ["A", "C"])  # A's target is removed too: A is only removed
+    assert [r.target for r in both.ablations] == [None, None] and both._member is None
     x = concept_input().requires_grad_(True)
     ab(x, 0.5).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -146,7 +146,8 @@ def test_saeuron_budget_is_read_from_the_bundle():
     summary = S.saeuron_summary(ROOT / "checkpoints" / "shapescanvas-saeuron", ["star", "red"])
     search = json.loads((ROOT / "checkpoints" / "shapescanvas-saeuron" / "search.json").read_text())["search"]
     assert summary["trials"] == sum(
-        len(search[c]["trials"]) + len(search[c].get("refine", [])) for c in ("star", "red")
+        len(search[c]["trials"]) + len(search[c].get("refine", [])) + len(search[c].get("replace", []))
+        for c in ("star", "red")
     )
     assert summary["images"] > 12 * summary["trials"] and summary["seconds"] is None
 

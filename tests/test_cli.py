@@ -150,6 +150,11 @@ def test_diffusion_commands_end_to_end(tmp_path, capsys):
     assert {p.rsplit("/", 1)[1] for p in written} == {"0000_unlearned.png", "0000_compare.png"}
     assert main(["concept", "show", "--sae", str(bundle), "--name", "green"]) == 2
     assert "unknown concept 'green'" in capsys.readouterr().err
+    replace = ["generate", *common, "--sae", str(bundle), "--unlearn", "red", "--prompt", "a red star"]
+    assert main([*replace, "--target", "green", "--out", str(out)]) == 2  # checked before loading
+    assert "unknown concept 'green'" in capsys.readouterr().err
+    assert main([*replace, "--target", "blue", "--out", str(tmp_path / "replaced")]) == 0
+    assert json.loads(capsys.readouterr().out)["images"][0].endswith("0000_unlearned.png")
 
 
 def test_train_options_come_from_the_config_and_vlm_train_is_an_alias(capsys):

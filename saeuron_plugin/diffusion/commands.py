@@ -215,6 +215,12 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--strength", type=float, default=None, help="override the concepts' strength (γ = -strength)"
     )
+    p.add_argument(
+        "--target",
+        default=None,
+        metavar="CONCEPT",
+        help='replace the removed concepts with this one of the bundle ("": none, whatever the default)',
+    )
     p.add_argument("--encoder", choices=["topk", "threshold"], default=None, help="override the SAE encoder")
     p.add_argument("--out", default="out/generate", help="output folder for the PNGs")
     p.add_argument("--compare", action="store_true", help="also write untouched | unlearned side by side")
@@ -230,7 +236,7 @@ def generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     eraser = SAeUron.from_pretrained(args.sae) if args.sae else None
     if eraser is not None and args.unlearn:  # unknown concepts, a bad --strength: fail before loading
-        eraser.resolve(args.unlearn, strength=args.strength)
+        eraser.resolve(args.unlearn, strength=args.strength, target=args.target)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +256,9 @@ def generate(args: argparse.Namespace) -> int:
         edited = None
         if args.unlearn:
             assert eraser is not None
-            with eraser.unlearn(pipe, args.unlearn, strength=args.strength, encoder=args.encoder):
+            with eraser.unlearn(
+                pipe, args.unlearn, strength=args.strength, encoder=args.encoder, target=args.target
+            ):
                 edited = run(batch)
         for j, (i, _) in enumerate(batch):
             tag = "unlearned" if args.unlearn else "image"

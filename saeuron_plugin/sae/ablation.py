@@ -15,6 +15,7 @@ empty and the model may fill it with something between concepts (a red shape tur
 which no judge calls a colour); steering the same tokens toward a named concept gives a clean
 image of it instead, as concept-replacement methods (UCE, Concept Ablation) do with their anchors.
 Tokens where c does not fire are untouched, so prompts without c keep their images.
+A target that is removed in the same call is dropped (that concept is only removed).
 
 Several concepts at once: each keeps its own rule and scale. A latent selected by several
 concepts in the same bucket takes the *most negative* of their results, token by token, so the
@@ -148,7 +149,12 @@ class FeatureAblator:
         self.sync_free = sync_free
         self.sparse_tokens = True
         """On CPU, find the changed tokens on the host and compute only those (off: the dense device path)."""
-        self.ablations = [s.resolve(library) for s in specs]
+        # a target that is itself removed in the same call would bring back what the user removes:
+        # that concept falls back to plain removal
+        self.ablations = [
+            dataclasses.replace(r, target=None) if r.target in names else r
+            for r in (s.resolve(library) for s in specs)
+        ]
         self.selections: dict[str, FeatureSelection] = {}
         for a in self.ablations:
             for name in (a.concept, a.target) if a.target else (a.concept,):

@@ -425,12 +425,14 @@ class SaeBundle:
         top_n: int | Mapping[str, int] | None = None,
         rule: str | None = None,
         hookpoints: Sequence[str] | None = None,
+        target: str | Mapping[str, str] | None = None,
     ) -> dict[str, list[ConceptAblation]]:
         """Hookpoint → the concepts to ablate there, with the user's overrides.
 
         A concept goes to every hookpoint whose library holds it and marks it ``active`` (all that
         hold it when ``hookpoints`` is given explicitly). Overrides apply to every concept or per
-        concept (a dict).
+        concept (a dict). ``target`` replaces instead of only removing (``{"red": "green"}``; ``""``
+        switches a bundle's default target off; see :attr:`.spec.ConceptAblation.target`).
         """
         specs_in = [concepts] if isinstance(concepts, str | ConceptAblation) else list(concepts)
         if not specs_in:
@@ -445,9 +447,11 @@ class SaeBundle:
                     percentile=None if top is not None else per_concept(percentile, spec),
                     top_n=top,
                     rule=rule,
+                    target=per_concept(target, spec),
                 )
             specs.append(spec)
         self.check_known([s.concept for s in specs])
+        self.check_known([s.target for s in specs if s.target])
         paths = self.paths(hookpoints) if hookpoints is not None else list(self.hookpoints)
         targets = {}
         for path in paths:
@@ -514,12 +518,14 @@ class SaeBundle:
         apply_to: ApplyTo = "all",
         hookpoints: Sequence[str] | None = None,
         legacy_error_sign: bool = False,
+        target: str | Mapping[str, str] | None = None,
         **install: Any,
     ) -> UnlearnHandle:
         """Install the ablation of ``concepts`` on ``model``; returns a handle whose ``remove()`` undoes it.
 
         ``strength`` (γ = −strength for the reference rule), ``percentile``, ``top_n`` and ``rule``
-        override the library defaults, for all concepts or per concept (a dict).
+        override the library defaults, for all concepts or per concept (a dict); so does ``target``,
+        the concept to steer toward instead of only removing (``{"red": "green"}``).
         ``encoder="threshold"`` uses the fast subset encoder (needs θ in the SAE or the library).
         ``apply_to="cond"`` edits only rows of the conditional CFG branch (where the runtime knows
         it). ``hookpoints`` restricts where concepts are ablated (and ablates concepts marked
@@ -528,7 +534,13 @@ class SaeBundle:
         an ablation raises ``HookConflictError``.
         """
         targets = self.plan(
-            concepts, strength=strength, percentile=percentile, top_n=top_n, rule=rule, hookpoints=hookpoints
+            concepts,
+            strength=strength,
+            percentile=percentile,
+            top_n=top_n,
+            rule=rule,
+            hookpoints=hookpoints,
+            target=target,
         )
         ablators = self.ablators(
             targets, encoder=encoder, apply_to=apply_to, legacy_error_sign=legacy_error_sign
