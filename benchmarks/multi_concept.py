@@ -3,8 +3,10 @@
     python benchmarks/multi_concept.py [--threads 2] [--forget 8] [--retain 24] [--seed 0]
 
 SAeUron (the shipped bundle, each concept at its tuned defaults; overlapping latents take the most
-negative result), UCE (one closed-form edit, its own multi-concept form, keyed on whole captions)
-and negative prompting (the concepts' captions listed) remove growing sets of concepts at once:
+negative result), UCE (one closed-form edit, its own multi-concept form, keyed on whole captions),
+negative prompting (the concepts' captions listed) and ESD-x (sequential: fine-tuned on one concept
+after another, each starting from the weights the previous left; trained weights cached under
+``--esd-cache``, so a set reuses its prefix) remove growing sets of concepts at once:
 
 * ``mixed``: star, striped, red, square, dotted, blue, triangle, checkered, first 1, 2, 3, 5 and 8
   (objects, styles and colors interleaved: the cross-domain case and sequential addition, one concept
@@ -24,7 +26,7 @@ import json
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -33,8 +35,8 @@ from _common import describe_run
 from saeuron_plugin import SAeUron
 from saeuron_plugin.diagnostics.charts import draw_curves
 from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.baselines import generate_with, negative_prompt, uce
-from saeuron_plugin.eval.baselines.presets import concept_caption, joint_caption_pairs
+from saeuron_plugin.eval.baselines import esd, generate_with, negative_prompt, uce
+from saeuron_plugin.eval.baselines.presets import concept_caption, joint_caption_pairs, shapescanvas_hparams
 from saeuron_plugin.eval.default_model import generate
 from saeuron_plugin.eval.judges import Judges
 from saeuron_plugin.eval.shapescanvas_build import concept_domain, load_default
@@ -49,8 +51,8 @@ ORDERS = {
 SIZES = {"mixed": (1, 2, 3, 5, 8), "colors": (1, 2, 3, 5)}
 SEED_BASE = 60_000  # never used for statistics or tuning (those use 10k-40k)
 GEN = {"steps": 25, "guidance_scale": 5.0}
-METHODS = ("saeuron", "uce", "negative_prompt")
-"""The methods that remove several concepts at once without training (ESD-x would train once per set)."""
+METHODS = ("saeuron", "uce", "negative_prompt", "esd")
+ESD_CACHE = ROOT / "runs" / "esd-cache"
 
 
 def accuracy(
@@ -71,7 +73,8 @@ def removing(method: str, pipe, eraser, removed: Sequence[str]) -> Iterator[Call
     removed concepts, preserving every caption that holds none of them (:func:`uce.caption_keys`;
     per-concept keys would give a caption with two removed concepts two targets, and the edits
     cancel); λ and ε at UCE's defaults. Negative prompt: the concepts' captions listed in one negative
-    prompt.
+    prompt. ESD-x: trained on each concept in turn (its presets), each run starting from the weights the
+    previous one left (sequential addition), restored on exit.
     """
     texts = [concept_text(c) for c in removed]
     if method == "saeuron":
@@ -86,6 +89,13 @@ def removing(method: str, pipe, eraser, removed: Sequence[str]) -> Iterator[Call
     if method == "negative_prompt":
         listing = ", ".join(concept_caption(t) for t in texts)
         with negative_prompt.erase(pipe, listing) as run:
+            yield lambda prompts, seeds: generate_with(run, prompts, seeds, **GEN)
+        return
+    if method == "esd":
+        with ExitStack() as stack:
+            for text in texts:
+                options = shapescanvas_hparams("esd", text) | {"cache_dir": ESD_CACHE, "progress": False}
+                run = stack.enter_context(esd.erase(pipe, text, **options))
             yield lambda prompts, seeds: generate_with(run, prompts, seeds, **GEN)
         return
     raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")

@@ -179,3 +179,28 @@ def test_uce_caption_keys_map_whole_captions_without_contradictions():
     ) in pairs  # all three gone: the empty prompt, UCE's default target
     assert ("a blue star in solid style", "a blue shape in solid style") in pairs
     assert len(pairs) + len(kept) == 180 and not any(w in k.split() for k in kept for w in ("star", "red"))
+
+
+def test_grids_show_before_and_after_for_each_method(tmp_path):
+    """One labelled grid per method: each domain's first concept, its captions with and without it."""
+    from PIL import Image
+
+    from saeuron_plugin.eval.unlearning import GRID_IMAGES, grid_concepts, write_grids
+
+    assert grid_concepts(["red", "star", "blue", "striped", "square"]) == ["red", "star", "striped"]
+    protocol = Protocol(steps=2, others=3)
+    setting = {"negative_text": "a star", "guidance_scale": 5.0}
+    paths = write_grids(
+        ["none", "negative_prompt"],
+        tmp_path,
+        concepts=["star"],
+        protocol=protocol,
+        tuned={"negative_prompt": {"star": setting}},
+        model=str(MODEL),
+        log=lambda _: None,
+    )
+    assert [p.name for p in paths] == ["none.png", "negative_prompt.png"]
+    with Image.open(paths[1]) as grid:
+        width, height = grid.size
+    # six forget images in a row (two rows: before, after), then the three retained captions
+    assert width >= GRID_IMAGES * 32 and height > 4 * 32

@@ -234,6 +234,22 @@ def test_esd_cache_is_reused(pipe, tmp_path, monkeypatch):
     assert_identical(before, pipe)
 
 
+def test_esd_sequential_addition_nests_and_restores(pipe, tmp_path):
+    """ESD-x on one concept after another (multi-concept benchmark): the second run starts from the
+    first's weights (its own cache file), exits back to them, and the outer exit restores the model."""
+    before = state(pipe)
+    with esd.erase(pipe, "star", cache_dir=tmp_path, **FAST["esd"]):
+        first = state(pipe)
+        with esd.erase(pipe, "red", cache_dir=tmp_path, **FAST["esd"]) as inner:
+            both = state(pipe)
+        assert all(torch.equal(first[k], v) for k, v in state(pipe).items())
+    assert_identical(before, pipe)
+    assert any(not torch.equal(first[k], both[k]) for k in first)
+    with esd.erase(pipe, "red", cache_dir=tmp_path, **FAST["esd"]) as alone:
+        assert alone.info["cache"] == "miss"  # red from the base weights is another model than red after star
+    assert alone.info["cache_path"] != inner.info["cache_path"]
+
+
 # ------------------------------------------------------------------------------------------ presets
 def test_shapescanvas_presets():
     assert concept_domain("striped style") == ("style", "striped")

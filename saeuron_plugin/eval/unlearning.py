@@ -17,6 +17,10 @@ with the test seeds (never used for statistics or the hyperparameter search):
   penultimate features; per concept (each side's images distinct: pooling concepts would repeat
   base images the concepts' caption samples share), then mean ± sd over the domain's concepts (× 10³).
 
+Per method, ``grids/<method>.png`` shows the first concept of each domain: its forget captions and
+retained captions, the untouched model's images over the method's (the first test seed set, so they
+are images the table counted).
+
 Image seeds depend on (seed set, caption index) only, so the untouched model's images are
 generated once and shared by every method as the paired reference (``base``). Methods:
 ``saeuron`` (the shipped bundle with its tuned defaults) and the baselines of
@@ -277,6 +281,72 @@ def run_benchmark(
     return results
 
 
+GRID_IMAGES = 6
+"""Forget and retained captions shown per concept in a method's grid."""
+
+
+def grid_concepts(concepts: Sequence[str]) -> list[str]:
+    """The first concept of each domain in ``concepts`` (the ones a grid shows)."""
+    first: dict[str, str] = {}
+    for name in concepts:
+        first.setdefault(concept_domain(name), name)
+    return list(first.values())
+
+
+def write_grids(
+    methods: Sequence[str],
+    folder: str | Path,
+    *,
+    concepts: Sequence[str],
+    protocol: Protocol,
+    tuned: dict[str, dict[str, dict[str, Any]]],
+    method_concepts: dict[str, Sequence[str]] | None = None,
+    presets: dict[str, dict[str, Any]] | None = None,
+    model: str = "checkpoints/shapescanvas-sd",
+    bundle: str = "checkpoints/shapescanvas-saeuron",
+    log: Callable[[str], None] = print,
+) -> list[Path]:
+    """``<folder>/grids/<method>.png``: labelled before / after images of forget and retained captions.
+
+    Same captions, seeds and settings as the benchmark (``tuned``: the baselines' tuned settings), so
+    every image shown is one the table counted.
+    """
+    from ..diffusion.unlearn import SAeUron
+    from .demo import before_after_grid
+    from .shapescanvas_build import load_default
+
+    pipe = load_default(model)
+    eraser = SAeUron.from_pretrained(bundle) if "saeuron" in methods else None
+    prompts, s = sc.benchmark_prompts(), protocol.seeds[0]
+    out = Path(folder) / "grids"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for method in methods:
+        rows = []
+        for name in grid_concepts((method_concepts or {}).get(method, concepts)):
+            domain = concept_domain(name)
+            idx = eval_prompts(name, protocol)
+            forget = [i for i in idx if getattr(prompts[i], domain) == name][:GRID_IMAGES]
+            retain = [i for i in idx if getattr(prompts[i], domain) != name][:GRID_IMAGES]
+            chosen = forget + retain
+            texts, seeds = [prompts[i].prompt for i in chosen], [image_seed(s, i) for i in chosen]
+            base = generate(pipe, texts, seeds, protocol.steps, protocol.guidance_scale)
+            setting = tuned.get(method, {}).get(name)
+            with method_generator(
+                method, pipe, name, protocol, eraser=eraser, presets=presets, setting=setting
+            ) as gen:
+                mine = gen(texts, seeds)
+            n = len(forget)
+            rows.append((f"{method}, {name}: captions with it", base[:n], mine[:n]))
+            rows.append((f"{method}, {name}: captions without it", base[n:], mine[n:]))
+        if rows:
+            path = out / f"{method}.png"
+            before_after_grid(rows).save(path)
+            written.append(path)
+            log(f"grid: {path}")
+    return written
+
+
 def tune_baselines(
     methods: Sequence[str],
     pipe: Any,
@@ -510,6 +580,12 @@ def add_args(p: Any) -> None:
     )
     p.add_argument("--search-dir", default=SEARCH_DIR, help="the baselines' search trials are kept here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument(
+        "--grids-only",
+        action="store_true",
+        help="only (re)write <out>/grids/<method>.png, with the saved tuned settings (nothing is tuned "
+        "again unless a concept was never tuned)",
+    )
 
 
 def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
@@ -519,6 +595,16 @@ def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
     concepts = args.concepts or list(sc.CONCEPTS)
     method_concepts = {"esd": [c for c in concepts if c in args.esd_concepts]}
     presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
+    grids = {
+        "concepts": concepts,
+        "protocol": protocol,
+        "method_concepts": method_concepts,
+        "presets": presets,
+    }
+    if args.grids_only:
+        tuned = _saved_tuning(args, grids)
+        write_grids(args.methods, args.out, tuned=tuned, **grids)
+        return {"tuned_settings": tuned}
     results = run_benchmark(
         args.methods,
         concepts=concepts,
@@ -528,5 +614,27 @@ def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
         search_dir=args.search_dir if args.baselines_at == "tuned" else None,
     )
     write_results(results, args.out, command)
+    write_grids(args.methods, args.out, tuned=results["tuned_settings"], **grids)
     print(markdown_table(results, command).split("\n## Per concept")[0])
     return results
+
+
+def _saved_tuning(args: Any, grids: dict[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The baselines' tuned settings from their saved searches (reused trial by trial)."""
+    if args.baselines_at != "tuned":
+        return {}
+    from .judges import Judges
+    from .shapescanvas_build import load_default
+
+    tuned, _ = tune_baselines(
+        args.methods,
+        load_default(),
+        Judges.from_pretrained("checkpoints/shapescanvas-judges"),
+        grids["protocol"],
+        grids["concepts"],
+        grids["method_concepts"],
+        grids["presets"],
+        args.search_dir,
+        "checkpoints/shapescanvas-saeuron",
+    )
+    return tuned
