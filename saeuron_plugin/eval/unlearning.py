@@ -15,7 +15,8 @@ with the test seeds (never used for statistics or the hyperparameter search):
 * KID (retain) = the paired unbiased MMD² of :mod:`.kid` between the method's images of the captions
   without c and the untouched model's images of the same captions and seeds, on the judges'
   penultimate features; per concept (each side's images distinct: pooling concepts would repeat
-  base images the concepts' caption samples share), then mean ± sd over the domain's concepts (× 10³).
+  base images the concepts' caption samples share), then mean ± sd over the domain's concepts (× 10³;
+  each concept's value is kept in the results' ``kid_per_concept``).
 
 Per method, ``grids/<method>.png`` shows the first concept of each domain: its forget captions and
 retained captions, the untouched model's images over the method's (the first test seed set, so they
@@ -268,14 +269,14 @@ def run_benchmark(
             )
         log(f"{method}: {time.time() - t_m:.0f} s")
     per_concept: dict[tuple[str, str], list[float]] = {}
-    for (method, domain, _), (mine, theirs) in retained.items():  # distinct images on both sides
-        per_concept.setdefault((method, DOMAIN_KEYS[domain]), []).append(
-            polynomial_mmd2(
-                torch.cat(mine), torch.cat(theirs), paired=True
-            )  # row i: the same caption and seed
-        )
+    kid_of: dict[str, dict[str, float]] = {}
+    for (method, domain, name), (mine, theirs) in retained.items():  # distinct images on both sides
+        value = polynomial_mmd2(torch.cat(mine), torch.cat(theirs), paired=True)  # row i: same caption, seed
+        per_concept.setdefault((method, DOMAIN_KEYS[domain]), []).append(value)
+        kid_of.setdefault(method, {})[name] = round(1e3 * float(value), 3)
     kid = {key: _mean_sd(values) for key, values in per_concept.items()}
     results = summarise(rows, base, protocol, methods, time.time() - t0, kid)
+    results["kid_per_concept"] = kid_of
     results["tuning"] = tuning
     results["tuned_settings"] = tuned
     return results
