@@ -203,7 +203,10 @@ def run_benchmark(
     eraser = SAeUron.from_pretrained(bundle) if "saeuron" in methods else None
     prompts = sc.benchmark_prompts()
     texts = [p.prompt for p in prompts]
-    t0 = time.time()
+    t0, commit = (
+        time.time(),
+        head_commit(),
+    )  # the code that runs (commits made during a long run do not count)
 
     # the untouched model on every caption and seed set: the paired reference of every method
     base_images = {
@@ -276,6 +279,7 @@ def run_benchmark(
         kid_of.setdefault(method, {})[name] = round(1e3 * float(value), 3)
     kid = {key: _mean_sd(values) for key, values in per_concept.items()}
     results = summarise(rows, base, protocol, methods, time.time() - t0, kid)
+    results["protocol"]["commit"] = commit
     results["kid_per_concept"] = kid_of
     results["tuning"] = tuning
     results["tuned_settings"] = tuned
@@ -383,6 +387,17 @@ def tune_baselines(
     return tuned, tuning
 
 
+def head_commit() -> str:
+    """The checkout's short commit hash ("unknown" outside git)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def summarise(
     rows: list[dict[str, Any]],
     base: dict[str, float],
@@ -393,19 +408,10 @@ def summarise(
 ) -> dict[str, Any]:
     """Domain averages per method: mean over concepts per seed, then mean ± sd over seeds (percent);
     ``kid``: (method, domain key) → KID of the retained images (mean, sd over concepts), × 10³."""
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-            ).stdout.strip()
-            or "unknown"
-        )
-    except OSError:
-        commit = "unknown"
     out: dict[str, Any] = {
         "protocol": {
             **asdict(protocol),
-            "commit": commit,
+            "commit": head_commit(),
             "seconds": round(seconds),
             "test_seed_base": TEST_SEED,
         },
