@@ -289,3 +289,49 @@ def test_domain_contrast_pools_the_concepts_of_the_judge_domain(tmp_path):
         eraser, pipe, CallableJudge(judge, labels), TuneTask("star", FORGET, RETAIN), tmp_path, CFG, print
     )
     assert run.contrast("domain") == "auto" and run.contrast("worst") == "worst"  # no other object held
+
+
+def test_replacement_stage_tries_each_target_and_keeps_the_clean_flip(setup, tmp_path, monkeypatch):
+    """With ``target_scales`` the winner is judged alone and with each other label of its domain that
+    the bundle holds as the target; equal scores go to the cleaner flip, which becomes the default."""
+    import contextlib
+
+    pipe, eraser = setup
+    current = {"target": None}
+    real_unlearn = eraser.unlearn
+
+    @contextlib.contextmanager
+    def recording(pipe_, concepts, **kw):
+        (spec,) = concepts
+        current["target"] = spec.target or None
+        with real_unlearn(pipe_, concepts, **kw):
+            yield
+        current["target"] = None
+
+    def judge(images):  # removal alone: blue at 0.55 (not clean); replaced by blue: blue at 0.95
+        p = torch.tensor([0.05, 0.95] if current["target"] == "blue" else [0.45, 0.55])
+        return {"color": p.expand(len(images), 2)}
+
+    monkeypatch.setattr(eraser, "unlearn", recording)
+    space = SearchSpace(percentiles=(99.0,), gammas=(-2.0,), target_scales=(1.0, 2.0))
+    best = tune_concept(
+        eraser,
+        pipe,
+        CallableJudge(judge, LABELS),
+        TuneTask("red", FORGET, RETAIN),
+        space,
+        tmp_path,
+        CFG,
+        log=lambda _: None,
+    )
+    saved = json.loads((tmp_path / "search.json").read_text())["tune"]["red"]
+    assert [(t.get("target"), t.get("target_scale")) for t in saved["replace"]] == [
+        (None, None),
+        ("blue", 1.0),
+        ("blue", 2.0),
+    ]
+    assert saved["replace"][0]["clean_flip"] == 0.0 and saved["replace"][1]["clean_flip"] == 1.0
+    assert (best["target"], best["target_scale"]) == ("blue", 1.0) and saved["best"] == best
+    defaults = eraser.hookpoints[BLOCK].library.selection_defaults("red")
+    assert (defaults.target, defaults.target_scale) == ("blue", 1.0)
+    eraser.set_defaults("red", target=None)  # the module's shared eraser

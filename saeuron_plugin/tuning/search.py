@@ -12,6 +12,11 @@ validation images and keeps the best as the concept's defaults in the bundle:
   retain measures need no ground-truth labels, so any judge works;
 * the objective is mean(UA, IRA, CRA), ties broken by the judge's probability margin; stage 2
   judges the best few again on fresh seeds and decides there;
+* with ``target_scales``, a replacement stage judges the winner alone and with each other label of
+  the concept's judge domain that the bundle holds as its target (:attr:`~..sae.spec.ConceptAblation.target`)
+  at each α, on stage 1's images, ranked by the score, then by *clean flips* (forget images the judge
+  gives another label with probability ≥ 0.9: a clean image of something else, not debris), then by
+  the margin;
 * every trial is appended to ``search.json`` (section ``tune``) in the bundle folder as it finishes
   (atomic write), so an interrupted search resumes where it stopped and a re-tune reuses every
   trial it already ran.
@@ -84,6 +89,9 @@ class SearchSpace:
     gammas: tuple[float, ...] = (-1.0, -6.0)
     refine_top: int = 0
     """Stage 2: judge this many of stage 1's best again on fresh seeds, and decide there (0: no stage 2)."""
+    target_scales: tuple[float, ...] = ()
+    """Replacement stage: α values tried with every other concept of the judge domain as the target
+    (empty: removal only). ShapesCanvas colours use (1, 2)."""
 
     @classmethod
     def from_budget(cls, budget: str, **overrides: Any) -> SearchSpace:
@@ -207,7 +215,20 @@ def paired_scores(
         else torch.tensor(1.0)
     )
     margin = ((1 - p_own[:n_forget, target]).mean() + keep + m_cra) / 3
-    return {"ua": float(ua), "ira": float(ira), "cra": float(cra), "margin": float(margin)}
+    conf = p_own[:n_forget].max(-1)
+    flip = ((conf.values >= CLEAN_CONFIDENCE) & (conf.indices != target)).float().mean()
+    return {
+        "ua": float(ua),
+        "ira": float(ira),
+        "cra": float(cra),
+        "margin": float(margin),
+        "clean_flip": float(flip),
+    }
+
+
+CLEAN_CONFIDENCE = 0.9
+"""A judge probability at least this high makes an image a clean image of its label."""
+SETTING_KEYS = ("hookpoints", "contrast", "percentile", "gamma", "target", "target_scale")
 
 
 def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
@@ -216,6 +237,8 @@ def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
         trial.get("contrast", "auto"),
         float(trial["percentile"]),
         float(trial["gamma"]),
+        trial.get("target"),
+        float(trial.get("target_scale", 1.0)),
     )
 
 
@@ -235,6 +258,10 @@ def _write_search(folder: Path, data: dict[str, Any]) -> None:
 
 def _rank(trial: dict[str, Any]) -> tuple[float, float]:
     return trial["score"], trial["margin"]
+
+
+def _replacement_rank(trial: dict[str, Any]) -> tuple[float, float, float]:
+    return trial["score"], trial["clean_flip"], trial["margin"]
 
 
 class _Stage:
@@ -275,6 +302,8 @@ class _Stage:
                     percentile=setting["percentile"],
                     gamma=setting["gamma"],
                     contrast=run.contrast(setting["contrast"]),
+                    target=setting.get("target") or "",
+                    target_scale=float(setting.get("target_scale", 1.0)),
                 )
                 with run.eraser.unlearn(run.pipe, [ablation], hookpoints=setting["hookpoints"]):
                     probs = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
@@ -361,12 +390,16 @@ def tune_concept(
     trials = _Stage(run, "trials", task.seed).judge(space.settings(held_at))
     ranked = sorted(trials, key=_rank, reverse=True)
     if space.refine_top > 0 and len(ranked) > 1:
-        finalists = [
-            {k: t[k] for k in ("hookpoints", "contrast", "percentile", "gamma")}
-            for t in ranked[: space.refine_top]
-        ]
+        finalists = [{k: t[k] for k in SETTING_KEYS if k in t} for t in ranked[: space.refine_top]]
         ranked = sorted(_Stage(run, "refine", task.refine_seed).judge(finalists), key=_rank, reverse=True)
     best = ranked[0]
+    targets = [c for c in judge.labels[run.domain] if c != task.concept and c in eraser.concepts]
+    if space.target_scales and targets:
+        plain = {k: best[k] for k in SETTING_KEYS[:4]}
+        candidates = [plain] + [
+            {**plain, "target": t, "target_scale": float(a)} for t in targets for a in space.target_scales
+        ]
+        best = max(_Stage(run, "replace", task.seed).judge(candidates), key=_replacement_rank)
     for hp in eraser.hookpoints:
         if task.concept in eraser.hookpoints[hp].library:
             eraser.set_defaults(
@@ -376,6 +409,8 @@ def tune_concept(
                 top_n=None,
                 gamma=best["gamma"],
                 contrast=run.contrast(best["contrast"]),
+                target=best.get("target"),
+                target_scale=float(best.get("target_scale", 1.0)),
                 active=hp in best["hookpoints"],
             )
     run.entry["best"] = best
