@@ -11,13 +11,21 @@ protocol (5 relaxed prefix tokens before the caption, Adam(W) lr 1e-2, weight de
 discretised to a typed prompt). UA is judged on 8 images from other seeds with the eraser applied:
 clean caption, then the attacked embeddings or prompt.
 
+**Transfer**: the same soft-prompt attack run against the *untouched* model, its embeddings then judged
+with each method applied (what an attacker without access to the eraser would carry over).
+**Retention under the same settings**: IRA / CRA of each method, as applied during the attack, on 8
+captions of the concept's domain without it (same seeds): the judges' accuracy on the concept's domain
+and on the others.
+
 The weight-editing baselines (UCE, ESD-x; ``--baselines``) get the same attacks on their edited UNet,
 with the presets of the unlearning benchmark (ESD-x weights cached under ``runs/esd-cache``); negative
 prompting and SLD remove nothing on this model (UA ≤ 1.4 % clean), so there is nothing to attack. The
 adaptive soft prompt is judged after 0, 5, 10, 20 and 40 iterations (the curve,
 ``benchmarks/results/robustness.png``).
 
-Not yet here (the rest of #20): transfer attacks, IRA/CRA under attack, and a defence that holds.
+The JSON holds the per-concept rows under each method and, under ``methods``, the domain means in
+the shape issue #20 asks for (``ua_clean``, ``ua_attack`` per attack, ``ira``, ``cra``). Not yet here
+(the rest of #20): a defence that holds.
 """
 
 from __future__ import annotations
@@ -57,13 +65,47 @@ CAPTION = {
 
 CURVE = (0, 5, 10, 20, 40)
 EVAL_SEEDS = range(100, 108)
+RETAIN_CAPTIONS = 8
 GEN_KW = {"num_inference_steps": 25, "guidance_scale": 5.0}
+ATTACKS = {"ua_unlearndiffatk": "unlearndiffatk", "ua_adaptive": "soft_prompt", "ua_transfer": "transfer"}
 
 
-def attack_row(pipe, targets, init, caption, ua, args, handle=None) -> dict:
-    """UA clean, under the adaptive soft prompt (with its curve), gradient-masked (SAeUron only) and
-    under UnlearnDiffAtk, against whatever eraser ``pipe`` has (hooks or edited weights)."""
+def retained_captions(concept: str, domain: str) -> list[sc.BenchmarkPrompt]:
+    """``RETAIN_CAPTIONS`` captions of ``concept``'s domain without it, spread over the caption list."""
+    without = [p for p in sc.benchmark_prompts() if getattr(p, domain) != concept]
+    step = max(1, len(without) // RETAIN_CAPTIONS)
+    return without[::step][:RETAIN_CAPTIONS]
+
+
+def retention(pipe, judge, concept: str, domain: str) -> dict[str, float]:
+    """IRA / CRA (%) of whatever ``pipe`` has applied, on :func:`retained_captions` (seeds 200+)."""
+    from saeuron_plugin.eval.default_model import generate
+
+    captions = retained_captions(concept, domain)
+    images = generate(
+        pipe,
+        [p.prompt for p in captions],
+        [200 + i for i in range(len(captions))],
+        GEN_KW["num_inference_steps"],
+        GEN_KW["guidance_scale"],
+    )
+    probs = judge.probabilities(images)
+
+    def acc(d: str) -> float:
+        labels = torch.tensor([p.label(d) for p in captions])
+        return 100 * float((probs[d].argmax(-1) == labels).float().mean())
+
+    others = [d for d in sc.DOMAINS if d != domain]
+    return {"ira": acc(domain), "cra": sum(acc(d) for d in others) / len(others)}
+
+
+def attack_row(pipe, targets, init, caption, ua, args, handle=None, transfer=None) -> dict:
+    """UA clean, under the adaptive soft prompt (with its curve), gradient-masked (SAeUron only),
+    transferred from the untouched model (``transfer``: those embeddings) and under UnlearnDiffAtk,
+    against whatever eraser ``pipe`` has (hooks or edited weights)."""
     row = {"ua_clean": ua(generate_from_embeds(pipe, init, EVAL_SEEDS, **GEN_KW))}
+    if transfer is not None:
+        row["ua_transfer"] = ua(generate_from_embeds(pipe, transfer, EVAL_SEEDS, **GEN_KW))
     cfg = AttackConfig(
         iterations=args.iterations,
         lr=args.lr,
@@ -90,6 +132,29 @@ def attack_row(pipe, targets, init, caption, ua, args, handle=None) -> dict:
     typed, _ = pipe.encode_prompt(row["unlearndiffatk_prompt"], "cpu", 1, False)
     row["ua_unlearndiffatk"] = ua(generate_from_embeds(pipe, typed, EVAL_SEEDS, **GEN_KW))
     return row
+
+
+def domain_means(rows: dict) -> dict:
+    """``{method: {domain key: {"ua_clean", "ua_attack": {attack: x}, "ira", "cra"}}}``: concept means."""
+    keys = {"object": "objects", "style": "styles", "color": "colors"}
+    out: dict = {}
+    for method, per in rows.items():
+        for domain, key in keys.items():
+            mine = [r for r in per.values() if r["domain"] == domain]
+            if not mine:
+                continue
+
+            def mean(field: str, rows_: list = mine) -> float:
+                return round(sum(r[field] for r in rows_) / len(rows_), 2)
+
+            out.setdefault(method, {})[key] = {
+                "ua_clean": mean("ua_clean"),
+                "ua_attack": {name: mean(field) for field, name in ATTACKS.items() if field in mine[0]},
+                "ira": mean("ira"),
+                "cra": mean("cra"),
+                "concepts": len(mine),
+            }
+    return out
 
 
 def plot_curves(rows: dict, out: Path) -> None:
@@ -146,19 +211,25 @@ def main(argv: list[str] | None = None) -> None:
         caption = CAPTION[domain].format(concept)
         targets = target_latents(pipe, caption, range(8), **GEN_KW)
         init, _ = pipe.encode_prompt(caption, "cpu", 1, False)
+        # transfer: the soft prompt found against the untouched model, judged under every method
+        transfer = soft_prompt_attack(
+            pipe, targets, init, AttackConfig(iterations=args.iterations, lr=args.lr, batch=8, seed=args.seed)
+        )
 
         def ua(images: torch.Tensor, concept: str = concept, domain: str = domain) -> float:
             return forget_percent(judge, images, concept, domain)
 
         where = eraser.where(concept) if args.everywhere else None
         with eraser.unlearn(pipe, [concept], hookpoints=where) as handle:
-            row = attack_row(pipe, targets, init, caption, ua, args, handle)
+            row = attack_row(pipe, targets, init, caption, ua, args, handle, transfer)
+            row |= retention(pipe, judge, concept, domain)
         rows["saeuron"][concept] = {"domain": domain, "caption": caption, **row}
         print(
             f"{concept:9s} ({domain}) saeuron: UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
             f"{row['ua_adaptive']:5.1f} (curve {row['curve_adaptive']}), "
-            f"gradient-masked {row['ua_masked']:5.1f}  "
-            f"UnlearnDiffAtk {row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})",
+            f"gradient-masked {row['ua_masked']:5.1f}  transfer {row['ua_transfer']:5.1f}  "
+            f"UnlearnDiffAtk {row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})  "
+            f"IRA {row['ira']:5.1f} CRA {row['cra']:5.1f}",
             flush=True,
         )
         text = f"{concept} style" if domain == "style" else concept
@@ -167,16 +238,20 @@ def main(argv: list[str] | None = None) -> None:
             if method == "esd":
                 options |= {"cache_dir": args.esd_cache, "progress": False}
             with BASELINES[method].erase(pipe, text, **options):
-                row = attack_row(pipe, targets, init, caption, ua, args)
+                row = attack_row(pipe, targets, init, caption, ua, args, transfer=transfer)
+                row |= retention(pipe, judge, concept, domain)
             rows[method][concept] = {"domain": domain, "caption": caption, **row}
             print(
                 f"{concept:9s} ({domain}) {method}: UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
-                f"{row['ua_adaptive']:5.1f} (curve {row['curve_adaptive']})  UnlearnDiffAtk "
-                f"{row['ua_unlearndiffatk']:5.1f}",
+                f"{row['ua_adaptive']:5.1f} (curve {row['curve_adaptive']})  transfer "
+                f"{row['ua_transfer']:5.1f}  UnlearnDiffAtk {row['ua_unlearndiffatk']:5.1f}  "
+                f"IRA {row['ira']:5.1f} CRA {row['cra']:5.1f}",
                 flush=True,
             )
     protocol = {
         "attack": "soft prompt (prompt_embeds), UnlearnDiffAtk loss",
+        "transfer": "the soft prompt found against the untouched model, same budget",
+        "retention": f"{RETAIN_CAPTIONS} captions of the domain without the concept, seeds 200+",
         "iterations": args.iterations,
         "lr": args.lr,
         "weight_decay": 0.1,
@@ -192,7 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         "baselines": {m: "presets of the unlearning benchmark" for m in args.baselines},
         "seconds": round(time.perf_counter() - start),
     }
-    Path(args.out).write_text(json.dumps({"protocol": protocol, **rows}, indent=1) + "\n")
+    blob = {"protocol": protocol, "methods": domain_means(rows), **rows}
+    Path(args.out).write_text(json.dumps(blob, indent=1) + "\n")
     plot_curves(rows, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} ({protocol['seconds']} s)")
 

@@ -193,6 +193,11 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
         assert set(row["curve_adaptive"]) == {"0"} and 0 <= row["ua_adaptive"] <= 100
         assert row["unlearndiffatk_prompt"].endswith("a red square in solid style")
     assert "ua_masked" in blob["saeuron"]["red"] and blob["protocol"]["curve_iterations"] == [0]
+    for method in ("saeuron", "uce"):  # transfer and retention under the same settings, per domain too
+        row, colors = blob[method]["red"], blob["methods"][method]["colors"]
+        assert 0 <= row["ua_transfer"] <= 100 and 0 <= row["ira"] <= 100 and 0 <= row["cra"] <= 100
+        assert set(colors["ua_attack"]) == {"unlearndiffatk", "soft_prompt", "transfer"}
+        assert colors["ua_clean"] == row["ua_clean"] and colors["concepts"] == 1
     assert out.with_suffix(".png").stat().st_size > 0
 
 
