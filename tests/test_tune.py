@@ -27,6 +27,13 @@ def setup():
     return pipe, make_eraser(pipe, [BLOCK])
 
 
+def quiet_tune(eraser, pipe, judge, space, folder, concept: str = "red"):
+    """``tune_concept`` on the module's red task, without log lines."""
+    return tune_concept(
+        eraser, pipe, judge, TuneTask(concept, FORGET, RETAIN), space, folder, CFG, log=lambda _: None
+    )
+
+
 def always(label: int):
     def judge(images):
         p = torch.zeros(len(images), 2)
@@ -273,16 +280,7 @@ def test_domain_contrast_pools_the_concepts_of_the_judge_domain(tmp_path):
         return {"color": torch.full((n, 3), 1 / 3), "object": torch.full((n, 2), 0.5)}
 
     space = SearchSpace(contrasts=("domain",), percentiles=(99.0,), gammas=(-2.0,))
-    best = tune_concept(
-        eraser,
-        pipe,
-        CallableJudge(judge, labels),
-        TuneTask("red", FORGET, RETAIN),
-        space,
-        tmp_path,
-        CFG,
-        log=lambda _: None,
-    )
+    best = quiet_tune(eraser, pipe, CallableJudge(judge, labels), space, tmp_path)
     assert best["contrast"] == "domain"  # saved by name; the bundle's default is the resolved list
     assert eraser.hookpoints[BLOCK].library.selection_defaults("red").contrast == ["blue"]  # not "star"
     run = search._ConceptRun(
@@ -314,16 +312,7 @@ def test_replacement_stage_tries_each_target_and_keeps_the_clean_flip(setup, tmp
 
     monkeypatch.setattr(eraser, "unlearn", recording)
     space = SearchSpace(percentiles=(99.0,), gammas=(-2.0,), target_scales=(1.0, 2.0))
-    best = tune_concept(
-        eraser,
-        pipe,
-        CallableJudge(judge, LABELS),
-        TuneTask("red", FORGET, RETAIN),
-        space,
-        tmp_path,
-        CFG,
-        log=lambda _: None,
-    )
+    best = quiet_tune(eraser, pipe, CallableJudge(judge, LABELS), space, tmp_path)
     saved = json.loads((tmp_path / "search.json").read_text())["tune"]["red"]
     assert [(t.get("target"), t.get("target_scale")) for t in saved["replace"]] == [
         (None, None),
