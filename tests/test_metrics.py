@@ -101,7 +101,7 @@ def test_unlearning_tables_carry_kid_with_its_spread():
     from saeuron_plugin.eval.unlearning import Protocol, markdown_table, summarise
 
     row = {"method": "saeuron", "concept": "star", "domain": "object", "seed": 0}
-    rows = [{**row, "ua": 1.0, "ira": 1.0, "cra": 1.0}]
+    rows = [{**row, "ua": 1.0, "ira": 1.0, "cra": 1.0, "clean_forget": 0.5}]
     out = summarise(
         rows,
         {"objects": 100.0},
@@ -124,3 +124,5 @@ def test_unlearning_tables_carry_kid_with_its_spread():
     table = markdown_table(out)
     assert "| saeuron | 1 | 73 | 1896 | – |" in table and "| uce | 1 | 13 | 456 | 60 |" in table
     assert '- star: `{"erase_scale": 3.0, "retain": "all"}`' in table
+    out["kid_per_concept"] = {"saeuron": {"star": 2.0}}  # per concept, x 10^3, in the per-concept rows
+    assert "| saeuron | star | 100.0 | 100.0 | 100.0 | 50.0 | 2.00 |" in markdown_table(out)

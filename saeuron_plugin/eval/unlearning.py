@@ -497,15 +497,20 @@ def markdown_table(results: dict[str, Any], command: str = "") -> str:
         "",
         "## Per concept (mean over seed sets)",
         "",
-        "| method | concept | UA | IRA | CRA |",
-        "|---|---|---|---|---|",
+        "| method | concept | UA | IRA | CRA | clean, forget | KID×10³, retain |",
+        "|---|---|---|---|---|---|---|",
     ]
     seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in results["concepts"]:
         seen.setdefault((r["method"], r["concept"]), []).append(r)
+    kid_of = results.get("kid_per_concept", {})
     for (method, concept), rs in seen.items():
-        vals = [100 * statistics.fmean(r[m] for r in rs) for m in ("ua", "ira", "cra")]
-        lines.append(f"| {method} | {concept} | {vals[0]:.1f} | {vals[1]:.1f} | {vals[2]:.1f} |")
+        vals = [100 * statistics.fmean(r[m] for r in rs) for m in ("ua", "ira", "cra", "clean_forget")]
+        kid = kid_of.get(method, {}).get(concept)
+        lines.append(
+            f"| {method} | {concept} | {vals[0]:.1f} | {vals[1]:.1f} | {vals[2]:.1f} | {vals[3]:.1f} | "
+            f"{'–' if kid is None else f'{kid:.2f}'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
