@@ -204,3 +204,31 @@ def test_grids_show_before_and_after_for_each_method(tmp_path):
         width, height = grid.size
     # six forget images in a row (two rows: before, after), then the three retained captions
     assert width >= GRID_IMAGES * 32 and height > 4 * 32
+
+
+def test_uce_gets_the_colour_replacement_stage_ranked_by_clean_flips(tmp_path):
+    """For a colour, UCE's winner is judged again alone and with each other colour as its anchor text
+    on stage 1's validation set; the stage decides by (score, clean flips, margin) and is counted."""
+    from saeuron_plugin.tuning.search import replacement_rank
+
+    pipe, judges = _shipped()
+    bundle = BundleConfig(search_prompts=1, refine_prompts=1)
+    search = S.BaselineSearch(
+        "uce",
+        pipe,
+        judges,
+        Protocol(steps=2),
+        method_generator,
+        out=tmp_path,
+        grid=lambda m, c: [{"erase_scale": 1.0, "retain": "domain", "preserve_scale": 1.0}],
+        bundle=bundle,
+        log=lambda _: None,
+    )
+    best = search.tune("red")
+    entry = search.data["concepts"]["red"]
+    assert "refine" not in entry and len(entry["replace"]) == 11
+    assert entry["replace"][0]["setting"] == entry["search"][0]["setting"]  # the winner, judged again
+    assert best == max(entry["replace"], key=replacement_rank)["setting"]
+    assert all(0.0 <= t["clean_flip"] <= 1.0 for t in entry["replace"])
+    n = len(validation_set("red", 1, bundle, "search")[0])
+    assert search.summary(["red"])["trials"] == 12 and search.summary(["red"])["images"] == 12 * n

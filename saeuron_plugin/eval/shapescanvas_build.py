@@ -39,6 +39,7 @@ from ..sae.files import read_json, read_json_object
 from ..sae.io import atomic_write, resolve_repo
 from ..sae.store import ActivationStore
 from ..sae.train import TrainConfig, Trainer
+from ..tuning.search import clean_flips, replacement_rank
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
@@ -123,8 +124,6 @@ REFINE_TOP = {"object": 4}
 # colour gives a clean image (red → green, α 1: 24 of 24 clean on stage-2 prompts). Objects and styles
 # were ≥ 90 % clean without it.
 TARGET_SCALES = {"color": (1.0, 2.0)}
-CLEAN_CONFIDENCE = 0.9
-"""A judge probability at least this high makes an image a clean image of its class."""
 
 
 def concept_domain(name: str) -> str:
@@ -410,6 +409,14 @@ def validation_set(
     return prompts, [base + 97 * ci + i for i in range(len(prompts))]
 
 
+def stage_validation(name: str, cfg: BundleConfig, stage: str) -> tuple[list[sc.BenchmarkPrompt], list[int]]:
+    """A search stage's validation set: ``refine`` has its own; stage 1 (``search``, saved as
+    ``trials``) and the replacement stage (``replace``) share stage 1's."""
+    if stage == "refine":
+        return validation_set(name, cfg.refine_prompts, cfg, "refine")
+    return validation_set(name, cfg.search_prompts, cfg, "search")
+
+
 def evaluate_setting(
     eraser: SAeUron,
     pipe: Any,
@@ -455,11 +462,10 @@ def trial_scores(
 
 
 def clean_flip(probs: dict[str, torch.Tensor], prompts: Sequence[sc.BenchmarkPrompt], concept: str) -> float:
-    """The share of images of prompts with ``concept`` that the domain's judge assigns to another
-    class with probability ≥ :data:`CLEAN_CONFIDENCE`: unlearned into a clean image, not debris."""
+    """The share of images of prompts with ``concept`` that are clean flips
+    (:func:`~..tuning.search.clean_flips`)."""
     domain = concept_domain(concept)
-    top = probs[domain].max(-1)
-    flip = (top.values >= CLEAN_CONFIDENCE) & (top.indices != sc.VOCABULARIES[domain].index(concept))
+    flip = clean_flips(probs[domain], sc.VOCABULARIES[domain].index(concept))
     has = _has(prompts, concept)
     return float(flip[has].float().mean()) if bool(has.any()) else float("nan")
 
@@ -478,15 +484,6 @@ def _key(trial: dict[str, Any]) -> Setting:
 
 def _rank(trial: dict[str, Any]) -> tuple[float, float]:
     return trial["score"], trial["margin"]
-
-
-def replacement_rank(trial: dict[str, Any]) -> tuple[float, float, float]:
-    """The replacement stage's ranking: the objective, then clean flips, then the margin.
-
-    Removal and replacement often tie on the objective (both flip every image); what separates them
-    is whether the flipped image is a clean image of something else or debris between concepts.
-    """
-    return trial["score"], trial["clean_flip"], trial["margin"]
 
 
 def replacement_targets(name: str) -> list[str]:
@@ -508,8 +505,7 @@ def run_trials(
 
     Returns the trials in ``settings`` order and how many were reused.
     """
-    n = cfg.refine_prompts if stage == "refine" else cfg.search_prompts
-    validation = validation_set(name, n, cfg, "refine" if stage == "refine" else "search")
+    validation = stage_validation(name, cfg, stage)
     known = {_key(t): t for t in done}
     trials = [
         known[s] if s in known else evaluate_setting(eraser, pipe, judges, cfg, name, validation, s)

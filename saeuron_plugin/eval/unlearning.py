@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..tuning.search import CLEAN_CONFIDENCE, clean_flips
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 from .kid import polynomial_mmd2
@@ -138,7 +139,6 @@ def method_generator(
 
 
 # ------------------------------------------------------------------------------------------- benchmark
-CLEAN_CONFIDENCE = 0.9
 METRICS = ("ua", "ira", "cra", "clean_forget", "clean_retain", "in_domain")
 
 
@@ -148,10 +148,9 @@ def scores(
     """UA / IRA / CRA (:func:`judge_scores`) and the quality fractions of the module docstring."""
     probs = judges.probabilities(images)
     domain = concept_domain(concept)
-    top = probs[domain].max(-1)
-    confident = top.values >= CLEAN_CONFIDENCE
+    confident = probs[domain].max(-1).values >= CLEAN_CONFIDENCE
     has = torch.tensor([getattr(p, domain) == concept for p in prompts])
-    other = top.indices != sc.VOCABULARIES[domain].index(concept)
+    flips = clean_flips(probs[domain], sc.VOCABULARIES[domain].index(concept))
 
     def share(x: torch.Tensor) -> float:
         return float(x.float().mean()) if x.numel() else float("nan")
@@ -160,7 +159,7 @@ def scores(
         **judge_scores(judges, images, prompts, concept, probs=probs),
         "clean_forget": share(confident[has]),
         "clean_retain": share(confident[~has]),
-        "in_domain": share((confident & other)[has]),
+        "in_domain": share(flips[has]),
     }
 
 
@@ -203,10 +202,7 @@ def run_benchmark(
     eraser = SAeUron.from_pretrained(bundle) if "saeuron" in methods else None
     prompts = sc.benchmark_prompts()
     texts = [p.prompt for p in prompts]
-    t0, commit = (
-        time.time(),
-        head_commit(),
-    )  # the code that runs (commits made during a long run do not count)
+    t0, commit = time.time(), head_commit()  # the code that runs, not a commit made during the run
 
     # the untouched model on every caption and seed set: the paired reference of every method
     base_images = {
@@ -278,8 +274,7 @@ def run_benchmark(
         per_concept.setdefault((method, DOMAIN_KEYS[domain]), []).append(value)
         kid_of.setdefault(method, {})[name] = round(1e3 * float(value), 3)
     kid = {key: _mean_sd(values) for key, values in per_concept.items()}
-    results = summarise(rows, base, protocol, methods, time.time() - t0, kid)
-    results["protocol"]["commit"] = commit
+    results = summarise(rows, base, protocol, methods, time.time() - t0, kid, commit)
     results["kid_per_concept"] = kid_of
     results["tuning"] = tuning
     results["tuned_settings"] = tuned
@@ -326,6 +321,7 @@ def write_grids(
     out = Path(folder) / "grids"
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    untouched: dict[str, torch.Tensor] = {}  # per concept: shared by every method's grid
     for method in methods:
         rows = []
         for name in grid_concepts((method_concepts or {}).get(method, concepts)):
@@ -335,7 +331,9 @@ def write_grids(
             retain = [i for i in idx if getattr(prompts[i], domain) != name][:GRID_IMAGES]
             chosen = forget + retain
             texts, seeds = [prompts[i].prompt for i in chosen], [image_seed(s, i) for i in chosen]
-            base = generate(pipe, texts, seeds, protocol.steps, protocol.guidance_scale)
+            if name not in untouched:
+                untouched[name] = generate(pipe, texts, seeds, protocol.steps, protocol.guidance_scale)
+            base = untouched[name]
             setting = tuned.get(method, {}).get(name)
             with method_generator(
                 method, pipe, name, protocol, eraser=eraser, presets=presets, setting=setting
@@ -405,13 +403,15 @@ def summarise(
     methods: Sequence[str],
     seconds: float,
     kid: dict[tuple[str, str], tuple[float, float]] | None = None,
+    commit: str | None = None,
 ) -> dict[str, Any]:
     """Domain averages per method: mean over concepts per seed, then mean ± sd over seeds (percent);
-    ``kid``: (method, domain key) → KID of the retained images (mean, sd over concepts), × 10³."""
+    ``kid``: (method, domain key) → KID of the retained images (mean, sd over concepts), × 10³;
+    ``commit``: the code's commit (default: the checkout's now)."""
     out: dict[str, Any] = {
         "protocol": {
             **asdict(protocol),
-            "commit": head_commit(),
+            "commit": commit or head_commit(),
             "seconds": round(seconds),
             "test_seed_base": TEST_SEED,
         },

@@ -172,7 +172,7 @@ class FeatureAblator:
         gate_all = lib.all_means(fill_empty=True)
         coeffs = {a.concept: a.affine(lib.get(a.concept).means(fill_empty=True)) for a in self.ablations}
         targeted = [a for a in self.ablations if a.target]
-        shifts = self._target_shifts(targeted)  # [K, J, d]
+        shifts = self._target_shifts(targeted) if targeted else None  # [K, J, d]
         plans: list[_Plan | None] = []
         for k in range(k_buckets):
             per_latent: dict[int, list[tuple[float, float]]] = {}
@@ -191,7 +191,7 @@ class FeatureAblator:
                 for col, (ca_, cb_) in enumerate(per_latent[i]):
                     a_t[row, col], b_t[row, col] = ca_, cb_
             plan = _Plan(torch.tensor(lat), *self._gates(gate_all[k, lat]), a_t, b_t)
-            if targeted:
+            if shifts is not None:
                 plan.member = torch.stack(
                     [torch.isin(plan.latents, self.selections[a.concept].bucket(k)) for a in targeted], 1
                 ).float()
@@ -205,7 +205,7 @@ class FeatureAblator:
         self._a = torch.zeros(k_buckets, s_max, c_max)
         self._b = torch.full((k_buckets, s_max, c_max), float("inf"))
         self._member = torch.zeros(k_buckets, s_max, len(targeted)) if targeted else None
-        self._steer = shifts if targeted else None
+        self._steer = shifts
         for k, p in enumerate(plans):
             if p is not None:
                 s, c = p.a.shape
@@ -221,15 +221,12 @@ class FeatureAblator:
     def _target_shifts(self, targeted: Sequence[ResolvedAblation]) -> Tensor:
         """[K, J, d] fp32: α·(μ(τ_k, D_t) − μ(τ_k, D_c))·W_dec for each concept with a target."""
         sae, lib = self.sae, self.library
-        if not targeted:
-            return torch.zeros(self.tau_grid.num_buckets, 0, sae.d_in)
         with torch.no_grad():
             diff = torch.stack(
                 [
                     a.target_scale
                     * (lib.get(a.target).means(fill_empty=True) - lib.get(a.concept).means(fill_empty=True))
                     for a in targeted
-                    if a.target
                 ],
                 1,
             )  # [K, J, n]
@@ -512,8 +509,8 @@ class FeatureAblator:
         if batched:
             a, b = a.unsqueeze(1), b.unsqueeze(1)  # broadcast over the tokens of each row
         delta = torch.where(change, _target(z, a, b) - z, 0.0) @ w
-        if steer is not None:
-            delta = delta + (((change.float() @ steer[0]) > 0).float() @ steer[1])
+        if steer is not None:  # matmul broadcasts the per-row tables over the tokens
+            delta = delta + _steering(change, *steer, batched=False)
         if self.sae.cfg.input_unit_norm:
             delta = delta * self.sae._standardise(x)[2].float()
         edited = (x.float() + delta).to(x.dtype)
@@ -556,8 +553,9 @@ def _steer_of(plan: _Plan) -> tuple[Tensor, Tensor] | None:
 def _steering(change: Tensor, member: Tensor, shift: Tensor, batched: bool) -> Tensor:
     """[m, d]: the target shifts of the concepts that fired on each of m gathered tokens.
 
-    change [m, S]; unbatched member [S, J], shift [J, d]; batched (each token its own row's
-    tables) member [m, S, J], shift [m, J, d]."""
+    change [..., S] with member [S, J] and shift [J, d] (or per-row tables [B, S, J], [B, J, d]
+    with change [B, T, S]); ``batched``: gathered tokens, each with its own row's tables, change
+    [m, S], member [m, S, J], shift [m, J, d]."""
     if not batched:
         return ((change.float() @ member) > 0).float() @ shift
     fired = (change.float().unsqueeze(-2) @ member) > 0  # [m, 1, J]

@@ -215,20 +215,35 @@ def paired_scores(
         else torch.tensor(1.0)
     )
     margin = ((1 - p_own[:n_forget, target]).mean() + keep + m_cra) / 3
-    conf = p_own[:n_forget].max(-1)
-    flip = ((conf.values >= CLEAN_CONFIDENCE) & (conf.indices != target)).float().mean()
     return {
         "ua": float(ua),
         "ira": float(ira),
         "cra": float(cra),
         "margin": float(margin),
-        "clean_flip": float(flip),
+        "clean_flip": float(clean_flips(p_own[:n_forget], target).float().mean()),
     }
 
 
 CLEAN_CONFIDENCE = 0.9
 """A judge probability at least this high makes an image a clean image of its label."""
-SETTING_KEYS = ("hookpoints", "contrast", "percentile", "gamma", "target", "target_scale")
+REMOVAL_KEYS = ("hookpoints", "contrast", "percentile", "gamma")
+SETTING_KEYS = (*REMOVAL_KEYS, "target", "target_scale")
+
+
+def clean_flips(domain_probs: Tensor, concept_index: int) -> Tensor:
+    """[N] bool: images the judge assigns to another label than ``concept_index`` with probability
+    ≥ :data:`CLEAN_CONFIDENCE` (unlearned into a clean image of something else, not debris)."""
+    top = domain_probs.max(-1)
+    return (top.values >= CLEAN_CONFIDENCE) & (top.indices != concept_index)
+
+
+def replacement_rank(trial: dict[str, Any]) -> tuple[float, float, float]:
+    """The replacement stage's ranking: the objective, then clean flips, then the margin.
+
+    Removal and replacement often tie on the objective (both flip every image); what separates them
+    is whether the flipped image is a clean image of something else or debris between concepts.
+    """
+    return trial["score"], trial["clean_flip"], trial["margin"]
 
 
 def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
@@ -258,10 +273,6 @@ def _write_search(folder: Path, data: dict[str, Any]) -> None:
 
 def _rank(trial: dict[str, Any]) -> tuple[float, float]:
     return trial["score"], trial["margin"]
-
-
-def _replacement_rank(trial: dict[str, Any]) -> tuple[float, float, float]:
-    return trial["score"], trial["clean_flip"], trial["margin"]
 
 
 class _Stage:
@@ -395,11 +406,11 @@ def tune_concept(
     best = ranked[0]
     targets = [c for c in judge.labels[run.domain] if c != task.concept and c in eraser.concepts]
     if space.target_scales and targets:
-        plain = {k: best[k] for k in SETTING_KEYS[:4]}
+        plain = {k: best[k] for k in REMOVAL_KEYS}
         candidates = [plain] + [
             {**plain, "target": t, "target_scale": float(a)} for t in targets for a in space.target_scales
         ]
-        best = max(_Stage(run, "replace", task.seed).judge(candidates), key=_replacement_rank)
+        best = max(_Stage(run, "replace", task.seed).judge(candidates), key=replacement_rank)
     for hp in eraser.hookpoints:
         if task.concept in eraser.hookpoints[hp].library:
             eraser.set_defaults(
@@ -425,9 +436,11 @@ __all__ = [
     "TuneConfig",
     "TuneTask",
     "TuningError",
+    "clean_flips",
     "generate",
     "judge_domain",
     "paired_scores",
     "read_search",
+    "replacement_rank",
     "tune_concept",
 ]

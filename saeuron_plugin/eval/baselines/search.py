@@ -16,7 +16,7 @@ one hand-set preset against that is not a fair comparison, so every baseline get
 * the **same replacement stage** where SAeUron had one (colours), for the methods that can steer
   toward a target: UCE maps the concept to another colour's text (its anchor) at erase scale 1 and
   3, 11 candidates as SAeUron's 5 targets × 2 α plus the winner, ranked the same way
-  (:func:`~..shapescanvas_build.replacement_rank`). ESD-x, SLD and negative prompting have no target.
+  (:func:`~...tuning.search.replacement_rank`). ESD-x, SLD and negative prompting have no target.
 
 Each trial is saved to ``<out>/<method>.json`` as soon as it is judged (atomic write), so an
 interrupted search resumes and a rerun reuses every trial; ESD's trained weights go to its own cache,
@@ -34,16 +34,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ...tuning.search import replacement_rank
 from .. import shapescanvas as sc
 from ..shapescanvas_build import (
     REFINE_TOP,
     TARGET_SCALES,
     BundleConfig,
     concept_domain,
-    replacement_rank,
     replacement_targets,
+    stage_validation,
     trial_scores,
-    validation_set,
 )
 from .presets import concept_caption
 from .sld import MEDIUM
@@ -196,9 +196,7 @@ class BaselineSearch:
         entry = self.data["concepts"].setdefault(concept, {"seconds": 0.0})
         trials = entry.setdefault(stage, [])
         done = {_key(t["setting"]): t for t in trials}
-        refine = stage == "refine"  # the replacement stage reuses stage 1's validation set
-        n = self.bundle.refine_prompts if refine else self.bundle.search_prompts
-        prompts, seeds = validation_set(concept, n, self.bundle, "refine" if refine else "search")
+        prompts, seeds = stage_validation(concept, self.bundle, stage)
         todo = [s for s in settings if _key(s) not in done]
         bar = tqdm(
             todo, desc=f"tune {self.method} {concept} ({stage})", unit="trial", leave=False, disable=not todo
@@ -267,16 +265,10 @@ def saeuron_summary(bundle_folder: str | Path, concepts: Sequence[str]) -> dict[
     trials = images = 0
     for concept in concepts:
         record = data["search"].get(concept, {})
-        for stage, n in (
-            ("trials", cfg.search_prompts),
-            ("refine", cfg.refine_prompts),
-            ("replace", cfg.search_prompts),
-        ):
+        for stage in ("trials", "refine", "replace"):
             count = len(record.get(stage, []))
             trials += count
-            images += count * len(
-                validation_set(concept, n, cfg, "refine" if stage == "refine" else "search")[0]
-            )
+            images += count * len(stage_validation(concept, cfg, stage)[0])
     return {"concepts": len(concepts), "trials": trials, "images": images, "seconds": None}
 
 
