@@ -511,3 +511,17 @@ def test_statistics_count_each_prompt_once_with_several_images_per_prompt(sd):
     stats = out[BLOCK]
     assert stats.num_prompts == 2 and stats.prompts == RED[:2]
     assert stats.total_count == 2 * 2 * 2  # prompts x images x steps
+
+
+def test_a_target_removed_at_another_hookpoint_is_dropped(sd):
+    """red → blue by default; when the same call also removes blue, even where only another hookpoint
+    ablates blue, red is only removed (its target would bring back what the user removes)."""
+    eraser = make_eraser(sd, [BLOCK, ATTN])
+    eraser.set_defaults("red", target="blue")
+    eraser.set_defaults("red", hookpoints=[ATTN], active=False)  # red at BLOCK only
+    eraser.set_defaults("blue", hookpoints=[BLOCK], active=False)  # blue at ATTN only
+    alone = eraser.ablators(eraser.plan(["red"]))
+    assert [a.target for a in alone[BLOCK].ablations] == ["blue"]
+    both = eraser.ablators(eraser.plan(["red", "blue"]))
+    assert list(both) == [BLOCK, ATTN]
+    assert [a.target for a in both[BLOCK].ablations] == [None] and both[BLOCK]._member is None

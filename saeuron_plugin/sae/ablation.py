@@ -15,7 +15,8 @@ empty and the model may fill it with something between concepts (a red shape tur
 which no judge calls a colour); steering the same tokens toward a named concept gives a clean
 image of it instead, as concept-replacement methods (UCE, Concept Ablation) do with their anchors.
 Tokens where c does not fire are untouched, so prompts without c keep their images.
-A target that is removed in the same call is dropped (that concept is only removed).
+A target that is removed in the same call (by this ablator, or at another hookpoint of the same
+``apply``: ``also_removed``) is dropped: that concept is only removed.
 
 Several concepts at once: each keeps its own rule and scale. A latent selected by several
 concepts in the same bucket takes the *most negative* of their results, token by token, so the
@@ -49,7 +50,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -116,7 +117,8 @@ class FeatureAblator:
     lookup); ``sync_free=True`` never synchronises: buckets are looked up on the device and the
     edit is dense (for CUDA-graph capture), at the price of a few more kernels. ``encoder``
     overrides the SAE's encoder mode for this ablator (``"threshold"`` uses ``sae.cfg.threshold``
-    or the library's calibrated θ).
+    or the library's calibrated θ). ``also_removed``: concepts removed elsewhere in the same call
+    (other hookpoints); a target among them, or among this ablator's concepts, is dropped.
     """
 
     def __init__(
@@ -130,6 +132,7 @@ class FeatureAblator:
         encoder: Literal["topk", "threshold"] | None = None,
         check_fingerprint: bool = True,
         sync_free: bool = False,
+        also_removed: Collection[str] = (),
     ) -> None:
         if apply_to not in ("all", "cond", "uncond"):
             raise ValueError(f"apply_to must be 'all', 'cond' or 'uncond', got {apply_to!r}")
@@ -151,8 +154,9 @@ class FeatureAblator:
         """On CPU, find the changed tokens on the host and compute only those (off: the dense device path)."""
         # a target that is itself removed in the same call would bring back what the user removes:
         # that concept falls back to plain removal
+        removed = {*names, *also_removed}
         self.ablations = [
-            dataclasses.replace(r, target=None) if r.target in names else r
+            dataclasses.replace(r, target=None) if r.target in removed else r
             for r in (s.resolve(library) for s in specs)
         ]
         self.selections: dict[str, FeatureSelection] = {}

@@ -492,7 +492,9 @@ class SaeBundle:
         apply_to: ApplyTo = "all",
         legacy_error_sign: bool = False,
     ) -> dict[str, FeatureAblator]:
-        """One :class:`FeatureAblator` per hookpoint of ``targets`` (see :meth:`plan`)."""
+        """One :class:`FeatureAblator` per hookpoint of ``targets`` (see :meth:`plan`); each knows every
+        concept the call removes, so a target removed at another hookpoint is dropped too."""
+        removed = {s.concept for specs in targets.values() for s in specs}
         return {
             path: FeatureAblator(
                 self.hookpoints[path].sae,
@@ -501,6 +503,7 @@ class SaeBundle:
                 encoder=encoder,
                 apply_to=apply_to,
                 legacy_error_sign=legacy_error_sign,
+                also_removed=removed,
             )
             for path, specs in targets.items()
         }
