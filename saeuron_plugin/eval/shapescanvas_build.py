@@ -121,7 +121,8 @@ REFINE_SEED = 40_000  # stage-2 validation; test images use 50_000 and up
 REFINE_TOP = {"object": 4}
 # Colours removed alone tend to land between two colours (red → yellow-orange: UA counts it, no judge
 # calls it a colour; clean rate 80 % on the test seeds). Steering the same tokens toward another
-# colour gives a clean image (red → green, α 1: 24 of 24 clean on stage-2 prompts). Objects and styles
+# colour gives a clean image (red → green, α 1: 24 of 24 clean on stage-2 prompts;
+# examples/experiments/colour_replacement.py). Objects and styles
 # were ≥ 90 % clean without it.
 TARGET_SCALES = {"color": (1.0, 2.0)}
 
