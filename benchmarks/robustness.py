@@ -68,6 +68,7 @@ EVAL_SEEDS = range(100, 108)
 RETAIN_CAPTIONS = 8
 GEN_KW = {"num_inference_steps": 25, "guidance_scale": 5.0}
 ATTACKS = {"ua_unlearndiffatk": "unlearndiffatk", "ua_adaptive": "soft_prompt", "ua_transfer": "transfer"}
+SUMMED = ("ua_clean", *ATTACKS, "ira", "cra")
 
 
 def retained_captions(concept: str, domain: str) -> list[sc.BenchmarkPrompt]:
@@ -141,19 +142,15 @@ def domain_means(rows: dict) -> dict:
     for method, per in rows.items():
         for domain, key in keys.items():
             mine = [r for r in per.values() if r["domain"] == domain]
-            if not mine:
-                continue
-
-            def mean(field: str, rows_: list = mine) -> float:
-                return round(sum(r[field] for r in rows_) / len(rows_), 2)
-
-            out.setdefault(method, {})[key] = {
-                "ua_clean": mean("ua_clean"),
-                "ua_attack": {name: mean(field) for field, name in ATTACKS.items() if field in mine[0]},
-                "ira": mean("ira"),
-                "cra": mean("cra"),
-                "concepts": len(mine),
-            }
+            if mine:
+                mean = {f: round(sum(r[f] for r in mine) / len(mine), 2) for f in mine[0] if f in SUMMED}
+                out.setdefault(method, {})[key] = {
+                    "ua_clean": mean["ua_clean"],
+                    "ua_attack": {name: mean[f] for f, name in ATTACKS.items() if f in mean},
+                    "ira": mean["ira"],
+                    "cra": mean["cra"],
+                    "concepts": len(mine),
+                }
     return out
 
 
