@@ -565,7 +565,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------- command
 ALL_METHODS = ("saeuron", "negative_prompt", "sld", "uce", "esd")
-ESD_SUBSET = ("star", "square", "striped", "dotted", "red", "blue")
 
 
 def add_args(p: Any) -> None:
@@ -575,8 +574,9 @@ def add_args(p: Any) -> None:
     p.add_argument(
         "--esd-concepts",
         nargs="+",
-        default=list(ESD_SUBSET),
-        help="ESD trains per concept: run it on these (default: two per domain)",
+        default=None,
+        help="ESD-x fine-tunes one UNet per concept (weights cached under --esd-cache): run it on these "
+        "(default: every concept of --concepts)",
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="test seed sets")
     p.add_argument("--others", type=int, default=Protocol.others, help="captions without the concept")
@@ -605,7 +605,8 @@ def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     protocol = Protocol(steps=args.steps, seeds=tuple(args.seeds), others=args.others)
     concepts = args.concepts or list(sc.CONCEPTS)
-    method_concepts = {"esd": [c for c in concepts if c in args.esd_concepts]}
+    esd_concepts = concepts if args.esd_concepts is None else args.esd_concepts
+    method_concepts = {"esd": [c for c in concepts if c in esd_concepts]}
     presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
     grids = {
         "concepts": concepts,
