@@ -18,14 +18,18 @@ captions of the concept's domain without it (same seeds): the judges' accuracy o
 and on the others.
 
 The weight-editing baselines (UCE, ESD-x; ``--baselines``) get the same attacks on their edited UNet,
-with the presets of the unlearning benchmark (ESD-x weights cached under ``runs/esd-cache``); negative
-prompting and SLD remove nothing on this model (UA ≤ 1.4 % clean), so there is nothing to attack. The
-adaptive soft prompt is judged after 0, 5, 10, 20 and 40 iterations (the curve,
-``benchmarks/results/robustness.png``).
+at their equal-tuning settings from ``benchmarks/results/baseline-search/`` (``--baselines-at tuned``,
+written by ``benchmarks/unlearning.py``; ESD-x weights cached under ``runs/esd-cache``) or the presets.
+Negative prompting and SLD act in the sampling loop, outside the UNet call the attack's loss sees, so
+they are not attacked here. The adaptive soft prompt is judged after 0, 5, 10, 20 and 40 iterations
+(the curve, ``benchmarks/results/robustness.png``).
+
+**Defence candidate in the same run**: ``saeuron_everywhere`` is the shipped bundle with each concept
+ablated at every hookpoint whose library holds it (18 here), not only the tuned ones
+(``--no-everywhere`` skips it).
 
 The JSON holds the per-concept rows under each method and, under ``methods``, the domain means in
-the shape issue #20 asks for (``ua_clean``, ``ua_attack`` per attack, ``ira``, ``cra``). Not yet here
-(the rest of #20): a defence that holds.
+the shape issue #20 asks for (``ua_clean``, ``ua_attack`` per attack, ``ira``, ``cra``).
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ from saeuron_plugin.attacks import (
 from saeuron_plugin.diagnostics.charts import draw_curves
 from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.eval.baselines import BASELINES
-from saeuron_plugin.eval.baselines.presets import shapescanvas_hparams
 from saeuron_plugin.eval.shapescanvas_build import load_default
+from saeuron_plugin.eval.unlearning import SEARCH_DIR, baseline_options, concept_text, saved_setting
 from saeuron_plugin.tuning import load_judge
 from saeuron_plugin.tuning.search import forget_percent
 
@@ -182,14 +186,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--everywhere",
+        "--no-everywhere",
         action="store_true",
-        help="ablate at every hookpoint whose library holds the concept, not only the "
-        "tuned ones (a candidate defence)",
+        help="skip the defence candidate saeuron_everywhere (every hookpoint holding the concept)",
     )
     parser.add_argument(
         "--baselines", nargs="*", default=["uce", "esd"], help="weight-editing baselines to attack"
     )
+    parser.add_argument(
+        "--baselines-at",
+        choices=("tuned", "presets"),
+        default="tuned",
+        help="tuned: each baseline's equal-tuning setting from --search-dir; presets: the hand-set ones",
+    )
+    parser.add_argument("--search-dir", default=str(ROOT / SEARCH_DIR))
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (the protocol: 25)")
     parser.add_argument("--esd-cache", default=str(ROOT / "runs" / "esd-cache"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
@@ -201,7 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     pipe = load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
     judge = load_judge("shapescanvas")
     eraser = SAeUron.from_pretrained(ROOT / "checkpoints" / "shapescanvas-saeuron")
-    rows: dict[str, dict] = {"saeuron": {}, **{m: {} for m in args.baselines}}
+    variants = {"saeuron": False} if args.no_everywhere else {"saeuron": False, "saeuron_everywhere": True}
+    rows: dict[str, dict] = {**{v: {} for v in variants}, **{m: {} for m in args.baselines}}
+    settings = {
+        m: {c: saved_setting(m, c, args.search_dir) for c in args.concepts}
+        for m in args.baselines
+        if args.baselines_at == "tuned"
+    }
     start = time.perf_counter()
     for concept in args.concepts:
         domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
@@ -216,25 +232,26 @@ def main(argv: list[str] | None = None) -> None:
         def ua(images: torch.Tensor, concept: str = concept, domain: str = domain) -> float:
             return forget_percent(judge, images, concept, domain)
 
-        where = eraser.where(concept) if args.everywhere else None
-        with eraser.unlearn(pipe, [concept], hookpoints=where) as handle:
-            row = attack_row(pipe, targets, init, caption, ua, args, handle, transfer)
-            row |= retention(pipe, judge, concept, domain)
-        rows["saeuron"][concept] = {"domain": domain, "caption": caption, **row}
-        print(
-            f"{concept:9s} ({domain}) saeuron: UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
-            f"{row['ua_adaptive']:5.1f} (curve {row['curve_adaptive']}), "
-            f"gradient-masked {row['ua_masked']:5.1f}  transfer {row['ua_transfer']:5.1f}  "
-            f"UnlearnDiffAtk {row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})  "
-            f"IRA {row['ira']:5.1f} CRA {row['cra']:5.1f}",
-            flush=True,
-        )
-        text = f"{concept} style" if domain == "style" else concept
+        for variant, everywhere in variants.items():
+            where = eraser.where(concept) if everywhere else None
+            with eraser.unlearn(pipe, [concept], hookpoints=where) as handle:
+                row = attack_row(pipe, targets, init, caption, ua, args, handle, transfer)
+                row |= retention(pipe, judge, concept, domain)
+            rows[variant][concept] = {"domain": domain, "caption": caption, **row}
+            print(
+                f"{concept:9s} ({domain}) {variant}: UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
+                f"{row['ua_adaptive']:5.1f} (curve {row['curve_adaptive']}), "
+                f"gradient-masked {row['ua_masked']:5.1f}  transfer {row['ua_transfer']:5.1f}  "
+                f"UnlearnDiffAtk {row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})  "
+                f"IRA {row['ira']:5.1f} CRA {row['cra']:5.1f}",
+                flush=True,
+            )
         for method in args.baselines:
-            options = shapescanvas_hparams(method, text)
-            if method == "esd":
-                options |= {"cache_dir": args.esd_cache, "progress": False}
-            with BASELINES[method].erase(pipe, text, **options):
+            presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
+            options = baseline_options(method, concept, presets, settings.get(method, {}).get(concept))
+            if "guidance_scale" in options:
+                raise ValueError(f"{method}: a setting with its own guidance is not attacked here")
+            with BASELINES[method].erase(pipe, concept_text(concept), **options):
                 row = attack_row(pipe, targets, init, caption, ua, args, transfer=transfer)
                 row |= retention(pipe, judge, concept, domain)
             rows[method][concept] = {"domain": domain, "caption": caption, **row}
@@ -259,9 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         "guidance": 5.0,
         "seed": args.seed,
         "bundle": "checkpoints/shapescanvas-saeuron",
-        "hookpoints": "every one holding the concept" if args.everywhere else "the tuned ones",
+        "hookpoints": {"saeuron": "the tuned ones", "saeuron_everywhere": "every one holding the concept"},
         "curve_iterations": [i for i in CURVE if i <= args.iterations],
-        "baselines": {m: "presets of the unlearning benchmark" for m in args.baselines},
+        "baselines": {m: settings.get(m, "presets of the unlearning benchmark") for m in args.baselines},
         "seconds": round(time.perf_counter() - start),
     }
     blob = {"protocol": protocol, "methods": domain_means(rows), **rows}

@@ -122,6 +122,23 @@ def method_generator(
         return
     from .baselines import BASELINES, generate_with
 
+    hparams = baseline_options(method, concept, presets, setting)
+    guidance = hparams.pop("guidance_scale", guidance)
+    with BASELINES[method].erase(pipe, concept_text(concept), **hparams) as run:
+        yield lambda prompts, seeds: generate_with(run, prompts, seeds, steps, guidance)
+
+
+def baseline_options(
+    method: str,
+    concept: str,
+    presets: dict[str, dict[str, Any]] | None = None,
+    setting: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments of ``BASELINES[method].erase(pipe, concept_text(concept), **them)``:
+    the ShapesCanvas presets, updated by ``presets[method]`` and then by ``setting`` (tuned), with
+    ``retain`` turned into ``retain_texts``; a ``guidance_scale`` key is the generation's CFG."""
+    from .baselines import BASELINES
+
     if method not in BASELINES:
         raise KeyError(f"unknown method {method!r}; known: saeuron, {', '.join(BASELINES)}")
     from .baselines.presets import shapescanvas_hparams
@@ -132,10 +149,23 @@ def method_generator(
         **(presets or {}).get(method, {}),
         **(setting or {}),
     }
-    guidance = hparams.pop("guidance_scale", guidance)
-    retain = retain_texts(concept, hparams.pop("retain", "domain"))
-    with BASELINES[method].erase(pipe, concept_text(concept), retain_texts=retain, **hparams) as run:
-        yield lambda prompts, seeds: generate_with(run, prompts, seeds, steps, guidance)
+    hparams["retain_texts"] = retain_texts(concept, hparams.pop("retain", "domain"))
+    return hparams
+
+
+def saved_setting(method: str, concept: str, search_dir: str | Path = SEARCH_DIR) -> dict[str, Any]:
+    """A baseline's tuned setting for ``concept`` from its saved equal-tuning search (written by
+    ``benchmarks/unlearning.py``); a clear error when it was never tuned."""
+    path = Path(search_dir) / f"{method}.json"
+    best = None
+    if path.is_file():
+        best = json.loads(path.read_text()).get("concepts", {}).get(concept, {}).get("best")
+    if best is None:
+        raise FileNotFoundError(
+            f"{method} has no tuned setting for {concept!r} in {path}; run `python benchmarks/unlearning.py "
+            f"--methods {method} --concepts {concept}` first (or use the presets)"
+        )
+    return dict(best["setting"])
 
 
 # ------------------------------------------------------------------------------------------- benchmark
