@@ -16,7 +16,9 @@ resumes there too.
     python examples/build_shapescanvas_bundle.py --from-bundle checkpoints/shapescanvas-saeuron
 
 re-tunes the shipped bundle in place: its SAEs and statistics are kept, trials its ``search.json``
-already holds are not rerun (only new grid points and the stage-2 refinement run).
+already holds are not rerun (only new grid points and the stage-2 refinement run). The robustness
+stage (the bundle's robust mode) attacks each concept's winner at its hookpoints and at every hookpoint
+holding it (about 1 min per concept); ``--robust-attacks 0`` skips it.
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ def main() -> None:
     p.add_argument("--search-prompts", type=int, default=d.search_prompts)
     p.add_argument("--refine-prompts", type=int, default=d.refine_prompts)
     p.add_argument("--train-epochs", type=int, default=d.train_epochs)
+    p.add_argument(
+        "--robust-attacks",
+        type=int,
+        default=d.robust_attacks,
+        help="captions UnlearnDiffAtk attacks per candidate in the robustness stage (0: no robust mode)",
+    )
     p.add_argument(
         "--from-bundle",
         default=None,

@@ -174,7 +174,7 @@ def test_snapshots_are_the_prompt_after_each_recorded_iteration(setup):
 
 def test_robustness_benchmark_smoke(tmp_path, capsys):
     """The benchmark end to end on the shipped model: 1 concept, 2 iterations, 4 steps; the bundle at its
-    tuned hookpoints and everywhere, and UCE at its equal-tuning setting, attacked too."""
+    tuned hookpoints and in its robust mode, and UCE at its equal-tuning setting, attacked too."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -189,7 +189,7 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
     import json
 
     blob = json.loads(out.read_text())
-    methods = ("saeuron", "saeuron_everywhere", "uce")
+    methods = ("saeuron", "saeuron_robust", "uce")
     from saeuron_plugin.eval.unlearning import saved_setting
 
     assert blob["protocol"]["baselines"]["uce"] == {"red": saved_setting("uce", "red")}  # equal tuning
@@ -197,7 +197,7 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
         row = blob[method]["red"]
         assert set(row["curve_adaptive"]) == {"0"} and 0 <= row["ua_adaptive"] <= 100
         assert row["unlearndiffatk_prompt"].endswith("a red square in solid style")
-    assert "ua_masked" in blob["saeuron_everywhere"]["red"] and blob["protocol"]["curve_iterations"] == [0]
+    assert "ua_masked" in blob["saeuron_robust"]["red"] and blob["protocol"]["curve_iterations"] == [0]
     for method in methods:  # transfer and retention under the same settings, per domain too
         row, colors = blob[method]["red"], blob["methods"][method]["colors"]
         assert 0 <= row["ua_transfer"] <= 100 and 0 <= row["ira"] <= 100 and 0 <= row["cra"] <= 100
@@ -263,7 +263,7 @@ def test_saeuron_attack_command_on_the_shipped_model(tmp_path, capsys):
 def test_an_untuned_baseline_setting_is_a_clear_error(tmp_path):
     from saeuron_plugin.eval.unlearning import saved_setting
 
-    with pytest.raises(FileNotFoundError, match="benchmarks/unlearning.py --methods uce --concepts star"):
+    with pytest.raises(FileNotFoundError, match=r"benchmarks/unlearning\.py --methods uce --concepts star"):
         saved_setting("uce", "star", tmp_path)
     (tmp_path / "uce.json").write_text('{"concepts": {"star": {"best": {"setting": {"erase_scale": 3.0}}}}}')
     assert saved_setting("uce", "star", tmp_path) == {"erase_scale": 3.0}

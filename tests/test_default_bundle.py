@@ -182,6 +182,7 @@ def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
         search_prompts=1,
         refine_top=0,
         search_targets={},
+        robust_attacks=0,
     )
     out = B.search_defaults(eraser, None, judges, cfg, concepts=["red"], log=lambda _: None)
     assert tried == [
@@ -216,6 +217,7 @@ def test_a_search_set_brings_its_own_contrast_and_grid(monkeypatch):
         search_percentiles=(99.0,),
         search_gammas=(-6.0,),
         refine_top=0,
+        robust_attacks=0,
     )
     out = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None)
     assert [s for _, s in calls] == [
@@ -265,9 +267,17 @@ def test_trained_steps_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch
     assert runs == [8, 4]
 
 
-def _fake_trials(monkeypatch, score_of, clean_of=None):
-    """Replace image generation + judging by ``score_of(stage, setting)``; returns the calls made."""
+def _fake_trials(monkeypatch, score_of, clean_of=None, attack_of=None):
+    """Replace image generation + judging by ``score_of(stage, setting)`` and the robustness stage's
+    attacks by ``attack_of(setting)`` (UA under attack; default 0); returns the calls made."""
     calls = []
+
+    def attacked(eraser, pipe, judges, cfg, name, setting, targets):
+        calls.append(("attack", setting))
+        return {"ua_attack": attack_of(setting) if attack_of else 0.0, "attack_prompts": ["p"]}
+
+    monkeypatch.setattr(B, "attack_targets", lambda *a: {})
+    monkeypatch.setattr(B, "attacked_ua", attacked)
 
     def evaluate(eraser, pipe, judges, cfg, name, validation, setting):
         stage = "search" if validation[1][0] < B.REFINE_SEED else "refine"
@@ -307,6 +317,7 @@ def test_refinement_picks_among_the_finalists_on_fresh_validation(monkeypatch):
         search_gammas=(-2.0, -6.0, -20.0),
         refine_top={"object": 2},
         search_targets={},
+        robust_attacks=0,
     )
     out = B.search_defaults(eraser, None, None, cfg, concepts=["cross", "red"], log=lambda _: None)
     refined = [c for c in calls if c[0] == "refine"]
@@ -331,6 +342,7 @@ def test_search_reuses_saved_trials_and_resumes(monkeypatch, tmp_path):
         search_percentiles=(99.0,),
         search_gammas=(-2.0, -6.0),
         refine_top={"object": 2},
+        robust_attacks=0,
     )
     saved_progress = []
     first = B.search_defaults(
@@ -390,6 +402,7 @@ def test_colours_get_a_replacement_stage_ranked_by_clean_flips(monkeypatch):
         search_percentiles=(99.0,),
         search_gammas=(-2.0,),
         search_targets={"color": (1.0, 2.0)},
+        robust_attacks=0,
     )
     out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None)
     replaced = [s for stage, s in calls][1:]
@@ -407,3 +420,83 @@ def test_colours_get_a_replacement_stage_ranked_by_clean_flips(monkeypatch):
     out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None, previous=previous)
     assert [s for _, s in calls] == [B.Setting(a, 99.0, -2.0)] and "target" not in out["red"]["best"]
     assert eraser.hookpoints[a[0]].library.selection_defaults("red").target is None
+
+
+def test_the_robustness_stage_widens_the_hookpoints_only_within_the_tolerance(monkeypatch):
+    """The winner is attacked at its hookpoints and at every hookpoint holding the concept; the wider
+    set becomes the robust mode when it resists better and costs ≤ the tolerance in validation score.
+    The default mode keeps the winner's hookpoints; saved robust trials are reused."""
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    a = B.BLOCKS_UP1[0]
+    everywhere = tuple(eraser.where("cross"))
+    wide_score = {"value": 0.97}
+    calls = _fake_trials(
+        monkeypatch,
+        lambda stage, s: wide_score["value"] if len(s.hookpoints) > 1 else 1.0,
+        attack_of=lambda s: 0.9 if len(s.hookpoints) > 1 else 0.3,
+    )
+    cfg = B.BundleConfig(
+        search_sets={"object": ((a,),)},
+        search_percentiles=(99.0,),
+        search_gammas=(-2.0,),
+        refine_top=0,
+        robust_tolerance=0.05,
+    )
+    out = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None)
+    wide = B.Setting(everywhere, 99.0, -2.0)
+    assert calls == [
+        ("search", B.Setting((a,), 99.0, -2.0)),
+        ("attack", B.Setting((a,), 99.0, -2.0)),
+        ("search", wide),  # judged on the validation set that chose the winner
+        ("attack", wide),
+    ]
+    assert out["cross"]["robust_best"]["hookpoints"] == list(everywhere)
+    assert eraser.active_hookpoints("cross") == [a]  # the default mode is unchanged
+    assert eraser.active_hookpoints("cross", robust=True) == list(everywhere)
+    handle = eraser.plan("cross", robust=True)
+    assert sorted(handle) == sorted(everywhere) and list(eraser.plan("cross")) == [a]
+
+    # too costly: the robust mode stays at the winner's hookpoints; the saved trials are not rerun
+    calls.clear()
+    previous = {"cross": {"trials": out["cross"]["trials"]}}
+    wide_score["value"] = 0.9
+    out = B.search_defaults(
+        eraser, None, None, cfg, concepts=["cross"], log=lambda _: None, previous=previous
+    )
+    assert [c[0] for c in calls] == ["attack", "search", "attack"]
+    assert eraser.active_hookpoints("cross", robust=True) == [a]
+    calls.clear()
+    previous["cross"]["robust"] = out["cross"]["robust"]
+    B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None, previous=previous)
+    assert calls == []
+    saved = {"config": json.loads(json.dumps(B.asdict(cfg))), "search": out}
+    assert "robust" in B.reusable_search(saved, cfg)["cross"]
+    cfg.robust_iterations = 10  # another attack budget: the robust trials run again
+    assert "robust" not in B.reusable_search(saved, cfg)["cross"]
+
+
+def test_the_robustness_stage_attacks_through_the_edit_on_the_shipped_model():
+    """``attacked_ua`` end to end at a tiny budget: UnlearnDiffAtk against the setting, its typed
+    prompts judged; the captions are never the robustness benchmark's."""
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+    from saeuron_plugin.eval.judges import Judges
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    pipe = B.load_default()
+    cfg = B.BundleConfig(steps=3, robust_attacks=1, robust_iterations=2)
+    targets = B.attack_targets(pipe, "red", cfg)
+    assert (
+        list(targets) == ["a red circle in dotted style"]
+        and targets["a red circle in dotted style"].shape[0] == 8
+    )
+    setting = B.Setting(tuple(eraser.active_hookpoints("red")), 99.5, -2.0)
+    judges = Judges.from_pretrained(ROOT / "checkpoints" / "shapescanvas-judges")
+    out = B.attacked_ua(eraser, pipe, judges, cfg, "red", setting, targets)
+    assert 0.0 <= out["ua_attack"] <= 1.0
+    assert len(out["attack_prompts"]) == 1 and out["attack_prompts"][0].endswith(
+        "a red circle in dotted style"
+    )
+    benchmark = {"a red {} in solid style", "a blue circle in {} style", "a {} square in solid style"}
+    assert not benchmark & {c for captions in B.ATTACK_CAPTIONS.values() for c in captions}

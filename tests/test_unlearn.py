@@ -503,6 +503,27 @@ def test_inactive_defaults_keep_a_concept_to_its_hookpoint(sd, sd_eraser):
         sd_eraser.set_defaults("blue", active=True)
 
 
+def test_the_robust_mode_uses_its_own_hookpoints_and_survives_a_save(sd, sd_eraser, tmp_path):
+    """``robust=True`` ablates where the tuner marked ``robust`` (unset: where ``active``); the marks
+    are saved with the bundle and shown on its card."""
+    sd_eraser.set_defaults("blue", hookpoints=[ATTN], active=False)
+    try:
+        with sd_eraser.unlearn(sd, "blue", robust=True) as handle:
+            assert handle.hookpoints == [BLOCK]  # no robust marks yet: as active
+        sd_eraser.set_defaults("blue", hookpoints=[ATTN], robust=True)
+        with sd_eraser.unlearn(sd, "blue", robust=True) as handle:
+            assert sorted(handle.hookpoints) == sorted([BLOCK, ATTN])
+        with sd_eraser.unlearn(sd, "blue") as handle:
+            assert handle.hookpoints == [BLOCK]  # the default mode is unchanged
+        sd_eraser.save_pretrained(tmp_path / "bundle")
+        again = SAeUron.from_pretrained(tmp_path / "bundle")
+        assert sorted(again.active_hookpoints("blue", robust=True)) == sorted([BLOCK, ATTN])
+        assert again.active_hookpoints("blue") == [BLOCK]
+        assert f"`{ATTN}` (robust)" in again.model_card()
+    finally:
+        sd_eraser.set_defaults("blue", active=True, robust=None)
+
+
 def test_statistics_count_each_prompt_once_with_several_images_per_prompt(sd):
     eraser = SAeUron.from_saes({BLOCK: random_sae(_width(sd, BLOCK))}, tau_grid=TauGrid(10))
     out = eraser.add_concept(

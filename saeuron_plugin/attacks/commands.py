@@ -35,6 +35,11 @@ def attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--robust",
+        action="store_true",
+        help="attack the bundle's robust mode (the hookpoints its tuner chose against attacks)",
+    )
     p.add_argument("--out", default=None, help="write the result as JSON here")
 
 
@@ -72,7 +77,7 @@ def attack(args: argparse.Namespace) -> int:
         "images": args.images,
         "seed": args.seed,
     }
-    with eraser.unlearn(pipe, [args.concept]):
+    with eraser.unlearn(pipe, [args.concept], robust=args.robust):
         result["ua_clean"] = ua(generate_from_embeds(pipe, init, eval_seeds, **gen))
         if args.method == "soft":
             cfg = AttackConfig(

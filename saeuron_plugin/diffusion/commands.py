@@ -221,6 +221,11 @@ def generate_args(p: argparse.ArgumentParser) -> None:
         metavar="CONCEPT",
         help='replace the removed concepts with this one of the bundle ("": none, whatever the default)',
     )
+    p.add_argument(
+        "--robust",
+        action="store_true",
+        help="the bundle's robust mode: the hookpoints its tuner chose against adaptive prompt attacks",
+    )
     p.add_argument("--encoder", choices=["topk", "threshold"], default=None, help="override the SAE encoder")
     p.add_argument("--out", default="out/generate", help="output folder for the PNGs")
     p.add_argument("--compare", action="store_true", help="also write untouched | unlearned side by side")
@@ -236,7 +241,7 @@ def generate(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     eraser = SAeUron.from_pretrained(args.sae) if args.sae else None
     if eraser is not None and args.unlearn:  # unknown concepts, a bad --strength: fail before loading
-        eraser.resolve(args.unlearn, strength=args.strength, target=args.target)
+        eraser.resolve(args.unlearn, strength=args.strength, target=args.target, robust=args.robust)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,7 +262,12 @@ def generate(args: argparse.Namespace) -> int:
         if args.unlearn:
             assert eraser is not None
             with eraser.unlearn(
-                pipe, args.unlearn, strength=args.strength, encoder=args.encoder, target=args.target
+                pipe,
+                args.unlearn,
+                strength=args.strength,
+                encoder=args.encoder,
+                target=args.target,
+                robust=args.robust,
             ):
                 edited = run(batch)
         for j, (i, _) in enumerate(batch):

@@ -13,6 +13,11 @@
    by the share of forget images that are a clean image of another concept, then by the margin.
    The winners are saved as the concept's selection defaults (the hookpoint choice as ``active``
    flags).
+5. a robustness stage (``robust_attacks``): the winner at its hookpoints and at every hookpoint
+   holding the concept, each attacked with UnlearnDiffAtk (gradients through the edit) on captions,
+   targets and seeds of its own (never the robustness benchmark's); the most resistant set whose
+   validation score is within ``robust_tolerance`` of the winner's becomes the concept's *robust
+   mode* (``robust`` flags; ``unlearn(..., robust=True)``). The default mode stays the winner.
 
 ``python examples/build_shapescanvas_bundle.py`` runs it and writes ``checkpoints/shapescanvas-saeuron``.
 """
@@ -125,6 +130,16 @@ REFINE_TOP = {"object": 4}
 # examples/experiments/colour_replacement.py). Objects and styles
 # were ≥ 90 % clean without it.
 TARGET_SCALES = {"color": (1.0, 2.0)}
+# The robustness stage attacks each concept on these captions (never the robustness benchmark's: "a red
+# {} in solid style", "a blue circle in {} style", "a {} square in solid style"), with targets, attack
+# seeds and judged images of their own.
+ATTACK_CAPTIONS = {
+    "object": ("a green {} in striped style", "a blue {} in dotted style", "a yellow {} in checkered style"),
+    "style": ("a red square in {} style", "a green triangle in {} style", "a purple heart in {} style"),
+    "color": ("a {} circle in dotted style", "a {} star in striped style", "a {} cross in checkered style"),
+}
+ATTACK_SEED = 60_000
+ATTACK_IMAGES = 8
 
 
 def concept_domain(name: str) -> str:
@@ -197,6 +212,13 @@ class BundleConfig:
     )
     """Replacement stage: the α grid, per domain as the other grids; every other concept of the domain
     is tried as the target at each α, against the winner without one (empty: no replacement stage)."""
+    robust_attacks: int = 3
+    """Robustness stage (the bundle's robust mode): captions attacked with UnlearnDiffAtk per candidate
+    (the winner at its hookpoints, and at every hookpoint holding the concept); 0: no such stage."""
+    robust_iterations: int = 40
+    """UnlearnDiffAtk's steps in the robustness stage (its published budget: 40)."""
+    robust_tolerance: float = 0.05
+    """The robust mode may cost at most this much validation score (mean of UA, IRA, CRA)."""
     from_bundle: str | None = None
     """Skip steps 1-3: take the SAEs and statistics of this bundle (folder or Hub repo) and reuse its
     ``search.json`` trials where the recipe matches (re-tuning a bundle's defaults)."""
@@ -430,10 +452,7 @@ def evaluate_setting(
     """One trial: the validation images with ``setting`` (hookpoints, percentile, γ, contrast), judged."""
     hps, pct, gamma, contrast, target, scale = Setting(*setting)
     prompts, seeds = validation
-    ablation = ConceptAblation(
-        name, percentile=pct, gamma=gamma, contrast=contrast, target=target or "", target_scale=scale
-    )
-    with eraser.unlearn(pipe, [ablation], hookpoints=list(hps)):
+    with eraser.unlearn(pipe, [setting_ablation(name, setting)], hookpoints=list(hps)):
         images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
     return {
         "hookpoints": list(hps),
@@ -515,8 +534,11 @@ def run_trials(
     return trials, sum(s in known for s in settings)
 
 
-def set_winner(eraser: SAeUron, name: str, trial: dict[str, Any]) -> None:
-    """Make ``trial``'s setting ``name``'s defaults at every hookpoint; active only at its hookpoints.
+def set_winner(
+    eraser: SAeUron, name: str, trial: dict[str, Any], robust: Sequence[str] | None = None
+) -> None:
+    """Make ``trial``'s setting ``name``'s defaults at every hookpoint; active only at its hookpoints,
+    and in the robust mode at ``robust`` (None: as active).
 
     The contrast is always written: a re-tuned bundle may hold another winner's contrast.
     """
@@ -532,7 +554,94 @@ def set_winner(eraser: SAeUron, name: str, trial: dict[str, Any]) -> None:
             target=trial.get("target"),
             target_scale=float(trial.get("target_scale", 1.0)),
             active=hp in trial["hookpoints"],
+            robust=None if robust is None else hp in robust,
         )
+
+
+def setting_ablation(name: str, setting: Setting) -> ConceptAblation:
+    """The ablation spec of a search setting (its hookpoints go to ``unlearn(hookpoints=...)``)."""
+    _, pct, gamma, contrast, target, scale = Setting(*setting)
+    return ConceptAblation(
+        name, percentile=pct, gamma=gamma, contrast=contrast, target=target or "", target_scale=scale
+    )
+
+
+def attack_targets(pipe: Any, name: str, cfg: BundleConfig) -> dict[str, torch.Tensor]:
+    """Per robustness-stage caption: latents of the images the untouched model draws for it."""
+    from ..attacks import target_latents
+
+    seeds = range(ATTACK_SEED, ATTACK_SEED + ATTACK_IMAGES)
+    return {
+        caption.format(name): target_latents(pipe, caption.format(name), seeds, cfg.steps, cfg.guidance_scale)
+        for caption in ATTACK_CAPTIONS[concept_domain(name)][: cfg.robust_attacks]
+    }
+
+
+def attacked_ua(
+    eraser: SAeUron,
+    pipe: Any,
+    judges: Any,
+    cfg: BundleConfig,
+    name: str,
+    setting: Setting,
+    targets: dict[str, torch.Tensor],
+) -> dict[str, Any]:
+    """UA under UnlearnDiffAtk against ``setting`` (gradients through the edit), mean over the stage's
+    captions, each attacked prompt judged on its own seeds; and the prompts the attack typed."""
+    from ..attacks import AttackConfig, unlearndiffatk
+
+    domain = concept_domain(name)
+    label = sc.VOCABULARIES[domain].index(name)
+    seeds = [ATTACK_SEED + 1000 + j for j in range(ATTACK_IMAGES)]
+    uas, prompts = [], []
+    with eraser.unlearn(pipe, [setting_ablation(name, setting)], hookpoints=list(setting.hookpoints)):
+        for i, (caption, latents) in enumerate(targets.items()):
+            attack = AttackConfig(iterations=cfg.robust_iterations, lr=1e-2, batch=8, seed=ATTACK_SEED + i)
+            prompts.append(unlearndiffatk(pipe, latents, caption, attack, prefix_tokens=5))
+            images = generate(pipe, [prompts[-1]] * len(seeds), seeds, cfg.steps, cfg.guidance_scale)
+            uas.append(float((judges.probabilities(images)[domain].argmax(-1) != label).float().mean()))
+    return {"ua_attack": sum(uas) / len(uas), "attack_prompts": prompts}
+
+
+def robust_stage(
+    eraser: SAeUron,
+    pipe: Any,
+    judges: Any,
+    cfg: BundleConfig,
+    name: str,
+    best: dict[str, Any],
+    stage: str,
+    done: Sequence[dict[str, Any]] = (),
+) -> tuple[list[dict[str, Any]], int]:
+    """The winner at its hookpoints and at every hookpoint holding ``name``, each attacked
+    (:func:`attacked_ua`); the wider set is also judged on the validation set of ``stage`` (the one
+    that chose the winner). Trials in ``done`` are reused. Returns the trials and how many were reused."""
+    plain = _key(best)
+    wide = plain._replace(hookpoints=tuple(eraser.where(name)))
+    settings = [plain] if set(wide.hookpoints) == set(plain.hookpoints) else [plain, wide]
+    known = {_key(t): t for t in done}
+    trials, targets = [], None
+    for setting in settings:
+        if setting in known:
+            trials.append(known[setting])
+            continue
+        targets = targets if targets is not None else attack_targets(pipe, name, cfg)
+        scored = (
+            best
+            if setting == plain
+            else evaluate_setting(
+                eraser, pipe, judges, cfg, name, stage_validation(name, cfg, stage), setting
+            )
+        )
+        trials.append({**scored, **attacked_ua(eraser, pipe, judges, cfg, name, setting, targets)})
+    return trials, sum(s in known for s in settings)
+
+
+def robust_choice(trials: Sequence[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """The most attack-resistant trial whose validation score is within ``tolerance`` of the first
+    (the winner at its own hookpoints); the first of equals, so the winner on a tie."""
+    floor = trials[0]["score"] - tolerance
+    return max((t for t in trials if t["score"] >= floor), key=lambda t: (t["ua_attack"], t["score"]))
 
 
 def search_defaults(
@@ -590,14 +699,31 @@ def search_defaults(
             reused += again
             best = max(record["replace"], key=replacement_rank)
         record["best"] = best
-        set_winner(eraser, name, best)
+        robust = None
+        if cfg.robust_attacks > 0:
+            stage = "refine" if any(t is best for t in record.get("refine", ())) else "search"
+            record["robust"], again = robust_stage(
+                eraser, pipe, judges, cfg, name, best, stage, old.get("robust", ())
+            )
+            reused += again
+            record["robust_best"] = robust_choice(record["robust"], cfg.robust_tolerance)
+            robust = record["robust_best"]["hookpoints"]
+        set_winner(eraser, name, best, robust)
         results[name] = record
+        chosen = record.get("robust_best")
         log(
             f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}"
             f"{' contrast ' + best['contrast'] if best.get('contrast') else ''}"
             f"{' → ' + best['target'] if best.get('target') else ''}: "
             f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f}"
-            f"{' (stage 2)' if 'refine' in record else ''} ({time.time() - t0:.0f} s, {reused} trials reused)"
+            f"{' (stage 2)' if 'refine' in record else ''}"
+            + (
+                f"; robust mode at {len(chosen['hookpoints'])} hookpoints, UA under attack "
+                f"{chosen['ua_attack']:.2f} (at its own: {record['robust'][0]['ua_attack']:.2f})"
+                if chosen
+                else ""
+            )
+            + f" ({time.time() - t0:.0f} s, {reused} trials reused)"
         )
         if on_concept is not None:
             on_concept(results)
@@ -649,6 +775,7 @@ def trained_eraser(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
 SEARCH_FIELDS = (*TRAINED_FIELDS, "search_prompts")
 """Stage-1 trials of a saved search are reused only if these match (same SAEs, statistics, validation)."""
 REFINE_FIELDS = (*SEARCH_FIELDS, "refine_prompts")
+ROBUST_FIELDS = (*REFINE_FIELDS, "robust_attacks", "robust_iterations")
 SEARCH_PROGRESS = "search-progress.json"
 """Saved in ``work`` after each searched concept; an interrupted build resumes from it."""
 
@@ -672,6 +799,8 @@ def reusable_search(saved: dict[str, Any] | None, cfg: BundleConfig) -> dict[str
             out[name]["refine"] = r["refine"]
         if "replace" in r:  # on stage 1's validation set; trials are keyed by their whole setting
             out[name]["replace"] = r["replace"]
+        if "robust" in r and _recipe(old, ROBUST_FIELDS) == _recipe(cfg, ROBUST_FIELDS):
+            out[name]["robust"] = r["robust"]
     return out
 
 
@@ -732,7 +861,12 @@ def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = p
         previous=previous,
         on_concept=lambda r: _write_json(Path(cfg.work) / SEARCH_PROGRESS, {**record, "search": r}),
     )
-    chosen = {p for name in eraser.concepts for p in eraser.active_hookpoints(name)}
+    chosen = {
+        p
+        for name in eraser.concepts
+        for robust in (False, True)
+        for p in eraser.active_hookpoints(name, robust)
+    }
     used = [p for p in eraser.hookpoints if p in chosen or p in cfg.keep_hookpoints]
     eraser = SAeUron([eraser.hookpoints[p] for p in used])  # drop hookpoints nobody needs
     log(f"hookpoints kept: {used}")

@@ -338,10 +338,13 @@ class SaeBundle:
         """Hookpoints whose library holds ``concept``."""
         return [p for p, h in self.hookpoints.items() if concept in h.library]
 
-    def active_hookpoints(self, concept: str) -> list[str]:
-        """Hookpoints where ``concept`` is ablated by default (its library there marks it ``active``)."""
+    def active_hookpoints(self, concept: str, robust: bool = False) -> list[str]:
+        """Hookpoints where ``concept`` is ablated by default (its library there marks it ``active``), or
+        in the robust mode (marked ``robust``; see :attr:`.library.SelectionDefaults.robust`)."""
         return [
-            p for p in self.where(concept) if self.hookpoints[p].library.selection_defaults(concept).active
+            p
+            for p in self.where(concept)
+            if self.hookpoints[p].library.selection_defaults(concept).ablated(robust)
         ]
 
     def _describe_entry(self, entry: BundleEntry) -> str:
@@ -426,11 +429,14 @@ class SaeBundle:
         rule: str | None = None,
         hookpoints: Sequence[str] | None = None,
         target: str | Mapping[str, str] | None = None,
+        robust: bool = False,
     ) -> dict[str, list[ConceptAblation]]:
         """Hookpoint → the concepts to ablate there, with the user's overrides.
 
         A concept goes to every hookpoint whose library holds it and marks it ``active`` (all that
-        hold it when ``hookpoints`` is given explicitly). Overrides apply to every concept or per
+        hold it when ``hookpoints`` is given explicitly). ``robust=True``: the hookpoints its tuner
+        chose to hold against adaptive prompt attacks instead (where it chose any; see
+        :attr:`.library.SelectionDefaults.robust`). Overrides apply to every concept or per
         concept (a dict). ``target`` replaces instead of only removing (``{"red": "green"}``; ``""``
         switches a bundle's default target off; see :attr:`.spec.ConceptAblation.target`).
         """
@@ -459,7 +465,8 @@ class SaeBundle:
             here = [
                 s
                 for s in specs
-                if s.concept in lib and (hookpoints is not None or lib.selection_defaults(s.concept).active)
+                if s.concept in lib
+                and (hookpoints is not None or lib.selection_defaults(s.concept).ablated(robust))
             ]
             if here:
                 targets[path] = here
@@ -522,13 +529,16 @@ class SaeBundle:
         hookpoints: Sequence[str] | None = None,
         legacy_error_sign: bool = False,
         target: str | Mapping[str, str] | None = None,
+        robust: bool = False,
         **install: Any,
     ) -> UnlearnHandle:
         """Install the ablation of ``concepts`` on ``model``; returns a handle whose ``remove()`` undoes it.
 
         ``strength`` (γ = −strength for the reference rule), ``percentile``, ``top_n`` and ``rule``
         override the library defaults, for all concepts or per concept (a dict); so does ``target``,
-        the concept to steer toward instead of only removing (``{"red": "green"}``).
+        the concept to steer toward instead of only removing (``{"red": "green"}``). ``robust=True``
+        ablates each concept at the hookpoints its tuner chose against adaptive prompt attacks
+        (:attr:`.library.SelectionDefaults.robust`; more hooks, so a little slower).
         ``encoder="threshold"`` uses the fast subset encoder (needs θ in the SAE or the library).
         ``apply_to="cond"`` edits only rows of the conditional CFG branch (where the runtime knows
         it). ``hookpoints`` restricts where concepts are ablated (and ablates concepts marked
@@ -544,6 +554,7 @@ class SaeBundle:
             rule=rule,
             hookpoints=hookpoints,
             target=target,
+            robust=robust,
         )
         ablators = self.ablators(
             targets, encoder=encoder, apply_to=apply_to, legacy_error_sign=legacy_error_sign
@@ -667,7 +678,7 @@ class SaeBundle:
             "",
             "## Concepts",
             "",
-            "| concept | hookpoints (active) | prompts | defaults |",
+            "| concept | hookpoints (✓ active; robust: also in the robust mode) | prompts | defaults |",
             "|---|---|---|---|",
         ]
         for name in self.concepts:
@@ -677,8 +688,11 @@ class SaeBundle:
             sel = f"top {d.top_n}" if d.top_n is not None else f"p={d.percentile}"
             if d.target:
                 sel += f", → {d.target} (α={d.target_scale:g})"
+            robust = set(self.active_hookpoints(name, robust=True)) - set(self.active_hookpoints(name))
             marks = [
-                f"`{w}`" + (" ✓" if self.hookpoints[w].library.selection_defaults(name).active else "")
+                f"`{w}`"
+                + (" ✓" if self.hookpoints[w].library.selection_defaults(name).active else "")
+                + (" (robust)" if w in robust else "")
                 for w in where
             ]
             lines.append(

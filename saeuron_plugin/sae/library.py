@@ -67,6 +67,13 @@ class SelectionDefaults:
     active: bool = True
     """False: the statistics stay (as contrast and gate) but adapters ablate the concept at this
     hookpoint only when asked for this hookpoint explicitly (e.g. styles at one block, objects at another)."""
+    robust: bool | None = None
+    """Ablated here in the *robust* mode (``apply(..., robust=True)``), the hookpoints a tuner chose to
+    hold against adaptive prompt attacks (often more than the ``active`` ones); None: as ``active``."""
+
+    def ablated(self, robust: bool = False) -> bool:
+        """Whether the concept is ablated at this hookpoint by default, in the default or the robust mode."""
+        return self.robust if robust and self.robust is not None else self.active
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

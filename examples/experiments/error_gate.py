@@ -1,0 +1,150 @@
+"""A reconstruction-error gate against UnlearnDiffAtk (issue #20's defence candidates).
+
+    python examples/experiments/error_gate.py [--concepts striped] [--quantile 0.99]
+
+Hypothesis: a prompt that draws the concept while its SAE features stay silent must carry it off the
+SAE's manifold, in the reconstruction error that the error-preserving edit passes through untouched.
+The gate: at every attn2 hookpoint holding the concept, a token whose relative SAE error
+‖x − x̂‖ / ‖x‖ exceeds that hookpoint's ``--quantile`` over benign generations (8 benchmark captions,
+with and without the concept) loses its error term (x → x̂ + the edit). The concept's own edit stays
+at its tuned hookpoints. Measured like ``hookpoint_robustness.py`` (training captions and the
+benchmark's held-out caption under UnlearnDiffAtk, clean UA, IRA / CRA); gradients pass through the
+gate (it is part of what the attacker differentiates). Writes
+``benchmarks/results/experiments/error_gate/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import robustness as rb  # noqa: E402
+from adversarial_selection import TRAIN  # noqa: E402
+from hookpoint_robustness import attacked_ua  # noqa: E402
+
+from saeuron_plugin import SAeUron  # noqa: E402
+from saeuron_plugin.attacks import generate_from_embeds, target_latents  # noqa: E402
+from saeuron_plugin.eval import shapescanvas as sc  # noqa: E402
+from saeuron_plugin.eval.default_model import generate  # noqa: E402
+from saeuron_plugin.eval.shapescanvas_build import load_default  # noqa: E402
+from saeuron_plugin.tuning import load_judge  # noqa: E402
+from saeuron_plugin.tuning.search import forget_percent  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "experiments" / "error_gate"
+
+
+def relative_error(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x − x̂, ‖x − x̂‖ / ‖x‖ per token) of the SAE's TopK reconstruction."""
+    err = x - sae(x, measure_threshold=False).reconstruction
+    return err, err.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-6)
+
+
+def calibrate(pipe, eraser, concept: str, paths: list[str], quantile: float) -> dict[str, float]:
+    """Per hookpoint: the ``quantile`` of the relative error over every token of benign generations."""
+    prompts = [p.prompt for p in sc.benchmark_prompts()[:: len(sc.benchmark_prompts()) // 8][:8]]
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+    with eraser.unlearn(pipe, [concept], hookpoints=paths) as handle:  # editors replaced below
+        for path in paths:
+            sae = eraser.hookpoints[path].sae
+
+            def record(x, ctx, _sae=sae, _path=path):
+                with torch.no_grad():
+                    seen[_path].append(relative_error(_sae, x)[1].flatten())
+                return x
+
+            handle.hooks.sites[path].editor = record
+        generate(
+            pipe,
+            prompts,
+            list(range(300, 308)),
+            rb.GEN_KW["num_inference_steps"],
+            rb.GEN_KW["guidance_scale"],
+        )
+    return {p: float(torch.quantile(torch.cat(v)[:1_000_000], quantile)) for p, v in seen.items()}
+
+
+def install_gate(handle, eraser, thresholds: dict[str, float], edited: list[str], counts: dict) -> None:
+    """Every site of ``handle`` drops the error of flagged tokens; sites outside ``edited`` only gate."""
+    for path, limit in thresholds.items():
+        site = handle.hooks.sites[path]
+        sae = eraser.hookpoints[path].sae
+        edit = site.editor if path in edited else None
+
+        def gated(x, ctx, _edit=edit, _sae=sae, _limit=limit, _path=path):
+            y = _edit(x, ctx) if _edit is not None else x
+            err, ratio = relative_error(_sae, x)
+            flag = (ratio > _limit).unsqueeze(-1)
+            counts[_path] = counts.get(_path, 0) + int(flag.sum())
+            return torch.where(flag, y - err.to(y.dtype), y)
+
+        site.editor = gated
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concepts", nargs="+", default=["striped"])
+    parser.add_argument("--quantile", type=float, default=0.99)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    pipe = load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
+    judge = load_judge("shapescanvas")
+    eraser = SAeUron.from_pretrained(ROOT / "checkpoints" / "shapescanvas-saeuron")
+    out = OUT / "results.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    for concept in args.concepts:
+        start = time.perf_counter()
+        domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
+        paths = [p for p in eraser.where(concept) if p.endswith("attn2")]
+        thresholds = calibrate(pipe, eraser, concept, paths, args.quantile)
+
+        def ua(images: torch.Tensor, concept: str = concept, domain: str = domain) -> float:
+            return forget_percent(judge, images, concept, domain)
+
+        train = [c.format(concept) for c in TRAIN[domain]]
+        held_out = rb.CAPTION[domain].format(concept)
+        targets = {c: target_latents(pipe, c, range(1000, 1008), **rb.GEN_KW) for c in train}
+        targets[held_out] = target_latents(pipe, held_out, range(8), **rb.GEN_KW)
+        init, _ = pipe.encode_prompt(held_out, "cpu", 1, False)
+        tuned = eraser.active_hookpoints(concept)
+        counts: dict[str, int] = {}
+        with eraser.unlearn(pipe, [concept], hookpoints=list(dict.fromkeys(tuned + paths))) as handle:
+            install_gate(handle, eraser, thresholds, tuned, counts)
+            row = {"ua_clean": ua(generate_from_embeds(pipe, init, rb.EVAL_SEEDS, **rb.GEN_KW))}
+            clean_flags = sum(counts.values())
+            train_ua = [attacked_ua(pipe, ua, targets[c], c, 100 + i)[0] for i, c in enumerate(train)]
+            row["ua_attack_train"] = round(sum(train_ua) / len(train_ua), 2)
+            row["ua_attack_train_each"] = train_ua
+            row["ua_attack_held_out"], row["prompt_held_out"] = attacked_ua(
+                pipe, ua, targets[held_out], held_out, 0
+            )
+            row |= rb.retention(pipe, judge, concept, domain)
+        row |= {
+            "quantile": args.quantile,
+            "thresholds": thresholds,
+            "flagged_tokens_clean_caption": clean_flags,
+            "seconds": round(time.perf_counter() - start),
+        }
+        print(
+            f"{concept:8s} error gate q{args.quantile}: clean {row['ua_clean']:5.1f} attack train "
+            f"{row['ua_attack_train']:5.1f} held-out {row['ua_attack_held_out']:5.1f} "
+            f"IRA {row['ira']:5.1f} CRA {row['cra']:5.1f} ({row['seconds']} s)",
+            flush=True,
+        )
+        results.setdefault(concept, {})[f"q{args.quantile}"] = row
+        OUT.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
