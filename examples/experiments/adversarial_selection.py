@@ -3,65 +3,30 @@
     python examples/experiments/adversarial_selection.py [--concepts striped red] [--rounds 2]
 
 For each concept: attack the shipped bundle's edit with UnlearnDiffAtk on *training* captions (not
-the robustness benchmark's caption), with target images from other seeds (1000+) and other attack
-seeds; run the statistics pass on the typed prompts the attack found, as a facet of the concept
+the robustness benchmark's caption), with target images from other seeds (1000+) and attack seeds
+1000+; run the statistics pass on the typed prompts the attack found, as a facet of the concept
 (``<concept>@attack``, the concept's own hookpoints and selection settings); repeat against the
-edit with the facet. Then the robustness benchmark's evaluation for that concept (its caption,
-target seeds 0–7, attack seed 0, judged on seeds 100–107): UA clean and under UnlearnDiffAtk, and
-IRA / CRA under the same settings, before and after. Also, at each tuned hookpoint, the mean
-activation of the concept's selected latents on its own statistics prompts and on the attack
-prompts, and the latents the facet selects (``benchmarks/results/experiments/adversarial_selection/``,
-about 2 min per concept on 2 cores).
+edit with the facet. Before and after, the measurement of ``hookpoint_robustness.py``: UA clean and
+under UnlearnDiffAtk on the training captions (attack seeds 100+) and on the robustness benchmark's
+held-out caption (targets from seeds 0–7, attack seed 0, judged on seeds 100–107), and IRA / CRA.
+Also, at each tuned hookpoint, the mean activation of the concept's selected latents on its own
+statistics prompts and on the attack prompts, and the latents the facet selects
+(``benchmarks/results/experiments/adversarial_selection/results.json``, about 3 min per concept on
+2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-import torch
+from _attack_setup import ROOT, attack_row, concept_case, describe, load
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import robustness as rb  # noqa: E402
-
-from saeuron_plugin import SAeUron  # noqa: E402
-from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, target_latents, unlearndiffatk  # noqa: E402
-from saeuron_plugin.eval import shapescanvas as sc  # noqa: E402
-from saeuron_plugin.eval.shapescanvas_build import load_default  # noqa: E402
-from saeuron_plugin.sae.selection import concept_scores, select_features  # noqa: E402
-from saeuron_plugin.tuning import load_judge  # noqa: E402
-from saeuron_plugin.tuning.search import forget_percent  # noqa: E402
+from saeuron_plugin.attacks import AttackConfig, unlearndiffatk
+from saeuron_plugin.sae.selection import concept_scores, select_features
 
 OUT = ROOT / "benchmarks" / "results" / "experiments" / "adversarial_selection"
-
-TRAIN = {
-    "object": ["a green {} in striped style", "a blue {} in dotted style", "a yellow {} in checkered style"],
-    "style": ["a red square in {} style", "a green triangle in {} style", "a purple heart in {} style"],
-    "color": ["a {} circle in dotted style", "a {} star in striped style", "a {} cross in checkered style"],
-}
-
-
-def evaluate(pipe, judge, concept: str, domain: str, names: list[str], eraser) -> dict:
-    caption = rb.CAPTION[domain].format(concept)
-    targets = target_latents(pipe, caption, range(8), **rb.GEN_KW)
-    init, _ = pipe.encode_prompt(caption, "cpu", 1, False)
-
-    def ua(images: torch.Tensor) -> float:
-        return forget_percent(judge, images, concept, domain)
-
-    with eraser.unlearn(pipe, names):
-        row = {"ua_clean": ua(generate_from_embeds(pipe, init, rb.EVAL_SEEDS, **rb.GEN_KW))}
-        prompt = unlearndiffatk(pipe, targets, caption, AttackConfig(iterations=40, lr=1e-2, batch=8))
-        typed, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
-        row["ua_unlearndiffatk"] = ua(generate_from_embeds(pipe, typed, rb.EVAL_SEEDS, **rb.GEN_KW))
-        row["prompt"] = prompt
-        row |= rb.retention(pipe, judge, concept, domain)
-    return row
 
 
 def latent_report(eraser, concept: str, facet: str, paths: list[str]) -> dict:
@@ -95,28 +60,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    pipe = load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
-    judge = load_judge("shapescanvas")
-    eraser = SAeUron.from_pretrained(ROOT / "checkpoints" / "shapescanvas-saeuron")
+    pipe, judge, eraser = load(args.threads)
     results = {}
     for concept in args.concepts:
         start = time.perf_counter()
-        domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
+        case = concept_case(pipe, judge, concept)
         paths = eraser.active_hookpoints(concept)
         facet = f"{concept}@attack"
-        before = evaluate(pipe, judge, concept, domain, [concept], eraser)
-        print(concept, "before", before, flush=True)
-        captions = [c.format(concept) for c in TRAIN[domain]]
-        targets = {c: target_latents(pipe, c, range(1000, 1008), **rb.GEN_KW) for c in captions}
+        with eraser.unlearn(pipe, [concept]):
+            before = attack_row(pipe, case)
+        print(describe(case, "before", before), flush=True)
         found: list[str] = []
         names = [concept]
         for r in range(args.rounds):
             new = []
             with eraser.unlearn(pipe, names):
-                for i, c in enumerate(captions):
-                    cfg = AttackConfig(iterations=40, lr=1e-2, batch=8, seed=100 + 10 * r + i)
-                    new.append(unlearndiffatk(pipe, targets[c], c, cfg))
+                for i, c in enumerate(case.train):  # other attack seeds than attack_row's
+                    cfg = AttackConfig(iterations=40, lr=1e-2, batch=8, seed=1000 + 10 * r + i)
+                    new.append(unlearndiffatk(pipe, case.targets[c], c, cfg))
             print(f"  round {r}: {new}", flush=True)
             found += new
             eraser.add_concept(
@@ -140,15 +101,19 @@ def main() -> None:
                 active=True,
             )
             names = [concept, facet]
-        after = evaluate(pipe, judge, concept, domain, names, eraser)
-        print(concept, "after", after, flush=True)
+        with eraser.unlearn(pipe, names):
+            after = attack_row(pipe, case)
+        print(describe(case, "with the facet", after), flush=True)
         results[concept] = {
             "before": before,
             "after": after,
             "attack_prompts": found,
+            "latents": latent_report(eraser, concept, facet, paths),
             "seconds": round(time.perf_counter() - start),
         }
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        OUT.mkdir(parents=True, exist_ok=True)
+        (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {OUT / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -17,27 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
+from _attack_setup import ROOT, attack_row, concept_case, describe, load, rb
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import robustness as rb  # noqa: E402
-from adversarial_selection import TRAIN  # noqa: E402
-from hookpoint_robustness import attacked_ua  # noqa: E402
-
-from saeuron_plugin import SAeUron  # noqa: E402
-from saeuron_plugin.attacks import generate_from_embeds, target_latents  # noqa: E402
-from saeuron_plugin.eval import shapescanvas as sc  # noqa: E402
-from saeuron_plugin.eval.default_model import generate  # noqa: E402
-from saeuron_plugin.eval.shapescanvas_build import load_default  # noqa: E402
-from saeuron_plugin.tuning import load_judge  # noqa: E402
-from saeuron_plugin.tuning.search import forget_percent  # noqa: E402
+from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.eval.default_model import generate
 
 OUT = ROOT / "benchmarks" / "results" / "experiments" / "error_gate"
 
@@ -72,18 +58,17 @@ def calibrate(pipe, eraser, concept: str, paths: list[str], quantile: float) -> 
     return {p: float(torch.quantile(torch.cat(v)[:1_000_000], quantile)) for p, v in seen.items()}
 
 
-def install_gate(handle, eraser, thresholds: dict[str, float], edited: list[str], counts: dict) -> None:
+def install_gate(handle, eraser, thresholds: dict[str, float], edited: list[str]) -> None:
     """Every site of ``handle`` drops the error of flagged tokens; sites outside ``edited`` only gate."""
     for path, limit in thresholds.items():
         site = handle.hooks.sites[path]
         sae = eraser.hookpoints[path].sae
         edit = site.editor if path in edited else None
 
-        def gated(x, ctx, _edit=edit, _sae=sae, _limit=limit, _path=path):
+        def gated(x, ctx, _edit=edit, _sae=sae, _limit=limit):
             y = _edit(x, ctx) if _edit is not None else x
             err, ratio = relative_error(_sae, x)
             flag = (ratio > _limit).unsqueeze(-1)
-            counts[_path] = counts.get(_path, 0) + int(flag.sum())
             return torch.where(flag, y - err.to(y.dtype), y)
 
         site.editor = gated
@@ -95,51 +80,24 @@ def main() -> None:
     parser.add_argument("--quantile", type=float, default=0.99)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    pipe = load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
-    judge = load_judge("shapescanvas")
-    eraser = SAeUron.from_pretrained(ROOT / "checkpoints" / "shapescanvas-saeuron")
+    pipe, judge, eraser = load(args.threads)
     out = OUT / "results.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
     for concept in args.concepts:
         start = time.perf_counter()
-        domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
         paths = [p for p in eraser.where(concept) if p.endswith("attn2")]
         thresholds = calibrate(pipe, eraser, concept, paths, args.quantile)
-
-        def ua(images: torch.Tensor, concept: str = concept, domain: str = domain) -> float:
-            return forget_percent(judge, images, concept, domain)
-
-        train = [c.format(concept) for c in TRAIN[domain]]
-        held_out = rb.CAPTION[domain].format(concept)
-        targets = {c: target_latents(pipe, c, range(1000, 1008), **rb.GEN_KW) for c in train}
-        targets[held_out] = target_latents(pipe, held_out, range(8), **rb.GEN_KW)
-        init, _ = pipe.encode_prompt(held_out, "cpu", 1, False)
+        case = concept_case(pipe, judge, concept)
         tuned = eraser.active_hookpoints(concept)
-        counts: dict[str, int] = {}
         with eraser.unlearn(pipe, [concept], hookpoints=list(dict.fromkeys(tuned + paths))) as handle:
-            install_gate(handle, eraser, thresholds, tuned, counts)
-            row = {"ua_clean": ua(generate_from_embeds(pipe, init, rb.EVAL_SEEDS, **rb.GEN_KW))}
-            clean_flags = sum(counts.values())
-            train_ua = [attacked_ua(pipe, ua, targets[c], c, 100 + i)[0] for i, c in enumerate(train)]
-            row["ua_attack_train"] = round(sum(train_ua) / len(train_ua), 2)
-            row["ua_attack_train_each"] = train_ua
-            row["ua_attack_held_out"], row["prompt_held_out"] = attacked_ua(
-                pipe, ua, targets[held_out], held_out, 0
-            )
-            row |= rb.retention(pipe, judge, concept, domain)
+            install_gate(handle, eraser, thresholds, tuned)
+            row = attack_row(pipe, case)
         row |= {
             "quantile": args.quantile,
             "thresholds": thresholds,
-            "flagged_tokens_clean_caption": clean_flags,
             "seconds": round(time.perf_counter() - start),
         }
-        print(
-            f"{concept:8s} error gate q{args.quantile}: clean {row['ua_clean']:5.1f} attack train "
-            f"{row['ua_attack_train']:5.1f} held-out {row['ua_attack_held_out']:5.1f} "
-            f"IRA {row['ira']:5.1f} CRA {row['cra']:5.1f} ({row['seconds']} s)",
-            flush=True,
-        )
+        print(f"{describe(case, f'gate q{args.quantile}', row)} ({row['seconds']} s)", flush=True)
         results.setdefault(concept, {})[f"q{args.quantile}"] = row
         OUT.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
