@@ -19,6 +19,10 @@ SD 1.5 at 512 px with SAeUron's SAE (d = 1280, n = 20,480, one hookpoint at up_b
 batch 2) uses a UNet built on the meta device (no weights). Collection: ``collect_activations``
 into a temporary store vs the plain pipeline with ``output_type="latent"`` (what collection runs).
 
+The robust mode (``unlearn(..., robust=True)``: each concept at the hookpoints its tuner chose
+against adaptive attacks, often more) costs more hooks: for ``--robust-concept`` (star) the share of
+each call spent in our hooks, topk encoder, default mode vs robust mode, in the same rounds.
+
     python benchmarks/pipeline_overhead.py [--prompts 8 --repeats 7 --concept striped --threads 2]
 """
 
@@ -129,6 +133,7 @@ def main() -> None:
     p.add_argument("--bundle", default="checkpoints/shapescanvas-saeuron")
     p.add_argument("--model", default="checkpoints/shapescanvas-sd")
     p.add_argument("--concept", default="striped")
+    p.add_argument("--robust-concept", default="star", help="whose robust mode is timed against its default")
     p.add_argument("--prompts", type=int, default=8, help="prompts per pipeline call")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=5.0)
@@ -154,6 +159,7 @@ def main() -> None:
         )
 
     modes = {"threshold": "threshold", "topk": "topk", "topk-dense": "topk"}
+    robust_modes = {f"{args.robust_concept} {m}": m == "robust" for m in ("default", "robust")}
     with eraser.unlearn(pipe, args.concept) as probe:
         paths = list(probe.hookpoints)
     saes = {p: eraser.hookpoints[p].sae for p in paths}
@@ -172,8 +178,12 @@ def main() -> None:
             ablator.sparse_tokens = mode != "topk-dense"
         editors[mode] = {p: site.editor for p, site in handle.hooks.sites.items()}
         handle.remove()
+    for mode, robust in robust_modes.items():
+        handle = eraser.apply(pipe, args.robust_concept, encoder="topk", robust=robust)
+        editors[mode] = {p: site.editor for p, site in handle.hooks.sites.items()}
+        handle.remove()
 
-    spent: dict[str, list[float]] = {m: [] for m in modes}  # seconds inside our hooks, per timed call
+    spent: dict[str, list[float]] = {m: [] for m in editors}  # seconds inside our hooks, per timed call
 
     def hooked(mode: str):
         def call() -> object:
@@ -191,7 +201,7 @@ def main() -> None:
         plain_img = run().images
         with eraser.unlearn(pipe, args.concept, encoder="threshold"):
             changed = int((run().images != plain_img).flatten(1).any(1).sum())
-        rounds = time_rounds({"plain": run, **{m: hooked(m) for m in modes}}, args.repeats)
+        rounds = time_rounds({"plain": run, **{m: hooked(m) for m in editors}}, args.repeats)
         flops, seen = pipeline_flops(pipe, prompts, args.steps, args.guidance, paths)
     times = {name: statistics.median(v) for name, v in rounds.items()}
     ratios = paired_ratios(rounds, "plain")
@@ -202,6 +212,8 @@ def main() -> None:
     print(f"images changed by the ablation: {changed}/{len(prompts)}")
     print(f"{'mode':12s} {'s/call':>8s} {'vs plain':>9s}   (per-round paired ratio: median [min, max])")
     for mode, t in times.items():
+        if mode in robust_modes:
+            continue
         med, lo, hi = ratios[mode]
         print(f"{mode:12s} {t:8.3f} {med - 1:+9.2%}   [{lo - 1:+.2%}, {hi - 1:+.2%}]")
     print(
@@ -223,6 +235,8 @@ def main() -> None:
     share = {m: statistics.median(v[1:]) for m, v in spent.items()}  # v[0]: the warm-up call
     print("\ntime inside the hooks / hooked call time (median over the timed calls):")
     for mode, frac in share.items():
+        if mode in robust_modes:
+            continue
         overhead = frac / (1 - frac)  # hooked = plain + hooks → hooks / plain
         verdict = (
             f"{overhead / predicted:.2f}× the FLOP prediction"
@@ -230,6 +244,15 @@ def main() -> None:
             else f"target ≤ 1.01×: {'met' if overhead <= 0.01 else 'NOT met'}"
         )
         print(f"  {mode:10s} {frac:6.2%} of the call → {1 + overhead:.4f}× plain ({verdict})")
+    print(f"\nthe robust mode of {args.robust_concept!r} (topk): time inside the hooks / hooked call time")
+    for mode, robust in robust_modes.items():
+        frac = share[mode]
+        n = len(eraser.active_hookpoints(args.robust_concept, robust))
+        med, lo, hi = ratios[mode]
+        print(
+            f"  {mode:14s} {n:2d} hookpoint(s): {frac:6.2%} of the call → {1 + frac / (1 - frac):.4f}× plain "
+            f"(wall ratio {med - 1:+.2%} [{lo - 1:+.2%}, {hi - 1:+.2%}])"
+        )
     print("\nwhy topk-dense can exceed its arithmetic: per denoiser call, encode GEMM vs TopK selection")
     sizes = {(seen[p] // args.steps, s.num_latents, s.d_in, s.cfg.k): "this bundle" for p, s in saes.items()}
     for (t, n, d, k), label in {**sizes, (512, 20_480, 1280, 32): "SAeUron size"}.items():  # each size once

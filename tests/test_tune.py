@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from test_judges import tiny_clip  # noqa: F401  (a fixture)
-from test_unlearn import BLOCK, make_eraser
+from test_unlearn import ATTN, BLOCK, make_eraser
 from tiny_pipelines import tiny_sd_pipeline
 
 from saeuron_plugin.tuning import search
@@ -324,3 +324,62 @@ def test_replacement_stage_tries_each_target_and_keeps_the_clean_flip(setup, tmp
     defaults = eraser.hookpoints[BLOCK].library.selection_defaults("red")
     assert (defaults.target, defaults.target_scale) == ("blue", 1.0)
     eraser.set_defaults("red", target=None)  # the module's shared eraser
+
+
+def test_the_robustness_stage_attacks_each_candidate_and_stores_the_robust_mode(tmp_path, monkeypatch):
+    """With ``robust_attacks`` the winner (one hookpoint) and the concept at every hookpoint holding it
+    are attacked with UnlearnDiffAtk through the edit on a real (tiny) pipeline; the more resistant
+    one within the tolerance becomes the robust mode, the default mode stays the winner, and the
+    attack trials are reused while the budget is the same."""
+    pipe = tiny_sd_pipeline()
+    eraser = make_eraser(pipe, [BLOCK, ATTN])
+    space = SearchSpace(
+        hookpoint_sets=[[BLOCK], [BLOCK, ATTN]],
+        percentiles=(99.0,),
+        gammas=(-2.0,),
+        robust_attacks=1,
+        robust_iterations=2,
+        attack_images=2,
+    )
+    installed = {"n": 0}
+    real_unlearn = eraser.unlearn
+
+    def counting(pipe_, concepts, **kw):
+        installed["n"] = len(kw["hookpoints"])
+        return real_unlearn(pipe_, concepts, **kw)
+
+    real_forget = search.forget_percent
+    monkeypatch.setattr(eraser, "unlearn", counting)
+    # the wider set resists the attack (UA 100 %), the winner does not (the real UA is still computed)
+    seen = []
+
+    def forget(judge, images, concept, domain):
+        seen.append(real_forget(judge, images, concept, domain))
+        return 100.0 if installed["n"] == 2 else 30.0
+
+    monkeypatch.setattr(search, "forget_percent", forget)
+    best = quiet_tune(eraser, pipe, always(1), space, tmp_path)
+    saved = json.loads((tmp_path / "search.json").read_text())["tune"]["red"]
+    assert best["hookpoints"] == [BLOCK]  # every setting scores 1.0: the first wins
+    assert [t["hookpoints"] for t in saved["robust"]] == [[BLOCK], [BLOCK, ATTN]]
+    assert [t["ua_attack"] for t in saved["robust"]] == [0.3, 1.0] and len(seen) == 2
+    assert all(0 <= u <= 100 for u in seen)
+    assert all(
+        len(t["attack_prompts"]) == 1 and t["attack_prompts"][0].endswith(FORGET[0]) for t in saved["robust"]
+    )
+    assert saved["robust_best"]["hookpoints"] == [BLOCK, ATTN]
+    assert eraser.active_hookpoints("red") == [BLOCK]
+    assert sorted(eraser.active_hookpoints("red", robust=True)) == sorted([BLOCK, ATTN])
+    seen.clear()
+    quiet_tune(eraser, pipe, always(1), space, tmp_path)  # everything reused
+    assert seen == []
+    space.robust_iterations = 3  # another budget: attacked again
+    quiet_tune(eraser, pipe, always(1), space, tmp_path)
+    assert len(seen) == 2
+    # beyond the tolerance the robust mode stays at the winner's hookpoints
+    assert (
+        search.robust_choice([{"score": 1.0, "ua_attack": 0.3}, {"score": 0.9, "ua_attack": 1.0}], 0.05)[
+            "ua_attack"
+        ]
+        == 0.3
+    )

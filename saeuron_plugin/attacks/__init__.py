@@ -1,7 +1,8 @@
-"""Attacks on unlearned pipelines, with gradients through the intervention (issue #20; in progress).
+"""Attacks on unlearned pipelines, with gradients through the intervention (issue #20).
 
-Built so far: the soft-prompt attack and the gradient-masking control (:mod:`.soft_prompt`), and
-UnlearnDiffAtk's token-prefix attack (:mod:`.unlearndiffatk`).
+The soft-prompt attack and the gradient-masking control (:mod:`.soft_prompt`), and UnlearnDiffAtk's
+token-prefix attack (:mod:`.unlearndiffatk`; ``typed_attacks`` runs it over several prompts, as the
+tuners' robustness stage does).
 """
 
 from .soft_prompt import (
@@ -12,7 +13,7 @@ from .soft_prompt import (
     soft_prompt_attack,
     target_latents,
 )
-from .unlearndiffatk import project_to_simplex, unlearndiffatk
+from .unlearndiffatk import project_to_simplex, typed_attacks, unlearndiffatk
 
 __all__ = [
     "AttackConfig",
@@ -22,5 +23,6 @@ __all__ = [
     "project_to_simplex",
     "soft_prompt_attack",
     "target_latents",
+    "typed_attacks",
     "unlearndiffatk",
 ]

@@ -13,6 +13,7 @@ The relaxed tokens enter the text encoder through a forward hook on its token-em
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -86,4 +87,28 @@ def unlearndiffatk(
     return f"{prefix} {prompt}".strip()
 
 
-__all__ = ["project_to_simplex", "unlearndiffatk"]
+def typed_attacks(
+    pipe: Any,
+    targets: Mapping[str, Tensor],
+    *,
+    iterations: int = 40,
+    seed: int = 0,
+    prefix_tokens: int = 5,
+) -> list[str]:
+    """UnlearnDiffAtk at its published settings (Adam(W) lr 1e-2, weight decay 0.1, batch 8) against
+    whatever eraser ``pipe`` has, once per prompt of ``targets`` (prompt → target latents the untouched
+    model drew for it), attack ``i`` seeded ``seed + i``: the typed prompts. What a tuner's robustness
+    stage measures a candidate setting with."""
+    return [
+        unlearndiffatk(
+            pipe,
+            latents,
+            prompt,
+            AttackConfig(iterations=iterations, lr=1e-2, batch=8, seed=seed + i),
+            prefix_tokens=prefix_tokens,
+        )
+        for i, (prompt, latents) in enumerate(targets.items())
+    ]
+
+
+__all__ = ["project_to_simplex", "typed_attacks", "unlearndiffatk"]

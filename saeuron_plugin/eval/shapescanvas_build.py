@@ -44,7 +44,7 @@ from ..sae.files import read_json, read_json_object
 from ..sae.io import atomic_write, resolve_repo
 from ..sae.store import ActivationStore
 from ..sae.train import TrainConfig, Trainer
-from ..tuning.search import clean_flips, replacement_rank
+from ..tuning.search import clean_flips, replacement_rank, robust_choice
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
@@ -588,18 +588,20 @@ def attacked_ua(
 ) -> dict[str, Any]:
     """UA under UnlearnDiffAtk against ``setting`` (gradients through the edit), mean over the stage's
     captions, each attacked prompt judged on its own seeds; and the prompts the attack typed."""
-    from ..attacks import AttackConfig, unlearndiffatk
+    from ..attacks import typed_attacks
 
     domain = concept_domain(name)
     label = sc.VOCABULARIES[domain].index(name)
     seeds = [ATTACK_SEED + 1000 + j for j in range(ATTACK_IMAGES)]
-    uas, prompts = [], []
     with eraser.unlearn(pipe, [setting_ablation(name, setting)], hookpoints=list(setting.hookpoints)):
-        for i, (caption, latents) in enumerate(targets.items()):
-            attack = AttackConfig(iterations=cfg.robust_iterations, lr=1e-2, batch=8, seed=ATTACK_SEED + i)
-            prompts.append(unlearndiffatk(pipe, latents, caption, attack, prefix_tokens=5))
-            images = generate(pipe, [prompts[-1]] * len(seeds), seeds, cfg.steps, cfg.guidance_scale)
-            uas.append(float((judges.probabilities(images)[domain].argmax(-1) != label).float().mean()))
+        prompts = typed_attacks(pipe, targets, iterations=cfg.robust_iterations, seed=ATTACK_SEED)
+        uas = [
+            float((judges.probabilities(images)[domain].argmax(-1) != label).float().mean())
+            for images in (
+                generate(pipe, [prompt] * len(seeds), seeds, cfg.steps, cfg.guidance_scale)
+                for prompt in prompts
+            )
+        ]
     return {"ua_attack": sum(uas) / len(uas), "attack_prompts": prompts}
 
 
@@ -635,13 +637,6 @@ def robust_stage(
         )
         trials.append({**scored, **attacked_ua(eraser, pipe, judges, cfg, name, setting, targets)})
     return trials, sum(s in known for s in settings)
-
-
-def robust_choice(trials: Sequence[dict[str, Any]], tolerance: float) -> dict[str, Any]:
-    """The most attack-resistant trial whose validation score is within ``tolerance`` of the first
-    (the winner at its own hookpoints); the first of equals, so the winner on a tie."""
-    floor = trials[0]["score"] - tolerance
-    return max((t for t in trials if t["score"] >= floor), key=lambda t: (t["ua_attack"], t["score"]))
 
 
 def search_defaults(

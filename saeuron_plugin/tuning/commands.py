@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Any
 
 from ..cli_prompts import model_args, read_prompt_file
-from .search import BUDGETS, SearchSpace, TuneConfig, TuneTask, TuningError, judge_domain, tune_concept
+from .search import (
+    BUDGETS,
+    SearchSpace,
+    TuneConfig,
+    TuneTask,
+    TuningError,
+    judge_domain,
+    read_search,
+    tune_concept,
+)
 
 
 def tune_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +43,14 @@ def tune_args(p: argparse.ArgumentParser) -> None:
         choices=list(BUDGETS),
         default="small",
         help="grid size and validation prompts (tiny, small, medium, large)",
+    )
+    p.add_argument(
+        "--robust-attacks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="robustness stage: attack each candidate with UnlearnDiffAtk on N forget prompts and store the "
+        "most resistant hookpoint set as the robust mode (unlearn(..., robust=True)); 0: none",
     )
     p.add_argument("--steps", type=int, default=25, help="denoising steps of the validation images")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
@@ -101,10 +118,11 @@ def tune(args: argparse.Namespace) -> int:
     out = Path(args.out or args.sae)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model, args.device, args.dtype)
-    space = SearchSpace.from_budget(args.budget)
+    space = SearchSpace.from_budget(args.budget, robust_attacks=args.robust_attacks)
     cfg = TuneConfig(num_inference_steps=args.steps, guidance_scale=args.guidance, batch_size=args.batch_size)
     best = {t.concept: tune_concept(eraser, pipe, judge, t, space, out, cfg) for t in todo}
     eraser.save_pretrained(out)
+    search = read_search(out)
     print(
         f"{'concept':12s} {'p':>7s} {'γ':>6s} {'contrast':>9s}  {'UA':>5s} {'IRA':>5s} {'CRA':>5s}  "
         "hookpoints"
@@ -115,7 +133,15 @@ def tune(args: argparse.Namespace) -> int:
             f"{name:12s} {b['percentile']:7.3f} {b['gamma']:6.1f} {b['contrast']!s:>9s}  {scores}  "
             f"{', '.join(b['hookpoints'])}"
         )
-    print(json.dumps({"out": str(out), "best": best}))
+    robust = {
+        name: search["tune"][name]["robust_best"] for name in best if "robust_best" in search["tune"][name]
+    }
+    for name, r in robust.items():
+        print(
+            f"{name:12s} robust mode: {len(r['hookpoints'])} hookpoint(s), UA under attack "
+            f"{100 * r['ua_attack']:.1f} %"
+        )
+    print(json.dumps({"out": str(out), "best": best, "robust": robust}))
     return 0
 
 

@@ -17,6 +17,12 @@ validation images and keeps the best as the concept's defaults in the bundle:
   at each α, on stage 1's images, ranked by the score, then by *clean flips* (forget images the judge
   gives another label with probability ≥ 0.9: a clean image of something else, not debris), then by
   the margin;
+* with ``robust_attacks``, a robustness stage attacks the winner at its hookpoints and at every
+  hookpoint holding the concept with UnlearnDiffAtk (gradients through the edit) on that many forget
+  prompts (targets from the untouched model at their own seeds); the most resistant of them whose
+  validation score is within ``robust_tolerance`` of the winner's becomes the concept's *robust mode*
+  (``unlearn(..., robust=True)``); the default mode stays the winner. It needs a Stable Diffusion
+  style pipeline (``tokenizer``, ``text_encoder``, ``unet``, ``scheduler``);
 * every trial is appended to ``search.json`` (section ``tune``) in the bundle folder as it finishes
   (atomic write), so an interrupted search resumes where it stopped and a re-tune reuses every
   trial it already ran.
@@ -92,6 +98,14 @@ class SearchSpace:
     target_scales: tuple[float, ...] = ()
     """Replacement stage: α values tried with every other concept of the judge domain as the target
     (empty: removal only). ShapesCanvas colours use (1, 2)."""
+    robust_attacks: int = 0
+    """Robustness stage: forget prompts UnlearnDiffAtk attacks per candidate (0: no robust mode)."""
+    robust_iterations: int = 40
+    """UnlearnDiffAtk's steps per attack (its published budget: 40)."""
+    robust_tolerance: float = 0.05
+    """The robust mode may cost at most this much validation score."""
+    attack_images: int = 8
+    """Target images per attacked prompt, and images judged per typed prompt."""
 
     @classmethod
     def from_budget(cls, budget: str, **overrides: Any) -> SearchSpace:
@@ -246,6 +260,14 @@ def replacement_rank(trial: dict[str, Any]) -> tuple[float, float, float]:
     return trial["score"], trial["clean_flip"], trial["margin"]
 
 
+def robust_choice(trials: Sequence[dict[str, Any]], tolerance: float) -> dict[str, Any]:
+    """The robustness stage's pick: the trial with the highest UA under attack (``ua_attack``) among
+    those whose validation score is within ``tolerance`` of the first (the winner at its own
+    hookpoints); a tie goes to the higher score, then to the first."""
+    floor = trials[0]["score"] - tolerance
+    return max((t for t in trials if t["score"] >= floor), key=lambda t: (t["ua_attack"], t["score"]))
+
+
 def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
     return (
         tuple(trial["hookpoints"]),
@@ -308,15 +330,7 @@ class _Stage:
                 disable=not run.cfg.show_progress,
             )
             for setting in bar:
-                ablation = ConceptAblation(
-                    task.concept,
-                    percentile=setting["percentile"],
-                    gamma=setting["gamma"],
-                    contrast=run.contrast(setting["contrast"]),
-                    target=setting.get("target") or "",
-                    target_scale=float(setting.get("target_scale", 1.0)),
-                )
-                with run.eraser.unlearn(run.pipe, [ablation], hookpoints=setting["hookpoints"]):
+                with run.unlearn(setting):
                     probs = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
                 scores = paired_scores(run.judge, run.domain, task.concept, probs, base, len(task.forget))
                 trial = {**setting, **scores, "score": (scores["ua"] + scores["ira"] + scores["cra"]) / 3}
@@ -364,6 +378,18 @@ class _ConceptRun:
     def save(self) -> None:
         _write_search(self.folder, self.search)
 
+    def unlearn(self, setting: dict[str, Any]) -> Any:
+        """``setting`` applied to the pipeline, at its hookpoints (a context manager)."""
+        ablation = ConceptAblation(
+            self.task.concept,
+            percentile=setting["percentile"],
+            gamma=setting["gamma"],
+            contrast=self.contrast(setting["contrast"]),
+            target=setting.get("target") or "",
+            target_scale=float(setting.get("target_scale", 1.0)),
+        )
+        return self.eraser.unlearn(self.pipe, [ablation], hookpoints=setting["hookpoints"])
+
     def contrast(self, name: str) -> str | list[str]:
         """A searched contrast as the ablation takes it: ``"domain"`` is the bundle's other concepts
         that share the concept's judge domain, pooled (``"auto"`` when it holds none of them)."""
@@ -400,9 +426,11 @@ def tune_concept(
     run = _ConceptRun(eraser, pipe, judge, task, Path(folder), cfg or TuneConfig(), log)
     trials = _Stage(run, "trials", task.seed).judge(space.settings(held_at))
     ranked = sorted(trials, key=_rank, reverse=True)
+    decided = ("trials", task.seed)  # the stage whose images chose the winner
     if space.refine_top > 0 and len(ranked) > 1:
         finalists = [{k: t[k] for k in SETTING_KEYS if k in t} for t in ranked[: space.refine_top]]
         ranked = sorted(_Stage(run, "refine", task.refine_seed).judge(finalists), key=_rank, reverse=True)
+        decided = ("refine", task.refine_seed)
     best = ranked[0]
     targets = [c for c in judge.labels[run.domain] if c != task.concept and c in eraser.concepts]
     if space.target_scales and targets:
@@ -411,6 +439,8 @@ def tune_concept(
             {**plain, "target": t, "target_scale": float(a)} for t in targets for a in space.target_scales
         ]
         best = max(_Stage(run, "replace", task.seed).judge(candidates), key=replacement_rank)
+        decided = ("replace", task.seed)
+    robust = _robust_stage(run, space, best, *decided) if space.robust_attacks > 0 else None
     for hp in eraser.hookpoints:
         if task.concept in eraser.hookpoints[hp].library:
             eraser.set_defaults(
@@ -423,10 +453,70 @@ def tune_concept(
                 target=best.get("target"),
                 target_scale=float(best.get("target_scale", 1.0)),
                 active=hp in best["hookpoints"],
+                robust=None if robust is None else hp in robust["hookpoints"],
             )
     run.entry["best"] = best
+    if robust is not None:
+        run.entry["robust_best"] = robust
     run.save()
     return best
+
+
+def _robust_stage(
+    run: _ConceptRun, space: SearchSpace, best: dict[str, Any], stage: str, seed: int
+) -> dict[str, Any]:
+    """The winner at its hookpoints and at every hookpoint holding the concept (judged on the
+    validation images of ``stage``, the one that chose the winner), each attacked with UnlearnDiffAtk
+    on the first ``space.robust_attacks`` forget prompts; returns :func:`robust_choice`'s pick. Attack
+    trials are saved under ``robust`` and reused while the attack budget is the same."""
+    from ..attacks import target_latents, typed_attacks
+
+    task = run.task
+    held_at = run.eraser.where(task.concept)
+    candidates = [best]
+    if set(held_at) != set(best["hookpoints"]):
+        wide = {**{k: best[k] for k in SETTING_KEYS if k in best}, "hookpoints": list(held_at)}
+        candidates += _Stage(run, stage, seed).judge([wide])
+    budget = {
+        "attacks": space.robust_attacks,
+        "iterations": space.robust_iterations,
+        "images": space.attack_images,
+    }
+    saved = run.entry.setdefault("robust", [])
+    done = {_key(t): t for t in saved if t.get("budget") == budget}
+    todo = [c for c in candidates if _key(c) not in done]
+    if todo:
+        prompts = task.forget[: space.robust_attacks]
+        attack_seeds = [task.seed + 20_000 + i for i in range(space.attack_images)]
+        judge_seeds = [task.seed + 21_000 + i for i in range(space.attack_images)]
+        steps, guidance = run.cfg.num_inference_steps, run.cfg.guidance_scale
+        targets = {p: target_latents(run.pipe, p, attack_seeds, steps, guidance) for p in prompts}
+        for candidate in tqdm(
+            todo, desc=f"attack {task.concept}", unit="setting", disable=not run.cfg.show_progress
+        ):
+            with run.unlearn(candidate):
+                typed = typed_attacks(run.pipe, targets, iterations=space.robust_iterations, seed=task.seed)
+                uas = [
+                    forget_percent(
+                        run.judge,
+                        generate(run.pipe, [t] * len(judge_seeds), judge_seeds, run.cfg),
+                        task.concept,
+                        run.domain,
+                    )
+                    / 100
+                    for t in typed
+                ]
+            trial = {**candidate, "ua_attack": sum(uas) / len(uas), "attack_prompts": typed, "budget": budget}
+            saved.append(trial)
+            done[_key(trial)] = trial
+            run.save()
+    chosen = robust_choice([done[_key(c)] for c in candidates], space.robust_tolerance)
+    own = done[_key(best)]["ua_attack"]
+    run.log(
+        f"{task.concept} robust mode: {len(chosen['hookpoints'])} hookpoint(s), UA under attack "
+        f"{100 * chosen['ua_attack']:.1f} % (at the winner's own: {100 * own:.1f} %)"
+    )
+    return chosen
 
 
 __all__ = [
@@ -442,5 +532,6 @@ __all__ = [
     "paired_scores",
     "read_search",
     "replacement_rank",
+    "robust_choice",
     "tune_concept",
 ]
