@@ -1,6 +1,9 @@
-"""Robustness of SAeUron on ShapesCanvas under adaptive attacks (issue #20, first part).
+"""Robustness of SAeUron on ShapesCanvas under adaptive attacks (issue #20).
 
     python benchmarks/robustness.py [--concepts star striped red] [--iterations 40] [--threads 2]
+
+Writes ``benchmarks/results/robustness.{json,md,png}`` (``--markdown-only`` rewrites the Markdown from
+the JSON).
 
 For each concept: 8 target images of a caption with it, drawn by the untouched model; the attack
 optimises that caption's ``prompt_embeds`` so the *unlearned* pipeline (the shipped bundle, its tuned
@@ -139,6 +142,17 @@ def attack_row(pipe, targets, init, caption, ua, args, handle=None, transfer=Non
     return row
 
 
+def describe(row: dict) -> str:
+    """One row of the run's log."""
+    masked = f"gradient-masked {row['ua_masked']:5.1f}  " if "ua_masked" in row else ""
+    return (
+        f"UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive {row['ua_adaptive']:5.1f} (curve "
+        f"{row['curve_adaptive']}), {masked}transfer {row['ua_transfer']:5.1f}  UnlearnDiffAtk "
+        f"{row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})  IRA {row['ira']:5.1f} "
+        f"CRA {row['cra']:5.1f}"
+    )
+
+
 def domain_means(rows: dict) -> dict:
     """``{method: {domain key: {"ua_clean", "ua_attack": {attack: x}, "ira", "cra"}}}``: concept means."""
     keys = {"object": "objects", "style": "styles", "color": "colors"}
@@ -156,6 +170,65 @@ def domain_means(rows: dict) -> dict:
                     "concepts": len(mine),
                 }
     return out
+
+
+LABELS = {"saeuron": "SAeUron", "saeuron_robust": "SAeUron, robust mode", "uce": "UCE", "esd": "ESD-x"}
+
+
+def markdown(blob: dict) -> str:
+    """The results as Markdown: the run, domain means (the issue's shape) and every concept's row."""
+    proto = blob["protocol"]
+    methods = list(blob["methods"])
+    lines = [
+        "# Robustness under adaptive attacks (UA %, ShapesCanvas)",
+        "",
+        f"Run: {proto.get('run', '(not recorded)')}; {proto['seconds']} s.",
+        f"Attacks: {proto['iterations']} iterations; soft prompt lr {proto['lr']}, UnlearnDiffAtk "
+        f"5 prefix tokens lr 0.01, weight decay {proto['weight_decay']}, batch {proto['batch']}; "
+        f"{proto['targets']} target images, {proto['eval_images']} judged images per prompt; "
+        f"retention: {proto['retention']}. Baselines: {json.dumps(proto['baselines'])}.",
+        "",
+        "| method | domain | concepts | clean | UnlearnDiffAtk (typed) | soft prompt (adaptive) | transfer "
+        "| IRA | CRA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods:
+        for domain, r in blob["methods"][m].items():
+            a = r["ua_attack"]
+            lines.append(
+                f"| {LABELS.get(m, m)} | {domain} | {r['concepts']} | {r['ua_clean']:.1f} | "
+                f"{a.get('unlearndiffatk', float('nan')):.1f} | {a.get('soft_prompt', float('nan')):.1f} | "
+                f"{a.get('transfer', float('nan')):.1f} | {r['ira']:.1f} | {r['cra']:.1f} |"
+            )
+    lines += [
+        "",
+        "## Per concept",
+        "",
+        "| concept | method | clean | UnlearnDiffAtk | soft prompt, adaptive (curve) | masked | transfer "
+        "| IRA | CRA |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    concepts = list(blob[methods[0]])
+    for c in concepts:
+        for m in methods:
+            r = blob[m].get(c)
+            if r is None:
+                continue
+            curve = " / ".join(f"{v:.0f}" for v in r["curve_adaptive"].values())
+            masked = f"{r['ua_masked']:.1f}" if "ua_masked" in r else ""
+            lines.append(
+                f"| {c} | {LABELS.get(m, m)} | {r['ua_clean']:.1f} | {r['ua_unlearndiffatk']:.1f} | "
+                f"{r['ua_adaptive']:.1f} ({curve}) | {masked} | {r['ua_transfer']:.1f} | {r['ira']:.1f} | "
+                f"{r['cra']:.1f} |"
+            )
+    lines += ["", "Typed prompts UnlearnDiffAtk found:", ""]
+    lines += [
+        f"- {c}, {LABELS.get(m, m)}: `{blob[m][c]['unlearndiffatk_prompt']}`"
+        for c in concepts
+        for m in methods
+        if c in blob[m]
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(rows: dict, out: Path) -> None:
@@ -201,11 +274,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (the protocol: 25)")
     parser.add_argument("--esd-cache", default=str(ROOT / "runs" / "esd-cache"))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "robustness.json"))
+    parser.add_argument(
+        "--markdown-only", action="store_true", help="only rewrite <out>.md from the saved <out> JSON"
+    )
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        blob = json.loads(Path(args.out).read_text())
+        Path(args.out).with_suffix(".md").write_text(markdown(blob))
+        return
     GEN_KW["num_inference_steps"] = args.steps
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(describe_run(args.seed))
+    run = describe_run(args.seed)
+    print(run)
     pipe = load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
     judge = load_judge("shapescanvas")
     eraser = SAeUron.from_pretrained(ROOT / "checkpoints" / "shapescanvas-saeuron")
@@ -235,14 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = attack_row(pipe, targets, init, caption, ua, args, handle, transfer)
                 row |= retention(pipe, judge, concept, domain)
             rows[variant][concept] = {"domain": domain, "caption": caption, **row}
-            print(
-                f"{concept:9s} ({domain}) {variant}: UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
-                f"{row['ua_adaptive']:5.1f} (curve {row['curve_adaptive']}), "
-                f"gradient-masked {row['ua_masked']:5.1f}  transfer {row['ua_transfer']:5.1f}  "
-                f"UnlearnDiffAtk {row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})  "
-                f"IRA {row['ira']:5.1f} CRA {row['cra']:5.1f}",
-                flush=True,
-            )
+            print(f"{concept:9s} ({domain}) {variant}: {describe(row)}", flush=True)
         for method in args.baselines:
             presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
             options = baseline_options(method, concept, presets, settings.get(method, {}).get(concept))
@@ -252,14 +326,9 @@ def main(argv: list[str] | None = None) -> None:
                 row = attack_row(pipe, targets, init, caption, ua, args, transfer=transfer)
                 row |= retention(pipe, judge, concept, domain)
             rows[method][concept] = {"domain": domain, "caption": caption, **row}
-            print(
-                f"{concept:9s} ({domain}) {method}: UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive "
-                f"{row['ua_adaptive']:5.1f} (curve {row['curve_adaptive']})  transfer "
-                f"{row['ua_transfer']:5.1f}  UnlearnDiffAtk {row['ua_unlearndiffatk']:5.1f}  "
-                f"IRA {row['ira']:5.1f} CRA {row['cra']:5.1f}",
-                flush=True,
-            )
+            print(f"{concept:9s} ({domain}) {method}: {describe(row)}", flush=True)
     protocol = {
+        "run": " | ".join(line.split(":", 1)[1].strip() for line in run.splitlines()),
         "attack": "soft prompt (prompt_embeds), UnlearnDiffAtk loss",
         "transfer": "the soft prompt found against the untouched model, same budget",
         "retention": f"{RETAIN_CAPTIONS} captions of the domain without the concept, seeds 200+",
@@ -283,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     blob = {"protocol": protocol, "methods": domain_means(rows), **rows}
     Path(args.out).write_text(json.dumps(blob, indent=1) + "\n")
+    Path(args.out).with_suffix(".md").write_text(markdown(blob))
     plot_curves(rows, Path(args.out).with_suffix(".png"))
     print(f"wrote {args.out} ({protocol['seconds']} s)")
 

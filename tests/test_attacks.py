@@ -204,6 +204,9 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
         assert set(colors["ua_attack"]) == {"unlearndiffatk", "soft_prompt", "transfer"}
         assert colors["ua_clean"] == row["ua_clean"] and colors["concepts"] == 1
     assert out.with_suffix(".png").stat().st_size > 0
+    text = out.with_suffix(".md").read_text()
+    assert "| SAeUron, robust mode | colors | 1 |" in text and "| red | UCE |" in text
+    assert "commit" in blob["protocol"]["run"] and "cores" in blob["protocol"]["run"]  # how it ran
 
 
 def test_saeuron_attack_command_on_the_shipped_model(tmp_path, capsys):

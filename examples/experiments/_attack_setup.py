@@ -4,6 +4,7 @@ benchmark's held-out caption, their target latents and a UA function."""
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,12 @@ from saeuron_plugin.eval import shapescanvas as sc  # noqa: E402
 from saeuron_plugin.eval.shapescanvas_build import ATTACK_CAPTIONS, load_default  # noqa: E402
 from saeuron_plugin.tuning import load_judge  # noqa: E402
 from saeuron_plugin.tuning.search import forget_percent  # noqa: E402
+
+
+def saved_results(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """``folder/results.json`` and what an earlier run left in it (results of several runs add up)."""
+    out = folder / "results.json"
+    return out, json.loads(out.read_text()) if out.is_file() else {}
 
 
 def load(threads: int) -> tuple[Any, Any, SAeUron]:

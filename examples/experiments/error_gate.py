@@ -20,7 +20,7 @@ import json
 import time
 
 import torch
-from _attack_setup import ROOT, attack_row, concept_case, describe, load, rb
+from _attack_setup import ROOT, attack_row, concept_case, describe, load, rb, saved_results
 
 from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.eval.default_model import generate
@@ -81,8 +81,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     pipe, judge, eraser = load(args.threads)
-    out = OUT / "results.json"
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    out, results = saved_results(OUT)
     for concept in args.concepts:
         start = time.perf_counter()
         paths = [p for p in eraser.where(concept) if p.endswith("attn2")]

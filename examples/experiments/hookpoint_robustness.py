@@ -19,7 +19,7 @@ import argparse
 import json
 import time
 
-from _attack_setup import ROOT, attack_row, concept_case, describe, load
+from _attack_setup import ROOT, attack_row, concept_case, describe, load, saved_results
 
 from saeuron_plugin import ConceptAblation
 
@@ -56,8 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     pipe, judge, eraser = load(args.threads)
-    out = OUT / "results.json"
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    out, results = saved_results(OUT)
     for concept in args.concepts:
         case = concept_case(pipe, judge, concept)
         spec = ConceptAblation(concept, target=args.target, target_scale=args.target_scale)
