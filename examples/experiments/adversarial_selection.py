@@ -1,6 +1,6 @@
 """Adversarial feature selection against UnlearnDiffAtk, held out from the benchmark's attack.
 
-    python examples/experiments/adversarial_selection.py [--concepts striped red] [--rounds 2]
+    python examples/experiments/adversarial_selection.py [--concepts striped] [--rounds 2]
 
 For each concept: attack the shipped bundle's edit with UnlearnDiffAtk on *training* captions (not
 the robustness benchmark's caption), with target images from other seeds (1000+) and attack seeds
@@ -56,7 +56,7 @@ def latent_report(eraser, concept: str, facet: str, paths: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--concepts", nargs="+", default=["striped", "red"])
+    parser.add_argument("--concepts", nargs="+", default=["striped"])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
