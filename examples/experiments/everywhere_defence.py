@@ -1,4 +1,5 @@
-"""Clean retention of the `--everywhere` defence candidate of `benchmarks/robustness.py`.
+"""Clean retention when concepts are ablated at every hookpoint that holds them (the wider candidate of
+the tuners' robustness stage, which the shipped bundle's robust mode uses for eight of 17 concepts).
 
     python examples/experiments/everywhere_defence.py [--concepts star striped red]
 
