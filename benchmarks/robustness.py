@@ -57,8 +57,14 @@ from saeuron_plugin.attacks import (
 from saeuron_plugin.diagnostics.charts import draw_curves
 from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.eval.baselines import BASELINES
-from saeuron_plugin.eval.shapescanvas_build import load_default
-from saeuron_plugin.eval.unlearning import SEARCH_DIR, baseline_options, concept_text, saved_setting
+from saeuron_plugin.eval.shapescanvas_build import judge_scores, load_default
+from saeuron_plugin.eval.unlearning import (
+    DOMAIN_KEYS,
+    SEARCH_DIR,
+    baseline_options,
+    concept_text,
+    saved_setting,
+)
 from saeuron_plugin.tuning import load_judge
 from saeuron_plugin.tuning.search import forget_percent
 
@@ -97,14 +103,8 @@ def retention(pipe, judge, concept: str, domain: str) -> dict[str, float]:
         GEN_KW["num_inference_steps"],
         GEN_KW["guidance_scale"],
     )
-    probs = judge.probabilities(images)
-
-    def acc(d: str) -> float:
-        labels = torch.tensor([p.label(d) for p in captions])
-        return 100 * float((probs[d].argmax(-1) == labels).float().mean())
-
-    others = [d for d in sc.DOMAINS if d != domain]
-    return {"ira": acc(domain), "cra": sum(acc(d) for d in others) / len(others)}
+    scores = judge_scores(judge, images, captions, concept, probs=judge.probabilities(images))
+    return {"ira": 100 * scores["ira"], "cra": 100 * scores["cra"]}
 
 
 def attack_row(pipe, targets, init, caption, ua, args, handle=None, transfer=None) -> dict:
@@ -155,10 +155,9 @@ def describe(row: dict) -> str:
 
 def domain_means(rows: dict) -> dict:
     """``{method: {domain key: {"ua_clean", "ua_attack": {attack: x}, "ira", "cra"}}}``: concept means."""
-    keys = {"object": "objects", "style": "styles", "color": "colors"}
     out: dict = {}
     for method, per in rows.items():
-        for domain, key in keys.items():
+        for domain, key in DOMAIN_KEYS.items():
             mine = [r for r in per.values() if r["domain"] == domain]
             if mine:
                 mean = {f: round(sum(r[f] for r in mine) / len(mine), 2) for f in mine[0] if f in SUMMED}

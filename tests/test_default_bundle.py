@@ -498,5 +498,12 @@ def test_the_robustness_stage_attacks_through_the_edit_on_the_shipped_model():
     assert len(out["attack_prompts"]) == 1 and out["attack_prompts"][0].endswith(
         "a red circle in dotted style"
     )
-    benchmark = {"a red {} in solid style", "a blue circle in {} style", "a {} square in solid style"}
-    assert not benchmark & {c for captions in B.ATTACK_CAPTIONS.values() for c in captions}
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import robustness
+    finally:
+        sys.path.pop(0)
+    benchmark = set(robustness.CAPTION.values())
+    assert len(benchmark) == 3 and not benchmark & {c for cs in B.ATTACK_CAPTIONS.values() for c in cs}

@@ -44,7 +44,7 @@ from ..sae.files import read_json, read_json_object
 from ..sae.io import atomic_write, resolve_repo
 from ..sae.store import ActivationStore
 from ..sae.train import TrainConfig, Trainer
-from ..tuning.search import clean_flips, replacement_rank, robust_choice
+from ..tuning.search import clean_flips, replacement_rank, robust_choice, ua_under_attack
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
@@ -588,21 +588,18 @@ def attacked_ua(
 ) -> dict[str, Any]:
     """UA under UnlearnDiffAtk against ``setting`` (gradients through the edit), mean over the stage's
     captions, each attacked prompt judged on its own seeds; and the prompts the attack typed."""
-    from ..attacks import typed_attacks
-
-    domain = concept_domain(name)
-    label = sc.VOCABULARIES[domain].index(name)
-    seeds = [ATTACK_SEED + 1000 + j for j in range(ATTACK_IMAGES)]
     with eraser.unlearn(pipe, [setting_ablation(name, setting)], hookpoints=list(setting.hookpoints)):
-        prompts = typed_attacks(pipe, targets, iterations=cfg.robust_iterations, seed=ATTACK_SEED)
-        uas = [
-            float((judges.probabilities(images)[domain].argmax(-1) != label).float().mean())
-            for images in (
-                generate(pipe, [prompt] * len(seeds), seeds, cfg.steps, cfg.guidance_scale)
-                for prompt in prompts
-            )
-        ]
-    return {"ua_attack": sum(uas) / len(uas), "attack_prompts": prompts}
+        return ua_under_attack(
+            pipe,
+            judges,
+            name,
+            concept_domain(name),
+            targets,
+            lambda prompts, seeds: generate(pipe, prompts, seeds, cfg.steps, cfg.guidance_scale),
+            iterations=cfg.robust_iterations,
+            seed=ATTACK_SEED,
+            judge_seeds=[ATTACK_SEED + 1000 + j for j in range(ATTACK_IMAGES)],
+        )
 
 
 def robust_stage(
@@ -671,6 +668,7 @@ def search_defaults(
         t0 = time.time()
         trials, reused = run_trials(eraser, pipe, judges, cfg, name, "search", grid, old.get("trials", ()))
         best = max(trials, key=_rank)  # the first of equals, in grid order
+        decided = "search"  # the validation set that chose the winner (replace shares stage 1's)
         record: dict[str, Any] = {"trials": trials}
         top = _for_domain_int(cfg.refine_top, domain)
         if top > 1:
@@ -680,6 +678,7 @@ def search_defaults(
             )
             reused += again
             best = max(record["refine"], key=_rank)
+            decided = "refine"
         scales = _for_domain(cfg.search_targets, domain)
         if scales:
             plain = _key(best)._replace(target=None, target_scale=1.0)
@@ -693,12 +692,12 @@ def search_defaults(
             )
             reused += again
             best = max(record["replace"], key=replacement_rank)
+            decided = "search"
         record["best"] = best
         robust = None
         if cfg.robust_attacks > 0:
-            stage = "refine" if any(t is best for t in record.get("refine", ())) else "search"
             record["robust"], again = robust_stage(
-                eraser, pipe, judges, cfg, name, best, stage, old.get("robust", ())
+                eraser, pipe, judges, cfg, name, best, decided, old.get("robust", ())
             )
             reused += again
             record["robust_best"] = robust_choice(record["robust"], cfg.robust_tolerance)

@@ -688,13 +688,11 @@ class SaeBundle:
             sel = f"top {d.top_n}" if d.top_n is not None else f"p={d.percentile}"
             if d.target:
                 sel += f", → {d.target} (α={d.target_scale:g})"
-            robust = set(self.active_hookpoints(name, robust=True)) - set(self.active_hookpoints(name))
-            marks = [
-                f"`{w}`"
-                + (" ✓" if self.hookpoints[w].library.selection_defaults(name).active else "")
-                + (" (robust)" if w in robust else "")
-                for w in where
-            ]
+            marks = []
+            for w in where:
+                here = self.hookpoints[w].library.selection_defaults(name)
+                robust_only = here.ablated(robust=True) and not here.active
+                marks.append(f"`{w}`" + (" ✓" if here.active else "") + (" (robust)" if robust_only else ""))
             lines.append(
                 f"| {name} | {', '.join(marks)} | {lib.get(name).num_prompts} | "
                 f"{d.rule} γ={d.gamma:g}, {sel} |"

@@ -268,6 +268,32 @@ def robust_choice(trials: Sequence[dict[str, Any]], tolerance: float) -> dict[st
     return max((t for t in trials if t["score"] >= floor), key=lambda t: (t["ua_attack"], t["score"]))
 
 
+def ua_under_attack(
+    pipe: Any,
+    judge: Judge,
+    concept: str,
+    domain: str,
+    targets: Mapping[str, Tensor],
+    generate_images: Callable[[list[str], list[int]], Any],
+    *,
+    iterations: int,
+    seed: int,
+    judge_seeds: Sequence[int],
+) -> dict[str, Any]:
+    """A robustness stage's measurement of whatever ``pipe`` has applied: UnlearnDiffAtk on each
+    prompt of ``targets`` (:func:`~..attacks.typed_attacks`), each typed prompt generated at
+    ``judge_seeds`` with ``generate_images(prompts, seeds)`` and judged; ``ua_attack`` (a fraction,
+    the mean over prompts) and the typed ``attack_prompts``."""
+    from ..attacks import typed_attacks
+
+    typed = typed_attacks(pipe, targets, iterations=iterations, seed=seed)
+    seeds = list(judge_seeds)
+    uas = [
+        forget_percent(judge, generate_images([t] * len(seeds), seeds), concept, domain) / 100 for t in typed
+    ]
+    return {"ua_attack": sum(uas) / len(uas), "attack_prompts": typed}
+
+
 def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
     return (
         tuple(trial["hookpoints"]),
@@ -469,7 +495,7 @@ def _robust_stage(
     validation images of ``stage``, the one that chose the winner), each attacked with UnlearnDiffAtk
     on the first ``space.robust_attacks`` forget prompts; returns :func:`robust_choice`'s pick. Attack
     trials are saved under ``robust`` and reused while the attack budget is the same."""
-    from ..attacks import target_latents, typed_attacks
+    from ..attacks import target_latents
 
     task = run.task
     held_at = run.eraser.where(task.concept)
@@ -495,18 +521,18 @@ def _robust_stage(
             todo, desc=f"attack {task.concept}", unit="setting", disable=not run.cfg.show_progress
         ):
             with run.unlearn(candidate):
-                typed = typed_attacks(run.pipe, targets, iterations=space.robust_iterations, seed=task.seed)
-                uas = [
-                    forget_percent(
-                        run.judge,
-                        generate(run.pipe, [t] * len(judge_seeds), judge_seeds, run.cfg),
-                        task.concept,
-                        run.domain,
-                    )
-                    / 100
-                    for t in typed
-                ]
-            trial = {**candidate, "ua_attack": sum(uas) / len(uas), "attack_prompts": typed, "budget": budget}
+                attacked = ua_under_attack(
+                    run.pipe,
+                    run.judge,
+                    task.concept,
+                    run.domain,
+                    targets,
+                    lambda prompts, seeds: generate(run.pipe, prompts, seeds, run.cfg),
+                    iterations=space.robust_iterations,
+                    seed=task.seed,
+                    judge_seeds=judge_seeds,
+                )
+            trial = {**candidate, **attacked, "budget": budget}
             saved.append(trial)
             done[_key(trial)] = trial
             run.save()
@@ -534,4 +560,5 @@ __all__ = [
     "replacement_rank",
     "robust_choice",
     "tune_concept",
+    "ua_under_attack",
 ]
