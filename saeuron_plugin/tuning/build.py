@@ -13,6 +13,7 @@ A recipe is a TOML file (read with the standard library's ``tomllib``)::
     steps = 25
     guidance_scale = 5.0
     tokens_per_step = 64
+    store_dtype = "fp16"                       # fp16 (default), bf16 or fp32, as ``--store-dtype``
 
     [train]                          # any TrainConfig field, or from = "org/repo" (released SAEs)
     k = 8
@@ -76,8 +77,14 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise BadFileError(path, "missing: the hookpoints to collect and train", field="collect.hookpoints")
     if not recipe.get("concepts"):
         raise BadFileError(path, "no [concepts.NAME] tables", field="concepts")
+    from ..cli_prompts import DTYPES
     from .search import BUDGETS
 
+    store_dtype = recipe["collect"].get("store_dtype", "fp16")
+    if store_dtype not in DTYPES:
+        raise BadFileError(
+            path, f"must be one of {list(DTYPES)}, got {store_dtype!r}", field="collect.store_dtype"
+        )
     budget = recipe.get("tune", {}).get("budget", "small")
     if budget not in BUDGETS:
         raise BadFileError(path, f"must be one of {list(BUDGETS)}, got {budget!r}", field="tune.budget")
@@ -177,6 +184,7 @@ class Build:
         return self.out
 
     def collect(self) -> None:
+        from ..cli_prompts import DTYPES
         from ..diffusion.collect import collect_activations
 
         if self.recipe.get("train", {}).get("from"):
@@ -193,6 +201,7 @@ class Build:
             tokens_per_step=c.get("tokens_per_step"),
             seed=int(c.get("seed", 10_000)),
             batch_size=int(c.get("batch_size", 8)),
+            store_dtype=DTYPES[c.get("store_dtype", "fp16")],
         )
         self.log(f"collect: {result.collected} prompts ({result.skipped} already stored), rows {result.rows}")
 
