@@ -10,8 +10,8 @@ run through the package's own code (``saeuron_plugin.eval.shapescanvas_build``);
 activations go to ``--work`` and a re-run skips the prompts already collected. The SAEs and
 statistics (steps 1-3) are saved in ``--work``/trained; a re-run with the same recipe starts at the
 search (about 90 min with the object grid of 69 settings and stage 2), so an interrupted build or a
-new search grid does not retrain. The search saves its progress per concept in ``--work`` and
-resumes there too.
+new search grid does not retrain. The search (the generic tuner's, ``saeuron_plugin.tuning.search``)
+saves every trial in ``--work``/search/search.json as it is judged and resumes there too.
 
     python examples/build_shapescanvas_bundle.py --from-bundle checkpoints/shapescanvas-saeuron
 

@@ -144,7 +144,7 @@ def test_search_ranks_resumes_and_counts(tmp_path):
 
 def test_saeuron_budget_is_read_from_the_bundle():
     summary = S.saeuron_summary(ROOT / "checkpoints" / "shapescanvas-saeuron", ["star", "red"])
-    search = json.loads((ROOT / "checkpoints" / "shapescanvas-saeuron" / "search.json").read_text())["search"]
+    search = json.loads((ROOT / "checkpoints" / "shapescanvas-saeuron" / "search.json").read_text())["tune"]
     assert summary["trials"] == sum(
         len(search[c]["trials"]) + len(search[c].get("refine", [])) + len(search[c].get("replace", []))
         for c in ("star", "red")

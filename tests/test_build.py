@@ -144,6 +144,53 @@ def test_bad_recipes_are_clear(tmp_path):
     path.write_text("model = [")
     with pytest.raises(BadFileError, match="TOML"):
         build_module.read_recipe(path)
+    base = 'model = "m"\nwork = "w"\nout = "o"\n[collect]\nhookpoints = ["x"]\n'
+    path.write_text(base + 'store_dtype = "fp8"\n[concepts.a]\n')
+    with pytest.raises(BadFileError, match=r"collect\.store_dtype"):
+        build_module.read_recipe(path)
+    path.write_text(base + '[concepts.a]\n[tune]\nvalidation = "imagenet"\n')
+    with pytest.raises(BadFileError, match=r"tune\.validation"):
+        build_module.read_recipe(path)
+
+
+def assert_the_shapescanvas_recipe_is_make_bundle(shapes: dict) -> None:
+    """recipes/shapescanvas.toml tunes as ``make bundle`` does: per concept the same search space,
+    the same labelled validation sets and attack captions, the same sampling and the same SAEs."""
+    from dataclasses import asdict
+
+    from saeuron_plugin.eval import shapescanvas as sc
+    from saeuron_plugin.eval import shapescanvas_build as B
+
+    cfg = B.BundleConfig()
+    assert shapes["collect"]["hookpoints"] == list(B.HOOKPOINTS)
+    c, t = shapes["collect"], shapes["train"]
+    assert (c["repeats"], c["tokens_per_step"], c["steps"], c["guidance_scale"], c["store_dtype"]) == (
+        cfg.collect_repeats,
+        cfg.tokens_per_step,
+        cfg.steps,
+        cfg.guidance_scale,
+        "fp32",
+    )
+    assert (t["k"], t["expansion_factor"], t["batch_size"], t["epochs"]) == (
+        cfg.k,
+        cfg.expansion_factor,
+        cfg.batch_size,
+        cfg.train_epochs,
+    )
+    assert shapes["statistics"]["tau_buckets"] == cfg.tau_buckets
+    build = build_module.Build(shapes, log=lambda _: None)
+    tune = shapes["tune"]
+    assert (tune["steps"], tune["guidance_scale"], tune["batch_size"]) == (cfg.steps, cfg.guidance_scale, 256)
+    for name in sc.CONCEPTS:
+        domain = B.concept_domain(name)
+        space = search.SearchSpace.from_budget(
+            tune["budget"], **build_module._space_options(tune["domains"][domain])
+        )
+        mine = B.search_space(name, cfg)
+        assert space.settings(B.HOOKPOINTS) == mine.settings(B.HOOKPOINTS), name
+        fields = ("refine_top", "target_scales", "robust_attacks", "robust_iterations", "robust_tolerance")
+        assert {f: getattr(space, f) for f in fields} == {f: getattr(mine, f) for f in fields}, name
+        assert asdict(build._task(name, 0)) == asdict(B.tune_task(name, cfg)), name
 
 
 def test_shipped_recipes_parse_and_the_sd15_recipe_runs_on_tiny_models(tmp_path, tiny_clip):  # noqa: F811
@@ -157,16 +204,8 @@ def test_shipped_recipes_parse_and_the_sd15_recipe_runs_on_tiny_models(tmp_path,
     recipes = Path(__file__).resolve().parent.parent / "recipes"
     for path in recipes.glob("*.toml"):
         build_module.read_recipe(path)
-    shapes = build_module.read_recipe(recipes / "shapescanvas.toml")  # make bundle's per-domain search
-    trials = {
-        domain: len(
-            search.SearchSpace.from_budget(
-                shapes["tune"]["budget"], **build_module._space_options(table)
-            ).settings(shapes["collect"]["hookpoints"])
-        )
-        for domain, table in shapes["tune"]["domains"].items()
-    }
-    assert trials == {"object": 3 * 5 * 4 + 3 * 3, "style": 3 * 3 * 2, "color": 3 * 3 * 2}
+    shapes = build_module.read_recipe(recipes / "shapescanvas.toml")
+    assert_the_shapescanvas_recipe_is_make_bundle(shapes)
     text = (recipes / "sd15-unlearncanvas-styles.toml").read_text()
     tiny_sd_pipeline().save_pretrained(tmp_path / "model")
     shutil.copytree(recipes / "prompts", tmp_path / "prompts")

@@ -111,7 +111,7 @@ def test_shipped_bundle_covers_every_concept_and_ablates():
 
     eraser = SAeUron.from_pretrained(BUNDLE)
     assert sorted(eraser.concepts) == sorted(ALL_CONCEPTS)
-    search = json.loads((BUNDLE / "search.json").read_text())["search"]
+    search = json.loads((BUNDLE / "search.json").read_text())["tune"]
     for name in ALL_CONCEPTS:  # every concept is active exactly where its validation winner was
         assert sorted(eraser.active_hookpoints(name)) == sorted(search[name]["best"]["hookpoints"]), name
     pipe = B.load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
@@ -149,99 +149,90 @@ def test_demo_writes_grid_and_metrics(tmp_path):
     assert saved == json.loads(json.dumps(metrics))
 
 
-def test_search_tries_hookpoint_sets_and_saves_the_winner(monkeypatch):
-    """``search_sets`` ablates hookpoints together; the winning set becomes the ``active`` defaults."""
-    import contextlib
+def test_the_search_space_of_each_domain_is_the_bundle_recipe():
+    """``make bundle``'s grids as the generic tuner's search spaces: per-domain sets (a ``SearchSet``
+    brings its contrast and grid), the domain contrast otherwise, stage 2 for objects only, the
+    replacement stage for colours, the robustness stage everywhere."""
+    cfg = B.BundleConfig()
+    obj = B.search_space("star", cfg)
+    assert obj.contrasts == ("domain",) and obj.refine_top == 4 and obj.target_scales == ()
+    assert obj.hookpoint_sets[:2] == [{"hookpoints": [B.BLOCKS_UP1[0]]}, {"hookpoints": [B.BLOCKS_UP1[1]]}]
+    assert obj.hookpoint_sets[3] == {
+        "hookpoints": list(B.OBJECT_ATTN2.hookpoints),
+        "contrasts": ["worst"],
+        "percentiles": [99.5, 99.8, 99.9],
+        "gammas": [-1.0, -2.0, -6.0],
+    }
+    held = list(B.HOOKPOINTS)
+    settings = obj.settings(held)
+    assert len(settings) == 3 * 5 * 4 + 3 * 3  # the 69 object settings of the shipped search
+    assert {s["contrast"] for s in settings} == {"domain", "worst"}
+    colour = B.search_space("red", cfg)
+    assert colour.refine_top == 0 and colour.target_scales == (1.0, 2.0) and colour.robust_attacks == 3
+    assert len(colour.settings(held)) == 3 * 3 * 2
+    style = B.search_space("striped", cfg)
+    assert style.refine_top == 0 and style.target_scales == ()
+    # a domain without sets of its own tries every hookpoint alone
+    alone = B.search_space("red", B.BundleConfig(hookpoints=held[:2], search_sets={"object": ()}))
+    assert alone.hookpoint_sets == [{"hookpoints": [held[0]]}, {"hookpoints": [held[1]]}]
 
+
+def test_tune_tasks_judge_labelled_validation_sets():
+    """Stage 1 and stage 2 score against the captions' true labels, on validation seeds only; the
+    robustness stage attacks captions of its own, never the robustness benchmark's."""
+    cfg = B.BundleConfig()
+    task = B.tune_task("cross", cfg)
+    stage1, stage2 = task.stage_set("trials"), task.stage_set("refine")
+    prompts, seeds = B.validation_set("cross", cfg.search_prompts, cfg, "search")
+    assert stage1.prompts == [p.prompt for p in prompts] and stage1.seeds == seeds
+    assert stage1.n_forget == 12 and all("cross" in p for p in stage1.prompts[:12])
+    assert not any("cross" in p for p in stage1.prompts[12:])
+    assert stage1.labels["object"] == [sc.OBJECTS.index(p.object) for p in prompts]
+    assert task.stage_set("replace") == stage1  # the replacement stage judges stage 1's images
+    assert stage2.n_forget == len(sc.STYLES) * len(sc.COLORS)  # every caption of the object
+    assert min(stage2.seeds) >= B.REFINE_SEED and max(stage1.seeds + stage2.seeds) < 50_000  # not test
+    assert task.attack_prompts[0] == "a green cross in striped style" and task.robust_seed == B.ATTACK_SEED
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import robustness
+    finally:
+        sys.path.pop(0)
+    benchmark = set(robustness.CAPTION.values())
+    assert len(benchmark) == 3 and not benchmark & {c for cs in B.ATTACK_CAPTIONS.values() for c in cs}
+
+
+def test_the_shipped_search_is_reproduced_from_its_saved_trials(tmp_path, monkeypatch):
+    """``make bundle --from-bundle`` on the shipped bundle: the generic tuner reuses every saved trial
+    (nothing is generated or attacked) and writes the shipped defaults again, both modes."""
+    from saeuron_plugin import attacks
     from saeuron_plugin.diffusion.unlearn import SAeUron
+    from saeuron_plugin.tuning import search
 
-    eraser = SAeUron.from_pretrained(BUNDLE)
-    paths = list(eraser.hookpoints)[:3]
-    sets = ((paths[0],), (paths[1], paths[2]))
-    tried = []
-
-    @contextlib.contextmanager
-    def unlearn(pipe, concepts, hookpoints):  # records instead of hooking a pipeline
-        (ablation,) = concepts
-        assert ablation.percentile == 99.0 and ablation.contrast is None  # the concept's own contrast
-        tried.append((ablation.concept, hookpoints, ablation.gamma))
-        yield
-
-    scores = iter([0.2, 0.5, 0.9, 0.1])  # the third trial (the pair, γ = -2) scores best
-    monkeypatch.setattr(eraser, "unlearn", unlearn)
-    monkeypatch.setattr(B, "generate", lambda *a: None)
-    monkeypatch.setattr(B, "judge_scores", lambda *a: dict.fromkeys(("ua", "ira", "cra"), next(scores)))
-    monkeypatch.setattr(B, "judge_margin", lambda *a: 0.0)
-    monkeypatch.setattr(B, "clean_flip", lambda *a: 0.0)
-    judges = type("NoJudges", (), {"probabilities": staticmethod(lambda images: None)})()
-    cfg = B.BundleConfig(
-        hookpoints=tuple(paths),
-        search_sets=sets,
-        search_percentiles=(99.0,),
-        search_gammas=(-2.0, -6.0),
-        search_prompts=1,
-        refine_top=0,
-        search_targets={},
-        robust_attacks=0,
-    )
-    out = B.search_defaults(eraser, None, judges, cfg, concepts=["red"], log=lambda _: None)
-    assert tried == [
-        ("red", [paths[0]], -2.0),
-        ("red", [paths[0]], -6.0),
-        ("red", list(sets[1]), -2.0),
-        ("red", list(sets[1]), -6.0),
-    ]
-    best = out["red"]["best"]
-    assert best["hookpoints"] == list(sets[1]) and best["gamma"] == -2.0
-    assert [p for p in eraser.active_hookpoints("red") if p in paths] == list(sets[1])
-
-    # per-domain sets: colors use theirs; a domain without sets tries every hookpoint alone
-    tried.clear()
-    scores = iter([0.5] * 8)
-    cfg.search_sets, cfg.search_gammas = {"color": (tuple(paths[:2]),)}, (-2.0,)
-    B.search_defaults(eraser, None, judges, cfg, concepts=["red", "star"], log=lambda _: None)
-    assert tried == [("red", paths[:2], -2.0)] + [("star", [p], -2.0) for p in paths]
-
-
-def test_a_search_set_brings_its_own_contrast_and_grid(monkeypatch):
-    """A ``SearchSet`` is tried with its contrast and grid; the winner's contrast becomes the default."""
-    from saeuron_plugin.diffusion.unlearn import SAeUron
-
-    eraser = SAeUron.from_pretrained(BUNDLE)
-    a, b = list(eraser.hookpoints)[:2]
-    calls = _fake_trials(monkeypatch, lambda _, s: 0.9 if (s.contrast, s.gamma) == ("worst", -1.0) else 0.5)
-    sets = ((a,), B.SearchSet((b,), contrast="worst", percentiles=(99.9,), gammas=(-1.0, -2.0)))
-    cfg = B.BundleConfig(
-        hookpoints=(a, b),
-        search_sets={"object": sets},
-        search_percentiles=(99.0,),
-        search_gammas=(-6.0,),
-        refine_top=0,
-        robust_attacks=0,
-    )
-    out = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None)
-    assert [s for _, s in calls] == [
-        B.Setting((a,), 99.0, -6.0, None),
-        B.Setting((b,), 99.9, -1.0, "worst"),
-        B.Setting((b,), 99.9, -2.0, "worst"),
-    ]
-    assert out["cross"]["best"]["contrast"] == "worst"
-    assert eraser.active_hookpoints("cross") == [b]
-    assert eraser.hookpoints[b].library.selection_defaults("cross").contrast == "worst"
-
-    # a re-tune whose winner has no contrast of its own restores the domain's contrast, and a trial
-    # saved before contrasts were searched counts as the default contrast (not rerun)
-    old = {"trials": [dict(t) for t in out["cross"]["trials"]]}
-    old["trials"][0].pop("contrast")
-    old["trials"][0]["score"] = 1.0
-    calls.clear()
-    B.search_defaults(
-        eraser, None, None, cfg, concepts=["cross"], log=lambda _: None, previous={"cross": old}
-    )
-    assert calls == [] and eraser.active_hookpoints("cross") == [a]
-    assert eraser.hookpoints[b].library.selection_defaults("cross").contrast == B.domain_contrast("cross")
-    with pytest.raises(TypeError, match="sequence of hookpoints"):
-        B.search_grid([a], (99.0,), (-2.0,))
+    monkeypatch.setattr(search, "generate", lambda *a, **k: pytest.fail("generated"))
+    monkeypatch.setattr(attacks, "target_latents", lambda *a, **k: pytest.fail("attacked"))
+    shipped = SAeUron.from_pretrained(BUNDLE)
+    cfg = B.BundleConfig(work=str(tmp_path), from_bundle=str(BUNDLE))
+    eraser = B.starting_point(None, cfg, log=lambda _: None)
+    for name in ALL_CONCEPTS:  # start from other defaults, so the search must write them
+        eraser.set_defaults(name, percentile=90.0, gamma=-0.5, active=True, robust=True)
+    judges = type("Labels", (), {"labels": {d: list(v) for d, v in sc.VOCABULARIES.items()}})()
+    out = B.search_defaults(eraser, None, judges, cfg, log=lambda _: None)
+    assert sorted(out) == sorted(ALL_CONCEPTS)
+    for name in ALL_CONCEPTS:
+        for robust in (False, True):
+            assert eraser.active_hookpoints(name, robust) == shipped.active_hookpoints(name, robust), name
+        for hp in eraser.where(name):
+            mine = eraser.hookpoints[hp].library.selection_defaults(name)
+            assert mine == shipped.hookpoints[hp].library.selection_defaults(name), (name, hp)
+    # the build's own search folder now holds them: a second run resumes there, a bundle with another
+    # recipe (other SAEs) would not reuse them
+    assert (tmp_path / "search" / "search.json").is_file()
+    other = B.BundleConfig(work=str(tmp_path), k=4)
+    monkeypatch.setattr(eraser, "unlearn", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("judged")))
+    with pytest.raises(RuntimeError, match="judged"):
+        B.search_defaults(eraser, None, judges, other, concepts=["star"], log=lambda _: None)
 
 
 def test_trained_steps_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch):
@@ -267,76 +258,102 @@ def test_trained_steps_are_reused_only_for_the_same_recipe(tmp_path, monkeypatch
     assert runs == [8, 4]
 
 
-def _fake_trials(monkeypatch, score_of, clean_of=None, attack_of=None):
-    """Replace image generation + judging by ``score_of(stage, setting)`` and the robustness stage's
-    attacks by ``attack_of(setting)`` (UA under attack; default 0); returns the calls made."""
-    calls = []
+def _fake_search(monkeypatch, eraser, score_of, clean_of=None, attack_of=None):
+    """The generic tuner without images: ``score_of(stage, setting)`` gives a trial's UA = IRA = CRA,
+    ``clean_of(setting)`` its clean flips and ``attack_of(setting)`` its UA under attack; returns the
+    ``(stage, setting)`` calls made (stage ``search``, ``refine`` or ``attack``)."""
+    import contextlib
 
-    def attacked(eraser, pipe, judges, cfg, name, setting, targets):
-        calls.append(("attack", setting))
-        return {"ua_attack": attack_of(setting) if attack_of else 0.0, "attack_prompts": ["p"]}
+    from saeuron_plugin import attacks
+    from saeuron_plugin.tuning import search
 
-    monkeypatch.setattr(B, "attack_targets", lambda *a: {})
-    monkeypatch.setattr(B, "attacked_ua", attacked)
+    calls, state = [], {}
 
-    def evaluate(eraser, pipe, judges, cfg, name, validation, setting):
-        stage = "search" if validation[1][0] < B.REFINE_SEED else "refine"
-        calls.append((stage, setting))
-        score = score_of(stage, setting)
-        setting = B.Setting(*setting)
-        return {
-            "hookpoints": list(setting.hookpoints),
-            "percentile": setting.percentile,
-            "gamma": setting.gamma,
-            "contrast": setting.contrast,
-            **({"target": setting.target, "target_scale": setting.target_scale} if setting.target else {}),
-            "ua": score,
-            "ira": score,
-            "cra": score,
-            "score": score,
-            "margin": 0.0,
-            "clean_flip": clean_of(setting) if clean_of else 0.0,
-        }
+    @contextlib.contextmanager
+    def unlearn(pipe, concepts, hookpoints):
+        (a,) = concepts
+        contrast = a.contrast if isinstance(a.contrast, str) else "domain"
+        state["setting"] = B.Setting(
+            tuple(hookpoints), a.percentile, a.gamma, contrast, a.target or None, a.target_scale
+        )
+        yield
+        del state["setting"]
 
-    monkeypatch.setattr(B, "evaluate_setting", evaluate)
+    def generate(pipe, prompts, seeds, cfg):
+        if "setting" in state:
+            state["last"] = ("refine" if seeds[0] >= B.REFINE_SEED else "search", state["setting"])
+            calls.append(state["last"])
+        return torch.zeros(len(prompts), 3, 1, 1)
+
+    def scores(judge, domain, concept, probs, reference, n_forget):
+        stage, setting = state["last"]
+        value = score_of(stage, setting)
+        clean = clean_of(setting) if clean_of else 0.0
+        return {"ua": value, "ira": value, "cra": value, "margin": 0.0, "clean_flip": clean}
+
+    def attacked(*args, **kwargs):
+        calls.append(("attack", state["setting"]))
+        return {"ua_attack": attack_of(state["setting"]) if attack_of else 0.0, "attack_prompts": ["p"]}
+
+    monkeypatch.setattr(eraser, "unlearn", unlearn)
+    monkeypatch.setattr(search, "generate", generate)
+    monkeypatch.setattr(search, "paired_scores", scores)
+    monkeypatch.setattr(search, "ua_under_attack", attacked)
+    monkeypatch.setattr(attacks, "target_latents", lambda *a, **k: None)
     return calls
 
 
-def test_refinement_picks_among_the_finalists_on_fresh_validation(monkeypatch):
-    """Stage 2 re-judges the best ``refine_top`` stage-1 settings on other seeds and decides there."""
+JUDGES = type(
+    "Labels",
+    (),
+    {"labels": {d: list(v) for d, v in sc.VOCABULARIES.items()}, "probabilities": lambda self, images: None},
+)()
+
+
+def _search(eraser, cfg, concepts, tmp_path):
+    return B.search_defaults(eraser, None, JUDGES, cfg, concepts, lambda _: None, tmp_path / "search")
+
+
+def test_refinement_picks_among_the_finalists_on_fresh_validation(monkeypatch, tmp_path):
+    """Stage 2 re-judges the best ``refine_top`` stage-1 settings on other seeds and decides there;
+    the winner becomes the default (``active`` where it ablates), with the domain contrast."""
     from saeuron_plugin.diffusion.unlearn import SAeUron
 
     eraser = SAeUron.from_pretrained(BUNDLE)
     a, b = B.BLOCKS_UP1
     stage1 = {-2.0: 1.0, -6.0: 0.9, -20.0: 0.1}  # γ -2 looks perfect on the small validation set ...
     stage2 = {-2.0: 0.7, -6.0: 0.95}  # ... but γ -6 is better on the larger one
-    calls = _fake_trials(monkeypatch, lambda stage, s: (stage1 if stage == "search" else stage2)[s[2]])
+    calls = _fake_search(
+        monkeypatch, eraser, lambda stage, s: (stage1 if stage == "search" else stage2)[s.gamma]
+    )
     cfg = B.BundleConfig(
-        search_sets={"object": ((a,),)},
+        search_sets={"object": ((a,),), "color": ((a,),)},
         search_percentiles=(99.0,),
         search_gammas=(-2.0, -6.0, -20.0),
         refine_top={"object": 2},
         search_targets={},
         robust_attacks=0,
     )
-    out = B.search_defaults(eraser, None, None, cfg, concepts=["cross", "red"], log=lambda _: None)
+    out = _search(eraser, cfg, ["cross", "red"], tmp_path)
     refined = [c for c in calls if c[0] == "refine"]
-    assert refined == [("refine", B.Setting((a,), 99.0, -2.0)), ("refine", B.Setting((a,), 99.0, -6.0))]
+    assert refined == [
+        ("refine", B.Setting((a,), 99.0, -2.0, "domain")),
+        ("refine", B.Setting((a,), 99.0, -6.0, "domain")),
+    ]
     assert out["cross"]["best"]["gamma"] == -6.0 and len(out["cross"]["refine"]) == 2
     assert eraser.active_hookpoints("cross") == [a] and b not in eraser.active_hookpoints("cross")
+    assert eraser.hookpoints[a].library.selection_defaults("cross").contrast == B.domain_contrast("cross")
     assert "refine" not in out["red"] and out["red"]["best"]["gamma"] == -2.0  # colours: stage 1 decides
-    prompts, seeds = B.validation_set("cross", cfg.refine_prompts, cfg, "refine")
-    assert sum(p.object == "cross" for p in prompts) == len(sc.STYLES) * len(sc.COLORS)  # every caption
-    assert min(seeds) >= B.REFINE_SEED and max(seeds) < 50_000  # never the test seeds
 
 
-def test_search_reuses_saved_trials_and_resumes(monkeypatch, tmp_path):
-    """Trials of a matching saved search are not rerun; a changed validation size reruns them."""
+def test_search_resumes_and_reuses_saved_trials(monkeypatch, tmp_path):
+    """Trials saved in the build's search folder are not judged again; a wider grid runs only its new
+    points; another validation size judges everything again."""
     from saeuron_plugin.diffusion.unlearn import SAeUron
 
     eraser = SAeUron.from_pretrained(BUNDLE)
     a = B.BLOCKS_UP1[0]
-    calls = _fake_trials(monkeypatch, lambda stage, s: 0.5)
+    calls = _fake_search(monkeypatch, eraser, lambda stage, s: 0.5)
     cfg = B.BundleConfig(
         search_sets={"object": ((a,),)},
         search_percentiles=(99.0,),
@@ -344,47 +361,19 @@ def test_search_reuses_saved_trials_and_resumes(monkeypatch, tmp_path):
         refine_top={"object": 2},
         robust_attacks=0,
     )
-    saved_progress = []
-    first = B.search_defaults(
-        eraser,
-        None,
-        None,
-        cfg,
-        concepts=["cross"],
-        log=lambda _: None,
-        on_concept=lambda r: saved_progress.append(json.loads(json.dumps(r))),
-    )
-    assert len(calls) == 4 and saved_progress[-1]["cross"]["best"] == first["cross"]["best"]
-    saved = {"config": json.loads(json.dumps(B.asdict(cfg))), "search": saved_progress[-1]}
-
+    _search(eraser, cfg, ["cross"], tmp_path)
+    assert len(calls) == 4
     calls.clear()
     cfg.search_gammas = (-2.0, -6.0, -1.0)  # a wider grid: only the new point runs (ties: grid order)
-    B.search_defaults(
-        eraser,
-        None,
-        None,
-        cfg,
-        concepts=["cross"],
-        log=lambda _: None,
-        previous=B.reusable_search(saved, cfg),
-    )
-    assert calls == [("search", B.Setting((a,), 99.0, -1.0))]
-
-    cfg.refine_prompts = 10  # stage-2 trials belong to the old refinement size; stage 1 still matches
-    assert "refine" not in B.reusable_search(saved, cfg)["cross"]
+    _search(eraser, cfg, ["cross"], tmp_path)
+    assert calls == [("search", B.Setting((a,), 99.0, -1.0, "domain"))]
+    calls.clear()
     cfg.search_prompts = 6
-    assert B.reusable_search(saved, cfg) == {}
-
-    # the build resumes from its progress file on top of the bundle it re-tunes
-    cfg = B.BundleConfig(work=str(tmp_path), from_bundle=str(BUNDLE))
-    progress = {"config": B.asdict(cfg), "search": {"cross": {"trials": []}}}
-    B._write_json(tmp_path / B.SEARCH_PROGRESS, progress)
-    start, previous = B.starting_point(None, cfg, log=lambda _: None)
-    assert sorted(start.concepts) == sorted(ALL_CONCEPTS)
-    assert previous["cross"] == {"trials": []} and previous["red"]["trials"]  # progress overrides search.json
+    _search(eraser, cfg, ["cross"], tmp_path)
+    assert len(calls) == 3 + 2
 
 
-def test_colours_get_a_replacement_stage_ranked_by_clean_flips(monkeypatch):
+def test_colours_get_a_replacement_stage_ranked_by_clean_flips(monkeypatch, tmp_path):
     """The winner, alone and with each other colour as its target at each α, judged on stage 1's
     set; equal scores are separated by clean flips, and the chosen target becomes the default."""
     from saeuron_plugin.diffusion.unlearn import SAeUron
@@ -392,8 +381,9 @@ def test_colours_get_a_replacement_stage_ranked_by_clean_flips(monkeypatch):
     eraser = SAeUron.from_pretrained(BUNDLE)
     a = B.ATTN2_UP3
     clean = {None: 0.5, ("green", 1.0): 1.0, ("blue", 2.0): 0.9}
-    calls = _fake_trials(
+    calls = _fake_search(
         monkeypatch,
+        eraser,
         lambda stage, s: 0.5 if s.target == "purple" else 1.0,  # equal scores but one target
         lambda s: clean.get(s.target and (s.target, s.target_scale), 0.0),
     )
@@ -404,36 +394,31 @@ def test_colours_get_a_replacement_stage_ranked_by_clean_flips(monkeypatch):
         search_targets={"color": (1.0, 2.0)},
         robust_attacks=0,
     )
-    out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None)
+    out = _search(eraser, cfg, ["red"], tmp_path)
     replaced = [s for stage, s in calls][1:]
-    assert replaced[0] == B.Setting(a, 99.0, -2.0) and len(replaced) == 1 + 5 * 2
+    assert replaced[0] == B.Setting(a, 99.0, -2.0, "domain") and len(replaced) == 1 + 5 * 2
     assert {s.target for s in replaced[1:]} == {"green", "blue", "yellow", "purple", "orange"}
     assert all(stage == "search" for stage, _ in calls)  # stage 1's validation set
     best = out["red"]["best"]
     assert (best["target"], best["target_scale"]) == ("green", 1.0)
     defaults = eraser.hookpoints[a[0]].library.selection_defaults("red")
     assert (defaults.target, defaults.target_scale) == ("green", 1.0)
-    # a re-tune reuses the stage, and a winner without a target clears a saved one
-    calls.clear()
-    clean[None] = 1.0
-    previous = {"red": {"trials": out["red"]["trials"], "replace": out["red"]["replace"][1:]}}
-    out = B.search_defaults(eraser, None, None, cfg, concepts=["red"], log=lambda _: None, previous=previous)
-    assert [s for _, s in calls] == [B.Setting(a, 99.0, -2.0)] and "target" not in out["red"]["best"]
-    assert eraser.hookpoints[a[0]].library.selection_defaults("red").target is None
 
 
-def test_the_robustness_stage_widens_the_hookpoints_only_within_the_tolerance(monkeypatch):
+def test_the_robustness_stage_widens_the_hookpoints_only_within_the_tolerance(monkeypatch, tmp_path):
     """The winner is attacked at its hookpoints and at every hookpoint holding the concept; the wider
     set becomes the robust mode when it resists better and costs ≤ the tolerance in validation score.
-    The default mode keeps the winner's hookpoints; saved robust trials are reused."""
+    The default mode keeps the winner's hookpoints; saved robust trials are reused while the attack
+    budget is the same."""
     from saeuron_plugin.diffusion.unlearn import SAeUron
 
     eraser = SAeUron.from_pretrained(BUNDLE)
     a = B.BLOCKS_UP1[0]
     everywhere = tuple(eraser.where("cross"))
     wide_score = {"value": 0.97}
-    calls = _fake_trials(
+    calls = _fake_search(
         monkeypatch,
+        eraser,
         lambda stage, s: wide_score["value"] if len(s.hookpoints) > 1 else 1.0,
         attack_of=lambda s: 0.9 if len(s.hookpoints) > 1 else 0.3,
     )
@@ -444,66 +429,18 @@ def test_the_robustness_stage_widens_the_hookpoints_only_within_the_tolerance(mo
         refine_top=0,
         robust_tolerance=0.05,
     )
-    out = B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None)
-    wide = B.Setting(everywhere, 99.0, -2.0)
-    assert calls == [
-        ("search", B.Setting((a,), 99.0, -2.0)),
-        ("attack", B.Setting((a,), 99.0, -2.0)),
-        ("search", wide),  # judged on the validation set that chose the winner
-        ("attack", wide),
-    ]
+    out = _search(eraser, cfg, ["cross"], tmp_path)
+    plain, wide = B.Setting((a,), 99.0, -2.0, "domain"), B.Setting(everywhere, 99.0, -2.0, "domain")
+    assert calls == [("search", plain), ("search", wide), ("attack", plain), ("attack", wide)]
     assert out["cross"]["robust_best"]["hookpoints"] == list(everywhere)
     assert eraser.active_hookpoints("cross") == [a]  # the default mode is unchanged
     assert eraser.active_hookpoints("cross", robust=True) == list(everywhere)
-    handle = eraser.plan("cross", robust=True)
-    assert sorted(handle) == sorted(everywhere) and list(eraser.plan("cross")) == [a]
-
-    # too costly: the robust mode stays at the winner's hookpoints; the saved trials are not rerun
+    assert sorted(eraser.plan("cross", robust=True)) == sorted(everywhere) and list(eraser.plan("cross")) == [
+        a
+    ]
     calls.clear()
-    previous = {"cross": {"trials": out["cross"]["trials"]}}
-    wide_score["value"] = 0.9
-    out = B.search_defaults(
-        eraser, None, None, cfg, concepts=["cross"], log=lambda _: None, previous=previous
-    )
-    assert [c[0] for c in calls] == ["attack", "search", "attack"]
-    assert eraser.active_hookpoints("cross", robust=True) == [a]
-    calls.clear()
-    previous["cross"]["robust"] = out["cross"]["robust"]
-    B.search_defaults(eraser, None, None, cfg, concepts=["cross"], log=lambda _: None, previous=previous)
-    assert calls == []
-    saved = {"config": json.loads(json.dumps(B.asdict(cfg))), "search": out}
-    assert "robust" in B.reusable_search(saved, cfg)["cross"]
-    cfg.robust_iterations = 10  # another attack budget: the robust trials run again
-    assert "robust" not in B.reusable_search(saved, cfg)["cross"]
-
-
-def test_the_robustness_stage_attacks_through_the_edit_on_the_shipped_model():
-    """``attacked_ua`` end to end at a tiny budget: UnlearnDiffAtk against the setting, its typed
-    prompts judged; the captions are never the robustness benchmark's."""
-    from saeuron_plugin.diffusion.unlearn import SAeUron
-    from saeuron_plugin.eval.judges import Judges
-
-    eraser = SAeUron.from_pretrained(BUNDLE)
-    pipe = B.load_default()
-    cfg = B.BundleConfig(steps=3, robust_attacks=1, robust_iterations=2)
-    targets = B.attack_targets(pipe, "red", cfg)
-    assert (
-        list(targets) == ["a red circle in dotted style"]
-        and targets["a red circle in dotted style"].shape[0] == 8
-    )
-    setting = B.Setting(tuple(eraser.active_hookpoints("red")), 99.5, -2.0)
-    judges = Judges.from_pretrained(ROOT / "checkpoints" / "shapescanvas-judges")
-    out = B.attacked_ua(eraser, pipe, judges, cfg, "red", setting, targets)
-    assert 0.0 <= out["ua_attack"] <= 1.0
-    assert len(out["attack_prompts"]) == 1 and out["attack_prompts"][0].endswith(
-        "a red circle in dotted style"
-    )
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import robustness
-    finally:
-        sys.path.pop(0)
-    benchmark = set(robustness.CAPTION.values())
-    assert len(benchmark) == 3 and not benchmark & {c for cs in B.ATTACK_CAPTIONS.values() for c in cs}
+    _search(eraser, cfg, ["cross"], tmp_path)
+    assert calls == []  # every trial reused
+    cfg.robust_iterations = 10  # another attack budget: the attacks run again, the trials do not
+    _search(eraser, cfg, ["cross"], tmp_path)
+    assert calls == [("attack", plain), ("attack", wide)]

@@ -4,10 +4,12 @@
 2. ``train_sae`` per hookpoint on the activation store;
 3. ``SAeUron.add_concepts``: one statistics pass over every caption (statistics seeds) feeding
    every object, style and color concept, each contrasted with the other concepts of its domain;
-4. a per-concept search over hookpoint (or hookpoint set, ``search_sets``, each with its score
-   contrast) × percentile × γ on validation seeds (never the test seeds), maximising
-   mean(UA, IRA, CRA) as judged by the ShapesCanvas judges; for objects the best four are judged
-   again on every caption of the object with fresh seeds (stage 2), which decides. For colours a
+4. a per-concept search, run by the generic tuner (:func:`~..tuning.search.tune_concept`; this module
+   supplies :func:`tune_task` and :func:`search_space`), over hookpoint (or hookpoint set,
+   ``search_sets``, each with its score contrast) × percentile × γ on labelled validation captions and
+   seeds (never the test seeds), maximising mean(UA, IRA, CRA) as judged by the ShapesCanvas judges;
+   for objects the best four are judged again on every caption of the object with fresh seeds
+   (stage 2), which decides. For colours a
    replacement stage follows (``search_targets``): the winner as it is, and with each other colour
    as its target (:attr:`~..sae.spec.ConceptAblation.target`) at each α, ranked by the score, then
    by the share of forget images that are a clean image of another concept, then by the margin.
@@ -24,7 +26,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import shutil
 import time
@@ -40,11 +41,21 @@ from ..diffusion.collect import collect_activations
 from ..diffusion.unlearn import SAeUron
 from ..sae.ablation import ConceptAblation
 from ..sae.concepts import TauGrid
-from ..sae.files import read_json, read_json_object
+from ..sae.files import read_json
 from ..sae.io import atomic_write, resolve_repo
 from ..sae.store import ActivationStore
 from ..sae.train import TrainConfig, Trainer
-from ..tuning.search import clean_flips, replacement_rank, robust_choice, ua_under_attack
+from ..tuning.search import (
+    DOMAIN_CONTRAST,
+    SEARCH_FILE,
+    SearchSpace,
+    TuneConfig,
+    TuneTask,
+    ValidationSet,
+    clean_flips,
+    read_search,
+    tune_concept,
+)
 from . import shapescanvas as sc
 from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
@@ -402,21 +413,6 @@ class Setting(NamedTuple):
     target_scale: float = 1.0
 
 
-def search_grid(
-    sets: Sequence[Sequence[str] | SearchSet], percentiles: Sequence[float], gammas: Sequence[float]
-) -> list[Setting]:
-    """Every set × its percentiles × its γ (a set's own grid, or the domain's), in that order."""
-    grid = []
-    for entry in map(search_set, sets):
-        pcts = percentiles if entry.percentiles is None else entry.percentiles
-        gams = gammas if entry.gammas is None else entry.gammas
-        grid += [
-            Setting(entry.hookpoints, float(p), float(g), entry.contrast)
-            for p, g in itertools.product(pcts, gams)
-        ]
-    return grid
-
-
 def validation_set(
     name: str, n: int, cfg: BundleConfig, stage: str = "search"
 ) -> tuple[list[sc.BenchmarkPrompt], list[int]]:
@@ -490,72 +486,9 @@ def clean_flip(probs: dict[str, torch.Tensor], prompts: Sequence[sc.BenchmarkPro
     return float(flip[has].float().mean()) if bool(has.any()) else float("nan")
 
 
-def _key(trial: dict[str, Any]) -> Setting:
-    """A saved trial's setting (trials saved before contrasts were searched used the default)."""
-    return Setting(
-        tuple(trial["hookpoints"]),
-        float(trial["percentile"]),
-        float(trial["gamma"]),
-        trial.get("contrast"),
-        trial.get("target"),
-        float(trial.get("target_scale", 1.0)),
-    )
-
-
-def _rank(trial: dict[str, Any]) -> tuple[float, float]:
-    return trial["score"], trial["margin"]
-
-
 def replacement_targets(name: str) -> list[str]:
     """The targets a replacement stage tries for ``name``: the other concepts of its domain."""
     return [c for c in sc.VOCABULARIES[concept_domain(name)] if c != name]
-
-
-def run_trials(
-    eraser: SAeUron,
-    pipe: Any,
-    judges: Any,
-    cfg: BundleConfig,
-    name: str,
-    stage: str,
-    settings: Sequence[Setting],
-    done: Sequence[dict[str, Any]] = (),
-) -> tuple[list[dict[str, Any]], int]:
-    """Judge every setting on the ``stage``'s validation set; trials in ``done`` are reused, not rerun.
-
-    Returns the trials in ``settings`` order and how many were reused.
-    """
-    validation = stage_validation(name, cfg, stage)
-    known = {_key(t): t for t in done}
-    trials = [
-        known[s] if s in known else evaluate_setting(eraser, pipe, judges, cfg, name, validation, s)
-        for s in settings
-    ]
-    return trials, sum(s in known for s in settings)
-
-
-def set_winner(
-    eraser: SAeUron, name: str, trial: dict[str, Any], robust: Sequence[str] | None = None
-) -> None:
-    """Make ``trial``'s setting ``name``'s defaults at every hookpoint; active only at its hookpoints,
-    and in the robust mode at ``robust`` (None: as active).
-
-    The contrast is always written: a re-tuned bundle may hold another winner's contrast.
-    """
-    contrast = trial.get("contrast") or domain_contrast(name)
-    for hp in eraser.hookpoints:
-        eraser.set_defaults(
-            name,
-            hookpoints=[hp],
-            percentile=trial["percentile"],
-            top_n=None,
-            gamma=trial["gamma"],
-            contrast=contrast,
-            target=trial.get("target"),
-            target_scale=float(trial.get("target_scale", 1.0)),
-            active=hp in trial["hookpoints"],
-            robust=None if robust is None else hp in robust,
-        )
 
 
 def setting_ablation(name: str, setting: Setting) -> ConceptAblation:
@@ -566,74 +499,57 @@ def setting_ablation(name: str, setting: Setting) -> ConceptAblation:
     )
 
 
-def attack_targets(pipe: Any, name: str, cfg: BundleConfig) -> dict[str, torch.Tensor]:
-    """Per robustness-stage caption: latents of the images the untouched model draws for it."""
-    from ..attacks import target_latents
-
-    seeds = range(ATTACK_SEED, ATTACK_SEED + ATTACK_IMAGES)
-    return {
-        caption.format(name): target_latents(pipe, caption.format(name), seeds, cfg.steps, cfg.guidance_scale)
-        for caption in ATTACK_CAPTIONS[concept_domain(name)][: cfg.robust_attacks]
-    }
-
-
-def attacked_ua(
-    eraser: SAeUron,
-    pipe: Any,
-    judges: Any,
-    cfg: BundleConfig,
-    name: str,
-    setting: Setting,
-    targets: dict[str, torch.Tensor],
-) -> dict[str, Any]:
-    """UA under UnlearnDiffAtk against ``setting`` (gradients through the edit), mean over the stage's
-    captions, each attacked prompt judged on its own seeds; and the prompts the attack typed."""
-    with eraser.unlearn(pipe, [setting_ablation(name, setting)], hookpoints=list(setting.hookpoints)):
-        return ua_under_attack(
-            pipe,
-            judges,
-            name,
-            concept_domain(name),
-            targets,
-            lambda prompts, seeds: generate(pipe, prompts, seeds, cfg.steps, cfg.guidance_scale),
-            iterations=cfg.robust_iterations,
-            seed=ATTACK_SEED,
-            judge_seeds=[ATTACK_SEED + 1000 + j for j in range(ATTACK_IMAGES)],
-        )
+def labelled(prompts: Sequence[sc.BenchmarkPrompt], seeds: Sequence[int], concept: str) -> ValidationSet:
+    """A validation set of ShapesCanvas captions (those with ``concept`` first, as
+    :func:`split_prompts` orders them), scored against their true labels."""
+    has = _has(prompts, concept)
+    n_forget = int(has.sum())
+    if not bool(has[:n_forget].all()):
+        raise ValueError(f"the prompts with {concept!r} must come first")
+    labels = {d: _labels(prompts, d).tolist() for d in sc.DOMAINS}
+    return ValidationSet([p.prompt for p in prompts], [int(s) for s in seeds], n_forget, labels)
 
 
-def robust_stage(
-    eraser: SAeUron,
-    pipe: Any,
-    judges: Any,
-    cfg: BundleConfig,
-    name: str,
-    best: dict[str, Any],
-    stage: str,
-    done: Sequence[dict[str, Any]] = (),
-) -> tuple[list[dict[str, Any]], int]:
-    """The winner at its hookpoints and at every hookpoint holding ``name``, each attacked
-    (:func:`attacked_ua`); the wider set is also judged on the validation set of ``stage`` (the one
-    that chose the winner). Trials in ``done`` are reused. Returns the trials and how many were reused."""
-    plain = _key(best)
-    wide = plain._replace(hookpoints=tuple(eraser.where(name)))
-    settings = [plain] if set(wide.hookpoints) == set(plain.hookpoints) else [plain, wide]
-    known = {_key(t): t for t in done}
-    trials, targets = [], None
-    for setting in settings:
-        if setting in known:
-            trials.append(known[setting])
-            continue
-        targets = targets if targets is not None else attack_targets(pipe, name, cfg)
-        scored = (
-            best
-            if setting == plain
-            else evaluate_setting(
-                eraser, pipe, judges, cfg, name, stage_validation(name, cfg, stage), setting
-            )
-        )
-        trials.append({**scored, **attacked_ua(eraser, pipe, judges, cfg, name, setting, targets)})
-    return trials, sum(s in known for s in settings)
+def tune_task(name: str, cfg: BundleConfig) -> TuneTask:
+    """``name``'s search as the generic tuner's task: the validation sets of :func:`stage_validation`
+    with their true labels, and the robustness stage's own captions and seeds."""
+    validation = labelled(*stage_validation(name, cfg, "search"), name)
+    n = validation.n_forget
+    return TuneTask(
+        name,
+        validation.prompts[:n],
+        validation.prompts[n:],
+        domain=concept_domain(name),
+        validation=validation,
+        refine=labelled(*stage_validation(name, cfg, "refine"), name),
+        attack_prompts=[caption.format(name) for caption in ATTACK_CAPTIONS[concept_domain(name)]],
+        attack_seed=ATTACK_SEED,
+    )
+
+
+def search_space(name: str, cfg: BundleConfig) -> SearchSpace:
+    """``name``'s search grid (its domain's sets, percentiles, γ, stage 2, replacement and robustness
+    stages) as the generic tuner's :class:`~..tuning.search.SearchSpace`; a set without a contrast
+    of its own uses the domain contrast."""
+    domain = concept_domain(name)
+    sets = []
+    for entry in map(search_set, _for_domain(cfg.search_sets, domain) or [(hp,) for hp in cfg.hookpoints]):
+        own = {"contrasts": entry.contrast and [entry.contrast], **entry._asdict()}
+        own.pop("contrast")
+        sets.append({k: list(v) for k, v in own.items() if v is not None})
+    top = _for_domain_int(cfg.refine_top, domain)
+    return SearchSpace(
+        hookpoint_sets=sets,
+        contrasts=(DOMAIN_CONTRAST,),
+        percentiles=_for_domain(cfg.search_percentiles, domain),
+        gammas=_for_domain(cfg.search_gammas, domain),
+        refine_top=top if top > 1 else 0,
+        target_scales=_for_domain(cfg.search_targets, domain),
+        robust_attacks=cfg.robust_attacks,
+        robust_iterations=cfg.robust_iterations,
+        robust_tolerance=cfg.robust_tolerance,
+        attack_images=ATTACK_IMAGES,
+    )
 
 
 def search_defaults(
@@ -643,85 +559,31 @@ def search_defaults(
     cfg: BundleConfig,
     concepts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
-    previous: dict[str, Any] | None = None,
-    on_concept: Callable[[dict[str, Any]], None] | None = None,
+    folder: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Step 4: per concept, the (hookpoint set, percentile, γ) maximising mean(UA, IRA, CRA) on validation.
-
-    Stage 1 tries the whole grid on ``search_prompts`` validation prompts. Where ``refine_top`` asks
-    for it, stage 2 re-judges the best few on ``refine_prompts`` fresh prompts and seeds and picks
-    among them there: the stage-1 maximum over many noisy trials overstates its winner (a setting
-    that scored 12/12 can be a 70 % setting), and independent data removes that bias.
-
-    ``previous``: an earlier search's ``{concept: {"trials": [...], "refine": [...]}}`` made with the
-    same SAEs, statistics and validation sets (see :func:`reusable_search`); its trials are reused
-    instead of generated again. ``on_concept(results)`` runs after each concept (to save progress).
+    """Step 4: each concept's search (:func:`tune_task` in :func:`search_space`) by the generic tuner
+    (:func:`~..tuning.search.tune_concept`), which writes the winners as the concepts' defaults and
+    every trial to ``folder/search.json`` (default ``<work>/search``) as it is judged: an interrupted
+    build resumes there, and trials made from the same SAEs, statistics and validation sets are never
+    judged twice. Returns the search's ``tune`` section ``{concept: record}``.
     """
-    results: dict[str, Any] = {}
+    folder = Path(cfg.work) / "search" if folder is None else Path(folder)
+    gen = TuneConfig(cfg.steps, cfg.guidance_scale, batch_size=256, show_progress=False)
+    source = _recipe(cfg, TRAINED_FIELDS)
     for name in concepts or eraser.concepts:
-        domain = concept_domain(name)
-        old = (previous or {}).get(name, {})
-        sets = _for_domain(cfg.search_sets, domain) or tuple((hp,) for hp in cfg.hookpoints)
-        grid = search_grid(
-            sets, _for_domain(cfg.search_percentiles, domain), _for_domain(cfg.search_gammas, domain)
-        )
         t0 = time.time()
-        trials, reused = run_trials(eraser, pipe, judges, cfg, name, "search", grid, old.get("trials", ()))
-        best = max(trials, key=_rank)  # the first of equals, in grid order
-        decided = "search"  # the validation set that chose the winner (replace shares stage 1's)
-        record: dict[str, Any] = {"trials": trials}
-        top = _for_domain_int(cfg.refine_top, domain)
-        if top > 1:
-            finalists = [_key(t) for t in sorted(trials, key=_rank, reverse=True)[:top]]
-            record["refine"], again = run_trials(
-                eraser, pipe, judges, cfg, name, "refine", finalists, old.get("refine", ())
-            )
-            reused += again
-            best = max(record["refine"], key=_rank)
-            decided = "refine"
-        scales = _for_domain(cfg.search_targets, domain)
-        if scales:
-            plain = _key(best)._replace(target=None, target_scale=1.0)
-            candidates = [plain] + [
-                plain._replace(target=t, target_scale=float(a))
-                for t in replacement_targets(name)
-                for a in scales
-            ]
-            record["replace"], again = run_trials(
-                eraser, pipe, judges, cfg, name, "replace", candidates, old.get("replace", ())
-            )
-            reused += again
-            best = max(record["replace"], key=replacement_rank)
-            decided = "search"
-        record["best"] = best
-        robust = None
-        if cfg.robust_attacks > 0:
-            record["robust"], again = robust_stage(
-                eraser, pipe, judges, cfg, name, best, decided, old.get("robust", ())
-            )
-            reused += again
-            record["robust_best"] = robust_choice(record["robust"], cfg.robust_tolerance)
-            robust = record["robust_best"]["hookpoints"]
-        set_winner(eraser, name, best, robust)
-        results[name] = record
-        chosen = record.get("robust_best")
-        log(
-            f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g}"
-            f"{' contrast ' + best['contrast'] if best.get('contrast') else ''}"
-            f"{' → ' + best['target'] if best.get('target') else ''}: "
-            f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f}"
-            f"{' (stage 2)' if 'refine' in record else ''}"
-            + (
-                f"; robust mode at {len(chosen['hookpoints'])} hookpoints, UA under attack "
-                f"{chosen['ua_attack']:.2f} (at its own: {record['robust'][0]['ua_attack']:.2f})"
-                if chosen
-                else ""
-            )
-            + f" ({time.time() - t0:.0f} s, {reused} trials reused)"
+        best = tune_concept(
+            eraser, pipe, judges, tune_task(name, cfg), search_space(name, cfg), folder, gen, log, source
         )
-        if on_concept is not None:
-            on_concept(results)
-    return results
+        robust = read_search(folder)["tune"][name].get("robust_best")
+        log(
+            f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g} "
+            f"contrast {best['contrast']}{' → ' + best['target'] if best.get('target') else ''}: "
+            f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f}"
+            + (f"; robust mode at {len(robust['hookpoints'])} hookpoints" if robust else "")
+            + f" ({time.time() - t0:.0f} s)"
+        )
+    return read_search(folder).get("tune", {})
 
 
 TRAINED_FIELDS = (
@@ -766,69 +628,27 @@ def trained_eraser(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = pr
     return eraser
 
 
-SEARCH_FIELDS = (*TRAINED_FIELDS, "search_prompts")
-"""Stage-1 trials of a saved search are reused only if these match (same SAEs, statistics, validation)."""
-REFINE_FIELDS = (*SEARCH_FIELDS, "refine_prompts")
-ROBUST_FIELDS = (*REFINE_FIELDS, "robust_attacks", "robust_iterations")
-SEARCH_PROGRESS = "search-progress.json"
-"""Saved in ``work`` after each searched concept; an interrupted build resumes from it."""
-
-
-def reusable_search(saved: dict[str, Any] | None, cfg: BundleConfig) -> dict[str, Any]:
-    """The trials of a saved search (``search.json`` or a build's progress file) that ``cfg`` reproduces.
-
-    Stage-1 trials when steps 1-3 and the validation size match; stage-2 trials when the refinement
-    size matches too. Anything else gives ``{}`` (the search runs again).
-    """
-    if not saved or "config" not in saved:
-        return {}
-    old = saved["config"]
-    if _recipe(old, SEARCH_FIELDS) != _recipe(cfg, SEARCH_FIELDS):
-        return {}
-    keep_refine = _recipe(old, REFINE_FIELDS) == _recipe(cfg, REFINE_FIELDS)
-    out = {}
-    for name, r in saved.get("search", {}).items():
-        out[name] = {"trials": r.get("trials", [])}
-        if keep_refine and "refine" in r:
-            out[name]["refine"] = r["refine"]
-        if "replace" in r:  # on stage 1's validation set; trials are keyed by their whole setting
-            out[name]["replace"] = r["replace"]
-        if "robust" in r and _recipe(old, ROBUST_FIELDS) == _recipe(cfg, ROBUST_FIELDS):
-            out[name]["robust"] = r["robust"]
-    return out
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    return read_json_object(path, "bundle search file") if path.is_file() else None
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (``sae.io``'s temp-file-and-rename): an interrupt never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
-def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> tuple[SAeUron, dict]:
-    """The SAEs and statistics to search on, and the trials that need not run again.
-
-    ``cfg.from_bundle``: an existing bundle and its ``search.json``; otherwise steps 1-3 (or their
-    saved result). An interrupted search's progress file in ``work`` is reused on top of either.
-    """
-    previous: dict[str, Any] = {}
-    if cfg.from_bundle:
-        source = resolve_repo(cfg.from_bundle)
-        eraser = SAeUron.from_pretrained(source)
-        previous = reusable_search(_read_json(source / "search.json"), cfg)
-        log(
-            f"searching on the SAEs and statistics of {cfg.from_bundle} "
-            f"({len(previous)} concepts' trials reusable)"
-        )
-    else:
-        eraser = trained_eraser(pipe, cfg, log)
-    progress = reusable_search(_read_json(Path(cfg.work) / SEARCH_PROGRESS), cfg)
-    if progress:
-        log(f"resuming the search: {len(progress)} concepts already searched")
-    return eraser, {**previous, **progress}
+def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> SAeUron:
+    """The SAEs and statistics to search on: ``cfg.from_bundle``'s, whose saved trials are copied
+    into the build's search folder for the concepts it has none of (the tuner reuses those made from
+    the same recipe), or steps 1-3 (or their saved result)."""
+    if not cfg.from_bundle:
+        return trained_eraser(pipe, cfg, log)
+    source = resolve_repo(cfg.from_bundle)
+    eraser = SAeUron.from_pretrained(source)
+    folder = Path(cfg.work) / "search"
+    saved, ours = read_search(source), read_search(folder)
+    new = {k: v for k, v in saved.get("tune", {}).items() if k not in ours.get("tune", {})}
+    if new:
+        _write_json(folder / SEARCH_FILE, {**ours, "tune": {**ours.get("tune", {}), **new}})
+    log(f"searching on the SAEs and statistics of {cfg.from_bundle} ({len(new)} concepts' trials copied)")
+    return eraser
 
 
 def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = print) -> Path:
@@ -844,17 +664,8 @@ def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = p
     pipe = load_default(cfg.model)
     judges = Judges.from_pretrained(cfg.judges)
     t0 = time.time()
-    eraser, previous = starting_point(pipe, cfg, log)
-    record = {"config": asdict(cfg)}
-    search = search_defaults(
-        eraser,
-        pipe,
-        judges,
-        cfg,
-        log=log,
-        previous=previous,
-        on_concept=lambda r: _write_json(Path(cfg.work) / SEARCH_PROGRESS, {**record, "search": r}),
-    )
+    eraser = starting_point(pipe, cfg, log)
+    search = search_defaults(eraser, pipe, judges, cfg, log=log)
     chosen = {
         p
         for name in eraser.concepts
@@ -872,7 +683,9 @@ def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = p
         metrics={"recipe": asdict(cfg), "validation_best": {k: v["best"] for k, v in search.items()}},
         stats_dtype=torch.float32,
     )
-    _write_json(staging / "search.json", {**record, "seconds": round(time.time() - t0), "search": search})
+    _write_json(
+        staging / SEARCH_FILE, {"config": asdict(cfg), "seconds": round(time.time() - t0), "tune": search}
+    )
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)

@@ -1,7 +1,9 @@
-"""Tuning the ablation of a bundle's concepts with a judge (issue #19; in progress).
+"""Tuning the ablation of a bundle's concepts with a judge (issue #19).
 
-Built so far: judges as plug-ins (:mod:`.judges`). The search itself still lives in
-``saeuron_plugin.eval.shapescanvas_build`` (ShapesCanvas only) until it moves here.
+* :mod:`.judges`: judges as plug-ins (ShapesCanvas, CLIP zero-shot, any ``module:function``);
+* :mod:`.search`: the per-concept search (``saeuron tune``); ``make bundle``
+  (``saeuron_plugin.eval.shapescanvas_build``) is a recipe over it, with labelled validation sets;
+* :mod:`.build`: ``saeuron build RECIPE``, collect → train → statistics → tune → bundle, resumable.
 """
 
 from .judges import CallableJudge, ClipZeroShotJudge, Judge, JudgeLoadError, load_judge

@@ -34,6 +34,7 @@ A recipe is a TOML file (read with the standard library's ``tomllib``)::
     judge = "shapescanvas"                     # or "clip:MODEL" with [tune.labels], or "module:function"
     budget = "small"
     steps = 25
+    validation = "shapescanvas"                # optional: `make bundle`'s labelled validation sets
 
 Each stage writes ``<work>/<stage>.done.json`` holding the part of the recipe it depends on once its
 output is complete; a rerun skips a stage whose stamp matches, and an interrupted stage resumes from
@@ -84,6 +85,11 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if store_dtype not in DTYPES:
         raise BadFileError(
             path, f"must be one of {list(DTYPES)}, got {store_dtype!r}", field="collect.store_dtype"
+        )
+    validation = recipe.get("tune", {}).get("validation")
+    if validation not in (None, "shapescanvas"):
+        raise BadFileError(
+            path, f"must be 'shapescanvas' or absent, got {validation!r}", field="tune.validation"
         )
     budget = recipe.get("tune", {}).get("budget", "small")
     if budget not in BUDGETS:
@@ -270,7 +276,7 @@ class Build:
     def tune(self) -> None:
         from ..diffusion.unlearn import SAeUron
         from .judges import load_judge
-        from .search import BUDGETS, SearchSpace, TuneConfig, TuneTask, judge_domain, tune_concept
+        from .search import BUDGETS, SearchSpace, TuneConfig, judge_domain, tune_concept
 
         t = self.recipe.get("tune", {})
         judge = load_judge(t.get("judge", "shapescanvas"), labels=t.get("labels"))
@@ -284,36 +290,40 @@ class Build:
             batch_size=int(t.get("batch_size", 4)),
             show_progress=bool(t.get("progress", True)),
         )
-        for name, spec in self.recipe["concepts"].items():
-            own = _prompts(spec.get("prompts", "shapescanvas"), self.recipe, name)
-            forget = (
-                _prompts(spec["forget"], self.recipe) if "forget" in spec else own[:: max(1, len(own) // n)]
-            )
-            if "retain" in spec:
-                retain = _prompts(spec["retain"], self.recipe)
-            else:
-                others = [
-                    p
-                    for other, o in self.recipe["concepts"].items()
-                    if other != name
-                    for p in _prompts(o.get("prompts", "shapescanvas"), self.recipe, other)
-                    if p not in own
-                ]
-                retain = others[:: max(1, len(others) // n)]
+        # trials of other SAEs or statistics are not reused (the stamp of the stages they come from)
+        source = _stamp(self.recipe, "collect", "train", "statistics", "concepts")["sha256"]
+        for name in self.recipe["concepts"]:
             space = SearchSpace.from_budget(
                 t.get("budget", "small"), **_space_options(domains.get(judge_domain(judge, name), {}))
             )
-            tune_concept(
-                eraser,
-                self.pipe,
-                judge,
-                TuneTask(name, forget[:n], retain[:n]),
-                space,
-                folder,
-                cfg,
-                log=self.log,
-            )
+            tune_concept(eraser, self.pipe, judge, self._task(name, n), space, folder, cfg, self.log, source)
         eraser.save_pretrained(folder)
+
+    def _task(self, name: str, n: int) -> Any:
+        """``name``'s tuning task: ``make bundle``'s labelled validation sets where ``[tune] validation =
+        "shapescanvas"``; otherwise ``n`` forget prompts (``forget``, else its own prompts, evenly
+        spaced) and ``n`` retain prompts (``retain``, else the other concepts' prompts), paired."""
+        from .search import TuneTask
+
+        if self.recipe.get("tune", {}).get("validation") == "shapescanvas":
+            from ..eval.shapescanvas_build import BundleConfig, tune_task
+
+            return tune_task(name, BundleConfig())
+        spec = self.recipe["concepts"][name]
+        own = _prompts(spec.get("prompts", "shapescanvas"), self.recipe, name)
+        forget = _prompts(spec["forget"], self.recipe) if "forget" in spec else own[:: max(1, len(own) // n)]
+        if "retain" in spec:
+            retain = _prompts(spec["retain"], self.recipe)
+        else:
+            others = [
+                p
+                for other, o in self.recipe["concepts"].items()
+                if other != name
+                for p in _prompts(o.get("prompts", "shapescanvas"), self.recipe, other)
+                if p not in own
+            ]
+            retain = others[:: max(1, len(others) // n)]
+        return TuneTask(name, forget[:n], retain[:n])
 
     def bundle(self) -> None:
         from ..diffusion.unlearn import SAeUron

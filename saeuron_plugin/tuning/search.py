@@ -9,7 +9,9 @@ validation images and keeps the best as the concept's defaults in the bundle:
 * **UA**: forget images the judge no longer assigns to the concept (its domain's top label);
   **IRA**: retain images whose top label in the concept's domain is the base image's;
   **CRA**: images whose top labels in the judge's other domains are the base image's. These paired
-  retain measures need no ground-truth labels, so any judge works;
+  retain measures need no ground-truth labels, so any judge works. A stage whose
+  :class:`ValidationSet` carries the images' true labels scores against those instead (no base
+  images): ``make bundle`` tunes the ShapesCanvas bundle this way;
 * the objective is mean(UA, IRA, CRA), ties broken by the judge's probability margin; stage 2
   judges the best few again on fresh seeds and decides there;
 * with ``target_scales``, a replacement stage judges the winner alone and with each other label of
@@ -27,8 +29,10 @@ validation images and keeps the best as the concept's defaults in the bundle:
   (atomic write), so an interrupted search resumes where it stopped and a re-tune reuses every
   trial it already ran.
 
-The ShapesCanvas bundle builder (``saeuron_plugin.eval.shapescanvas_build``) still runs its own search with
-ground-truth labels; moving it onto this one is the rest of issue #19.
+The ShapesCanvas bundle builder (``saeuron_plugin.eval.shapescanvas_build``, ``make bundle``) is a
+recipe over this search: a :class:`TuneTask` with labelled validation sets and attack captions, and a
+:class:`SearchSpace` per judge domain. ``saeuron build recipes/shapescanvas.toml`` asks for the same
+(``[tune] validation = "shapescanvas"``).
 """
 
 from __future__ import annotations
@@ -148,6 +152,37 @@ class SearchSpace:
 
 
 @dataclass
+class ValidationSet:
+    """The images a search stage judges: prompts (forget prompts first), one seed each, and, where the
+    caller knows them, each image's true labels."""
+
+    prompts: list[str]
+    seeds: list[int]
+    n_forget: int
+    """The first ``n_forget`` prompts hold the concept (UA); the rest do not (IRA)."""
+    labels: dict[str, list[int]] | None = None
+    """Per judge domain, each image's true label (an index into ``judge.labels[domain]``): the stage
+    scores against these (ground truth, as a labelled benchmark does). None: against the untouched
+    model's image at the same seed (paired: any judge, no labels needed)."""
+
+    def __post_init__(self) -> None:
+        if len(self.seeds) != len(self.prompts) or not 0 < self.n_forget < len(self.prompts):
+            raise TuningError(
+                f"a validation set needs one seed per prompt and both forget and retain prompts; got "
+                f"{len(self.prompts)} prompts, {len(self.seeds)} seeds, n_forget {self.n_forget}"
+            )
+        for domain, labels in (self.labels or {}).items():
+            if len(labels) != len(self.prompts):
+                raise TuningError(f"{len(labels)} {domain!r} labels for {len(self.prompts)} prompts")
+
+    @classmethod
+    def paired(cls, forget: Sequence[str], retain: Sequence[str], seed: int) -> ValidationSet:
+        """Forget image i at ``seed + i``, retain image j at ``seed + 10,000 + j``, scored paired."""
+        seeds = [*(seed + i for i in range(len(forget))), *(seed + 10_000 + j for j in range(len(retain)))]
+        return cls([*forget, *retain], seeds, len(forget))
+
+
+@dataclass
 class TuneTask:
     """One concept to tune: its prompts and the judge domain it belongs to (found from the judge's
     labels when None)."""
@@ -160,6 +195,26 @@ class TuneTask:
     """Validation seeds: forget image i uses seed + i, retain image j seed + 10,000 + j."""
     refine_seed: int = 40_000
     """Seeds of stage 2 (the same layout): fresh images for the finalists."""
+    validation: ValidationSet | None = None
+    """Stage 1's images (the replacement stage judges them too); None: ``forget`` and ``retain`` at
+    ``seed``, paired."""
+    refine: ValidationSet | None = None
+    """Stage 2's images; None: ``forget`` and ``retain`` at ``refine_seed``, paired."""
+    attack_prompts: list[str] | None = None
+    """The robustness stage's prompts (None: the first ``robust_attacks`` forget prompts)."""
+    attack_seed: int | None = None
+    """The robustness stage's seeds: target images at attack_seed + i, each attacked prompt judged at
+    attack_seed + 1,000 + j, the attack's own randomness seeded attack_seed (None: seed + 20,000)."""
+
+    def stage_set(self, stage: str) -> ValidationSet:
+        """The images of a stage: ``refine`` has its own, the others judge stage 1's."""
+        if stage == "refine":
+            return self.refine or ValidationSet.paired(self.forget, self.retain, self.refine_seed)
+        return self.validation or ValidationSet.paired(self.forget, self.retain, self.seed)
+
+    @property
+    def robust_seed(self) -> int:
+        return self.seed + 20_000 if self.attack_seed is None else self.attack_seed
 
 
 @dataclass
@@ -208,23 +263,30 @@ def generate(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], cfg: TuneC
 
 
 def paired_scores(
-    judge: Judge, domain: str, concept: str, probs: dict[str, Tensor], base: dict[str, Tensor], n_forget: int
+    judge: Judge,
+    domain: str,
+    concept: str,
+    probs: dict[str, Tensor],
+    reference: dict[str, Tensor],
+    n_forget: int,
 ) -> dict[str, float]:
-    """UA / IRA / CRA (fractions) and the probability margin of edited images against base images
-    at the same seeds; the first ``n_forget`` rows are forget images, the rest retain images."""
+    """UA / IRA / CRA (fractions) and the probability margin of edited images against the
+    ``reference`` labels ``{domain: [N] label indices}``: the base images' decisions at the same seeds
+    (paired) or the true labels. The first ``n_forget`` rows are forget images, the rest retain images."""
     target = judge.labels[domain].index(concept)
     top = {d: p.argmax(-1) for d, p in probs.items()}
-    base_top = {d: p.argmax(-1) for d, p in base.items()}
     own = top[domain]
     ua = (own[:n_forget] != target).float().mean()
-    ira = (own[n_forget:] == base_top[domain][n_forget:]).float().mean()
+    ira = (own[n_forget:] == reference[domain][n_forget:]).float().mean()
     others = [d for d in judge.labels if d != domain]
-    cra = torch.cat([(top[d] == base_top[d]).float() for d in others]).mean() if others else torch.tensor(1.0)
+    cra = (
+        torch.cat([(top[d] == reference[d]).float() for d in others]).mean() if others else torch.tensor(1.0)
+    )
     # margin: the same three with probabilities instead of decisions (the tie-break)
     p_own = probs[domain]
-    keep = p_own[n_forget:].gather(1, base_top[domain][n_forget:, None]).mean()
+    keep = p_own[n_forget:].gather(1, reference[domain][n_forget:, None]).mean()
     m_cra = (
-        torch.cat([probs[d].gather(1, base_top[d][:, None]).flatten() for d in others]).mean()
+        torch.cat([probs[d].gather(1, reference[d][:, None]).flatten() for d in others]).mean()
         if others
         else torch.tensor(1.0)
     )
@@ -326,29 +388,32 @@ def _rank(trial: dict[str, Any]) -> tuple[float, float]:
 class _Stage:
     """One stage of a concept's search: its validation images, and its trials saved under ``name``."""
 
-    def __init__(self, run: _ConceptRun, name: str, seed: int) -> None:
-        task = run.task
+    def __init__(self, run: _ConceptRun, name: str) -> None:
         self.run, self.name = run, name
-        self.prompts = [*task.forget, *task.retain]
-        self.seeds = [
-            *(seed + i for i in range(len(task.forget))),
-            *(seed + 10_000 + j for j in range(len(task.retain))),
-        ]
+        self.images = run.task.stage_set(name)
         self.trials = run.entry.setdefault(name, [])
         self.done = {_key(t): t for t in self.trials}
 
+    def reference(self) -> dict[str, Tensor]:
+        """The labels trials are scored against: the true ones, or the untouched model's decisions."""
+        images, run = self.images, self.run
+        if images.labels is not None:
+            return {d: torch.tensor(v) for d, v in images.labels.items()}
+        base = run.judge.probabilities(generate(run.pipe, images.prompts, images.seeds, run.cfg))
+        return {d: p.argmax(-1) for d, p in base.items()}
+
     def judge(self, settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """The trials of ``settings`` (saved ones reused), each saved as soon as it is judged."""
-        run, task = self.run, self.run.task
+        run, task, images = self.run, self.run.task, self.images
         todo = [s for s in settings if _key(s) not in self.done]
         reused = len(settings) - len(todo)
         run.log(
             f"{task.concept} {self.name}: {len(settings)} settings ({reused} reused) × "
-            f"{len(self.prompts)} images"
+            f"{len(images.prompts)} images"
         )
         if todo:
             start = time.perf_counter()
-            base = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
+            reference = self.reference()
             bar = tqdm(
                 todo,
                 desc=f"tune {task.concept} ({self.name})",
@@ -357,8 +422,8 @@ class _Stage:
             )
             for setting in bar:
                 with run.unlearn(setting):
-                    probs = run.judge.probabilities(generate(run.pipe, self.prompts, self.seeds, run.cfg))
-                scores = paired_scores(run.judge, run.domain, task.concept, probs, base, len(task.forget))
+                    probs = run.judge.probabilities(generate(run.pipe, images.prompts, images.seeds, run.cfg))
+                scores = paired_scores(run.judge, run.domain, task.concept, probs, reference, images.n_forget)
                 trial = {**setting, **scores, "score": (scores["ua"] + scores["ira"] + scores["cra"]) / 3}
                 self.trials.append(trial)
                 self.done[_key(trial)] = trial
@@ -381,23 +446,25 @@ class _ConceptRun:
         folder: Path,
         cfg: TuneConfig,
         log: Callable[[str], None],
+        source: Any = None,
     ) -> None:
         self.eraser, self.pipe, self.judge, self.task = eraser, pipe, judge, task
         self.cfg, self.log = cfg, log
         self.folder = folder
         self.domain = judge_domain(judge, task.concept, task.domain)
         self.search = read_search(folder)
-        # its own section: the ShapesCanvas builder keeps its search under "search" in the same file
+        # the "tune" section; a bundle's search.json may hold other records beside it (make bundle's config)
         self.entry = self.search.setdefault("tune", {}).setdefault(task.concept, {})
         recipe = {
-            "forget": task.forget,
-            "retain": task.retain,
-            "seed": task.seed,
+            "validation": asdict(task.stage_set("trials")),
+            "refine": asdict(task.stage_set("refine")),
             "domain": self.domain,
-            "refine_seed": task.refine_seed,
             "generation": {k: v for k, v in asdict(cfg).items() if k != "show_progress"},
+            **({} if source is None else {"source": source}),
         }
-        if self.entry.get("recipe") != recipe:  # other prompts, seeds or sampling: old trials do not apply
+        recipe = json.loads(json.dumps(recipe))  # as it reads back from search.json (tuples → lists)
+        # other SAEs, statistics, prompts, seeds, labels or sampling: the saved trials do not apply
+        if self.entry.get("recipe") != recipe:
             self.entry.clear()
             self.entry["recipe"] = recipe
 
@@ -436,6 +503,7 @@ def tune_concept(
     folder: str | Path,
     cfg: TuneConfig | None = None,
     log: Callable[[str], None] = print,
+    source: Any = None,
 ) -> dict[str, Any]:
     """Search ``task.concept``'s settings, write the winner as its defaults in ``eraser`` and every trial
     to ``folder/search.json`` (resumable); returns the winning trial.
@@ -443,20 +511,23 @@ def tune_concept(
     Stage 1 judges every setting of ``space``; with ``space.refine_top`` > 0, stage 2 judges the best
     of them again on fresh seeds (``task.refine_seed``) and decides there: stage 1's images are the
     same for every trial, so its winner is the one that happened to suit those seeds best.
+
+    ``source``: what the bundle's SAEs and statistics were made from (a recipe, a digest; any JSON):
+    saved trials of another source are judged again, not reused.
     """
     held_at = eraser.where(task.concept)
     if not held_at:
         eraser.check_known([task.concept])
     if not task.forget or not task.retain:
         raise TuningError(f"{task.concept!r} needs forget prompts (with it) and retain prompts (without it)")
-    run = _ConceptRun(eraser, pipe, judge, task, Path(folder), cfg or TuneConfig(), log)
-    trials = _Stage(run, "trials", task.seed).judge(space.settings(held_at))
+    run = _ConceptRun(eraser, pipe, judge, task, Path(folder), cfg or TuneConfig(), log, source)
+    trials = _Stage(run, "trials").judge(space.settings(held_at))
     ranked = sorted(trials, key=_rank, reverse=True)
-    decided = ("trials", task.seed)  # the stage whose images chose the winner
+    decided = "trials"  # the stage whose images chose the winner
     if space.refine_top > 0 and len(ranked) > 1:
         finalists = [{k: t[k] for k in SETTING_KEYS if k in t} for t in ranked[: space.refine_top]]
-        ranked = sorted(_Stage(run, "refine", task.refine_seed).judge(finalists), key=_rank, reverse=True)
-        decided = ("refine", task.refine_seed)
+        ranked = sorted(_Stage(run, "refine").judge(finalists), key=_rank, reverse=True)
+        decided = "refine"
     best = ranked[0]
     targets = [c for c in judge.labels[run.domain] if c != task.concept and c in eraser.concepts]
     if space.target_scales and targets:
@@ -464,23 +535,11 @@ def tune_concept(
         candidates = [plain] + [
             {**plain, "target": t, "target_scale": float(a)} for t in targets for a in space.target_scales
         ]
-        best = max(_Stage(run, "replace", task.seed).judge(candidates), key=replacement_rank)
-        decided = ("replace", task.seed)
-    robust = _robust_stage(run, space, best, *decided) if space.robust_attacks > 0 else None
-    for hp in eraser.hookpoints:
-        if task.concept in eraser.hookpoints[hp].library:
-            eraser.set_defaults(
-                task.concept,
-                hookpoints=[hp],
-                percentile=best["percentile"],
-                top_n=None,
-                gamma=best["gamma"],
-                contrast=run.contrast(best["contrast"]),
-                target=best.get("target"),
-                target_scale=float(best.get("target_scale", 1.0)),
-                active=hp in best["hookpoints"],
-                robust=None if robust is None else hp in robust["hookpoints"],
-            )
+        best = max(_Stage(run, "replace").judge(candidates), key=replacement_rank)
+        decided = "replace"
+    robust = _robust_stage(run, space, best, decided) if space.robust_attacks > 0 else None
+    contrast = run.contrast(best["contrast"])
+    write_defaults(eraser, task.concept, best, contrast, None if robust is None else robust["hookpoints"])
     run.entry["best"] = best
     if robust is not None:
         run.entry["robust_best"] = robust
@@ -488,13 +547,40 @@ def tune_concept(
     return best
 
 
-def _robust_stage(
-    run: _ConceptRun, space: SearchSpace, best: dict[str, Any], stage: str, seed: int
-) -> dict[str, Any]:
+def write_defaults(
+    eraser: Any,
+    concept: str,
+    trial: Mapping[str, Any],
+    contrast: str | list[str],
+    robust: Sequence[str] | None = None,
+) -> None:
+    """Make ``trial``'s setting ``concept``'s defaults at every hookpoint holding it: active at the
+    trial's hookpoints, and in the robust mode at ``robust`` (None: no robust mode of its own).
+
+    The contrast is always written: a re-tuned bundle may hold another winner's contrast.
+    """
+    for hp in eraser.hookpoints:
+        if concept in eraser.hookpoints[hp].library:
+            eraser.set_defaults(
+                concept,
+                hookpoints=[hp],
+                percentile=trial["percentile"],
+                top_n=None,
+                gamma=trial["gamma"],
+                contrast=contrast,
+                target=trial.get("target"),
+                target_scale=float(trial.get("target_scale", 1.0)),
+                active=hp in trial["hookpoints"],
+                robust=None if robust is None else hp in robust,
+            )
+
+
+def _robust_stage(run: _ConceptRun, space: SearchSpace, best: dict[str, Any], stage: str) -> dict[str, Any]:
     """The winner at its hookpoints and at every hookpoint holding the concept (judged on the
     validation images of ``stage``, the one that chose the winner), each attacked with UnlearnDiffAtk
-    on the first ``space.robust_attacks`` forget prompts; returns :func:`robust_choice`'s pick. Attack
-    trials are saved under ``robust`` and reused while the attack budget is the same."""
+    on the first ``space.robust_attacks`` attack prompts (``task.attack_prompts``, else forget prompts);
+    returns :func:`robust_choice`'s pick. Attack trials are saved under ``robust`` and reused while the
+    attack budget (prompts, seeds, iterations, images) is the same."""
     from ..attacks import target_latents
 
     task = run.task
@@ -502,19 +588,21 @@ def _robust_stage(
     candidates = [best]
     if set(held_at) != set(best["hookpoints"]):
         wide = {**{k: best[k] for k in SETTING_KEYS if k in best}, "hookpoints": list(held_at)}
-        candidates += _Stage(run, stage, seed).judge([wide])
-    budget = {
+        candidates += _Stage(run, stage).judge([wide])
+    prompts = list((task.attack_prompts or task.forget)[: space.robust_attacks])
+    budget = {  # what an attack trial depends on beyond its setting
         "attacks": space.robust_attacks,
         "iterations": space.robust_iterations,
         "images": space.attack_images,
+        "prompts": prompts,
+        "seed": task.robust_seed,
     }
     saved = run.entry.setdefault("robust", [])
     done = {_key(t): t for t in saved if t.get("budget") == budget}
     todo = [c for c in candidates if _key(c) not in done]
     if todo:
-        prompts = task.forget[: space.robust_attacks]
-        attack_seeds = [task.seed + 20_000 + i for i in range(space.attack_images)]
-        judge_seeds = [task.seed + 21_000 + i for i in range(space.attack_images)]
+        attack_seeds = [task.robust_seed + i for i in range(space.attack_images)]
+        judge_seeds = [task.robust_seed + 1_000 + i for i in range(space.attack_images)]
         steps, guidance = run.cfg.num_inference_steps, run.cfg.guidance_scale
         targets = {p: target_latents(run.pipe, p, attack_seeds, steps, guidance) for p in prompts}
         for candidate in tqdm(
@@ -529,7 +617,7 @@ def _robust_stage(
                     targets,
                     lambda prompts, seeds: generate(run.pipe, prompts, seeds, run.cfg),
                     iterations=space.robust_iterations,
-                    seed=task.seed,
+                    seed=task.robust_seed,
                     judge_seeds=judge_seeds,
                 )
             trial = {**candidate, **attacked, "budget": budget}
@@ -552,6 +640,7 @@ __all__ = [
     "TuneConfig",
     "TuneTask",
     "TuningError",
+    "ValidationSet",
     "clean_flips",
     "generate",
     "judge_domain",
@@ -561,4 +650,5 @@ __all__ = [
     "robust_choice",
     "tune_concept",
     "ua_under_attack",
+    "write_defaults",
 ]

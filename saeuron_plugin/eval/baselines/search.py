@@ -254,21 +254,21 @@ class BaselineSearch:
 
 
 def saeuron_summary(bundle_folder: str | Path, concepts: Sequence[str]) -> dict[str, Any]:
-    """The same counts for the shipped bundle's search (from its ``search.json``); its seconds are the
-    recorded build's, which reused earlier trials, so they are left out."""
-    from ...sae.files import read_json_object
+    """The same counts for the shipped bundle's search (from its ``search.json``: every judged trial,
+    the robustness stage's wider sets included); its seconds are the recorded build's, which reused
+    earlier trials, so they are left out."""
+    from ...tuning.search import read_search
 
-    data = read_json_object(Path(bundle_folder) / "search.json", "bundle search file")
-    cfg = BundleConfig(
-        **{k: v for k, v in data["config"].items() if k in ("search_prompts", "refine_prompts", "seed")}
-    )
+    data = read_search(bundle_folder).get("tune", {})
     trials = images = 0
     for concept in concepts:
-        record = data["search"].get(concept, {})
+        record = data.get(concept, {})
         for stage in ("trials", "refine", "replace"):
             count = len(record.get(stage, []))
             trials += count
-            images += count * len(stage_validation(concept, cfg, stage)[0])
+            images += count * len(
+                record["recipe"]["refine" if stage == "refine" else "validation"]["prompts"]
+            )
     return {"concepts": len(concepts), "trials": trials, "images": images, "seconds": None}
 
 
