@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _common import describe_run
 
-from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.shapescanvas import data as sc
 
 ROOT = Path(__file__).parents[1]
 HOOKPOINTS = [

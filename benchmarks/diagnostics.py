@@ -31,7 +31,7 @@ CONCEPTS = ("star", "striped", "red")
 
 def vlm_part(value: str, samples: int, seed: int) -> dict:
     from saeuron_plugin.diagnostics.commands import diagnose_vlm
-    from saeuron_plugin.eval.shapescanvas_vlm import attribute_of, load_vlm, question_inputs, random_renders
+    from saeuron_plugin.shapescanvas.vlm import attribute_of, load_vlm, question_inputs, random_renders
     from saeuron_plugin.vlm.unlearn import VLMUnlearner
 
     model, processor = load_vlm("checkpoints/shapescanvas-vlm")

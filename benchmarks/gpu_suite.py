@@ -41,9 +41,9 @@ from sae_train import planted, train_ours, train_sparsify
 from saeuron_plugin.diffusion.collect import collect_activations
 from saeuron_plugin.diffusion.hookpoints import resolve_hookpoint, to_tokens
 from saeuron_plugin.diffusion.unlearn import SAeUron
-from saeuron_plugin.eval.default_model import build_pipeline
 from saeuron_plugin.sae.ablation import ConceptAblation, FeatureAblator
 from saeuron_plugin.sae.model import SaeConfig, SparseAutoencoder
+from saeuron_plugin.shapescanvas.model import build_pipeline
 
 RESULTS = Path(__file__).parent / "results"
 HOOKPOINT = "unet.up_blocks.1.attentions.1"

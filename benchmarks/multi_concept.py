@@ -33,14 +33,18 @@ import torch
 from _common import describe_run
 
 from saeuron_plugin import SAeUron
+from saeuron_plugin.benchmark.baselines import esd, generate_with, negative_prompt, uce
+from saeuron_plugin.benchmark.baselines.presets import (
+    concept_caption,
+    joint_caption_pairs,
+    shapescanvas_hparams,
+)
+from saeuron_plugin.benchmark.unlearning import concept_text
 from saeuron_plugin.diagnostics.charts import draw_curves
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.baselines import esd, generate_with, negative_prompt, uce
-from saeuron_plugin.eval.baselines.presets import concept_caption, joint_caption_pairs, shapescanvas_hparams
-from saeuron_plugin.eval.default_model import generate
-from saeuron_plugin.eval.judges import Judges
-from saeuron_plugin.eval.shapescanvas_build import concept_domain, load_default
-from saeuron_plugin.eval.unlearning import concept_text
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas.build import concept_domain, load_default
+from saeuron_plugin.shapescanvas.judges import Judges
+from saeuron_plugin.shapescanvas.model import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"

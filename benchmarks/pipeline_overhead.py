@@ -44,9 +44,9 @@ from saeuron_plugin.diffusion.hookpoints import resolve_hookpoint, to_tokens
 from saeuron_plugin.diffusion.hooks import install_hooks
 from saeuron_plugin.diffusion.timestep import TimestepTracker
 from saeuron_plugin.diffusion.unlearn import SAeUron
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.shapescanvas_build import load_default
 from saeuron_plugin.sae.ablation import kth_largest
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas.build import load_default
 
 
 class HookClock:

@@ -54,17 +54,17 @@ from saeuron_plugin.attacks import (
     target_latents,
     unlearndiffatk,
 )
-from saeuron_plugin.diagnostics.charts import draw_curves
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.baselines import BASELINES
-from saeuron_plugin.eval.shapescanvas_build import judge_scores, load_default
-from saeuron_plugin.eval.unlearning import (
+from saeuron_plugin.benchmark.baselines import BASELINES
+from saeuron_plugin.benchmark.unlearning import (
     DOMAIN_KEYS,
     SEARCH_DIR,
     baseline_options,
     concept_text,
     saved_setting,
 )
+from saeuron_plugin.diagnostics.charts import draw_curves
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas.build import judge_scores, load_default
 from saeuron_plugin.tuning import load_judge
 from saeuron_plugin.tuning.search import forget_percent
 
@@ -93,7 +93,7 @@ def retained_captions(concept: str, domain: str) -> list[sc.BenchmarkPrompt]:
 
 def retention(pipe, judge, concept: str, domain: str) -> dict[str, float]:
     """IRA / CRA (%) of whatever ``pipe`` has applied, on :func:`retained_captions` (seeds 200+)."""
-    from saeuron_plugin.eval.default_model import generate
+    from saeuron_plugin.shapescanvas.model import generate
 
     captions = retained_captions(concept, domain)
     images = generate(

@@ -14,7 +14,7 @@ import sys
 
 from _common import describe_run
 
-from saeuron_plugin.eval.unlearning import add_args, run_from_args
+from saeuron_plugin.benchmark.unlearning import add_args, run_from_args
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from _common import describe_run
 
-from saeuron_plugin.eval.shapescanvas_vlm import ATTRIBUTES, DEFAULT_FOLDER
-from saeuron_plugin.eval.shapescanvas_vlm_bundle import (
+from saeuron_plugin.shapescanvas.vlm import ATTRIBUTES, DEFAULT_FOLDER
+from saeuron_plugin.shapescanvas.vlm_build import (
     DEFAULT_BUNDLE,
     TARGETS,
     TEST_SEED,

@@ -6,7 +6,7 @@ costs about 0.34 s per validation image).
     python examples/build_shapescanvas_bundle.py [--out checkpoints/shapescanvas-saeuron --threads 2]
 
 Collection, SAE training, the concept statistics pass and the per-concept hyperparameter search all
-run through the package's own code (``saeuron_plugin.eval.shapescanvas_build``); intermediate
+run through the package's own code (``saeuron_plugin.shapescanvas.build``); intermediate
 activations go to ``--work`` and a re-run skips the prompts already collected. The SAEs and
 statistics (steps 1-3) are saved in ``--work``/trained; a re-run with the same recipe starts at the
 search (about 90 min with the object grid of 69 settings and stage 2), so an interrupted build or a
@@ -28,7 +28,7 @@ from dataclasses import fields
 
 import torch
 
-from saeuron_plugin.eval.shapescanvas_build import BundleConfig, build_bundle
+from saeuron_plugin.shapescanvas.build import BundleConfig, build_bundle
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 
 Collection (image tokens of LM decoder layers), SAE training, the concept statistics pass and the
 per-value search on validation renders run through the package's own code
-(``saeuron_plugin.eval.shapescanvas_vlm_bundle``); activations go to ``--work``.
+(``saeuron_plugin.shapescanvas.vlm_build``); activations go to ``--work``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from saeuron_plugin.eval.shapescanvas_vlm_bundle import BundleConfig, build_bundle
+from saeuron_plugin.shapescanvas.vlm_build import BundleConfig, build_bundle
 
 
 def main() -> None:

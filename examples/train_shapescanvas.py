@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from saeuron_plugin.eval import default_model as dm
-from saeuron_plugin.eval.judges import Judges, JudgeTrainConfig, train_judges
+from saeuron_plugin.shapescanvas import model as dm
+from saeuron_plugin.shapescanvas.judges import Judges, JudgeTrainConfig, train_judges
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,7 +2,7 @@
 
     python examples/train_shapescanvas_vlm.py [--out checkpoints/shapescanvas-vlm --threads 2]
 
-Builds the model, processor and tokenizer in code (``saeuron_plugin.eval.shapescanvas_vlm``), trains
+Builds the model, processor and tokenizer in code (``saeuron_plugin.shapescanvas.vlm``), trains
 on fresh ShapesCanvas renders, saves fp16 safetensors + JSON, reloads the folder and writes its
 held-out accuracy (fresh renders of another seed) and the wall time into the folder's README.md.
 """
@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from saeuron_plugin.eval.shapescanvas_vlm import TrainConfig, train_and_save
+from saeuron_plugin.shapescanvas.vlm import TrainConfig, train_and_save
 
 
 def main() -> None:

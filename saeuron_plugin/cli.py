@@ -116,7 +116,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .eval.demo import run_demo
+    from .shapescanvas.demo import run_demo
 
     root = Path(__file__).resolve().parents[1] / "checkpoints"
     bundle = args.bundle or str(root / "shapescanvas-saeuron")
@@ -137,7 +137,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .eval.unlearning import run_from_args
+    from .benchmark.unlearning import run_from_args
 
     run_from_args(args, "saeuron eval " + " ".join(sys.argv[2:]))
     return 0
@@ -214,7 +214,7 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
     ),  # type: ignore[dict-item]
     "eval": (
         "the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA)",
-        _lazy(".eval.unlearning", "add_args"),
+        _lazy(".benchmark.unlearning", "add_args"),
         _eval,
     ),  # type: ignore[dict-item]
     "vlm": (

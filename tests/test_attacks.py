@@ -100,7 +100,7 @@ def test_the_attack_lowers_its_loss_through_the_eraser(setup):
 def test_against_the_base_model_the_attack_draws_the_concept():
     """On the embedded default: from the embeddings of "a blue circle in solid style", 40 iterations
     towards base-model stars make the base model draw stars (UA under attack ≤ 20 %)."""
-    from saeuron_plugin.eval.shapescanvas_build import load_default
+    from saeuron_plugin.shapescanvas.build import load_default
     from saeuron_plugin.tuning import load_judge
 
     root = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -190,7 +190,7 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
 
     blob = json.loads(out.read_text())
     methods = ("saeuron", "saeuron_robust", "uce")
-    from saeuron_plugin.eval.unlearning import saved_setting
+    from saeuron_plugin.benchmark.unlearning import saved_setting
 
     assert blob["protocol"]["baselines"]["uce"] == {"red": saved_setting("uce", "red")}  # equal tuning
     for method in methods:
@@ -264,7 +264,7 @@ def test_saeuron_attack_command_on_the_shipped_model(tmp_path, capsys):
 
 
 def test_an_untuned_baseline_setting_is_a_clear_error(tmp_path):
-    from saeuron_plugin.eval.unlearning import saved_setting
+    from saeuron_plugin.benchmark.unlearning import saved_setting
 
     with pytest.raises(FileNotFoundError, match=r"benchmarks/unlearning\.py --methods uce --concepts star"):
         saved_setting("uce", "star", tmp_path)

@@ -11,12 +11,12 @@ import pytest
 import torch
 from tiny_pipelines import tiny_sd_pipeline
 
+from saeuron_plugin.benchmark.baselines import BASELINES, esd, uce
+from saeuron_plugin.benchmark.baselines import search as S
+from saeuron_plugin.benchmark.baselines.base import cross_attention_parameters
+from saeuron_plugin.benchmark.unlearning import Protocol, method_generator
 from saeuron_plugin.errors import BadFileError
-from saeuron_plugin.eval.baselines import BASELINES, esd, uce
-from saeuron_plugin.eval.baselines import search as S
-from saeuron_plugin.eval.baselines.base import cross_attention_parameters
-from saeuron_plugin.eval.shapescanvas_build import BundleConfig, validation_set
-from saeuron_plugin.eval.unlearning import Protocol, method_generator
+from saeuron_plugin.shapescanvas.build import BundleConfig, validation_set
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "checkpoints" / "shapescanvas-sd"
@@ -82,8 +82,8 @@ def test_esd_kv_layers_train_only_key_and_value_projections():
 
 
 def _shipped():
-    from saeuron_plugin.eval.judges import Judges
-    from saeuron_plugin.eval.shapescanvas_build import load_default
+    from saeuron_plugin.shapescanvas.build import load_default
+    from saeuron_plugin.shapescanvas.judges import Judges
 
     return load_default(str(MODEL)), Judges.from_pretrained(str(JUDGES))
 
@@ -154,8 +154,8 @@ def test_saeuron_budget_is_read_from_the_bundle():
 
 def test_uce_caption_keys_map_whole_captions_without_contradictions():
     """Joint keys (several concepts at once): from the first differing token on, aligned from the end."""
-    from saeuron_plugin.eval.baselines.base import encode_prompts, tokenize
-    from saeuron_plugin.eval.baselines.presets import joint_caption_pairs
+    from saeuron_plugin.benchmark.baselines.base import encode_prompts, tokenize
+    from saeuron_plugin.benchmark.baselines.presets import joint_caption_pairs
 
     pipe = tiny_sd_pipeline()
     length, eos = pipe.tokenizer.model_max_length, pipe.tokenizer.eos_token_id
@@ -185,7 +185,7 @@ def test_grids_show_before_and_after_for_each_method(tmp_path):
     """One labelled grid per method: each domain's first concept, its captions with and without it."""
     from PIL import Image
 
-    from saeuron_plugin.eval.unlearning import GRID_IMAGES, grid_concepts, write_grids
+    from saeuron_plugin.benchmark.unlearning import GRID_IMAGES, grid_concepts, write_grids
 
     assert grid_concepts(["red", "star", "blue", "striped", "square"]) == ["red", "star", "striped"]
     protocol = Protocol(steps=2, others=3)

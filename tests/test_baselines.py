@@ -6,9 +6,9 @@ import pytest
 import torch
 from tiny_pipelines import tiny_sd_pipeline
 
-from saeuron_plugin.eval.baselines import BASELINES, BaselineRun, esd, generate_with, sld, uce
-from saeuron_plugin.eval.baselines.base import cross_attention_parameters
-from saeuron_plugin.eval.baselines.presets import (
+from saeuron_plugin.benchmark.baselines import BASELINES, BaselineRun, esd, generate_with, sld, uce
+from saeuron_plugin.benchmark.baselines.base import cross_attention_parameters
+from saeuron_plugin.benchmark.baselines.presets import (
     concept_caption,
     concept_domain,
     concept_templates,
@@ -273,8 +273,8 @@ def test_default_model_sanity():
 
     from diffusers import StableDiffusionPipeline
 
-    from saeuron_plugin.eval import shapescanvas as sc
-    from saeuron_plugin.eval.judges import Judges
+    from saeuron_plugin.shapescanvas import data as sc
+    from saeuron_plugin.shapescanvas.judges import Judges
 
     root = Path(__file__).resolve().parents[1] / "checkpoints"
     model = StableDiffusionPipeline.from_pretrained(root / "shapescanvas-sd")

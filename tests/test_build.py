@@ -158,8 +158,8 @@ def assert_the_shapescanvas_recipe_is_make_bundle(shapes: dict) -> None:
     the same labelled validation sets and attack captions, the same sampling and the same SAEs."""
     from dataclasses import asdict
 
-    from saeuron_plugin.eval import shapescanvas as sc
-    from saeuron_plugin.eval import shapescanvas_build as B
+    from saeuron_plugin.shapescanvas import build as B
+    from saeuron_plugin.shapescanvas import data as sc
 
     cfg = B.BundleConfig()
     assert shapes["collect"]["hookpoints"] == list(B.HOOKPOINTS)

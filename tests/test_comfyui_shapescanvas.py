@@ -50,7 +50,7 @@ def setup():
         pytest.skip(f"the ShapesCanvas default ({MODEL}) or its SAE bundle ({folder}) is not built")
     from saeuron_plugin import SAeUron
     from saeuron_plugin.comfyui.diffusers_unet import load_diffusers_unet
-    from saeuron_plugin.eval.shapescanvas_build import load_default
+    from saeuron_plugin.shapescanvas.build import load_default
 
     pipe = load_default(str(MODEL))
     bundle = SAeUron.from_pretrained(folder)
@@ -61,7 +61,7 @@ def setup():
 
 
 def style_of(bundle) -> str:
-    from saeuron_plugin.eval import shapescanvas as sc
+    from saeuron_plugin.shapescanvas import data as sc
 
     return "striped" if "striped" in bundle.concepts else next(c for c in bundle.concepts if c in sc.STYLES)
 
@@ -93,9 +93,9 @@ def test_shapescanvas_ksampler_unlearns_the_style_like_diffusers(setup):
     import comfy.sample
 
     from saeuron_plugin.comfyui.detector import detect
-    from saeuron_plugin.eval import shapescanvas as sc
-    from saeuron_plugin.eval.default_model import generate
-    from saeuron_plugin.eval.judges import Judges
+    from saeuron_plugin.shapescanvas import data as sc
+    from saeuron_plugin.shapescanvas.judges import Judges
+    from saeuron_plugin.shapescanvas.model import generate
 
     pipe, bundle, model = setup
     style = style_of(bundle)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval import shapescanvas_build as B
+from saeuron_plugin.shapescanvas import build as B
+from saeuron_plugin.shapescanvas import data as sc
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +55,7 @@ def test_judge_scores_arithmetic():
 
 def test_quality_scores_count_clean_and_in_domain_images():
     """clean: some class of the domain at >= 0.9; in-domain: another class of it at >= 0.9 (#22)."""
-    from saeuron_plugin.eval.unlearning import scores
+    from saeuron_plugin.benchmark.unlearning import scores
 
     prompts = [sc.BenchmarkPrompt("", o, "solid", "red") for o in ("star", "star", "star", "heart")]
     n = len(sc.OBJECTS)
@@ -116,7 +116,7 @@ def test_shipped_bundle_covers_every_concept_and_ablates():
         assert sorted(eraser.active_hookpoints(name)) == sorted(search[name]["best"]["hookpoints"]), name
     pipe = B.load_default(str(ROOT / "checkpoints" / "shapescanvas-sd"))
     prompts, seeds = ["a red star in solid style"] * 2, [0, 1]
-    from saeuron_plugin.eval.default_model import generate
+    from saeuron_plugin.shapescanvas.model import generate
 
     plain = generate(pipe, prompts, seeds, steps=4)
     with eraser.unlearn(pipe, "star") as handle:
@@ -129,7 +129,7 @@ def test_shipped_bundle_covers_every_concept_and_ablates():
 def test_demo_writes_grid_and_metrics(tmp_path):
     from PIL import Image
 
-    from saeuron_plugin.eval.demo import run_demo
+    from saeuron_plugin.shapescanvas.demo import run_demo
 
     metrics = run_demo(
         ["star"],

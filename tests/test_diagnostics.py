@@ -266,7 +266,7 @@ def test_saeuron_diagnose_refuses_an_unknown_concept_before_loading(tmp_path, ca
 # ------------------------------------------------------------------------------ the VLM adapter
 @pytest.fixture(scope="module")
 def vlm():
-    from saeuron_plugin.eval.shapescanvas_vlm import load_vlm, question_inputs, random_renders
+    from saeuron_plugin.shapescanvas.vlm import load_vlm, question_inputs, random_renders
     from saeuron_plugin.vlm.unlearn import VLMUnlearner
 
     model, processor = load_vlm("checkpoints/shapescanvas-vlm")

@@ -74,7 +74,7 @@ def test_dead_fraction():
 
 
 def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
-    from saeuron_plugin.eval.kid import kernel_inception_distance, polynomial_mmd2
+    from saeuron_plugin.benchmark.kid import kernel_inception_distance, polynomial_mmd2
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(300, 16, generator=g), torch.randn(300, 16, generator=g)
@@ -98,7 +98,7 @@ def test_kid_is_near_zero_for_one_distribution_and_grows_with_a_shift():
 
 
 def test_unlearning_tables_carry_kid_with_its_spread():
-    from saeuron_plugin.eval.unlearning import Protocol, markdown_table, summarise
+    from saeuron_plugin.benchmark.unlearning import Protocol, markdown_table, summarise
 
     row = {"method": "saeuron", "concept": "star", "domain": "object", "seed": 0}
     rows = [{**row, "ua": 1.0, "ira": 1.0, "cra": 1.0, "clean_forget": 0.5}]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from saeuron_plugin.eval import default_model as dm
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.judges import Judges
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas import model as dm
+from saeuron_plugin.shapescanvas.judges import Judges
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval import shapescanvas_vlm as sc_vlm
-from saeuron_plugin.eval.shapescanvas_vlm import (
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas import vlm as sc_vlm
+from saeuron_plugin.shapescanvas.vlm import (
     ANSWER_WORDS,
     ATTRIBUTES,
     ask,
@@ -25,7 +25,7 @@ from saeuron_plugin.eval.shapescanvas_vlm import (
     question_inputs,
     random_renders,
 )
-from saeuron_plugin.eval.shapescanvas_vlm_bundle import DEFAULT_BUNDLE, TARGETS, scores
+from saeuron_plugin.shapescanvas.vlm_build import DEFAULT_BUNDLE, TARGETS, scores
 from saeuron_plugin.vlm.unlearn import VLMUnlearner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def test_bundle_unlearns_the_value_and_keeps_the_rest(vlm: tuple, value: str) ->
 
 
 def test_scores_measure_forgetting() -> None:
-    from saeuron_plugin.eval.shapescanvas_vlm import Evaluation
+    from saeuron_plugin.shapescanvas.vlm import Evaluation
 
     labels = {"object": ["star", "circle"], "color": ["red", "red"], "style": ["solid", "solid"]}
     base = Evaluation({k: list(v) for k, v in labels.items()}, labels)

@@ -198,7 +198,7 @@ def test_tune_finds_a_setting_that_removes_a_reset_concept_from_the_shipped_bund
     from pathlib import Path
 
     from saeuron_plugin import SAeUron
-    from saeuron_plugin.eval.shapescanvas_build import load_default
+    from saeuron_plugin.shapescanvas.build import load_default
     from saeuron_plugin.tuning import load_judge
     from saeuron_plugin.tuning.commands import shapescanvas_prompts
 

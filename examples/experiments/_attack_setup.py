@@ -19,8 +19,8 @@ import robustness as rb  # noqa: E402
 
 from saeuron_plugin import SAeUron  # noqa: E402
 from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, target_latents, unlearndiffatk  # noqa: E402
-from saeuron_plugin.eval import shapescanvas as sc  # noqa: E402
-from saeuron_plugin.eval.shapescanvas_build import ATTACK_CAPTIONS, load_default  # noqa: E402
+from saeuron_plugin.shapescanvas import data as sc  # noqa: E402
+from saeuron_plugin.shapescanvas.build import ATTACK_CAPTIONS, load_default  # noqa: E402
 from saeuron_plugin.tuning import load_judge  # noqa: E402
 from saeuron_plugin.tuning.search import forget_percent  # noqa: E402
 

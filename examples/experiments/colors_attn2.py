@@ -15,7 +15,7 @@ all attn2 × p × γ on validation seeds (never the test seeds). ``search`` save
 as its defaults, with the trials in ``search.json``. ``test`` runs the unlearning benchmark's
 SAeUron arm with those defaults on the test seed sets and writes
 ``benchmarks/results/experiments/colors_attn2/unlearning.{json,md}``. The shipped bundle now edits
-colours this way (``saeuron_plugin.eval.shapescanvas_build.SEARCH_SETS``); this script keeps the colours-only
+colours this way (``saeuron_plugin.shapescanvas.build.SEARCH_SETS``); this script keeps the colours-only
 experiment that led there reproducible.
 """
 
@@ -27,18 +27,18 @@ from pathlib import Path
 
 import torch
 
+from saeuron_plugin.benchmark.unlearning import Protocol, run_benchmark, write_results
 from saeuron_plugin.diffusion.hookpoints import list_hookpoints
 from saeuron_plugin.diffusion.unlearn import SAeUron
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.judges import Judges
-from saeuron_plugin.eval.shapescanvas_build import (
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas.build import (
     BundleConfig,
     add_statistics,
     collect_and_train,
     load_default,
     search_defaults,
 )
-from saeuron_plugin.eval.unlearning import Protocol, run_benchmark, write_results
+from saeuron_plugin.shapescanvas.judges import Judges
 
 COLORS = list(sc.VOCABULARIES["color"])
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from saeuron_plugin import ConceptAblation, SAeUron
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.default_model import generate
-from saeuron_plugin.eval.judges import Judges
-from saeuron_plugin.eval.shapescanvas_build import BundleConfig, load_default, validation_set
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas.build import BundleConfig, load_default, validation_set
+from saeuron_plugin.shapescanvas.judges import Judges
+from saeuron_plugin.shapescanvas.model import generate
 from saeuron_plugin.tuning.search import CLEAN_CONFIDENCE
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,8 +22,8 @@ import time
 import torch
 from _attack_setup import ROOT, attack_row, concept_case, describe, load, rb, saved_results
 
-from saeuron_plugin.eval import shapescanvas as sc
-from saeuron_plugin.eval.default_model import generate
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas.model import generate
 
 OUT = ROOT / "benchmarks" / "results" / "experiments" / "error_gate"
 

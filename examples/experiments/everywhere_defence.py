@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from saeuron_plugin import SAeUron
-from saeuron_plugin.eval.demo import run_demo
+from saeuron_plugin.shapescanvas.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import torch
 
+from saeuron_plugin.benchmark.unlearning import run_benchmark, write_results
 from saeuron_plugin.diffusion.unlearn import SAeUron
-from saeuron_plugin.eval import shapescanvas_build as B
-from saeuron_plugin.eval.judges import Judges
-from saeuron_plugin.eval.unlearning import run_benchmark, write_results
 from saeuron_plugin.sae.selection import concept_scores, select_features
+from saeuron_plugin.shapescanvas import build as B
+from saeuron_plugin.shapescanvas.judges import Judges
 
 D2_0 = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn2"
 SETTINGS = [((D2_0,), 99.8, -2.0), ((D2_0,), 99.8, -6.0), ((B.BLOCKS_UP1[0],), 99.0, -2.0)]

@@ -2,7 +2,7 @@
 
 * :mod:`.judges`: judges as plug-ins (ShapesCanvas, CLIP zero-shot, any ``module:function``);
 * :mod:`.search`: the per-concept search (``saeuron tune``); ``make bundle``
-  (``saeuron_plugin.eval.shapescanvas_build``) is a recipe over it, with labelled validation sets;
+  (``saeuron_plugin.shapescanvas.build``) is a recipe over it, with labelled validation sets;
 * :mod:`.build`: ``saeuron build RECIPE``, collect → train → statistics → tune → bundle, resumable.
 """
 

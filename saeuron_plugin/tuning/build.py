@@ -104,7 +104,7 @@ def _prompts(value: Any, recipe: dict[str, Any], concept: str | None = None) -> 
     if isinstance(value, list):
         return [str(v) for v in value]
     if value == "shapescanvas":
-        from ..eval import shapescanvas as sc
+        from ..shapescanvas import data as sc
         from .commands import shapescanvas_captions
 
         return shapescanvas_captions(concept) if concept else [p.prompt for p in sc.benchmark_prompts()]
@@ -306,7 +306,7 @@ class Build:
         from .search import TuneTask
 
         if self.recipe.get("tune", {}).get("validation") == "shapescanvas":
-            from ..eval.shapescanvas_build import BundleConfig, tune_task
+            from ..shapescanvas.build import BundleConfig, tune_task
 
             return tune_task(name, BundleConfig())
         spec = self.recipe["concepts"][name]

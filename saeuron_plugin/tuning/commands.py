@@ -72,7 +72,7 @@ def _labels(values: list[str] | None) -> dict[str, list[str]] | None:
 
 def shapescanvas_captions(concept: str, with_concept: bool = True) -> list[str]:
     """ShapesCanvas captions with (or without) ``concept``, in the benchmark's order."""
-    from ..eval import shapescanvas as sc
+    from ..shapescanvas import data as sc
 
     domain = next((d for d, v in sc.VOCABULARIES.items() if concept in v), None)
     if domain is None:

@@ -9,7 +9,7 @@ where ``images`` is a float tensor ``[N, 3, H, W]`` in [0, 1], a list of PIL ima
 array. UA / IRA / CRA and every tuning objective are computed from these probabilities. Three
 implementations:
 
-* the ShapesCanvas judges (``saeuron_plugin.eval.judges.Judges``, ``load_judge("shapescanvas")``);
+* the ShapesCanvas judges (``saeuron_plugin.shapescanvas.judges.Judges``, ``load_judge("shapescanvas")``);
 * :class:`ClipZeroShotJudge`: any CLIP through transformers (``CLIPModel`` + ``CLIPProcessor``, a
   Hub id or a local folder), label prompts built from the names with editable templates, the
   judge a user of a real model has (UnlearnCanvas-style evaluations use CLIP or ViT classifiers);
@@ -202,7 +202,7 @@ def load_judge(
         return spec
     kind, _, rest = spec.partition(":")
     if kind == "shapescanvas":
-        from ..eval.judges import Judges
+        from ..shapescanvas.judges import Judges
 
         shipped = Path(__file__).resolve().parents[2] / "checkpoints" / "shapescanvas-judges"
         folder = Path(rest) if rest else shipped

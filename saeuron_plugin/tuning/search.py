@@ -29,7 +29,7 @@ validation images and keeps the best as the concept's defaults in the bundle:
   (atomic write), so an interrupted search resumes where it stopped and a re-tune reuses every
   trial it already ran.
 
-The ShapesCanvas bundle builder (``saeuron_plugin.eval.shapescanvas_build``, ``make bundle``) is a
+The ShapesCanvas bundle builder (``saeuron_plugin.shapescanvas.build``, ``make bundle``) is a
 recipe over this search: a :class:`TuneTask` with labelled validation sets and attack captions, and a
 :class:`SearchSpace` per judge domain. ``saeuron build recipes/shapescanvas.toml`` asks for the same
 (``[tune] validation = "shapescanvas"``).

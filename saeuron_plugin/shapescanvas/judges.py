@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.sae.files import read_json_object, read_safetensors
+from saeuron_plugin.shapescanvas import data as sc
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

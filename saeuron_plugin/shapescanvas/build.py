@@ -56,8 +56,8 @@ from ..tuning.search import (
     read_search,
     tune_concept,
 )
-from . import shapescanvas as sc
-from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from . import data as sc
+from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
 
 def _attn2(block: str, n: int) -> tuple[str, ...]:

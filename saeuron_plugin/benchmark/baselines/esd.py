@@ -45,7 +45,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from saeuron_plugin.eval.baselines.base import (
+from saeuron_plugin.benchmark.baselines.base import (
     BaselineRun,
     cross_attention_parameters,
     encode_prompts,

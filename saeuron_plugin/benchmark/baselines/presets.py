@@ -35,7 +35,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from saeuron_plugin.eval import shapescanvas as sc
+from saeuron_plugin.shapescanvas import data as sc
 
 
 def concept_domain(concept_text: str) -> tuple[str, str]:

@@ -8,7 +8,7 @@ manager yielding a :class:`BaselineRun` and restoring ``pipe`` exactly on exit:
 - ``uce``: Unified Concept Editing, closed-form edit of the cross-attention K/V projections;
 - ``esd``: ESD-x, fine-tuning of the cross-attention parameters (optionally cached as safetensors).
 
-:mod:`saeuron_plugin.eval.baselines.presets` has the hyperparameters that make them meaningful on the
+:mod:`saeuron_plugin.benchmark.baselines.presets` has the hyperparameters that make them meaningful on the
 shipped ShapesCanvas model (whose text encoder never saw a concept word outside a caption).
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from saeuron_plugin.eval.baselines import esd, negative_prompt, sld, uce
-from saeuron_plugin.eval.baselines.base import BaselineRun
+from saeuron_plugin.benchmark.baselines import esd, negative_prompt, sld, uce
+from saeuron_plugin.benchmark.baselines.base import BaselineRun
 
 BASELINES = {m.NAME: m for m in (negative_prompt, sld, uce, esd)}
 

@@ -34,9 +34,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from ...tuning.search import replacement_rank
-from .. import shapescanvas as sc
-from ..shapescanvas_build import (
+from ...shapescanvas import data as sc
+from ...shapescanvas.build import (
     REFINE_TOP,
     TARGET_SCALES,
     BundleConfig,
@@ -45,6 +44,7 @@ from ..shapescanvas_build import (
     stage_validation,
     trial_scores,
 )
+from ...tuning.search import replacement_rank
 from .presets import concept_caption
 from .sld import MEDIUM
 
@@ -149,7 +149,7 @@ def _rank(trial: dict[str, Any]) -> tuple[float, float]:
 class BaselineSearch:
     """One baseline's search over the ShapesCanvas concepts, saved in ``<out>/<method>.json``.
 
-    ``generator`` is the benchmark's ``method_generator`` (``eval.unlearning``): a context manager
+    ``generator`` is the benchmark's ``method_generator`` (``benchmark.unlearning``): a context manager
     ``(method, pipe, concept, protocol, presets=..., setting=...)`` yielding ``generate(prompts, seeds)``.
     """
 

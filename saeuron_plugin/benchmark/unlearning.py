@@ -25,7 +25,7 @@ are images the table counted).
 Image seeds depend on (seed set, caption index) only, so the untouched model's images are
 generated once and shared by every method as the paired reference (``base``). Methods:
 ``saeuron`` (the shipped bundle with its tuned defaults) and the baselines of
-:mod:`saeuron_plugin.eval.baselines` with the presets of :mod:`.baselines.presets`.
+:mod:`saeuron_plugin.benchmark.baselines` with the presets of :mod:`.baselines.presets`.
 """
 
 from __future__ import annotations
@@ -45,11 +45,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..shapescanvas import data as sc
+from ..shapescanvas.build import concept_domain, judge_scores
+from ..shapescanvas.model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 from ..tuning.search import CLEAN_CONFIDENCE, clean_flips
-from . import shapescanvas as sc
-from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 from .kid import polynomial_mmd2
-from .shapescanvas_build import concept_domain, judge_scores
 
 TEST_SEED = 50_000
 SEARCH_DIR = "benchmarks/results/baseline-search"
@@ -222,8 +222,8 @@ def run_benchmark(
     its winner; ``None`` runs the baselines at their presets.
     """
     from ..diffusion.unlearn import SAeUron
-    from .judges import Judges
-    from .shapescanvas_build import load_default
+    from ..shapescanvas.build import load_default
+    from ..shapescanvas.judges import Judges
 
     protocol = protocol or Protocol()
     concepts = list(concepts or sc.CONCEPTS)
@@ -342,8 +342,8 @@ def write_grids(
     every image shown is one the table counted.
     """
     from ..diffusion.unlearn import SAeUron
-    from .demo import before_after_grid
-    from .shapescanvas_build import load_default
+    from ..shapescanvas.build import load_default
+    from ..shapescanvas.demo import before_after_grid
 
     pipe = load_default(model)
     eraser = SAeUron.from_pretrained(bundle) if "saeuron" in methods else None
@@ -623,6 +623,11 @@ def add_args(p: Any) -> None:
     p.add_argument("--search-dir", default=SEARCH_DIR, help="the baselines' search trials are kept here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument(
+        "--bundle",
+        default="checkpoints/shapescanvas-saeuron",
+        help="the SAeUron bundle measured (e.g. one `saeuron build recipes/shapescanvas.toml` made)",
+    )
+    p.add_argument(
         "--grids-only",
         action="store_true",
         help="only (re)write <out>/grids/<method>.png, with the saved tuned settings (nothing is tuned "
@@ -643,6 +648,7 @@ def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
         "protocol": protocol,
         "method_concepts": method_concepts,
         "presets": presets,
+        "bundle": args.bundle,
     }
     if args.grids_only:
         tuned = _saved_tuning(args, grids)
@@ -655,6 +661,7 @@ def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
         presets=presets,
         method_concepts=method_concepts,
         search_dir=args.search_dir if args.baselines_at == "tuned" else None,
+        bundle=args.bundle,
     )
     write_results(results, args.out, command)
     write_grids(args.methods, args.out, tuned=results["tuned_settings"], **grids)
@@ -666,8 +673,8 @@ def _saved_tuning(args: Any, grids: dict[str, Any]) -> dict[str, dict[str, dict[
     """The baselines' tuned settings from their saved searches (reused trial by trial)."""
     if args.baselines_at != "tuned":
         return {}
-    from .judges import Judges
-    from .shapescanvas_build import load_default
+    from ..shapescanvas.build import load_default
+    from ..shapescanvas.judges import Judges
 
     tuned, _ = tune_baselines(
         args.methods,
@@ -678,6 +685,6 @@ def _saved_tuning(args: Any, grids: dict[str, Any]) -> dict[str, dict[str, dict[
         grids["method_concepts"],
         grids["presets"],
         args.search_dir,
-        "checkpoints/shapescanvas-saeuron",
+        args.bundle,
     )
     return tuned

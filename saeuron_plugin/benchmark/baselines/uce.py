@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from saeuron_plugin.eval.baselines.base import (
+from saeuron_plugin.benchmark.baselines.base import (
     BaselineRun,
     cross_attention_modules,
     encode_prompts,
@@ -160,7 +160,7 @@ def erase(
     ridge. Directions no key spans keep W exactly. ``templates`` are prompt templates with ``{}``
     where the concept goes; ``target_text`` replaces it for the targets (default "": map to nothing).
     Default keys (template "{}", no suffix) are the paper's; for the ShapesCanvas model use
-    :func:`saeuron_plugin.eval.baselines.presets.shapescanvas_hparams`.
+    :func:`saeuron_plugin.benchmark.baselines.presets.shapescanvas_hparams`.
     """
     keys = edit_keys(pipe, concept_text, retain_texts, target_text, templates, include_suffix)
     with edited(pipe, keys, preserve_scale, reg, erase_scale) as run:

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from saeuron_plugin.eval import shapescanvas as sc
 from saeuron_plugin.sae.files import read_json_object, read_safetensors
+from saeuron_plugin.shapescanvas import data as sc
 
 DEFAULT_GUIDANCE = 5.0
 DEFAULT_STEPS = 25

@@ -26,7 +26,7 @@ import torch
 from diffusers import StableDiffusionPipelineSafe
 from diffusers.utils import logging as dlogging
 
-from saeuron_plugin.eval.baselines.base import BaselineRun
+from saeuron_plugin.benchmark.baselines.base import BaselineRun
 
 NAME = "sld"
 
@@ -98,7 +98,7 @@ def erase(
     """Yield an SLD pipeline sharing ``pipe``'s modules; ``retain_texts`` is not used by SLD.
 
     The safety concept is ``safety_concept or concept_text`` (a well-formed prompt for the concept can
-    be given as ``safety_concept``, see :mod:`saeuron_plugin.eval.baselines.presets`).
+    be given as ``safety_concept``, see :mod:`saeuron_plugin.benchmark.baselines.presets`).
 
     SLD needs classifier-free guidance (``guidance_scale > 1``); with ``guidance_scale <= 1`` the
     library silently disables safety guidance. The library's constructor may rewrite the scheduler's

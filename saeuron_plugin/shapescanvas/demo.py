@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .default_model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
-from .shapescanvas_build import concept_domain, judge_scores, load_default, split_prompts
+from .build import concept_domain, judge_scores, load_default, split_prompts
+from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
 
 DEMO_SEED = 40_000
 
@@ -37,7 +37,7 @@ def before_after_grid(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], sc
     """One labelled block per row: title, then 'before' images over 'after' images (float [N,3,H,W])."""
     from PIL import Image
 
-    from .default_model import image_grid
+    from .model import image_grid
 
     blocks = []
     for title, before, after in rows:

@@ -48,8 +48,8 @@ from ..sae.store import ActivationStore
 from ..sae.train import train_sae
 from ..vlm.collect import collect_activations
 from ..vlm.unlearn import VLMUnlearner
-from . import shapescanvas as sc
-from .shapescanvas_vlm import (
+from . import data as sc
+from .vlm import (
     ATTRIBUTES,
     DEFAULT_FOLDER,
     Evaluation,
@@ -347,7 +347,7 @@ ShapesCanvas value (objects, colors, styles; each asked about its own attribute 
 the other values of that attribute, one τ bucket).
 
 ```python
-from saeuron_plugin.eval.shapescanvas_vlm import load_vlm, ask
+from saeuron_plugin.shapescanvas.vlm import load_vlm, ask
 from saeuron_plugin.vlm import VLMUnlearner
 model, processor = load_vlm("{cfg.model}")
 unlearner = VLMUnlearner.from_pretrained("{cfg.out}")

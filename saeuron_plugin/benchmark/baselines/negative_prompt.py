@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from saeuron_plugin.eval.baselines.base import BaselineRun
+from saeuron_plugin.benchmark.baselines.base import BaselineRun
 
 NAME = "negative_prompt"
 
@@ -22,9 +22,9 @@ def erase(
 
     ``negative_text`` lets the negative prompt be a well-formed prompt for the concept (e.g. "a star"
     rather than "star" for a model whose text encoder never saw the bare word; see
-    :mod:`saeuron_plugin.eval.baselines.presets`).
+    :mod:`saeuron_plugin.benchmark.baselines.presets`).
 
-    :func:`saeuron_plugin.eval.baselines.generate_with` turns the string into a list of the batch's
+    :func:`saeuron_plugin.benchmark.baselines.generate_with` turns the string into a list of the batch's
     length, as ``StableDiffusionPipeline`` requires for a list of prompts.
     """
     del retain_texts

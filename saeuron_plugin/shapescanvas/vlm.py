@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import shapescanvas as sc
+from . import data as sc
 
 ATTRIBUTES: tuple[str, ...] = ("object", "color", "style")
 """The three attributes asked about (ShapesCanvas domains; ``object`` is the shape)."""
@@ -479,7 +479,7 @@ Well-formed answers (one word of the answer vocabulary): {acc["fluency"]:.4f}.
 ## Use
 
 ```python
-from saeuron_plugin.eval.shapescanvas_vlm import load_vlm, ask
+from saeuron_plugin.shapescanvas.vlm import load_vlm, ask
 model, processor = load_vlm("{tc.out}")       # AutoModelForImageTextToText + AutoProcessor, offline
 ask(model, processor, [pil_image], "color")  # ['red']
 ```
