@@ -270,3 +270,8 @@ def test_an_untuned_baseline_setting_is_a_clear_error(tmp_path):
         saved_setting("uce", "star", tmp_path)
     (tmp_path / "uce.json").write_text('{"concepts": {"star": {"best": {"setting": {"erase_scale": 3.0}}}}}')
     assert saved_setting("uce", "star", tmp_path) == {"erase_scale": 3.0}
+    from saeuron_plugin.errors import BadFileError
+
+    (tmp_path / "uce.json").write_text('{"concepts": ')  # truncated: the same reader as the search's
+    with pytest.raises(BadFileError, match=r"uce\.json"):
+        saved_setting("uce", "star", tmp_path)

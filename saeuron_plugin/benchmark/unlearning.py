@@ -156,16 +156,16 @@ def baseline_options(
 def saved_setting(method: str, concept: str, search_dir: str | Path = SEARCH_DIR) -> dict[str, Any]:
     """A baseline's tuned setting for ``concept`` from its saved equal-tuning search (written by
     ``benchmarks/unlearning.py``); a clear error when it was never tuned."""
-    path = Path(search_dir) / f"{method}.json"
-    best = None
-    if path.is_file():
-        best = json.loads(path.read_text()).get("concepts", {}).get(concept, {}).get("best")
+    from .baselines.search import saved_best
+
+    best = saved_best(method, concept, search_dir)
     if best is None:
         raise FileNotFoundError(
-            f"{method} has no tuned setting for {concept!r} in {path}; run `python benchmarks/unlearning.py "
-            f"--methods {method} --concepts {concept}` first (or use the presets)"
+            f"{method} has no tuned setting for {concept!r} in {Path(search_dir) / f'{method}.json'}; run "
+            f"`python benchmarks/unlearning.py --methods {method} --concepts {concept}` first "
+            "(or use the presets)"
         )
-    return dict(best["setting"])
+    return best
 
 
 # ------------------------------------------------------------------------------------------- benchmark

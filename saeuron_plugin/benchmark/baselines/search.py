@@ -146,6 +146,19 @@ def _rank(trial: dict[str, Any]) -> tuple[float, float]:
     return trial["score"], trial["margin"]
 
 
+def _read(path: Path) -> dict[str, Any]:
+    """A saved baseline search (``{}`` when there is none); a corrupt file is a clear error."""
+    from ...sae.files import read_json_object
+
+    return read_json_object(path, "baseline search file") if path.is_file() else {}
+
+
+def saved_best(method: str, concept: str, out: str | Path) -> dict[str, Any] | None:
+    """The setting ``method``'s saved search in ``out`` chose for ``concept`` (None: never tuned)."""
+    best = _read(Path(out) / f"{method}.json").get("concepts", {}).get(concept, {}).get("best")
+    return None if best is None else dict(best["setting"])
+
+
 class BaselineSearch:
     """One baseline's search over the ShapesCanvas concepts, saved in ``<out>/<method>.json``.
 
@@ -179,9 +192,7 @@ class BaselineSearch:
             "refine_prompts": self.bundle.refine_prompts,
             "seed": self.bundle.seed,
         }
-        from ...sae.files import read_json_object
-
-        saved = read_json_object(self.path, "baseline search file") if self.path.is_file() else {}
+        saved = _read(self.path)
         self.data = saved if saved.get("recipe") == recipe else {"recipe": recipe, "concepts": {}}
 
     def save(self) -> None:
@@ -272,4 +283,4 @@ def saeuron_summary(bundle_folder: str | Path, concepts: Sequence[str]) -> dict[
     return {"concepts": len(concepts), "trials": trials, "images": images, "seconds": None}
 
 
-__all__ = ["SLD_LEVELS", "BaselineSearch", "retain_texts", "saeuron_summary", "search_grid"]
+__all__ = ["SLD_LEVELS", "BaselineSearch", "retain_texts", "saeuron_summary", "saved_best", "search_grid"]
