@@ -151,6 +151,16 @@ def test_bad_recipes_are_clear(tmp_path):
     path.write_text(base + '[concepts.a]\n[tune]\nvalidation = "imagenet"\n')
     with pytest.raises(BadFileError, match=r"tune\.validation"):
         build_module.read_recipe(path)
+    shapes = '[tune]\nvalidation = "shapescanvas"\n'
+    path.write_text(base + '[concepts.star]\n[tune]\nvalidation = "shapescanvas"\njudge = "clip:x"\n')
+    with pytest.raises(BadFileError, match=r"tune\.judge.*ShapesCanvas judge"):
+        build_module.read_recipe(path)
+    path.write_text(base + "[concepts.a]\n" + shapes)
+    with pytest.raises(BadFileError, match=r"'a' is not a ShapesCanvas concept"):
+        build_module.read_recipe(path)
+    path.write_text(base + '[concepts.star]\nforget = "f.txt"\n' + shapes)
+    with pytest.raises(BadFileError, match=r"concepts\.star.*unused"):
+        build_module.read_recipe(path)
 
 
 def assert_the_shapescanvas_recipe_is_make_bundle(shapes: dict) -> None:

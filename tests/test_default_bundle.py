@@ -214,11 +214,12 @@ def test_the_shipped_search_is_reproduced_from_its_saved_trials(tmp_path, monkey
     monkeypatch.setattr(attacks, "target_latents", lambda *a, **k: pytest.fail("attacked"))
     shipped = SAeUron.from_pretrained(BUNDLE)
     cfg = B.BundleConfig(work=str(tmp_path), from_bundle=str(BUNDLE))
-    eraser = B.starting_point(None, cfg, log=lambda _: None)
+    eraser, source = B.starting_point(None, cfg, log=lambda _: None)
+    assert source == B._recipe(cfg, B.TRAINED_FIELDS)  # the shipped bundle was built with the defaults
     for name in ALL_CONCEPTS:  # start from other defaults, so the search must write them
         eraser.set_defaults(name, percentile=90.0, gamma=-0.5, active=True, robust=True)
     judges = type("Labels", (), {"labels": {d: list(v) for d, v in sc.VOCABULARIES.items()}})()
-    out = B.search_defaults(eraser, None, judges, cfg, log=lambda _: None)
+    out = B.search_defaults(eraser, None, judges, cfg, log=lambda _: None, source=source)
     assert sorted(out) == sorted(ALL_CONCEPTS)
     for name in ALL_CONCEPTS:
         for robust in (False, True):
@@ -280,9 +281,9 @@ def _fake_search(monkeypatch, eraser, score_of, clean_of=None, attack_of=None):
         del state["setting"]
 
     def generate(pipe, prompts, seeds, cfg):
-        if "setting" in state:
-            state["last"] = ("refine" if seeds[0] >= B.REFINE_SEED else "search", state["setting"])
-            calls.append(state["last"])
+        stage = "refine" if seeds[0] >= B.REFINE_SEED else "search"
+        state["last"] = (stage, state.get("setting"))
+        calls.append(state["last"])  # a labelled stage never generates base images (setting None)
         return torch.zeros(len(prompts), 3, 1, 1)
 
     def scores(judge, domain, concept, probs, reference, n_forget):
@@ -335,6 +336,7 @@ def test_refinement_picks_among_the_finalists_on_fresh_validation(monkeypatch, t
         robust_attacks=0,
     )
     out = _search(eraser, cfg, ["cross", "red"], tmp_path)
+    assert all(setting is not None for _, setting in calls)  # scored against labels: no base images
     refined = [c for c in calls if c[0] == "refine"]
     assert refined == [
         ("refine", B.Setting((a,), 99.0, -2.0, "domain")),
@@ -368,9 +370,13 @@ def test_search_resumes_and_reuses_saved_trials(monkeypatch, tmp_path):
     _search(eraser, cfg, ["cross"], tmp_path)
     assert calls == [("search", B.Setting((a,), 99.0, -1.0, "domain"))]
     calls.clear()
-    cfg.search_prompts = 6
+    cfg.refine_prompts = 10  # another stage-2 set: stage 2 runs again, stage 1's trials are kept
     _search(eraser, cfg, ["cross"], tmp_path)
-    assert len(calls) == 3 + 2
+    assert [stage for stage, _ in calls] == ["refine", "refine"]
+    calls.clear()
+    cfg.search_prompts = 6  # another stage-1 set: stage 1 again; the same finalists keep their stage 2
+    _search(eraser, cfg, ["cross"], tmp_path)
+    assert [stage for stage, _ in calls] == ["search"] * 3
 
 
 def test_colours_get_a_replacement_stage_ranked_by_clean_flips(monkeypatch, tmp_path):
@@ -444,3 +450,33 @@ def test_the_robustness_stage_widens_the_hookpoints_only_within_the_tolerance(mo
     cfg.robust_iterations = 10  # another attack budget: the attacks run again, the trials do not
     _search(eraser, cfg, ["cross"], tmp_path)
     assert calls == [("attack", plain), ("attack", wide)]
+    calls.clear()
+    cfg.robust_attacks = 2  # other attack prompts: again
+    _search(eraser, cfg, ["cross"], tmp_path)
+    assert calls == [("attack", plain), ("attack", wide)]
+    calls.clear()
+    cfg.robust_attacks = 0  # no robustness stage: no robust mode left over from the runs before
+    out = _search(eraser, cfg, ["cross"], tmp_path)
+    assert calls == [] and "robust_best" not in out["cross"]
+    assert eraser.active_hookpoints("cross", robust=True) == [a]
+
+
+def test_the_tuner_scores_labelled_sets_as_the_baselines_search_does():
+    """SAeUron's trials (the generic tuner's ``paired_scores`` against true labels) and the baselines'
+    (``trial_scores``) are the same objective: the same numbers from the same probabilities."""
+    from saeuron_plugin.tuning.search import paired_scores
+
+    cfg = B.BundleConfig()
+    for name in ("star", "striped", "red"):
+        prompts, seeds = B.validation_set(name, cfg.search_prompts, cfg, "search")
+        labelled = B.labelled(prompts, seeds, name)
+        gen = torch.Generator().manual_seed(sc.CONCEPTS.index(name))
+        probs = {
+            d: torch.softmax(3 * torch.randn(len(prompts), len(v), generator=gen), -1)
+            for d, v in sc.VOCABULARIES.items()
+        }
+        reference = {d: torch.tensor(v) for d, v in labelled.labels.items()}
+        theirs = B.trial_scores(FakeJudges(probs=probs), None, prompts, name)
+        ours = paired_scores(JUDGES, B.concept_domain(name), name, probs, reference, labelled.n_forget)
+        for key in ("ua", "ira", "cra", "margin", "clean_flip"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), (name, key)

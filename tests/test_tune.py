@@ -383,3 +383,23 @@ def test_the_robustness_stage_attacks_each_candidate_and_stores_the_robust_mode(
         ]
         == 0.3
     )
+
+
+def test_validation_sets_and_their_labels_are_checked_before_generating(setup, tmp_path, monkeypatch):
+    from saeuron_plugin.tuning.search import ValidationSet
+
+    with pytest.raises(TuningError, match="one seed per prompt"):
+        ValidationSet(["a", "b"], [1], 1)
+    with pytest.raises(TuningError, match="both forget and retain"):
+        ValidationSet(["a", "b"], [1, 2], 2)
+    with pytest.raises(TuningError, match="2 prompts"):
+        ValidationSet(["a", "b"], [1, 2], 1, {"color": [0]})
+    pipe, eraser = setup
+    monkeypatch.setattr(search, "generate", lambda *a, **k: pytest.fail("generated"))
+    for labels, problem in (({"color": [0, 0, 1, 5]}, "not an index"), ({"style": [0, 0, 1, 1]}, "cover")):
+        task = TuneTask(
+            "red", FORGET, RETAIN, validation=ValidationSet(FORGET + RETAIN, [1, 2, 3, 4], 2, labels)
+        )
+        with pytest.raises(TuningError, match=problem):
+            quiet = SearchSpace(percentiles=(99.0,), gammas=(-2.0,))
+            tune_concept(eraser, pipe, always(0), task, quiet, tmp_path, CFG, log=lambda _: None)

@@ -79,7 +79,7 @@ def search(args: argparse.Namespace) -> None:
     eraser = SAeUron.from_pretrained(args.bundle)
     trials = search_defaults(eraser, pipe, Judges.from_pretrained(cfg.judges), cfg, concepts=COLORS)
     eraser.save_pretrained(args.bundle)
-    (Path(args.bundle) / "search.json").write_text(json.dumps(trials, indent=1) + "\n")
+    (Path(args.bundle) / "search.json").write_text(json.dumps({"tune": trials}, indent=1) + "\n")
 
 
 def test(args: argparse.Namespace) -> None:

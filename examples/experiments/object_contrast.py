@@ -39,6 +39,7 @@ from saeuron_plugin.diffusion.unlearn import SAeUron
 from saeuron_plugin.sae.selection import concept_scores, select_features
 from saeuron_plugin.shapescanvas import build as B
 from saeuron_plugin.shapescanvas.judges import Judges
+from saeuron_plugin.tuning.search import write_defaults
 
 D2_0 = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn2"
 SETTINGS = [((D2_0,), 99.8, -2.0), ((D2_0,), 99.8, -6.0), ((B.BLOCKS_UP1[0],), 99.0, -2.0)]
@@ -82,7 +83,7 @@ def benchmark_winners(bundle: str) -> None:
     winners = validation_winners(json.loads((OUT / "results.json").read_text())["rows"])
     eraser = SAeUron.from_pretrained(bundle)
     for name, w in winners.items():
-        B.set_winner(eraser, name, {**w, "contrast": "worst"})
+        write_defaults(eraser, name, w, "worst")
         print(f"{name}: {B.short_set(w['hookpoints'])} p{w['percentile']:g} γ{w['gamma']:g} contrast worst")
     eraser.save_pretrained(TEST_BUNDLE, stats_dtype=torch.float32)
     results = run_benchmark(["saeuron"], concepts=list(winners), bundle=str(TEST_BUNDLE))

@@ -466,7 +466,8 @@ def trial_scores(
     """A search trial's UA / IRA / CRA, its objective ``score`` (their mean), the tie-break
     ``margin`` and ``clean_flip`` (the share of forget images the domain's judge calls another class
     with confidence ≥ 0.9), from one judge pass. Every method's search (ours and the baselines')
-    ranks by these: :func:`_rank`, and :func:`replacement_rank` in the replacement stage."""
+    ranks by these (the baselines' search here; SAeUron's through the generic tuner's
+    :func:`~..tuning.search.paired_scores` with the same true labels, which gives the same numbers)."""
     probs = judges.probabilities(images)
     s = judge_scores(judges, images, prompts, name, probs)
     return {
@@ -560,17 +561,20 @@ def search_defaults(
     concepts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
     folder: str | Path | None = None,
+    source: Any = None,
 ) -> dict[str, Any]:
     """Step 4: each concept's search (:func:`tune_task` in :func:`search_space`) by the generic tuner
     (:func:`~..tuning.search.tune_concept`), which writes the winners as the concepts' defaults and
     every trial to ``folder/search.json`` (default ``<work>/search``) as it is judged: an interrupted
     build resumes there, and trials made from the same SAEs, statistics and validation sets are never
-    judged twice. Returns the search's ``tune`` section ``{concept: record}``.
+    judged twice. ``source``: what the SAEs and statistics were made from (default: ``cfg``'s steps
+    1-3). Returns the search's records ``{concept: record}`` of ``concepts``.
     """
     folder = Path(cfg.work) / "search" if folder is None else Path(folder)
     gen = TuneConfig(cfg.steps, cfg.guidance_scale, batch_size=256, show_progress=False)
-    source = _recipe(cfg, TRAINED_FIELDS)
-    for name in concepts or eraser.concepts:
+    source = _recipe(cfg, TRAINED_FIELDS) if source is None else source
+    concepts = list(concepts or eraser.concepts)
+    for name in concepts:
         t0 = time.time()
         best = tune_concept(
             eraser, pipe, judges, tune_task(name, cfg), search_space(name, cfg), folder, gen, log, source
@@ -583,7 +587,8 @@ def search_defaults(
             + (f"; robust mode at {len(robust['hookpoints'])} hookpoints" if robust else "")
             + f" ({time.time() - t0:.0f} s)"
         )
-    return read_search(folder).get("tune", {})
+    tuned = read_search(folder).get("tune", {})
+    return {name: tuned[name] for name in concepts}
 
 
 TRAINED_FIELDS = (
@@ -634,21 +639,30 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1) + "\n"))
 
 
-def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> SAeUron:
-    """The SAEs and statistics to search on: ``cfg.from_bundle``'s, whose saved trials are copied
-    into the build's search folder for the concepts it has none of (the tuner reuses those made from
-    the same recipe), or steps 1-3 (or their saved result)."""
+def starting_point(pipe: Any, cfg: BundleConfig, log: Callable[[str], None] = print) -> tuple[SAeUron, Any]:
+    """The SAEs and statistics to search on, and what they were made from (the search's ``source``):
+    ``cfg.from_bundle``'s, whose saved trials are copied into the build's search folder wherever that
+    holds none made from the same SAEs and statistics, or steps 1-3 (or their saved result)."""
     if not cfg.from_bundle:
-        return trained_eraser(pipe, cfg, log)
-    source = resolve_repo(cfg.from_bundle)
-    eraser = SAeUron.from_pretrained(source)
+        return trained_eraser(pipe, cfg, log), _recipe(cfg, TRAINED_FIELDS)
+    path = resolve_repo(cfg.from_bundle)
+    eraser = SAeUron.from_pretrained(path)
+    saved = read_search(path)
+    source = (
+        _recipe(saved["config"], TRAINED_FIELDS) if "config" in saved else {"bundle": str(cfg.from_bundle)}
+    )
     folder = Path(cfg.work) / "search"
-    saved, ours = read_search(source), read_search(folder)
-    new = {k: v for k, v in saved.get("tune", {}).items() if k not in ours.get("tune", {})}
+    ours = read_search(folder)
+    mine = ours.get("tune", {})
+    new = {
+        name: entry
+        for name, entry in saved.get("tune", {}).items()
+        if mine.get(name, {}).get("recipe") != entry.get("recipe")  # ours: made from other SAEs, or none
+    }
     if new:
-        _write_json(folder / SEARCH_FILE, {**ours, "tune": {**ours.get("tune", {}), **new}})
+        _write_json(folder / SEARCH_FILE, {**ours, "tune": {**mine, **new}})
     log(f"searching on the SAEs and statistics of {cfg.from_bundle} ({len(new)} concepts' trials copied)")
-    return eraser
+    return eraser, source
 
 
 def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = print) -> Path:
@@ -664,8 +678,8 @@ def build_bundle(cfg: BundleConfig | None = None, log: Callable[[str], None] = p
     pipe = load_default(cfg.model)
     judges = Judges.from_pretrained(cfg.judges)
     t0 = time.time()
-    eraser = starting_point(pipe, cfg, log)
-    search = search_defaults(eraser, pipe, judges, cfg, log=log)
+    eraser, source = starting_point(pipe, cfg, log)
+    search = search_defaults(eraser, pipe, judges, cfg, log=log, source=source)
     chosen = {
         p
         for name in eraser.concepts

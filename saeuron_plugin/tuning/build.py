@@ -91,11 +91,32 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise BadFileError(
             path, f"must be 'shapescanvas' or absent, got {validation!r}", field="tune.validation"
         )
+    if validation == "shapescanvas":
+        _check_shapescanvas_validation(path, recipe)
     budget = recipe.get("tune", {}).get("budget", "small")
     if budget not in BUDGETS:
         raise BadFileError(path, f"must be one of {list(BUDGETS)}, got {budget!r}", field="tune.budget")
     recipe["_dir"] = str(path.resolve().parent)
     return recipe
+
+
+def _check_shapescanvas_validation(path: Path, recipe: dict[str, Any]) -> None:
+    """``make bundle``'s validation sets carry ShapesCanvas labels: they need its judge and concepts,
+    and they replace a concept's own forget / retain prompts (so those may not be given)."""
+    from ..shapescanvas.data import CONCEPTS
+
+    judge = recipe["tune"].get("judge", "shapescanvas")
+    if judge.split(":")[0] != "shapescanvas":
+        problem = f"validation = 'shapescanvas' needs the ShapesCanvas judge, got {judge!r}"
+        raise BadFileError(path, problem, field="tune.judge")
+    for name, spec in recipe["concepts"].items():
+        if name not in CONCEPTS:
+            problem = f"{name!r} is not a ShapesCanvas concept; known: {list(CONCEPTS)}"
+            raise BadFileError(path, problem, field="concepts")
+        extra = sorted({"forget", "retain"} & set(spec))
+        if extra:
+            problem = f"{extra} are unused with [tune] validation = 'shapescanvas'"
+            raise BadFileError(path, problem, field=f"concepts.{name}")
 
 
 def _prompts(value: Any, recipe: dict[str, Any], concept: str | None = None) -> list[str]:

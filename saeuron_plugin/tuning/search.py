@@ -20,9 +20,10 @@ validation images and keeps the best as the concept's defaults in the bundle:
   gives another label with probability ≥ 0.9: a clean image of something else, not debris), then by
   the margin;
 * with ``robust_attacks``, a robustness stage attacks the winner at its hookpoints and at every
-  hookpoint holding the concept with UnlearnDiffAtk (gradients through the edit) on that many forget
-  prompts (targets from the untouched model at their own seeds); the most resistant of them whose
-  validation score is within ``robust_tolerance`` of the winner's becomes the concept's *robust mode*
+  hookpoint holding the concept with UnlearnDiffAtk (gradients through the edit) on that many of the
+  task's attack prompts, else its forget prompts (targets from the untouched model at their own
+  seeds); the most resistant of them whose validation score is within ``robust_tolerance`` of the
+  winner's becomes the concept's *robust mode*
   (``unlearn(..., robust=True)``); the default mode stays the winner. It needs a Stable Diffusion
   style pipeline (``tokenizer``, ``text_encoder``, ``unet``, ``scheduler``);
 * every trial is appended to ``search.json`` (section ``tune``) in the bundle folder as it finishes
@@ -98,12 +99,14 @@ class SearchSpace:
     percentiles: tuple[float, ...] = (99.0, 99.9)
     gammas: tuple[float, ...] = (-1.0, -6.0)
     refine_top: int = 0
-    """Stage 2: judge this many of stage 1's best again on fresh seeds, and decide there (0: no stage 2)."""
+    """Stage 2: judge this many of stage 1's best again on fresh seeds, and decide there (0 or 1: stage 1
+    decides)."""
     target_scales: tuple[float, ...] = ()
     """Replacement stage: α values tried with every other concept of the judge domain as the target
     (empty: removal only). ShapesCanvas colours use (1, 2)."""
     robust_attacks: int = 0
-    """Robustness stage: forget prompts UnlearnDiffAtk attacks per candidate (0: no robust mode)."""
+    """Robustness stage: prompts UnlearnDiffAtk attacks per candidate (the task's attack prompts, else its
+    forget prompts; 0: no robust mode)."""
     robust_iterations: int = 40
     """UnlearnDiffAtk's steps per attack (its published budget: 40)."""
     robust_tolerance: float = 0.05
@@ -192,19 +195,22 @@ class TuneTask:
     retain: list[str]
     domain: str | None = None
     seed: int = 30_000
-    """Validation seeds: forget image i uses seed + i, retain image j seed + 10,000 + j."""
+    """Validation seeds: forget image i uses seed + i, retain image j seed + 10,000 + j (unused where
+    ``validation`` is given)."""
     refine_seed: int = 40_000
-    """Seeds of stage 2 (the same layout): fresh images for the finalists."""
+    """Seeds of stage 2 (the same layout): fresh images for the finalists (unused where ``refine`` is
+    given)."""
     validation: ValidationSet | None = None
     """Stage 1's images (the replacement stage judges them too); None: ``forget`` and ``retain`` at
     ``seed``, paired."""
     refine: ValidationSet | None = None
     """Stage 2's images; None: ``forget`` and ``retain`` at ``refine_seed``, paired."""
     attack_prompts: list[str] | None = None
-    """The robustness stage's prompts (None: the first ``robust_attacks`` forget prompts)."""
+    """The robustness stage's prompts (None: the forget prompts); it attacks the first ``robust_attacks``."""
     attack_seed: int | None = None
     """The robustness stage's seeds: target images at attack_seed + i, each attacked prompt judged at
-    attack_seed + 1,000 + j, the attack's own randomness seeded attack_seed (None: seed + 20,000)."""
+    attack_seed + 1,000 + j, the attack's own randomness seeded attack_seed (None: seed + 30,000, clear
+    of the validation seeds and of ShapesCanvas' test seeds, 50,000 + 1,000·set + caption)."""
 
     def stage_set(self, stage: str) -> ValidationSet:
         """The images of a stage: ``refine`` has its own, the others judge stage 1's."""
@@ -214,7 +220,7 @@ class TuneTask:
 
     @property
     def robust_seed(self) -> int:
-        return self.seed + 20_000 if self.attack_seed is None else self.attack_seed
+        return self.seed + 30_000 if self.attack_seed is None else self.attack_seed
 
 
 @dataclass
@@ -391,7 +397,12 @@ class _Stage:
     def __init__(self, run: _ConceptRun, name: str) -> None:
         self.run, self.name = run, name
         self.images = run.task.stage_set(name)
-        self.trials = run.entry.setdefault(name, [])
+        stamp = json.loads(json.dumps(asdict(self.images)))  # as it reads back (tuples → lists)
+        images = run.entry.setdefault("images", {})
+        if images.get(name) != stamp:  # other prompts, seeds or labels: this stage's trials do not apply
+            images[name] = stamp
+            run.entry[name] = []
+        self.trials = run.entry[name]
         self.done = {_key(t): t for t in self.trials}
 
     def reference(self) -> dict[str, Tensor]:
@@ -434,6 +445,25 @@ class _Stage:
         return [self.done[_key(s)] for s in settings]
 
 
+def _check_labels(judge: Judge, task: TuneTask) -> None:
+    """Labelled validation sets must name every judge domain, with indices into its labels."""
+    for stage in ("trials", "refine"):
+        labels = task.stage_set(stage).labels
+        if labels is None:
+            continue
+        if set(labels) != set(judge.labels):
+            raise TuningError(
+                f"{task.concept!r}: the {stage} validation labels cover {sorted(labels)}, the judge's "
+                f"domains are {sorted(judge.labels)}"
+            )
+        for domain, values in labels.items():
+            if any(not 0 <= v < len(judge.labels[domain]) for v in values):
+                raise TuningError(
+                    f"{task.concept!r}: a {stage} {domain!r} label is not an index into "
+                    f"{judge.labels[domain]}"
+                )
+
+
 class _ConceptRun:
     """State of one concept's search: the saved entry in search.json and what judging needs."""
 
@@ -455,15 +485,14 @@ class _ConceptRun:
         self.search = read_search(folder)
         # the "tune" section; a bundle's search.json may hold other records beside it (make bundle's config)
         self.entry = self.search.setdefault("tune", {}).setdefault(task.concept, {})
+        _check_labels(judge, task)
         recipe = {
-            "validation": asdict(task.stage_set("trials")),
-            "refine": asdict(task.stage_set("refine")),
             "domain": self.domain,
             "generation": {k: v for k, v in asdict(cfg).items() if k != "show_progress"},
             **({} if source is None else {"source": source}),
         }
         recipe = json.loads(json.dumps(recipe))  # as it reads back from search.json (tuples → lists)
-        # other SAEs, statistics, prompts, seeds, labels or sampling: the saved trials do not apply
+        # other SAEs, statistics or sampling: no saved trial applies (each stage also stamps its images)
         if self.entry.get("recipe") != recipe:
             self.entry.clear()
             self.entry["recipe"] = recipe
@@ -508,8 +537,8 @@ def tune_concept(
     """Search ``task.concept``'s settings, write the winner as its defaults in ``eraser`` and every trial
     to ``folder/search.json`` (resumable); returns the winning trial.
 
-    Stage 1 judges every setting of ``space``; with ``space.refine_top`` > 0, stage 2 judges the best
-    of them again on fresh seeds (``task.refine_seed``) and decides there: stage 1's images are the
+    Stage 1 judges every setting of ``space``; with ``space.refine_top`` > 1, stage 2 judges the best
+    of them again on fresh images (``task.stage_set("refine")``) and decides there: stage 1's images are the
     same for every trial, so its winner is the one that happened to suit those seeds best.
 
     ``source``: what the bundle's SAEs and statistics were made from (a recipe, a digest; any JSON):
@@ -524,7 +553,7 @@ def tune_concept(
     trials = _Stage(run, "trials").judge(space.settings(held_at))
     ranked = sorted(trials, key=_rank, reverse=True)
     decided = "trials"  # the stage whose images chose the winner
-    if space.refine_top > 0 and len(ranked) > 1:
+    if space.refine_top > 1 and len(ranked) > 1:
         finalists = [{k: t[k] for k in SETTING_KEYS if k in t} for t in ranked[: space.refine_top]]
         ranked = sorted(_Stage(run, "refine").judge(finalists), key=_rank, reverse=True)
         decided = "refine"
@@ -541,6 +570,7 @@ def tune_concept(
     contrast = run.contrast(best["contrast"])
     write_defaults(eraser, task.concept, best, contrast, None if robust is None else robust["hookpoints"])
     run.entry["best"] = best
+    run.entry.pop("robust_best", None)  # a robust mode of an earlier run would outlive its defaults
     if robust is not None:
         run.entry["robust_best"] = robust
     run.save()

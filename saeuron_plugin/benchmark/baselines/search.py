@@ -1,13 +1,15 @@
 """Equal tuning for the baselines: each gets a per-concept validation search, as SAeUron's bundle did.
 
-SAeUron's shipped defaults come from a search (``shapescanvas_build.search_defaults``) over hookpoint
-sets × percentile × γ on validation prompts and seeds, ranked by mean(UA, IRA, CRA) with the judges'
-probability margin as tie-break, and for objects a second stage on fresh prompts. A baseline run at
+SAeUron's shipped defaults come from a search (``shapescanvas.build.search_defaults``, the generic
+tuner) over hookpoint sets × percentile × γ on validation prompts and seeds, ranked by
+mean(UA, IRA, CRA) with the judges' probability margin as tie-break, and for objects a second stage
+on fresh prompts. A baseline run at
 one hand-set preset against that is not a fair comparison, so every baseline gets the same search:
 
-* the **same validation sets** (:func:`~..shapescanvas_build.validation_set`: the same prompts and
+* the **same validation sets** (:func:`~...shapescanvas.build.validation_set`: the same prompts and
   seeds as SAeUron's stage 1 and stage 2, never test seeds);
-* the **same objective and ranking** (:func:`~..shapescanvas_build.trial_scores`);
+* the **same objective and ranking** (:func:`~...shapescanvas.build.trial_scores`; the generic tuner
+  scores SAeUron against the same true labels);
 * the **same second stage** where SAeUron had one (objects: the best 4 judged again on 30 + 30
   fresh prompts);
 * a grid over the method's own hyper-parameters (:func:`search_grid`): negative prompt, its text and
@@ -264,22 +266,26 @@ class BaselineSearch:
         }
 
 
-def saeuron_summary(bundle_folder: str | Path, concepts: Sequence[str]) -> dict[str, Any]:
-    """The same counts for the shipped bundle's search (from its ``search.json``: every judged trial,
+def saeuron_summary(bundle: str | Path, concepts: Sequence[str]) -> dict[str, Any]:
+    """The same counts for a bundle's search (its ``search.json``, section ``tune``: every judged trial,
     the robustness stage's wider sets included); its seconds are the recorded build's, which reused
     earlier trials, so they are left out."""
-    from ...tuning.search import read_search
+    from ...errors import BadFileError
+    from ...sae.io import resolve_repo
+    from ...tuning.search import SEARCH_FILE, read_search
 
-    data = read_search(bundle_folder).get("tune", {})
+    folder = resolve_repo(bundle)
+    data = read_search(folder).get("tune", {})
+    missing = [c for c in concepts if c not in data]
+    if missing:
+        raise BadFileError(folder / SEARCH_FILE, f"no search record of {missing}", field="tune")
     trials = images = 0
     for concept in concepts:
-        record = data.get(concept, {})
-        for stage in ("trials", "refine", "replace"):
+        record = data[concept]
+        for stage, stamp in record.get("images", {}).items():
             count = len(record.get(stage, []))
             trials += count
-            images += count * len(
-                record["recipe"]["refine" if stage == "refine" else "validation"]["prompts"]
-            )
+            images += count * len(stamp["prompts"])
     return {"concepts": len(concepts), "trials": trials, "images": images, "seconds": None}
 
 
