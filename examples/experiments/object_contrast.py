@@ -37,8 +37,10 @@ import torch
 from saeuron_plugin.benchmark.unlearning import run_benchmark, write_results
 from saeuron_plugin.diffusion.unlearn import SAeUron
 from saeuron_plugin.sae.selection import concept_scores, select_features
+from saeuron_plugin.sae.spec import ConceptAblation
 from saeuron_plugin.shapescanvas import build as B
 from saeuron_plugin.shapescanvas.judges import Judges
+from saeuron_plugin.shapescanvas.model import generate
 from saeuron_plugin.tuning.search import write_defaults
 
 D2_0 = "unet.down_blocks.2.attentions.0.transformer_blocks.0.attn2"
@@ -76,6 +78,14 @@ def shared_latents(eraser: SAeUron, name: str, percentile: float = 99.8) -> list
             }
         )
     return out
+
+
+def evaluate(eraser, pipe, judges, cfg, name, validation, ablation, hookpoints) -> dict:
+    """One trial: ``ablation`` at ``hookpoints`` on the validation captions and seeds, judged."""
+    prompts, seeds = validation
+    with eraser.unlearn(pipe, [ablation], hookpoints=list(hookpoints)):
+        images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
+    return B.trial_scores(judges, images, prompts, name)
 
 
 def benchmark_winners(bundle: str) -> None:
@@ -126,9 +136,17 @@ def main() -> None:
         for setting in SETTINGS:
             for contrast in ("others", "worst"):
                 t0 = time.time()
-                trial = B.Setting(*setting, contrast)
-                s = B.evaluate_setting(eraser, pipe, judges, cfg, name, validation, trial)
                 hps, pct, gamma = setting
+                s = evaluate(
+                    eraser,
+                    pipe,
+                    judges,
+                    cfg,
+                    name,
+                    validation,
+                    ConceptAblation(name, percentile=pct, gamma=gamma, contrast=contrast),
+                    hps,
+                )
                 r = {
                     "concept": name,
                     "hookpoints": list(hps),

@@ -39,7 +39,6 @@ import torch
 
 from ..diffusion.collect import collect_activations
 from ..diffusion.unlearn import SAeUron
-from ..sae.ablation import ConceptAblation
 from ..sae.concepts import TauGrid
 from ..sae.files import read_json
 from ..sae.io import atomic_write, resolve_repo
@@ -57,7 +56,7 @@ from ..tuning.search import (
     tune_concept,
 )
 from . import data as sc
-from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate
+from .model import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
 
 def _attn2(block: str, n: int) -> tuple[str, ...]:
@@ -436,30 +435,6 @@ def stage_validation(name: str, cfg: BundleConfig, stage: str) -> tuple[list[sc.
     return validation_set(name, cfg.search_prompts, cfg, "search")
 
 
-def evaluate_setting(
-    eraser: SAeUron,
-    pipe: Any,
-    judges: Any,
-    cfg: BundleConfig,
-    name: str,
-    validation: tuple[list[sc.BenchmarkPrompt], list[int]],
-    setting: Setting,
-) -> dict[str, Any]:
-    """One trial: the validation images with ``setting`` (hookpoints, percentile, γ, contrast), judged."""
-    hps, pct, gamma, contrast, target, scale = Setting(*setting)
-    prompts, seeds = validation
-    with eraser.unlearn(pipe, [setting_ablation(name, setting)], hookpoints=list(hps)):
-        images = generate(pipe, [p.prompt for p in prompts], seeds, cfg.steps, cfg.guidance_scale)
-    return {
-        "hookpoints": list(hps),
-        "percentile": pct,
-        "gamma": gamma,
-        "contrast": contrast,
-        **({"target": target, "target_scale": scale} if target else {}),
-        **trial_scores(judges, images, prompts, name),
-    }
-
-
 def trial_scores(
     judges: Any, images: torch.Tensor, prompts: Sequence[sc.BenchmarkPrompt], name: str
 ) -> dict[str, float]:
@@ -490,14 +465,6 @@ def clean_flip(probs: dict[str, torch.Tensor], prompts: Sequence[sc.BenchmarkPro
 def replacement_targets(name: str) -> list[str]:
     """The targets a replacement stage tries for ``name``: the other concepts of its domain."""
     return [c for c in sc.VOCABULARIES[concept_domain(name)] if c != name]
-
-
-def setting_ablation(name: str, setting: Setting) -> ConceptAblation:
-    """The ablation spec of a search setting (its hookpoints go to ``unlearn(hookpoints=...)``)."""
-    _, pct, gamma, contrast, target, scale = Setting(*setting)
-    return ConceptAblation(
-        name, percentile=pct, gamma=gamma, contrast=contrast, target=target or "", target_scale=scale
-    )
 
 
 def labelled(prompts: Sequence[sc.BenchmarkPrompt], seeds: Sequence[int], concept: str) -> ValidationSet:
@@ -579,13 +546,10 @@ def search_defaults(
         best = tune_concept(
             eraser, pipe, judges, tune_task(name, cfg), search_space(name, cfg), folder, gen, log, source
         )
-        robust = read_search(folder)["tune"][name].get("robust_best")
-        log(
+        log(  # the tuner has logged each stage, the robust mode included
             f"{name:10s} best {short_set(best['hookpoints'])} p={best['percentile']} γ={best['gamma']:g} "
             f"contrast {best['contrast']}{' → ' + best['target'] if best.get('target') else ''}: "
-            f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f}"
-            + (f"; robust mode at {len(robust['hookpoints'])} hookpoints" if robust else "")
-            + f" ({time.time() - t0:.0f} s)"
+            f"UA {best['ua']:.2f} IRA {best['ira']:.2f} CRA {best['cra']:.2f} ({time.time() - t0:.0f} s)"
         )
     tuned = read_search(folder).get("tune", {})
     return {name: tuned[name] for name in concepts}
