@@ -20,12 +20,15 @@ with each method applied (what an attacker without access to the eraser would ca
 captions of the concept's domain without it (same seeds): the judges' accuracy on the concept's domain
 and on the others.
 
-The weight-editing baselines (UCE, ESD-x; ``--baselines``) get the same attacks on their edited UNet,
-at their equal-tuning settings from ``benchmarks/results/baseline-search/`` (``--baselines-at tuned``,
-written by ``benchmarks/unlearning.py``; ESD-x weights cached under ``runs/esd-cache``) or the presets.
-Negative prompting and SLD act in the sampling loop, outside the UNet call the attack's loss sees, so
-they are not attacked here. The adaptive soft prompt is judged after 0, 5, 10, 20 and 40 iterations
-(the curve, ``benchmarks/results/robustness.png``).
+The baselines (``--baselines``) are attacked at their equal-tuning settings from
+``benchmarks/results/baseline-search/`` (``--baselines-at tuned``, written by
+``benchmarks/unlearning.py``; ESD-x weights cached under ``runs/esd-cache``) or the presets. The
+weight-editing ones (UCE, ESD-x) get the same attacks on their edited UNet. Negative prompting and SLD
+act in the sampler's guidance, so their attacks' loss is on the guided prediction
+(:class:`saeuron_plugin.attacks.Guidance`: the negative prompt's branch; SLD's safety term without its
+momentum): adaptive to the defence, as the attacks on SAeUron are. SLD's pipeline takes text only, so
+it gets the typed attack (UnlearnDiffAtk) and no soft prompt. The adaptive soft prompt is judged after
+0, 5, 10, 20 and 40 iterations (the curve, ``benchmarks/results/robustness.png``).
 
 **The defence in the same run**: ``saeuron_robust`` is the shipped bundle's robust mode
 (``unlearn(..., robust=True)``): each concept at the hookpoints its tuner's robustness stage chose
@@ -48,13 +51,14 @@ from _common import describe_run
 from saeuron_plugin import SAeUron
 from saeuron_plugin.attacks import (
     AttackConfig,
+    Guidance,
     generate_from_embeds,
     masked_edits,
     soft_prompt_attack,
     target_latents,
     unlearndiffatk,
 )
-from saeuron_plugin.benchmark.baselines import BASELINES
+from saeuron_plugin.benchmark.baselines import BASELINES, BaselineRun, generate_with
 from saeuron_plugin.benchmark.unlearning import (
     DOMAIN_KEYS,
     SEARCH_DIR,
@@ -91,41 +95,50 @@ def retained_captions(concept: str, domain: str) -> list[sc.BenchmarkPrompt]:
     return without[::step][:RETAIN_CAPTIONS]
 
 
-def retention(pipe, judge, concept: str, domain: str) -> dict[str, float]:
-    """IRA / CRA (%) of whatever ``pipe`` has applied, on :func:`retained_captions` (seeds 200+)."""
-    from saeuron_plugin.shapescanvas.model import generate
-
+def retention(pipe, judge, concept: str, domain: str, run: BaselineRun | None = None) -> dict[str, float]:
+    """IRA / CRA (%) of whatever ``pipe`` has applied (or the baseline ``run``, which may bring its
+    own pipeline and call options), on :func:`retained_captions` (seeds 200+)."""
     captions = retained_captions(concept, domain)
-    images = generate(
-        pipe,
+    run = run or BaselineRun(pipe=pipe)
+    guidance = run.call_kwargs.get("guidance_scale", GEN_KW["guidance_scale"])
+    call = BaselineRun(run.pipe, {k: v for k, v in run.call_kwargs.items() if k != "guidance_scale"})
+    images = generate_with(
+        call,
         [p.prompt for p in captions],
         [200 + i for i in range(len(captions))],
         GEN_KW["num_inference_steps"],
-        GEN_KW["guidance_scale"],
+        guidance,
     )
     scores = judge_scores(judge, images, captions, concept, probs=judge.probabilities(images))
     return {"ira": 100 * scores["ira"], "cra": 100 * scores["cra"]}
 
 
-def attack_row(pipe, targets, init, caption, ua, args, handle=None, transfer=None) -> dict:
+def attack_row(pipe, targets, init, caption, ua, args, handle=None, transfer=None, guidance=None) -> dict:
     """UA clean, under the adaptive soft prompt (with its curve), gradient-masked (SAeUron only),
     transferred from the untouched model (``transfer``: those embeddings) and under UnlearnDiffAtk,
-    against whatever eraser ``pipe`` has (hooks or edited weights)."""
-    row = {"ua_clean": ua(generate_from_embeds(pipe, init, EVAL_SEEDS, **GEN_KW))}
+    against whatever eraser ``pipe`` has (hooks or edited weights). ``guidance``: a defence acting in
+    the sampler's guidance (negative prompting), which every attack's loss and generation then use."""
+    gen_kw = dict(GEN_KW)
+    if guidance is not None:
+        gen_kw |= {"guidance_scale": guidance.scale, "negative": guidance.negative}
+
+    def judged(embeds: torch.Tensor) -> float:
+        return ua(generate_from_embeds(pipe, embeds, EVAL_SEEDS, **gen_kw))
+
+    row = {"ua_clean": judged(init)}
     if transfer is not None:
-        row["ua_transfer"] = ua(generate_from_embeds(pipe, transfer, EVAL_SEEDS, **GEN_KW))
+        row["ua_transfer"] = judged(transfer)
     cfg = AttackConfig(
         iterations=args.iterations,
         lr=args.lr,
         batch=8,
         seed=args.seed,
         record_at=tuple(i for i in CURVE if i <= args.iterations),
+        guidance=guidance,
     )
     attacked = soft_prompt_attack(pipe, targets, init, cfg)
-    row["ua_adaptive"] = ua(generate_from_embeds(pipe, attacked, EVAL_SEEDS, **GEN_KW))
-    row["curve_adaptive"] = {
-        str(i): ua(generate_from_embeds(pipe, e, EVAL_SEEDS, **GEN_KW)) for i, e in cfg.snapshots.items()
-    }
+    row["ua_adaptive"] = judged(attacked)
+    row["curve_adaptive"] = {str(i): judged(e) for i, e in cfg.snapshots.items()}
     if handle is not None:
         with masked_edits(handle):
             masked = soft_prompt_attack(
@@ -134,22 +147,59 @@ def attack_row(pipe, targets, init, caption, ua, args, handle=None, transfer=Non
                 init,
                 AttackConfig(iterations=args.iterations, lr=args.lr, batch=8, seed=args.seed),
             )
-        row["ua_masked"] = ua(generate_from_embeds(pipe, masked, EVAL_SEEDS, **GEN_KW))
-    cfg = AttackConfig(iterations=args.iterations, lr=1e-2, batch=8, seed=args.seed)
-    row["unlearndiffatk_prompt"] = unlearndiffatk(pipe, targets, caption, cfg, prefix_tokens=5)
-    typed, _ = pipe.encode_prompt(row["unlearndiffatk_prompt"], "cpu", 1, False)
-    row["ua_unlearndiffatk"] = ua(generate_from_embeds(pipe, typed, EVAL_SEEDS, **GEN_KW))
+        row["ua_masked"] = judged(masked)
+    row |= typed_row(pipe, targets, caption, args, guidance, lambda prompt: judged(encoded(pipe, prompt)))
     return row
+
+
+def encoded(pipe, prompt: str) -> torch.Tensor:
+    return pipe.encode_prompt(prompt, "cpu", 1, False)[0]
+
+
+def typed_row(pipe, targets, caption, args, guidance, judge_prompt) -> dict:
+    """UnlearnDiffAtk's typed prompt against ``pipe`` (loss through ``guidance`` when the defence acts
+    there) and its UA, ``judge_prompt(prompt)``."""
+    cfg = AttackConfig(iterations=args.iterations, lr=1e-2, batch=8, seed=args.seed, guidance=guidance)
+    prompt = unlearndiffatk(pipe, targets, caption, cfg, prefix_tokens=5)
+    return {"unlearndiffatk_prompt": prompt, "ua_unlearndiffatk": judge_prompt(prompt)}
+
+
+def sld_row(pipe, run: BaselineRun, targets, caption, ua, args) -> dict:
+    """SLD acts in its own sampling loop, which takes text prompts only: UA on the clean caption and
+    under UnlearnDiffAtk, whose loss models SLD's guidance (:class:`~saeuron_plugin.attacks.Guidance`
+    with the safety concept); no soft-prompt attack (the pipeline takes no prompt embeddings). ``pipe``
+    encodes the prompts (SLD's pipeline shares its text encoder)."""
+    kw = run.call_kwargs
+    scale = kw.get("guidance_scale", GEN_KW["guidance_scale"])
+    call = BaselineRun(run.pipe, {k: v for k, v in kw.items() if k != "guidance_scale"})
+
+    def judge_prompt(prompt: str) -> float:
+        seeds = list(EVAL_SEEDS)
+        return ua(generate_with(call, [prompt] * len(seeds), seeds, GEN_KW["num_inference_steps"], scale))
+
+    guidance = Guidance(
+        scale,
+        encoded(pipe, ""),
+        safety=encoded(pipe, run.pipe.safety_concept),
+        safety_scale=kw["sld_guidance_scale"],
+        safety_threshold=kw["sld_threshold"],
+    )
+    row = {"ua_clean": judge_prompt(caption)}
+    return row | typed_row(run.pipe, targets, caption, args, guidance, judge_prompt)
 
 
 def describe(row: dict) -> str:
     """One row of the run's log."""
     masked = f"gradient-masked {row['ua_masked']:5.1f}  " if "ua_masked" in row else ""
+    soft = (
+        f"soft prompt: adaptive {row['ua_adaptive']:5.1f} (curve {row['curve_adaptive']}), {masked}"
+        f"transfer {row['ua_transfer']:5.1f}  "
+        if "ua_adaptive" in row
+        else ""
+    )
     return (
-        f"UA clean {row['ua_clean']:5.1f}  soft prompt: adaptive {row['ua_adaptive']:5.1f} (curve "
-        f"{row['curve_adaptive']}), {masked}transfer {row['ua_transfer']:5.1f}  UnlearnDiffAtk "
-        f"{row['ua_unlearndiffatk']:5.1f} ({row['unlearndiffatk_prompt']!r})  IRA {row['ira']:5.1f} "
-        f"CRA {row['cra']:5.1f}"
+        f"UA clean {row['ua_clean']:5.1f}  {soft}UnlearnDiffAtk {row['ua_unlearndiffatk']:5.1f} "
+        f"({row['unlearndiffatk_prompt']!r})  IRA {row['ira']:5.1f} CRA {row['cra']:5.1f}"
     )
 
 
@@ -171,7 +221,19 @@ def domain_means(rows: dict) -> dict:
     return out
 
 
-LABELS = {"saeuron": "SAeUron", "saeuron_robust": "SAeUron, robust mode", "uce": "UCE", "esd": "ESD-x"}
+LABELS = {
+    "saeuron": "SAeUron",
+    "saeuron_robust": "SAeUron, robust mode",
+    "uce": "UCE",
+    "esd": "ESD-x",
+    "negative_prompt": "negative prompt",
+    "sld": "SLD",
+}
+
+
+def cell(values: dict, key: str) -> str:
+    """A table cell: the value, or n/a where the attack does not apply (SLD takes no embeddings)."""
+    return f"{values[key]:.1f}" if key in values else "n/a"
 
 
 def markdown(blob: dict) -> str:
@@ -196,8 +258,8 @@ def markdown(blob: dict) -> str:
             a = r["ua_attack"]
             lines.append(
                 f"| {LABELS.get(m, m)} | {domain} | {r['concepts']} | {r['ua_clean']:.1f} | "
-                f"{a.get('unlearndiffatk', float('nan')):.1f} | {a.get('soft_prompt', float('nan')):.1f} | "
-                f"{a.get('transfer', float('nan')):.1f} | {r['ira']:.1f} | {r['cra']:.1f} |"
+                f"{cell(a, 'unlearndiffatk')} | {cell(a, 'soft_prompt')} | {cell(a, 'transfer')} | "
+                f"{r['ira']:.1f} | {r['cra']:.1f} |"
             )
     lines += [
         "",
@@ -213,12 +275,13 @@ def markdown(blob: dict) -> str:
             r = blob[m].get(c)
             if r is None:
                 continue
-            curve = " / ".join(f"{v:.0f}" for v in r["curve_adaptive"].values())
+            curve = " / ".join(f"{v:.0f}" for v in r.get("curve_adaptive", {}).values())
+            soft = f"{r['ua_adaptive']:.1f} ({curve})" if "ua_adaptive" in r else "n/a"
             masked = f"{r['ua_masked']:.1f}" if "ua_masked" in r else ""
+            transfer = f"{r['ua_transfer']:.1f}" if "ua_transfer" in r else "n/a"
             lines.append(
                 f"| {c} | {LABELS.get(m, m)} | {r['ua_clean']:.1f} | {r['ua_unlearndiffatk']:.1f} | "
-                f"{r['ua_adaptive']:.1f} ({curve}) | {masked} | {r['ua_transfer']:.1f} | {r['ira']:.1f} | "
-                f"{r['cra']:.1f} |"
+                f"{soft} | {masked} | {transfer} | {r['ira']:.1f} | {r['cra']:.1f} |"
             )
     lines += ["", "Typed prompts UnlearnDiffAtk found:", ""]
     lines += [
@@ -236,7 +299,7 @@ def plot_curves(rows: dict, out: Path) -> None:
         concept: {
             method: {float(i): ua for i, ua in per[concept]["curve_adaptive"].items()}
             for method, per in rows.items()
-            if concept in per
+            if "curve_adaptive" in per.get(concept, {})
         }
         for concept in rows["saeuron"]
     }
@@ -261,7 +324,10 @@ def main(argv: list[str] | None = None) -> None:
         "--no-robust", action="store_true", help="skip saeuron_robust (the bundle's robust mode)"
     )
     parser.add_argument(
-        "--baselines", nargs="*", default=["uce", "esd"], help="weight-editing baselines to attack"
+        "--baselines",
+        nargs="*",
+        default=["uce", "esd", "negative_prompt", "sld"],
+        help="baselines to attack (SLD: the typed attack only)",
     )
     parser.add_argument(
         "--baselines-at",
@@ -319,11 +385,20 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.baselines:
             presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
             options = baseline_options(method, concept, presets, settings.get(method, {}).get(concept))
-            if "guidance_scale" in options:
-                raise ValueError(f"{method}: a setting with its own guidance is not attacked here")
-            with BASELINES[method].erase(pipe, concept_text(concept), **options):
-                row = attack_row(pipe, targets, init, caption, ua, args, transfer=transfer)
-                row |= retention(pipe, judge, concept, domain)
+            scale = options.pop("guidance_scale", GEN_KW["guidance_scale"])  # the setting's own CFG
+            with BASELINES[method].erase(pipe, concept_text(concept), **options) as active:
+                active.call_kwargs["guidance_scale"] = scale
+                if method == "sld":
+                    row = sld_row(pipe, active, targets, caption, ua, args)
+                else:
+                    negative = active.call_kwargs.get("negative_prompt")
+                    guidance = None  # the weight-editing baselines act in the UNet, as SAeUron does
+                    if negative is not None or scale != GEN_KW["guidance_scale"]:
+                        guidance = Guidance(scale, encoded(pipe, negative or ""))
+                    row = attack_row(
+                        pipe, targets, init, caption, ua, args, transfer=transfer, guidance=guidance
+                    )
+                row |= retention(pipe, judge, concept, domain, active)
             rows[method][concept] = {"domain": domain, "caption": caption, **row}
             print(f"{concept:9s} ({domain}) {method}: {describe(row)}", flush=True)
     protocol = {

@@ -172,6 +172,56 @@ def test_snapshots_are_the_prompt_after_each_recorded_iteration(setup):
     assert torch.equal(cfg.snapshots[2], after_two)  # the same run stopped after 2 steps
 
 
+def test_guidance_is_the_samplers_guided_prediction_and_sld_as_diffusers_computes_it():
+    """The attack loss for defences in the guidance: negative prompting is CFG against the negative
+    prompt's branch; with a safety concept, SLD's Eqs. 3-6 as diffusers' ``StableDiffusionPipelineSafe``
+    computes them on its first step (zero momentum, after the warm-up)."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipelineSafe
+
+    from saeuron_plugin.attacks import Guidance
+
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(8, 4, generator=gen)
+
+    def unet(x, t, encoder_hidden_states):  # any prediction that depends on the conditioning
+        return SimpleNamespace(sample=x + (encoder_hidden_states.mean(1) @ weights).view(-1, 4, 1, 1))
+
+    xt, t = torch.randn(3, 4, 2, 2, generator=gen), torch.zeros(3, dtype=torch.long)
+    neg, safety, prompt = (torch.randn(1, 5, 8, generator=gen) for _ in range(3))
+    cond = unet(xt, t, prompt.expand(3, -1, -1)).sample
+    uncond = unet(xt, t, neg.expand(3, -1, -1)).sample
+    safe = unet(xt, t, safety.expand(3, -1, -1)).sample
+    assert torch.allclose(Guidance(7.0, neg).apply(unet, xt, t, cond), uncond + 7.0 * (cond - uncond))
+    for s_s, lam in ((1000.0, 0.01), (5.0, 1.0)):
+        direction, _ = StableDiffusionPipelineSafe.perform_safety_guidance(
+            None, True, None, cond - uncond, [cond, uncond, safe], 5, s_s, 0, lam, 0.3, 0.4
+        )
+        guided = Guidance(7.0, neg, safety, s_s, lam).apply(unet, xt, t, cond)
+        assert torch.allclose(guided, uncond + 7.0 * direction, atol=1e-6)
+        assert not torch.allclose(guided, uncond + 7.0 * (cond - uncond))  # the safety term acts
+
+
+def test_an_attack_on_negative_prompting_optimises_the_guided_loss(setup):
+    """With ``AttackConfig.guidance`` the soft prompt lowers the loss of the guided prediction (the
+    one the negative-prompted sampler uses), and its gradient differs from the conditional loss's."""
+    from saeuron_plugin.attacks import Guidance
+
+    pipe, _ = setup
+    targets = target_latents(pipe, "a red star", [0, 1], num_inference_steps=2)
+    init, _ = pipe.encode_prompt("a blue circle", "cpu", 1, False)
+    negative, _ = pipe.encode_prompt("a red star", "cpu", 1, False)
+    guidance = Guidance(5.0, negative)
+    cfg = AttackConfig(iterations=15, lr=5e-2, batch=2, seed=0, guidance=guidance)
+    attacked = soft_prompt_attack(pipe, targets, init, cfg)
+    assert attack_loss(pipe, attacked, targets, guidance=guidance) < attack_loss(
+        pipe, init, targets, guidance=guidance
+    )
+    plain = soft_prompt_attack(pipe, targets, init, AttackConfig(iterations=15, lr=5e-2, batch=2, seed=0))
+    assert not torch.allclose(attacked, plain)
+
+
 def test_robustness_benchmark_smoke(tmp_path, capsys):
     """The benchmark end to end on the shipped model: 1 concept, 2 iterations, 4 steps; the bundle at its
     tuned hookpoints and in its robust mode, and UCE at its equal-tuning setting, attacked too."""
@@ -184,15 +234,22 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
         sys.path.pop(0)
     out = tmp_path / "robustness.json"
     robustness.main(
-        ["--concepts", "red", "--iterations", "2", "--steps", "4", "--baselines", "uce", "--out", str(out)]
+        [
+            *("--concepts", "red", "--iterations", "2", "--steps", "4", "--out", str(out)),
+            *("--baselines", "uce", "negative_prompt", "sld"),
+        ]
     )
     import json
 
     blob = json.loads(out.read_text())
-    methods = ("saeuron", "saeuron_robust", "uce")
+    methods = ("saeuron", "saeuron_robust", "uce", "negative_prompt")
     from saeuron_plugin.benchmark.unlearning import saved_setting
 
-    assert blob["protocol"]["baselines"]["uce"] == {"red": saved_setting("uce", "red")}  # equal tuning
+    for method in ("uce", "negative_prompt", "sld"):  # equal tuning
+        assert blob["protocol"]["baselines"][method] == {"red": saved_setting(method, "red")}
+    sld = blob["sld"]["red"]  # text prompts only: the typed attack, through SLD's guidance
+    assert "ua_adaptive" not in sld and sld["unlearndiffatk_prompt"].endswith("a red square in solid style")
+    assert set(blob["methods"]["sld"]["colors"]["ua_attack"]) == {"unlearndiffatk"}
     for method in methods:
         row = blob[method]["red"]
         assert set(row["curve_adaptive"]) == {"0"} and 0 <= row["ua_adaptive"] <= 100
@@ -206,6 +263,7 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 0
     text = out.with_suffix(".md").read_text()
     assert "| SAeUron, robust mode | colors | 1 |" in text and "| red | UCE |" in text
+    assert "| SLD | colors | 1 |" in text and "n/a" in text and "| red | negative prompt |" in text
     assert "commit" in blob["protocol"]["run"] and "cores" in blob["protocol"]["run"]  # how it ran
 
 

@@ -268,17 +268,24 @@ def _fake_search(monkeypatch, eraser, score_of, clean_of=None, attack_of=None):
     from saeuron_plugin import attacks
     from saeuron_plugin.tuning import search
 
-    calls, state = [], {}
+    calls, state, installed = [], {}, []
 
     @contextlib.contextmanager
     def unlearn(pipe, concepts, hookpoints):
+        """The setting installed; a robust candidate's lighter extra hookpoints (a nested call) make it
+        a pair (the winner's setting, the extra one)."""
         (a,) = concepts
         contrast = a.contrast if isinstance(a.contrast, str) else "domain"
-        state["setting"] = B.Setting(
-            tuple(hookpoints), a.percentile, a.gamma, contrast, a.target or None, a.target_scale
+        installed.append(
+            B.Setting(tuple(hookpoints), a.percentile, a.gamma, contrast, a.target or None, a.target_scale)
         )
+        state["setting"] = installed[0] if len(installed) == 1 else tuple(installed)
         yield
-        del state["setting"]
+        installed.pop()
+        if installed:
+            state["setting"] = installed[0]
+        else:
+            del state["setting"]
 
     def generate(pipe, prompts, seeds, cfg):
         stage = "refine" if seeds[0] >= B.REFINE_SEED else "search"
@@ -434,6 +441,7 @@ def test_the_robustness_stage_widens_the_hookpoints_only_within_the_tolerance(mo
         search_gammas=(-2.0,),
         refine_top=0,
         robust_tolerance=0.05,
+        robust_extras=(),  # the lighter candidates: test_the_robustness_stage_tries_lighter_extras
     )
     out = _search(eraser, cfg, ["cross"], tmp_path)
     plain, wide = B.Setting((a,), 99.0, -2.0, "domain"), B.Setting(everywhere, 99.0, -2.0, "domain")
@@ -459,6 +467,55 @@ def test_the_robustness_stage_widens_the_hookpoints_only_within_the_tolerance(mo
     out = _search(eraser, cfg, ["cross"], tmp_path)
     assert calls == [] and "robust_best" not in out["cross"]
     assert eraser.active_hookpoints("cross", robust=True) == [a]
+
+
+def test_the_robustness_stage_tries_lighter_extras_and_stores_them_for_the_robust_mode_only(
+    monkeypatch, tmp_path
+):
+    """With ``robust_extras`` the stage also tries the winner at its hookpoints plus a lighter edit at
+    every other hookpoint holding the concept. When that one resists best within the tolerance, the
+    robust mode ablates there with the lighter percentile and γ, the default mode keeps the winner's
+    hookpoints and setting, and the bundle keeps both across a save."""
+    from saeuron_plugin.diffusion.unlearn import SAeUron
+    from saeuron_plugin.tuning import search
+
+    eraser = SAeUron.from_pretrained(BUNDLE)
+    a = B.BLOCKS_UP1[0]
+    everywhere = tuple(eraser.where("cross"))
+    others = tuple(hp for hp in everywhere if hp != a)
+    plain = B.Setting((a,), 99.0, -6.0, "domain")
+    wide = B.Setting(everywhere, 99.0, -6.0, "domain")
+    light = (plain, B.Setting(others, 99.9, -1.0, "domain"))
+    ua = {plain: 0.3, wide: 0.9, light: 1.0}
+    calls = _fake_search(
+        monkeypatch,
+        eraser,
+        lambda stage, s: {wide: 0.8}.get(s, 0.99),  # the winner's setting everywhere costs too much
+        attack_of=lambda s: ua.get(s, 0.0),
+    )
+    cfg = B.BundleConfig(
+        search_sets={"object": ((a,),)},
+        search_percentiles=(99.0,),
+        search_gammas=(-6.0,),
+        refine_top=0,
+        robust_extras=((99.9, -1.0), (99.0, -6.0)),  # the second is the winner's own: not tried twice
+    )
+    out = _search(eraser, cfg, ["cross"], tmp_path)
+    assert [s for stage, s in calls if stage == "attack"] == [plain, wide, light]
+    chosen = out["cross"]["robust_best"]
+    assert chosen["extra"] == {"hookpoints": list(others), "percentile": 99.9, "gamma": -1.0}
+    assert chosen["hookpoints"] == [a]
+    assert search.robust_hookpoints(chosen) == [a, *others]
+    bundle = SAeUron.from_pretrained(eraser.save_pretrained(tmp_path / "bundle"))
+    for erased in (eraser, bundle):
+        assert erased.active_hookpoints("cross") == [a]
+        assert sorted(erased.active_hookpoints("cross", robust=True)) == sorted(everywhere)
+        at = {hp: erased.hookpoints[hp].library.selection_defaults("cross") for hp in everywhere}
+        assert (at[a].percentile, at[a].gamma) == (99.0, -6.0)
+        assert all((at[hp].percentile, at[hp].gamma) == (99.9, -1.0) for hp in others)
+    calls.clear()
+    _search(eraser, cfg, ["cross"], tmp_path)
+    assert calls == []  # every trial, the lighter one included, is reused
 
 
 def test_the_tuner_scores_labelled_sets_as_the_baselines_search_does():

@@ -327,10 +327,13 @@ def test_replacement_stage_tries_each_target_and_keeps_the_clean_flip(setup, tmp
 
 
 def test_the_robustness_stage_attacks_each_candidate_and_stores_the_robust_mode(tmp_path, monkeypatch):
-    """With ``robust_attacks`` the winner (one hookpoint) and the concept at every hookpoint holding it
-    are attacked with UnlearnDiffAtk through the edit on a real (tiny) pipeline; the more resistant
-    one within the tolerance becomes the robust mode, the default mode stays the winner, and the
-    attack trials are reused while the budget is the same."""
+    """With ``robust_attacks`` the winner (one hookpoint), the concept at every hookpoint holding it,
+    and the winner plus a lighter edit at the other hookpoint (``robust_extras``) are attacked with
+    UnlearnDiffAtk through the edit on a real (tiny) pipeline; the most resistant one within the
+    tolerance becomes the robust mode, the default mode stays the winner, and the attack trials are
+    reused while the budget is the same."""
+    import contextlib
+
     pipe = tiny_sd_pipeline()
     eraser = make_eraser(pipe, [BLOCK, ATTN])
     space = SearchSpace(
@@ -339,43 +342,64 @@ def test_the_robustness_stage_attacks_each_candidate_and_stores_the_robust_mode(
         gammas=(-2.0,),
         robust_attacks=1,
         robust_iterations=2,
+        robust_extras=((99.9, -1.0),),
         attack_images=2,
     )
-    installed = {"n": 0}
+    installed = []  # (hookpoints, percentile, γ) of each ablation in place
     real_unlearn = eraser.unlearn
 
-    def counting(pipe_, concepts, **kw):
-        installed["n"] = len(kw["hookpoints"])
-        return real_unlearn(pipe_, concepts, **kw)
+    @contextlib.contextmanager
+    def tracking(pipe_, concepts, **kw):
+        (spec,) = concepts
+        installed.append((tuple(kw["hookpoints"]), spec.percentile, spec.gamma))
+        with real_unlearn(pipe_, concepts, **kw) as handle:
+            assert pipe_.unet is not None and len(handle.hookpoints) == len(kw["hookpoints"])
+            yield handle
+        installed.pop()
 
     real_forget = search.forget_percent
-    monkeypatch.setattr(eraser, "unlearn", counting)
-    # the wider set resists the attack (UA 100 %), the winner does not (the real UA is still computed)
+    monkeypatch.setattr(eraser, "unlearn", tracking)
+    # the lighter extra resists best, the winner's setting everywhere next, the winner least
+    # (the real UA is still computed)
     seen = []
 
     def forget(judge, images, concept, domain):
         seen.append(real_forget(judge, images, concept, domain))
-        return 100.0 if installed["n"] == 2 else 30.0
+        if ((ATTN,), 99.9, -1.0) in installed and installed[0] == ((BLOCK,), 99.0, -2.0):
+            return 100.0
+        return 60.0 if installed == [((BLOCK, ATTN), 99.0, -2.0)] else 30.0
 
     monkeypatch.setattr(search, "forget_percent", forget)
     best = quiet_tune(eraser, pipe, always(1), space, tmp_path)
     saved = json.loads((tmp_path / "search.json").read_text())["tune"]["red"]
     assert best["hookpoints"] == [BLOCK]  # every setting scores 1.0: the first wins
-    assert [t["hookpoints"] for t in saved["robust"]] == [[BLOCK], [BLOCK, ATTN]]
-    assert [t["ua_attack"] for t in saved["robust"]] == [0.3, 1.0] and len(seen) == 2
+    assert [t["hookpoints"] for t in saved["robust"]] == [[BLOCK], [BLOCK, ATTN], [BLOCK]]
+    assert [t.get("extra") for t in saved["robust"]] == [
+        None,
+        None,
+        {"hookpoints": [ATTN], "percentile": 99.9, "gamma": -1.0},
+    ]
+    assert [t["ua_attack"] for t in saved["robust"]] == [0.3, 0.6, 1.0] and len(seen) == 3
     assert all(0 <= u <= 100 for u in seen)
     assert all(
         len(t["attack_prompts"]) == 1 and t["attack_prompts"][0].endswith(FORGET[0]) for t in saved["robust"]
     )
-    assert saved["robust_best"]["hookpoints"] == [BLOCK, ATTN]
+    assert search.robust_hookpoints(saved["robust_best"]) == [BLOCK, ATTN]
     assert eraser.active_hookpoints("red") == [BLOCK]
     assert sorted(eraser.active_hookpoints("red", robust=True)) == sorted([BLOCK, ATTN])
+    at_attn = eraser.hookpoints[ATTN].library.selection_defaults("red")
+    assert (at_attn.percentile, at_attn.gamma, at_attn.active, at_attn.robust) == (99.9, -1.0, False, True)
+    # the robust mode installs the lighter setting there, the default mode does not touch it
+    resolved = eraser.resolve("red", robust=True)
+    assert set(resolved) == {BLOCK, ATTN} and set(eraser.resolve("red")) == {BLOCK}
+    assert (resolved[ATTN][0].percentile, resolved[ATTN][0].gamma) == (99.9, -1.0)
+    assert (resolved[BLOCK][0].percentile, resolved[BLOCK][0].gamma) == (99.0, -2.0)
     seen.clear()
     quiet_tune(eraser, pipe, always(1), space, tmp_path)  # everything reused
     assert seen == []
     space.robust_iterations = 3  # another budget: attacked again
     quiet_tune(eraser, pipe, always(1), space, tmp_path)
-    assert len(seen) == 2
+    assert len(seen) == 3
     # beyond the tolerance the robust mode stays at the winner's hookpoints
     assert (
         search.robust_choice([{"score": 1.0, "ua_attack": 0.3}, {"score": 0.9, "ua_attack": 1.0}], 0.05)[

@@ -7,6 +7,7 @@ tuners' robustness stage does).
 
 from .soft_prompt import (
     AttackConfig,
+    Guidance,
     attack_loss,
     generate_from_embeds,
     masked_edits,
@@ -17,6 +18,7 @@ from .unlearndiffatk import project_to_simplex, typed_attacks, unlearndiffatk
 
 __all__ = [
     "AttackConfig",
+    "Guidance",
     "attack_loss",
     "generate_from_embeds",
     "masked_edits",

@@ -26,6 +26,47 @@ from torch import Tensor
 
 
 @dataclass
+class Guidance:
+    """The sampler's guidance, for defences that act in it rather than in the UNet (negative prompting,
+    SLD): the attack's loss is then on the *guided* noise prediction the sampler uses,
+    ``ε_u + w·(ε_c − ε_u)`` with ``ε_u`` from ``negative`` (the negative prompt's embeddings), minus
+    SLD's safety term when ``safety`` is given. Without it an attacker would optimise a prediction the
+    defence never uses, and the attack would not be adaptive.
+
+    SLD (Schramowski et al., Eqs. 3-6): ``(ε_s − ε_u)·μ`` is subtracted from the guidance direction,
+    with ``μ = clamp(s_S·|ε_c − ε_s|, max=1)`` where ``ε_c − ε_s < λ`` (0 elsewhere) and ``ε_s`` from
+    the safety concept's embeddings. Its momentum and warm-up depend on the sampling trajectory, which a
+    one-step loss does not see; they are left out (the term applies at every t).
+    """
+
+    scale: float
+    """w, the sampler's guidance scale."""
+    negative: Tensor
+    """Embeddings [1, L, D] of the unconditional branch (the negative prompt, or the empty prompt)."""
+    safety: Tensor | None = None
+    """SLD's safety-concept embeddings [1, L, D] (None: no safety term)."""
+    safety_scale: float = 1000.0
+    """s_S (SLD's ``sld_guidance_scale``)."""
+    safety_threshold: float = 0.01
+    """λ (SLD's ``sld_threshold``)."""
+
+    def apply(self, unet: Any, xt: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """The guided prediction from the conditional one ``cond`` (the gradient flows through it)."""
+        n = len(xt)
+        with torch.no_grad():
+            uncond = unet(xt, t, encoder_hidden_states=self.negative.expand(n, -1, -1)).sample.float()
+        direction = cond - uncond
+        if self.safety is not None:
+            with torch.no_grad():
+                safe = unet(xt, t, encoder_hidden_states=self.safety.expand(n, -1, -1)).sample.float()
+            gap = cond - safe
+            mu = torch.clamp(gap.abs() * self.safety_scale, max=1.0)
+            mu = torch.where(gap >= self.safety_threshold, torch.zeros_like(mu), mu)
+            direction = direction - (safe - uncond) * mu
+        return uncond + self.scale * direction
+
+
+@dataclass
 class AttackConfig:
     """Budget and optimiser of one attack (recorded with its results)."""
 
@@ -43,6 +84,9 @@ class AttackConfig:
     """Iterations after which the prompt is kept in ``snapshots`` (0: the start), for UA-vs-budget curves."""
     snapshots: dict[int, Any] = field(default_factory=dict)
     """Filled by the attack: iteration → the prompt embeddings after it (CPU copies)."""
+    guidance: Guidance | None = None
+    """The loss on the sampler's guided prediction (defences acting in the guidance); None: on the
+    conditional prediction, as UnlearnDiffAtk (the defence is in the UNet)."""
 
 
 @contextlib.contextmanager
@@ -109,8 +153,10 @@ def attack_step(
     """One optimiser step on the attack loss of a fresh draw; records the loss in ``cfg.losses``.
     False when no gradient reaches the prompt (every path masked): the attacker is blind, nothing moves."""
     xt, t, noise = _noised(targets, scheduler, cfg.batch, gen)
-    pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample
-    loss = torch.nn.functional.mse_loss(pred.float(), noise)
+    pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample.float()
+    if cfg.guidance is not None:
+        pred = cfg.guidance.apply(unet, xt, t, pred)
+    loss = torch.nn.functional.mse_loss(pred, noise)
     cfg.losses.append(float(loss.detach()))
     if not loss.requires_grad:
         return False
@@ -121,11 +167,20 @@ def attack_step(
 
 
 @torch.no_grad()
-def attack_loss(pipe: Any, embeds: Tensor, targets: Tensor, draws: int = 32, seed: int = 12_345) -> float:
+def attack_loss(
+    pipe: Any,
+    embeds: Tensor,
+    targets: Tensor,
+    draws: int = 32,
+    seed: int = 12_345,
+    guidance: Guidance | None = None,
+) -> float:
     """The attack's loss on a fixed set of ``draws`` (target, t, ε), to compare prompts fairly."""
     xt, t, noise = _noised(targets, pipe.scheduler, draws, torch.Generator().manual_seed(seed))
-    pred = pipe.unet(xt, t, encoder_hidden_states=embeds.expand(draws, -1, -1)).sample
-    return float(torch.nn.functional.mse_loss(pred.float(), noise))
+    pred = pipe.unet(xt, t, encoder_hidden_states=embeds.expand(draws, -1, -1)).sample.float()
+    if guidance is not None:
+        pred = guidance.apply(pipe.unet, xt, t, pred)
+    return float(torch.nn.functional.mse_loss(pred, noise))
 
 
 def soft_prompt_attack(
@@ -190,6 +245,7 @@ def generate_from_embeds(
 
 __all__ = [
     "AttackConfig",
+    "Guidance",
     "attack_loss",
     "generate_from_embeds",
     "masked_edits",

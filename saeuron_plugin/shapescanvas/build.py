@@ -15,8 +15,9 @@
    by the share of forget images that are a clean image of another concept, then by the margin.
    The winners are saved as the concept's selection defaults (the hookpoint choice as ``active``
    flags).
-5. a robustness stage (``robust_attacks``): the winner at its hookpoints and at every hookpoint
-   holding the concept, each attacked with UnlearnDiffAtk (gradients through the edit) on captions,
+5. a robustness stage (``robust_attacks``): the winner at its hookpoints, and with every other
+   hookpoint holding the concept added (at the winner's setting, or at a lighter one of
+   ``robust_extras``), each attacked with UnlearnDiffAtk (gradients through the edit) on captions,
    targets and seeds of its own (never the robustness benchmark's); the most resistant set whose
    validation score is within ``robust_tolerance`` of the winner's becomes the concept's *robust
    mode* (``robust`` flags; ``unlearn(..., robust=True)``). The default mode stays the winner.
@@ -46,6 +47,7 @@ from ..sae.store import ActivationStore
 from ..sae.train import TrainConfig, Trainer
 from ..tuning.search import (
     DOMAIN_CONTRAST,
+    ROBUST_EXTRAS,
     SEARCH_FILE,
     SearchSpace,
     TuneConfig,
@@ -229,6 +231,8 @@ class BundleConfig:
     """UnlearnDiffAtk's steps in the robustness stage (its published budget: 40)."""
     robust_tolerance: float = 0.05
     """The robust mode may cost at most this much validation score (mean of UA, IRA, CRA)."""
+    robust_extras: tuple[tuple[float, float], ...] = ROBUST_EXTRAS
+    """Robustness stage: lighter (percentile, γ) settings tried at the hookpoints beyond the winner's."""
     from_bundle: str | None = None
     """Skip steps 1-3: take the SAEs and statistics of this bundle (folder or Hub repo) and reuse its
     ``search.json`` trials where the recipe matches (re-tuning a bundle's defaults)."""
@@ -516,6 +520,7 @@ def search_space(name: str, cfg: BundleConfig) -> SearchSpace:
         robust_attacks=cfg.robust_attacks,
         robust_iterations=cfg.robust_iterations,
         robust_tolerance=cfg.robust_tolerance,
+        robust_extras=cfg.robust_extras,
         attack_images=ATTACK_IMAGES,
     )
 

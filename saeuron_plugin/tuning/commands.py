@@ -16,6 +16,7 @@ from .search import (
     TuningError,
     judge_domain,
     read_search,
+    robust_hookpoints,
     tune_concept,
 )
 
@@ -138,7 +139,7 @@ def tune(args: argparse.Namespace) -> int:
     }
     for name, r in robust.items():
         print(
-            f"{name:12s} robust mode: {len(r['hookpoints'])} hookpoint(s), UA under attack "
+            f"{name:12s} robust mode: {len(robust_hookpoints(r))} hookpoint(s), UA under attack "
             f"{100 * r['ua_attack']:.1f} %"
         )
     print(json.dumps({"out": str(out), "best": best, "robust": robust}))

@@ -19,11 +19,12 @@ validation images and keeps the best as the concept's defaults in the bundle:
   at each α, on stage 1's images, ranked by the score, then by *clean flips* (forget images the judge
   gives another label with probability ≥ 0.9: a clean image of something else, not debris), then by
   the margin;
-* with ``robust_attacks``, a robustness stage attacks the winner at its hookpoints and at every
-  hookpoint holding the concept with UnlearnDiffAtk (gradients through the edit) on that many of the
-  task's attack prompts, else its forget prompts (targets from the untouched model at their own
-  seeds); the most resistant of them whose validation score is within ``robust_tolerance`` of the
-  winner's becomes the concept's *robust mode*
+* with ``robust_attacks``, a robustness stage attacks the winner at its hookpoints, and the winner
+  plus every other hookpoint holding the concept (there with the winner's own setting and with each
+  lighter setting of ``robust_extras``), with UnlearnDiffAtk (gradients through the edit) on that
+  many of the task's attack prompts, else its forget prompts (targets from the untouched model at
+  their own seeds); the most resistant of them whose validation score is within ``robust_tolerance``
+  of the winner's becomes the concept's *robust mode*
   (``unlearn(..., robust=True)``); the default mode stays the winner. It needs a Stable Diffusion
   style pipeline (``tokenizer``, ``text_encoder``, ``unet``, ``scheduler``);
 * every trial is appended to ``search.json`` (section ``tune``) in the bundle folder as it finishes
@@ -38,10 +39,11 @@ recipe over this search: a :class:`TuneTask` with labelled validation sets and a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
 }
 """Per ``--budget``: the grid, the validation size (prompts: forget and as many retain prompts) and the
 stage-2 finalists."""
+ROBUST_EXTRAS: tuple[tuple[float, float], ...] = ((99.8, -2.0), (99.9, -1.0))
+"""The robustness stage's lighter settings (percentile, γ) at the extra hookpoints (see
+``SearchSpace.robust_extras``; chosen on striped, ``examples/experiments/robust_extras.py``)."""
 
 
 class TuningError(SAeUronError, ValueError):
@@ -111,6 +116,10 @@ class SearchSpace:
     """UnlearnDiffAtk's steps per attack (its published budget: 40)."""
     robust_tolerance: float = 0.05
     """The robust mode may cost at most this much validation score."""
+    robust_extras: tuple[tuple[float, float], ...] = ROBUST_EXTRAS
+    """Robustness stage: (percentile, γ) settings tried at the *extra* hookpoints (those holding the
+    concept beyond the winner's), besides the winner's own setting there. A lighter edit where the
+    concept is not the tuned target often holds as well and costs less retention."""
     attack_images: int = 8
     """Target images per attacked prompt, and images judged per typed prompt."""
 
@@ -370,6 +379,7 @@ def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
         float(trial["gamma"]),
         trial.get("target"),
         float(trial.get("target_scale", 1.0)),
+        json.dumps(trial.get("extra"), sort_keys=True),
     )
 
 
@@ -500,17 +510,29 @@ class _ConceptRun:
     def save(self) -> None:
         _write_search(self.folder, self.search)
 
-    def unlearn(self, setting: dict[str, Any]) -> Any:
-        """``setting`` applied to the pipeline, at its hookpoints (a context manager)."""
-        ablation = ConceptAblation(
-            self.task.concept,
-            percentile=setting["percentile"],
-            gamma=setting["gamma"],
-            contrast=self.contrast(setting["contrast"]),
-            target=setting.get("target") or "",
-            target_scale=float(setting.get("target_scale", 1.0)),
-        )
-        return self.eraser.unlearn(self.pipe, [ablation], hookpoints=setting["hookpoints"])
+    @contextlib.contextmanager
+    def unlearn(self, setting: dict[str, Any]) -> Iterator[None]:
+        """``setting`` applied to the pipeline at its hookpoints, and its ``extra`` hookpoints (a robust
+        candidate's) with their own percentile and γ."""
+
+        def ablation(percentile: float, gamma: float) -> ConceptAblation:
+            return ConceptAblation(
+                self.task.concept,
+                percentile=percentile,
+                gamma=gamma,
+                contrast=self.contrast(setting["contrast"]),
+                target=setting.get("target") or "",
+                target_scale=float(setting.get("target_scale", 1.0)),
+            )
+
+        extra = setting.get("extra")
+        with contextlib.ExitStack() as stack:
+            main = ablation(setting["percentile"], setting["gamma"])
+            stack.enter_context(self.eraser.unlearn(self.pipe, [main], hookpoints=setting["hookpoints"]))
+            if extra:
+                light = ablation(extra["percentile"], extra["gamma"])
+                stack.enter_context(self.eraser.unlearn(self.pipe, [light], hookpoints=extra["hookpoints"]))
+            yield
 
     def contrast(self, name: str) -> str | list[str]:
         """A searched contrast as the ablation takes it: ``"domain"`` is the bundle's other concepts
@@ -568,7 +590,7 @@ def tune_concept(
         decided = "replace"
     robust = _robust_stage(run, space, best, decided) if space.robust_attacks > 0 else None
     contrast = run.contrast(best["contrast"])
-    write_defaults(eraser, task.concept, best, contrast, None if robust is None else robust["hookpoints"])
+    write_defaults(eraser, task.concept, best, contrast, robust)
     run.entry["best"] = best
     run.entry.pop("robust_best", None)  # a robust mode of an earlier run would outlive its defaults
     if robust is not None:
@@ -582,27 +604,37 @@ def write_defaults(
     concept: str,
     trial: Mapping[str, Any],
     contrast: str | list[str],
-    robust: Sequence[str] | None = None,
+    robust: Mapping[str, Any] | None = None,
 ) -> None:
     """Make ``trial``'s setting ``concept``'s defaults at every hookpoint holding it: active at the
-    trial's hookpoints, and in the robust mode at ``robust`` (None: no robust mode of its own).
+    trial's hookpoints; ``robust`` (the robustness stage's pick; None: no robust mode of its own)
+    marks where the robust mode ablates, its ``extra`` hookpoints with their own percentile and γ
+    (those hookpoints are inactive in the default mode, so it does not change).
 
     The contrast is always written: a re-tuned bundle may hold another winner's contrast.
     """
+    extra = (robust or {}).get("extra") or {}
+    robust_at = None if robust is None else set(robust_hookpoints(robust))
     for hp in eraser.hookpoints:
         if concept in eraser.hookpoints[hp].library:
+            setting = extra if hp in extra.get("hookpoints", ()) else trial
             eraser.set_defaults(
                 concept,
                 hookpoints=[hp],
-                percentile=trial["percentile"],
+                percentile=setting["percentile"],
                 top_n=None,
-                gamma=trial["gamma"],
+                gamma=setting["gamma"],
                 contrast=contrast,
                 target=trial.get("target"),
                 target_scale=float(trial.get("target_scale", 1.0)),
                 active=hp in trial["hookpoints"],
-                robust=None if robust is None else hp in robust,
+                robust=None if robust_at is None else hp in robust_at,
             )
+
+
+def robust_hookpoints(trial: Mapping[str, Any]) -> list[str]:
+    """Every hookpoint a robustness-stage trial ablates at: its own and its ``extra`` ones."""
+    return [*trial["hookpoints"], *(trial.get("extra") or {}).get("hookpoints", ())]
 
 
 def _robust_stage(run: _ConceptRun, space: SearchSpace, best: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -616,9 +648,16 @@ def _robust_stage(run: _ConceptRun, space: SearchSpace, best: dict[str, Any], st
     task = run.task
     held_at = run.eraser.where(task.concept)
     candidates = [best]
-    if set(held_at) != set(best["hookpoints"]):
-        wide = {**{k: best[k] for k in SETTING_KEYS if k in best}, "hookpoints": list(held_at)}
-        candidates += _Stage(run, stage).judge([wide])
+    extra_at = [hp for hp in held_at if hp not in best["hookpoints"]]
+    if extra_at:
+        setting = {k: best[k] for k in SETTING_KEYS if k in best}
+        wide = [{**setting, "hookpoints": list(held_at)}]  # the winner's setting everywhere
+        wide += [  # the winner at its hookpoints, a lighter edit at the others
+            {**setting, "extra": {"hookpoints": extra_at, "percentile": float(p), "gamma": float(g)}}
+            for p, g in dict.fromkeys((float(p), float(g)) for p, g in space.robust_extras)
+            if (p, g) != (float(best["percentile"]), float(best["gamma"]))
+        ]
+        candidates += _Stage(run, stage).judge(wide)
     prompts = list((task.attack_prompts or task.forget)[: space.robust_attacks])
     budget = {  # what an attack trial depends on beyond its setting
         "attacks": space.robust_attacks,
@@ -656,15 +695,20 @@ def _robust_stage(run: _ConceptRun, space: SearchSpace, best: dict[str, Any], st
             run.save()
     chosen = robust_choice([done[_key(c)] for c in candidates], space.robust_tolerance)
     own = done[_key(best)]["ua_attack"]
+    extra = chosen.get("extra")
+    lighter = (
+        f" (p {extra['percentile']:g}, γ {extra['gamma']:g} at {len(extra['hookpoints'])})" if extra else ""
+    )
     run.log(
-        f"{task.concept} robust mode: {len(chosen['hookpoints'])} hookpoint(s), UA under attack "
-        f"{100 * chosen['ua_attack']:.1f} % (at the winner's own: {100 * own:.1f} %)"
+        f"{task.concept} robust mode: {len(robust_hookpoints(chosen))} hookpoint(s){lighter}, UA under "
+        f"attack {100 * chosen['ua_attack']:.1f} % (at the winner's own: {100 * own:.1f} %)"
     )
     return chosen
 
 
 __all__ = [
     "BUDGETS",
+    "ROBUST_EXTRAS",
     "SEARCH_FILE",
     "SearchSpace",
     "TuneConfig",
@@ -678,6 +722,7 @@ __all__ = [
     "read_search",
     "replacement_rank",
     "robust_choice",
+    "robust_hookpoints",
     "tune_concept",
     "ua_under_attack",
     "write_defaults",
