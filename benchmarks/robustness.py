@@ -84,7 +84,14 @@ CURVE = (0, 5, 10, 20, 40)
 EVAL_SEEDS = range(100, 108)
 RETAIN_CAPTIONS = 8
 GEN_KW = {"num_inference_steps": 25, "guidance_scale": 5.0}
-ATTACKS = {"ua_unlearndiffatk": "unlearndiffatk", "ua_adaptive": "soft_prompt", "ua_transfer": "transfer"}
+ATTACKS = {
+    "ua_unlearndiffatk": "unlearndiffatk",
+    "ua_typed_worst": "typed_worst_case",
+    "ua_adaptive": "soft_prompt",
+    "ua_transfer": "transfer",
+}
+"""Row field → the attack's name under ``methods``; ``typed_worst_case`` is per concept the lower of
+the clean caption's UA and UnlearnDiffAtk's (an attacker keeps whichever prompt works)."""
 SUMMED = ("ua_clean", *ATTACKS, "ira", "cra")
 
 
@@ -148,20 +155,22 @@ def attack_row(pipe, targets, init, caption, ua, args, handle=None, transfer=Non
                 AttackConfig(iterations=args.iterations, lr=args.lr, batch=8, seed=args.seed),
             )
         row["ua_masked"] = judged(masked)
-    row |= typed_row(pipe, targets, caption, args, guidance, lambda prompt: judged(encoded(pipe, prompt)))
-    return row
+    return row | typed_row(
+        pipe, targets, caption, args, guidance, lambda prompt: judged(encoded(pipe, prompt)), row["ua_clean"]
+    )
 
 
 def encoded(pipe, prompt: str) -> torch.Tensor:
     return pipe.encode_prompt(prompt, "cpu", 1, False)[0]
 
 
-def typed_row(pipe, targets, caption, args, guidance, judge_prompt) -> dict:
+def typed_row(pipe, targets, caption, args, guidance, judge_prompt, clean: float) -> dict:
     """UnlearnDiffAtk's typed prompt against ``pipe`` (loss through ``guidance`` when the defence acts
-    there) and its UA, ``judge_prompt(prompt)``."""
+    there), its UA (``judge_prompt(prompt)``) and the worst case with the clean caption's UA."""
     cfg = AttackConfig(iterations=args.iterations, lr=1e-2, batch=8, seed=args.seed, guidance=guidance)
     prompt = unlearndiffatk(pipe, targets, caption, cfg, prefix_tokens=5)
-    return {"unlearndiffatk_prompt": prompt, "ua_unlearndiffatk": judge_prompt(prompt)}
+    typed = judge_prompt(prompt)
+    return {"unlearndiffatk_prompt": prompt, "ua_unlearndiffatk": typed, "ua_typed_worst": min(clean, typed)}
 
 
 def sld_row(pipe, run: BaselineRun, targets, caption, ua, args) -> dict:
@@ -184,8 +193,8 @@ def sld_row(pipe, run: BaselineRun, targets, caption, ua, args) -> dict:
         safety_scale=kw["sld_guidance_scale"],
         safety_threshold=kw["sld_threshold"],
     )
-    row = {"ua_clean": judge_prompt(caption)}
-    return row | typed_row(run.pipe, targets, caption, args, guidance, judge_prompt)
+    clean = judge_prompt(caption)
+    return {"ua_clean": clean} | typed_row(run.pipe, targets, caption, args, guidance, judge_prompt, clean)
 
 
 def describe(row: dict) -> str:
@@ -249,16 +258,17 @@ def markdown(blob: dict) -> str:
         f"{proto['targets']} target images, {proto['eval_images']} judged images per prompt; "
         f"retention: {proto['retention']}. Baselines: {json.dumps(proto['baselines'])}.",
         "",
-        "| method | domain | concepts | clean | UnlearnDiffAtk (typed) | soft prompt (adaptive) | transfer "
-        "| IRA | CRA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | domain | concepts | clean | UnlearnDiffAtk (typed) | typed, worst case | soft prompt "
+        "(adaptive) | transfer | IRA | CRA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods:
         for domain, r in blob["methods"][m].items():
             a = r["ua_attack"]
             lines.append(
                 f"| {LABELS.get(m, m)} | {domain} | {r['concepts']} | {r['ua_clean']:.1f} | "
-                f"{cell(a, 'unlearndiffatk')} | {cell(a, 'soft_prompt')} | {cell(a, 'transfer')} | "
+                f"{cell(a, 'unlearndiffatk')} | {cell(a, 'typed_worst_case')} | {cell(a, 'soft_prompt')} | "
+                f"{cell(a, 'transfer')} | "
                 f"{r['ira']:.1f} | {r['cra']:.1f} |"
             )
     lines += [

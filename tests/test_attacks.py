@@ -249,7 +249,7 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
         assert blob["protocol"]["baselines"][method] == {"red": saved_setting(method, "red")}
     sld = blob["sld"]["red"]  # text prompts only: the typed attack, through SLD's guidance
     assert "ua_adaptive" not in sld and sld["unlearndiffatk_prompt"].endswith("a red square in solid style")
-    assert set(blob["methods"]["sld"]["colors"]["ua_attack"]) == {"unlearndiffatk"}
+    assert set(blob["methods"]["sld"]["colors"]["ua_attack"]) == {"unlearndiffatk", "typed_worst_case"}
     for method in methods:
         row = blob[method]["red"]
         assert set(row["curve_adaptive"]) == {"0"} and 0 <= row["ua_adaptive"] <= 100
@@ -258,7 +258,8 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
     for method in methods:  # transfer and retention under the same settings, per domain too
         row, colors = blob[method]["red"], blob["methods"][method]["colors"]
         assert 0 <= row["ua_transfer"] <= 100 and 0 <= row["ira"] <= 100 and 0 <= row["cra"] <= 100
-        assert set(colors["ua_attack"]) == {"unlearndiffatk", "soft_prompt", "transfer"}
+        assert set(colors["ua_attack"]) == {"unlearndiffatk", "typed_worst_case", "soft_prompt", "transfer"}
+        assert colors["ua_attack"]["typed_worst_case"] == min(row["ua_clean"], row["ua_unlearndiffatk"])
         assert colors["ua_clean"] == row["ua_clean"] and colors["concepts"] == 1
     assert out.with_suffix(".png").stat().st_size > 0
     text = out.with_suffix(".md").read_text()
