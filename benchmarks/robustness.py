@@ -411,6 +411,13 @@ def main(argv: list[str] | None = None) -> None:
                 row |= retention(pipe, judge, concept, domain, active)
             rows[method][concept] = {"domain": domain, "caption": caption, **row}
             print(f"{concept:9s} ({domain}) {method}: {describe(row)}", flush=True)
+        save(args, run, eraser, settings, rows, time.perf_counter() - start)
+
+
+def save(args, run: str, eraser, settings: dict, rows: dict, seconds: float) -> None:
+    """Write the JSON, Markdown and curve of the concepts measured so far (after each concept: an
+    interrupted run keeps what it measured; ``protocol.concepts_done`` says how far it got)."""
+    done = [c for c in args.concepts if c in rows["saeuron"]]
     protocol = {
         "run": " | ".join(line.split(":", 1)[1].strip() for line in run.splitlines()),
         "attack": "soft prompt (prompt_embeds), UnlearnDiffAtk loss",
@@ -427,18 +434,27 @@ def main(argv: list[str] | None = None) -> None:
         "seed": args.seed,
         "bundle": "checkpoints/shapescanvas-saeuron",
         "hookpoints": {
-            "saeuron": {c: eraser.active_hookpoints(c) for c in args.concepts},
-            "saeuron_robust": {c: eraser.active_hookpoints(c, robust=True) for c in args.concepts},
+            "saeuron": {c: eraser.active_hookpoints(c) for c in done},
+            "saeuron_robust": {c: eraser.active_hookpoints(c, robust=True) for c in done},
+        },
+        "robust_settings": {  # (percentile, γ) per hookpoint of the robust mode (lighter at the extra ones)
+            c: {
+                hp: [d.percentile, d.gamma]
+                for hp in eraser.active_hookpoints(c, robust=True)
+                for d in [eraser.hookpoints[hp].library.selection_defaults(c)]
+            }
+            for c in done
         },
         "curve_iterations": [i for i in CURVE if i <= args.iterations],
         "baselines": {m: settings.get(m, "presets of the unlearning benchmark") for m in args.baselines},
-        "seconds": round(time.perf_counter() - start),
+        "concepts_done": f"{len(done)} of {len(args.concepts)}",
+        "seconds": round(seconds),
     }
     blob = {"protocol": protocol, "methods": domain_means(rows), **rows}
     Path(args.out).write_text(json.dumps(blob, indent=1) + "\n")
     Path(args.out).with_suffix(".md").write_text(markdown(blob))
     plot_curves(rows, Path(args.out).with_suffix(".png"))
-    print(f"wrote {args.out} ({protocol['seconds']} s)")
+    print(f"wrote {args.out} ({protocol['concepts_done']} concepts, {protocol['seconds']} s)", flush=True)
 
 
 if __name__ == "__main__":

@@ -266,6 +266,9 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
     assert "| SAeUron, robust mode | colors | 1 |" in text and "| red | UCE |" in text
     assert "| SLD | colors | 1 |" in text and "n/a" in text and "| red | negative prompt |" in text
     assert "commit" in blob["protocol"]["run"] and "cores" in blob["protocol"]["run"]  # how it ran
+    assert blob["protocol"]["concepts_done"] == "1 of 1"  # written after each concept
+    robust_at = blob["protocol"]["robust_settings"]["red"]
+    assert sorted(robust_at) == sorted(blob["protocol"]["hookpoints"]["saeuron_robust"]["red"])
 
 
 def test_saeuron_attack_command_on_the_shipped_model(tmp_path, capsys):
