@@ -42,6 +42,14 @@ def load(threads: int) -> tuple[Any, Any, SAeUron]:
     )
 
 
+def setup_experiment(parser: Any, folder: Path) -> tuple[Any, Any, Any, SAeUron, Path, dict[str, Any]]:
+    """An experiment's preamble: ``parser`` (plus ``--threads``) parsed, the default pipeline, judge and
+    bundle loaded, and ``folder``'s earlier results: ``(args, pipe, judge, eraser, out, results)``."""
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    return (args, *load(args.threads), *saved_results(folder))
+
+
 @dataclass
 class ConceptCase:
     """One concept under attack: training captions (targets from seeds 1000+) and the held-out one."""

@@ -19,7 +19,7 @@ import argparse
 import json
 import time
 
-from _attack_setup import ROOT, attack_row, concept_case, describe, load, saved_results
+from _attack_setup import ROOT, attack_row, concept_case, describe, setup_experiment
 
 from saeuron_plugin import ConceptAblation
 
@@ -53,10 +53,7 @@ def main() -> None:
     parser.add_argument("--target", default=None, help="replace with this concept (one concept at a time)")
     parser.add_argument("--target-scale", type=float, default=1.0)
     parser.add_argument("--sets", nargs="+", default=None, help="only these named hookpoint sets")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    pipe, judge, eraser = load(args.threads)
-    out, results = saved_results(OUT)
+    args, pipe, judge, eraser, out, results = setup_experiment(parser, OUT)
     for concept in args.concepts:
         case = concept_case(pipe, judge, concept)
         spec = ConceptAblation(concept, target=args.target, target_scale=args.target_scale)

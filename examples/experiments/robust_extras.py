@@ -17,7 +17,7 @@ import contextlib
 import json
 import time
 
-from _attack_setup import ROOT, attack_row, concept_case, describe, load, saved_results
+from _attack_setup import ROOT, attack_row, concept_case, describe, setup_experiment
 
 from saeuron_plugin import ConceptAblation
 
@@ -28,10 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concepts", nargs="+", default=["striped"])
     parser.add_argument("--extras", nargs="+", default=["none", "same", "99.8:-2", "99.9:-1"])
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    pipe, judge, eraser = load(args.threads)
-    out, results = saved_results(OUT)
+    args, pipe, judge, eraser, out, results = setup_experiment(parser, OUT)
     for concept in args.concepts:
         case = concept_case(pipe, judge, concept)
         tuned = eraser.active_hookpoints(concept)
