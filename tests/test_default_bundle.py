@@ -513,6 +513,8 @@ def test_the_robustness_stage_tries_lighter_extras_and_stores_them_for_the_robus
         at = {hp: erased.hookpoints[hp].library.selection_defaults("cross") for hp in everywhere}
         assert (at[a].percentile, at[a].gamma) == (99.0, -6.0)
         assert all((at[hp].percentile, at[hp].gamma) == (99.9, -1.0) for hp in others)
+        row = next(line for line in erased.model_card().splitlines() if line.startswith("| cross |"))
+        assert f"`{a}` ✓" in row and "(robust: γ=-1, p=99.9)" in row and "γ=-6, p=99.0 |" in row
     calls.clear()
     _search(eraser, cfg, ["cross"], tmp_path)
     assert calls == []  # every trial, the lighter one included, is reused

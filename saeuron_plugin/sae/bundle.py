@@ -683,7 +683,9 @@ class SaeBundle:
         ]
         for name in self.concepts:
             where = self.where(name)
-            lib = self.hookpoints[where[0]].library
+            # the defaults shown are those of the default mode (a robust-only hookpoint may be lighter)
+            active = [w for w in where if self.hookpoints[w].library.selection_defaults(name).active]
+            lib = self.hookpoints[(active or where)[0]].library
             d = lib.selection_defaults(name)
             sel = f"top {d.top_n}" if d.top_n is not None else f"p={d.percentile}"
             if d.target:
@@ -691,8 +693,11 @@ class SaeBundle:
             marks = []
             for w in where:
                 here = self.hookpoints[w].library.selection_defaults(name)
-                robust_only = here.ablated(robust=True) and not here.active
-                marks.append(f"`{w}`" + (" ✓" if here.active else "") + (" (robust)" if robust_only else ""))
+                robust = ""
+                if here.ablated(robust=True) and not here.active:
+                    own = (here.percentile, here.top_n, here.gamma) != (d.percentile, d.top_n, d.gamma)
+                    robust = f" (robust: γ={here.gamma:g}, p={here.percentile})" if own else " (robust)"
+                marks.append(f"`{w}`" + (" ✓" if here.active else "") + robust)
             lines.append(
                 f"| {name} | {', '.join(marks)} | {lib.get(name).num_prompts} | "
                 f"{d.rule} γ={d.gamma:g}, {sel} |"
