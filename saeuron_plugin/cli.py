@@ -137,6 +137,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.robustness:
+        from .benchmark import robustness
+
+        robustness.run_from_args(robustness.from_eval_args(args))
+        return 0
     from .benchmark.unlearning import run_from_args
 
     run_from_args(args, "saeuron eval " + " ".join(sys.argv[2:]))
@@ -213,7 +218,7 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         _lazy(_DIFF, "generate"),
     ),  # type: ignore[dict-item]
     "eval": (
-        "the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA)",
+        "the unlearning benchmark on ShapesCanvas: SAeUron vs baselines (UA/IRA/CRA; --robustness: attacked)",
         _lazy(".benchmark.unlearning", "add_args"),
         _eval,
     ),  # type: ignore[dict-item]

@@ -225,13 +225,8 @@ def test_an_attack_on_negative_prompting_optimises_the_guided_loss(setup):
 def test_robustness_benchmark_smoke(tmp_path, capsys):
     """The benchmark end to end on the shipped model: 1 concept, 2 iterations, 4 steps; the bundle at its
     tuned hookpoints and in its robust mode, and UCE at its equal-tuning setting, attacked too."""
-    import sys
+    from saeuron_plugin.benchmark import robustness
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-    try:
-        import robustness
-    finally:
-        sys.path.pop(0)
     out = tmp_path / "robustness.json"
     robustness.main(
         [
@@ -269,6 +264,27 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
     assert blob["protocol"]["concepts_done"] == "1 of 1"  # written after each concept
     robust_at = blob["protocol"]["robust_settings"]["red"]
     assert sorted(robust_at) == sorted(blob["protocol"]["hookpoints"]["saeuron_robust"]["red"])
+
+
+def test_saeuron_eval_robustness_runs_the_same_benchmark(tmp_path, monkeypatch):
+    """``saeuron eval --robustness`` maps the unlearning benchmark's options onto this one's: the other
+    methods are the attacked baselines, the first seed the attack seed, the output in ``--out``."""
+    from saeuron_plugin.benchmark import robustness
+    from saeuron_plugin.cli import main
+
+    seen = {}
+    monkeypatch.setattr(robustness, "run_from_args", lambda args: seen.setdefault("args", args))
+    argv = "eval --robustness --methods saeuron uce sld --concepts star red --seeds 3 --iterations 7"
+    assert main([*argv.split(), "--out", str(tmp_path), "--steps", "4"]) == 0
+    args = seen["args"]
+    assert (args.baselines, args.concepts, args.seed, args.iterations, args.steps) == (
+        ["uce", "sld"],
+        ["star", "red"],
+        3,
+        7,
+        4,
+    )
+    assert args.out == str(tmp_path / "robustness.json") and args.bundle == robustness.BUNDLE
 
 
 def test_saeuron_attack_command_on_the_shipped_model(tmp_path, capsys):

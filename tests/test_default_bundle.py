@@ -192,13 +192,8 @@ def test_tune_tasks_judge_labelled_validation_sets():
     assert stage2.n_forget == len(sc.STYLES) * len(sc.COLORS)  # every caption of the object
     assert min(stage2.seeds) >= B.REFINE_SEED and max(stage1.seeds + stage2.seeds) < 50_000  # not test
     assert task.attack_prompts[0] == "a green cross in striped style" and task.robust_seed == B.ATTACK_SEED
-    import sys
+    from saeuron_plugin.benchmark import robustness
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import robustness
-    finally:
-        sys.path.pop(0)
     benchmark = set(robustness.CAPTION.values())
     assert len(benchmark) == 3 and not benchmark & {c for cs in B.ATTACK_CAPTIONS.values() for c in cs}
 

@@ -5,24 +5,21 @@ benchmark's held-out caption, their target latents and a UA function."""
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from saeuron_plugin import SAeUron
+from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, target_latents, unlearndiffatk
+from saeuron_plugin.benchmark import robustness as rb
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas.build import ATTACK_CAPTIONS, load_default
+from saeuron_plugin.tuning import load_judge
+from saeuron_plugin.tuning.search import forget_percent
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-import robustness as rb  # noqa: E402
-
-from saeuron_plugin import SAeUron  # noqa: E402
-from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, target_latents, unlearndiffatk  # noqa: E402
-from saeuron_plugin.shapescanvas import data as sc  # noqa: E402
-from saeuron_plugin.shapescanvas.build import ATTACK_CAPTIONS, load_default  # noqa: E402
-from saeuron_plugin.tuning import load_judge  # noqa: E402
-from saeuron_plugin.tuning.search import forget_percent  # noqa: E402
 
 
 def saved_results(folder: Path) -> tuple[Path, dict[str, Any]]:

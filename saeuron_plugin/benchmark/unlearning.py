@@ -628,6 +628,13 @@ def add_args(p: Any) -> None:
         help="the SAeUron bundle measured (e.g. one `saeuron build recipes/shapescanvas.toml` made)",
     )
     p.add_argument(
+        "--robustness",
+        action="store_true",
+        help="run the robustness benchmark instead (adaptive attacks on SAeUron, its robust mode and the "
+        "baselines of --methods; writes <out>/robustness.{json,md,png})",
+    )
+    p.add_argument("--iterations", type=int, default=40, help="--robustness: attack iterations")
+    p.add_argument(
         "--grids-only",
         action="store_true",
         help="only (re)write <out>/grids/<method>.png, with the saved tuned settings (nothing is tuned "
