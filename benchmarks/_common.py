@@ -10,7 +10,7 @@ import torch
 
 from saeuron_plugin.benchmark.provenance import describe_run
 
-__all__ = ["describe_run", "wall_time"]
+__all__ = ["describe_run", "paired_ratios", "time_call", "time_interleaved", "time_rounds", "wall_time"]
 
 
 def wall_time(fn: Callable[[], object]) -> float:

@@ -262,8 +262,14 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
     assert "| SLD | colors | 1 |" in text and "n/a" in text and "| red | negative prompt |" in text
     assert "commit" in blob["protocol"]["run"] and "cores" in blob["protocol"]["run"]  # how it ran
     assert blob["protocol"]["concepts_done"] == "1 of 1"  # written after each concept
+    from saeuron_plugin import SAeUron
+
+    shipped = SAeUron.from_pretrained("checkpoints/shapescanvas-saeuron")
     robust_at = blob["protocol"]["robust_settings"]["red"]
-    assert sorted(robust_at) == sorted(blob["protocol"]["hookpoints"]["saeuron_robust"]["red"])
+    assert sorted(robust_at) == sorted(shipped.active_hookpoints("red", robust=True))
+    for hp, (percentile, gamma) in robust_at.items():  # the setting each robust hookpoint ablates with
+        d = shipped.hookpoints[hp].library.selection_defaults("red")
+        assert (percentile, gamma) == (d.percentile, d.gamma)
 
 
 def test_saeuron_eval_robustness_runs_the_same_benchmark(tmp_path, monkeypatch):

@@ -198,7 +198,14 @@ def assert_the_shapescanvas_recipe_is_make_bundle(shapes: dict) -> None:
         )
         mine = B.search_space(name, cfg)
         assert space.settings(B.HOOKPOINTS) == mine.settings(B.HOOKPOINTS), name
-        fields = ("refine_top", "target_scales", "robust_attacks", "robust_iterations", "robust_tolerance")
+        fields = (
+            "refine_top",
+            "target_scales",
+            "robust_attacks",
+            "robust_iterations",
+            "robust_tolerance",
+            "robust_extras",
+        )
         assert {f: getattr(space, f) for f in fields} == {f: getattr(mine, f) for f in fields}, name
         assert asdict(build._task(name, 0)) == asdict(B.tune_task(name, cfg)), name
 

@@ -275,12 +275,14 @@ def _fake_search(monkeypatch, eraser, score_of, clean_of=None, attack_of=None):
             B.Setting(tuple(hookpoints), a.percentile, a.gamma, contrast, a.target or None, a.target_scale)
         )
         state["setting"] = installed[0] if len(installed) == 1 else tuple(installed)
-        yield
-        installed.pop()
-        if installed:
-            state["setting"] = installed[0]
-        else:
-            del state["setting"]
+        try:
+            yield
+        finally:
+            installed.pop()
+            if installed:
+                state["setting"] = installed[0]
+            else:
+                del state["setting"]
 
     def generate(pipe, prompts, seeds, cfg):
         stage = "refine" if seeds[0] >= B.REFINE_SEED else "search"

@@ -352,10 +352,12 @@ def test_the_robustness_stage_attacks_each_candidate_and_stores_the_robust_mode(
     def tracking(pipe_, concepts, **kw):
         (spec,) = concepts
         installed.append((tuple(kw["hookpoints"]), spec.percentile, spec.gamma))
-        with real_unlearn(pipe_, concepts, **kw) as handle:
-            assert pipe_.unet is not None and len(handle.hookpoints) == len(kw["hookpoints"])
-            yield handle
-        installed.pop()
+        try:
+            with real_unlearn(pipe_, concepts, **kw) as handle:
+                assert len(handle.hookpoints) == len(kw["hookpoints"])
+                yield handle
+        finally:
+            installed.pop()
 
     real_forget = search.forget_percent
     monkeypatch.setattr(eraser, "unlearn", tracking)

@@ -56,7 +56,15 @@ def main() -> None:
     args, pipe, judge, eraser, out, results = setup_experiment(parser, OUT)
     for concept in args.concepts:
         case = concept_case(pipe, judge, concept)
-        spec = ConceptAblation(concept, target=args.target, target_scale=args.target_scale)
+        # the tuned setting at every set (hookpoints only the robust mode uses may store a lighter one)
+        tuned = eraser.hookpoints[eraser.default_hookpoint(concept)].library.selection_defaults(concept)
+        spec = ConceptAblation(
+            concept,
+            percentile=tuned.percentile,
+            gamma=tuned.gamma,
+            target=args.target,
+            target_scale=args.target_scale,
+        )
         rows = {}
         for name, paths in hookpoint_sets(eraser, concept).items():
             if args.sets and name not in args.sets:

@@ -33,7 +33,7 @@ def main() -> None:
         case = concept_case(pipe, judge, concept)
         tuned = eraser.active_hookpoints(concept)
         extra = [hp for hp in eraser.where(concept) if hp not in tuned]
-        lib = eraser.hookpoints[tuned[0]].library.selection_defaults(concept)
+        lib = eraser.hookpoints[eraser.default_hookpoint(concept)].library.selection_defaults(concept)
         rows = results.setdefault(concept, {})
         for name in args.extras:
             if name in ("none", "same"):

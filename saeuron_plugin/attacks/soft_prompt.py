@@ -52,13 +52,18 @@ class Guidance:
 
     def apply(self, unet: Any, xt: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """The guided prediction from the conditional one ``cond`` (the gradient flows through it)."""
-        n = len(xt)
+        n, dtype = len(xt), cond.dtype
+
+        def branch(embeds: Tensor) -> Tensor:
+            states = embeds.to(xt.device).expand(n, -1, -1)
+            return unet(xt, t, encoder_hidden_states=states).sample.to(dtype)
+
         with torch.no_grad():
-            uncond = unet(xt, t, encoder_hidden_states=self.negative.expand(n, -1, -1)).sample.float()
+            uncond = branch(self.negative)
         direction = cond - uncond
         if self.safety is not None:
             with torch.no_grad():
-                safe = unet(xt, t, encoder_hidden_states=self.safety.expand(n, -1, -1)).sample.float()
+                safe = branch(self.safety)
             gap = cond - safe
             mu = torch.clamp(gap.abs() * self.safety_scale, max=1.0)
             mu = torch.where(gap >= self.safety_threshold, torch.zeros_like(mu), mu)

@@ -107,13 +107,19 @@ def retained_captions(concept: str, domain: str) -> list[sc.BenchmarkPrompt]:
     return without[::step][:RETAIN_CAPTIONS]
 
 
+def split_guidance(run: BaselineRun) -> tuple[float, BaselineRun]:
+    """A baseline run's CFG scale (its setting's own, else the protocol's) and the run without it, as
+    :func:`generate_with` takes them."""
+    kw = run.call_kwargs
+    scale = kw.get("guidance_scale", GEN_KW["guidance_scale"])
+    return scale, BaselineRun(run.pipe, {k: v for k, v in kw.items() if k != "guidance_scale"})
+
+
 def retention(pipe, judge, concept: str, domain: str, run: BaselineRun | None = None) -> dict[str, float]:
     """IRA / CRA (%) of whatever ``pipe`` has applied (or the baseline ``run``, which may bring its
     own pipeline and call options), on :func:`retained_captions` (seeds 200+)."""
     captions = retained_captions(concept, domain)
-    run = run or BaselineRun(pipe=pipe)
-    guidance = run.call_kwargs.get("guidance_scale", GEN_KW["guidance_scale"])
-    call = BaselineRun(run.pipe, {k: v for k, v in run.call_kwargs.items() if k != "guidance_scale"})
+    guidance, call = split_guidance(run or BaselineRun(pipe=pipe))
     images = generate_with(
         call,
         [p.prompt for p in captions],
@@ -184,8 +190,7 @@ def sld_row(pipe, run: BaselineRun, targets, caption, ua, args) -> dict:
     with the safety concept); no soft-prompt attack (the pipeline takes no prompt embeddings). ``pipe``
     encodes the prompts (SLD's pipeline shares its text encoder)."""
     kw = run.call_kwargs
-    scale = kw.get("guidance_scale", GEN_KW["guidance_scale"])
-    call = BaselineRun(run.pipe, {k: v for k, v in kw.items() if k != "guidance_scale"})
+    scale, call = split_guidance(run)
 
     def judge_prompt(prompt: str) -> float:
         seeds = list(EVAL_SEEDS)
@@ -372,6 +377,8 @@ def from_eval_args(args: argparse.Namespace) -> argparse.Namespace:
     """``saeuron eval --robustness``: the unlearning benchmark's options as this benchmark's (the
     methods other than ``saeuron`` are the attacked baselines, SAeUron is always attacked; the first
     seed is the attack seed, ``<out>/robustness.json`` the output)."""
+    if args.grids_only or args.esd_concepts:
+        raise ValueError("--robustness does not take --grids-only or --esd-concepts")
     parser = argparse.ArgumentParser()
     add_args(parser)
     mine = parser.parse_args([])
@@ -397,7 +404,15 @@ def run_from_args(args: argparse.Namespace) -> None:
         blob = json.loads(Path(args.out).read_text())
         Path(args.out).with_suffix(".md").write_text(markdown(blob))
         return
-    GEN_KW["num_inference_steps"] = args.steps
+    steps = GEN_KW["num_inference_steps"]
+    GEN_KW["num_inference_steps"] = args.steps  # the protocol's module-wide generation settings
+    try:
+        _run(args)
+    finally:
+        GEN_KW["num_inference_steps"] = steps
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     run = describe_run(args.seed)
@@ -442,9 +457,9 @@ def run_from_args(args: argparse.Namespace) -> None:
                     row = sld_row(pipe, active, targets, caption, ua, args)
                 else:
                     negative = active.call_kwargs.get("negative_prompt")
-                    guidance = None  # the weight-editing baselines act in the UNet, as SAeUron does
-                    if negative is not None or scale != GEN_KW["guidance_scale"]:
-                        guidance = Guidance(scale, encoded(pipe, negative or ""))
+                    # negative prompting acts in the guidance: the loss is on the guided prediction;
+                    # the weight-editing baselines act in the UNet, as SAeUron does
+                    guidance = None if negative is None else Guidance(scale, encoded(pipe, negative))
                     row = attack_row(
                         pipe, targets, init, caption, ua, args, transfer=transfer, guidance=guidance
                     )
@@ -470,7 +485,7 @@ def save(args, run: str, eraser, settings: dict, rows: dict, seconds: float) -> 
         "targets": 8,
         "eval_images": 8,
         "steps": args.steps,
-        "guidance": 5.0,
+        "guidance": "5.0, or a baseline setting's own guidance_scale (see baselines)",
         "seed": args.seed,
         "bundle": str(args.bundle),
         "hookpoints": {

@@ -633,7 +633,7 @@ def add_args(p: Any) -> None:
         help="run the robustness benchmark instead (adaptive attacks on SAeUron, its robust mode and the "
         "baselines of --methods; writes <out>/robustness.{json,md,png})",
     )
-    p.add_argument("--iterations", type=int, default=40, help="--robustness: attack iterations")
+    p.add_argument("--iterations", type=int, default=40, help="attack iterations (with --robustness only)")
     p.add_argument(
         "--grids-only",
         action="store_true",

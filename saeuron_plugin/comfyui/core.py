@@ -212,7 +212,7 @@ def describe_bundle(bundle: Any) -> tuple[str, str]:
     lines.append("concept | hookpoints (active) | prompts | defaults")
     for name in bundle.concepts:
         where = bundle.where(name)
-        lib = bundle.hookpoints[where[0]].library
+        lib = bundle.hookpoints[bundle.default_hookpoint(name)].library
         active = [w for w in where if bundle.hookpoints[w].library.selection_defaults(name).active]
         d = lib.selection_defaults(name)
         sel = f"top {d.top_n}" if d.top_n is not None else f"p={d.percentile}"

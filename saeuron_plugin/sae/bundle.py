@@ -338,6 +338,14 @@ class SaeBundle:
         """Hookpoints whose library holds ``concept``."""
         return [p for p, h in self.hookpoints.items() if concept in h.library]
 
+    def default_hookpoint(self, concept: str) -> str:
+        """The hookpoint whose selection defaults describe ``concept``'s default mode: the first where it
+        is active (a hookpoint only the robust mode uses may hold a lighter setting), else the first
+        holding it."""
+        where = self.where(concept)
+        active = [p for p in where if self.hookpoints[p].library.selection_defaults(concept).active]
+        return (active or where)[0]
+
     def active_hookpoints(self, concept: str, robust: bool = False) -> list[str]:
         """Hookpoints where ``concept`` is ablated by default (its library there marks it ``active``), or
         in the robust mode (marked ``robust``; see :attr:`.library.SelectionDefaults.robust`)."""
@@ -542,9 +550,11 @@ class SaeBundle:
         ``encoder="threshold"`` uses the fast subset encoder (needs θ in the SAE or the library).
         ``apply_to="cond"`` edits only rows of the conditional CFG branch (where the runtime knows
         it). ``hookpoints`` restricts where concepts are ablated (and ablates concepts marked
-        inactive there). Everything else goes to the adapter's :meth:`install_ablators` (diffusers:
-        ``record_tau``; VLMs: ``tokens``, ``allow_stack``). Installing on modules that already carry
-        an ablation raises ``HookConflictError``.
+        inactive there, with the defaults stored there: at a hookpoint only the robust mode uses, the
+        robust mode's setting, which a tuner may have made lighter). Everything else goes to the
+        adapter's :meth:`install_ablators` (diffusers: ``record_tau``; VLMs: ``tokens``,
+        ``allow_stack``). Installing on modules that already carry an ablation raises
+        ``HookConflictError``.
         """
         targets = self.plan(
             concepts,
@@ -683,9 +693,7 @@ class SaeBundle:
         ]
         for name in self.concepts:
             where = self.where(name)
-            # the defaults shown are those of the default mode (a robust-only hookpoint may be lighter)
-            active = [w for w in where if self.hookpoints[w].library.selection_defaults(name).active]
-            lib = self.hookpoints[(active or where)[0]].library
+            lib = self.hookpoints[self.default_hookpoint(name)].library
             d = lib.selection_defaults(name)
             sel = f"top {d.top_n}" if d.top_n is not None else f"p={d.percentile}"
             if d.target:

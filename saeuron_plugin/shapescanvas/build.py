@@ -226,7 +226,8 @@ class BundleConfig:
     is tried as the target at each α, against the winner without one (empty: no replacement stage)."""
     robust_attacks: int = 3
     """Robustness stage (the bundle's robust mode): captions attacked with UnlearnDiffAtk per candidate
-    (the winner at its hookpoints, and at every hookpoint holding the concept); 0: no such stage."""
+    (the winner at its hookpoints, its setting at every hookpoint holding the concept, and the winner plus
+    each lighter ``robust_extras`` setting at the others); 0: no such stage."""
     robust_iterations: int = 40
     """UnlearnDiffAtk's steps in the robustness stage (its published budget: 40)."""
     robust_tolerance: float = 0.05

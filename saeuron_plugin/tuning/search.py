@@ -606,10 +606,10 @@ def write_defaults(
     contrast: str | list[str],
     robust: Mapping[str, Any] | None = None,
 ) -> None:
-    """Make ``trial``'s setting ``concept``'s defaults at every hookpoint holding it: active at the
+    """Write ``concept``'s defaults at every hookpoint holding it: ``trial``'s setting, active at the
     trial's hookpoints; ``robust`` (the robustness stage's pick; None: no robust mode of its own)
-    marks where the robust mode ablates, its ``extra`` hookpoints with their own percentile and γ
-    (those hookpoints are inactive in the default mode, so it does not change).
+    marks where the robust mode ablates, and its ``extra`` hookpoints get their own percentile and γ
+    (they are inactive in the default mode, so it does not change).
 
     The contrast is always written: a re-tuned bundle may hold another winner's contrast.
     """
@@ -638,8 +638,9 @@ def robust_hookpoints(trial: Mapping[str, Any]) -> list[str]:
 
 
 def _robust_stage(run: _ConceptRun, space: SearchSpace, best: dict[str, Any], stage: str) -> dict[str, Any]:
-    """The winner at its hookpoints and at every hookpoint holding the concept (judged on the
-    validation images of ``stage``, the one that chose the winner), each attacked with UnlearnDiffAtk
+    """The winner at its hookpoints, its setting at every hookpoint holding the concept, and the winner
+    plus each lighter setting of ``space.robust_extras`` at the other hookpoints (the wider ones judged
+    on the validation images of ``stage``, the one that chose the winner), each attacked with UnlearnDiffAtk
     on the first ``space.robust_attacks`` attack prompts (``task.attack_prompts``, else forget prompts);
     returns :func:`robust_choice`'s pick. Attack trials are saved under ``robust`` and reused while the
     attack budget (prompts, seeds, iterations, images) is the same."""
