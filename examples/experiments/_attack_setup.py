@@ -14,6 +14,7 @@ import torch
 from saeuron_plugin import SAeUron
 from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, target_latents, unlearndiffatk
 from saeuron_plugin.benchmark import robustness as rb
+from saeuron_plugin.benchmark.baselines.base import encode_prompts
 from saeuron_plugin.shapescanvas import data as sc
 from saeuron_plugin.shapescanvas.build import ATTACK_CAPTIONS, load_default
 from saeuron_plugin.tuning import load_judge
@@ -69,7 +70,7 @@ def concept_case(pipe: Any, judge: Any, concept: str) -> ConceptCase:
     held_out = rb.CAPTION[domain].format(concept)
     targets = {c: target_latents(pipe, c, range(1000, 1008), **rb.GEN_KW) for c in train}
     targets[held_out] = target_latents(pipe, held_out, range(8), **rb.GEN_KW)
-    init, _ = pipe.encode_prompt(held_out, "cpu", 1, False)
+    init = encode_prompts(pipe, [held_out])
     return ConceptCase(concept, domain, train, held_out, targets, init, judge)
 
 
@@ -77,7 +78,7 @@ def attacked_ua(pipe: Any, case: ConceptCase, caption: str, seed: int) -> tuple[
     """UA (judged on the benchmark's eval seeds) of the prompt UnlearnDiffAtk types for ``caption``."""
     cfg = AttackConfig(iterations=40, lr=1e-2, batch=8, seed=seed)
     prompt = unlearndiffatk(pipe, case.targets[caption], caption, cfg)
-    typed, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    typed = encode_prompts(pipe, [prompt])
     return case.ua(generate_from_embeds(pipe, typed, rb.EVAL_SEEDS, **rb.GEN_KW)), prompt
 
 

@@ -66,6 +66,7 @@ from ..shapescanvas.build import judge_scores, load_default
 from ..tuning import load_judge
 from ..tuning.search import forget_percent
 from .baselines import BASELINES, BaselineRun, generate_with
+from .baselines.base import encode_prompts
 from .provenance import describe_run
 from .unlearning import (
     ALL_METHODS,
@@ -107,25 +108,18 @@ def retained_captions(concept: str, domain: str) -> list[sc.BenchmarkPrompt]:
     return without[::step][:RETAIN_CAPTIONS]
 
 
-def split_guidance(run: BaselineRun) -> tuple[float, BaselineRun]:
-    """A baseline run's CFG scale (its setting's own, else the protocol's) and the run without it, as
-    :func:`generate_with` takes them."""
-    kw = run.call_kwargs
-    scale = kw.get("guidance_scale", GEN_KW["guidance_scale"])
-    return scale, BaselineRun(run.pipe, {k: v for k, v in kw.items() if k != "guidance_scale"})
-
-
-def retention(pipe, judge, concept: str, domain: str, run: BaselineRun | None = None) -> dict[str, float]:
+def retention(
+    pipe, judge, concept: str, domain: str, run: BaselineRun | None = None, scale: float | None = None
+) -> dict[str, float]:
     """IRA / CRA (%) of whatever ``pipe`` has applied (or the baseline ``run``, which may bring its
-    own pipeline and call options), on :func:`retained_captions` (seeds 200+)."""
+    own pipeline and call options, at its CFG ``scale``), on :func:`retained_captions` (seeds 200+)."""
     captions = retained_captions(concept, domain)
-    guidance, call = split_guidance(run or BaselineRun(pipe=pipe))
     images = generate_with(
-        call,
+        run or BaselineRun(pipe=pipe),
         [p.prompt for p in captions],
         [200 + i for i in range(len(captions))],
         GEN_KW["num_inference_steps"],
-        guidance,
+        GEN_KW["guidance_scale"] if scale is None else scale,
     )
     scores = judge_scores(judge, images, captions, concept, probs=judge.probabilities(images))
     return {"ira": 100 * scores["ira"], "cra": 100 * scores["cra"]}
@@ -167,12 +161,14 @@ def attack_row(pipe, targets, init, caption, ua, args, handle=None, transfer=Non
             )
         row["ua_masked"] = judged(masked)
     return row | typed_row(
-        pipe, targets, caption, args, guidance, lambda prompt: judged(encoded(pipe, prompt)), row["ua_clean"]
+        pipe,
+        targets,
+        caption,
+        args,
+        guidance,
+        lambda prompt: judged(encode_prompts(pipe, [prompt])),
+        row["ua_clean"],
     )
-
-
-def encoded(pipe, prompt: str) -> torch.Tensor:
-    return pipe.encode_prompt(prompt, "cpu", 1, False)[0]
 
 
 def typed_row(pipe, targets, caption, args, guidance, judge_prompt, clean: float) -> dict:
@@ -184,22 +180,21 @@ def typed_row(pipe, targets, caption, args, guidance, judge_prompt, clean: float
     return {"unlearndiffatk_prompt": prompt, "ua_unlearndiffatk": typed, "ua_typed_worst": min(clean, typed)}
 
 
-def sld_row(pipe, run: BaselineRun, targets, caption, ua, args) -> dict:
+def sld_row(pipe, run: BaselineRun, scale: float, targets, caption, ua, args) -> dict:
     """SLD acts in its own sampling loop, which takes text prompts only: UA on the clean caption and
     under UnlearnDiffAtk, whose loss models SLD's guidance (:class:`~saeuron_plugin.attacks.Guidance`
     with the safety concept); no soft-prompt attack (the pipeline takes no prompt embeddings). ``pipe``
-    encodes the prompts (SLD's pipeline shares its text encoder)."""
+    encodes the prompts (SLD's pipeline shares its text encoder); ``scale`` is the setting's CFG."""
     kw = run.call_kwargs
-    scale, call = split_guidance(run)
 
     def judge_prompt(prompt: str) -> float:
         seeds = list(EVAL_SEEDS)
-        return ua(generate_with(call, [prompt] * len(seeds), seeds, GEN_KW["num_inference_steps"], scale))
+        return ua(generate_with(run, [prompt] * len(seeds), seeds, GEN_KW["num_inference_steps"], scale))
 
     guidance = Guidance(
         scale,
-        encoded(pipe, ""),
-        safety=encoded(pipe, run.pipe.safety_concept),
+        encode_prompts(pipe, [""]),
+        safety=encode_prompts(pipe, [run.pipe.safety_concept]),
         safety_scale=kw["sld_guidance_scale"],
         safety_threshold=kw["sld_threshold"],
     )
@@ -432,7 +427,7 @@ def _run(args: argparse.Namespace) -> None:
         domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
         caption = CAPTION[domain].format(concept)
         targets = target_latents(pipe, caption, range(8), **GEN_KW)
-        init, _ = pipe.encode_prompt(caption, "cpu", 1, False)
+        init = encode_prompts(pipe, [caption])
         # transfer: the soft prompt found against the untouched model, judged under every method
         transfer = soft_prompt_attack(
             pipe, targets, init, AttackConfig(iterations=args.iterations, lr=args.lr, batch=8, seed=args.seed)
@@ -452,18 +447,17 @@ def _run(args: argparse.Namespace) -> None:
             options = baseline_options(method, concept, presets, settings.get(method, {}).get(concept))
             scale = options.pop("guidance_scale", GEN_KW["guidance_scale"])  # the setting's own CFG
             with BASELINES[method].erase(pipe, concept_text(concept), **options) as active:
-                active.call_kwargs["guidance_scale"] = scale
                 if method == "sld":
-                    row = sld_row(pipe, active, targets, caption, ua, args)
+                    row = sld_row(pipe, active, scale, targets, caption, ua, args)
                 else:
                     negative = active.call_kwargs.get("negative_prompt")
                     # negative prompting acts in the guidance: the loss is on the guided prediction;
                     # the weight-editing baselines act in the UNet, as SAeUron does
-                    guidance = None if negative is None else Guidance(scale, encoded(pipe, negative))
+                    guidance = None if negative is None else Guidance(scale, encode_prompts(pipe, [negative]))
                     row = attack_row(
                         pipe, targets, init, caption, ua, args, transfer=transfer, guidance=guidance
                     )
-                row |= retention(pipe, judge, concept, domain, active)
+                row |= retention(pipe, judge, concept, domain, active, scale)
             rows[method][concept] = {"domain": domain, "caption": caption, **row}
             print(f"{concept:9s} ({domain}) {method}: {describe(row)}", flush=True)
         save(args, run, eraser, settings, rows, time.perf_counter() - start)
