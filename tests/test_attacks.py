@@ -272,6 +272,22 @@ def test_robustness_benchmark_smoke(tmp_path, capsys):
         assert (percentile, gamma) == (d.percentile, d.gamma)
 
 
+def test_the_baselines_robustness_stage_is_only_run_at_the_searchs_protocol(tmp_path, capsys):
+    """``--baselines-at robust`` runs UCE's robustness stage from the saved search; at another protocol
+    than the search's it would search again, so it stops with a clear error before any attack."""
+    from saeuron_plugin.benchmark import robustness
+
+    argv = "--concepts red --steps 4 --baselines uce --baselines-at robust --no-saeuron --out"
+    with pytest.raises(ValueError, match="another protocol"):
+        robustness.main([*argv.split(), str(tmp_path / "r.json")])
+    with pytest.raises(ValueError, match="nothing to attack"):
+        robustness.main(["--concepts", "red", "--no-saeuron", "--baselines", "--out", str(tmp_path)])
+    from saeuron_plugin.cli import main
+
+    assert main(["eval", "--baselines-at", "robust", "--out", str(tmp_path)]) != 0
+    assert "--baselines-at robust is for --robustness" in capsys.readouterr().err
+
+
 def test_saeuron_eval_robustness_runs_the_same_benchmark(tmp_path, monkeypatch):
     """``saeuron eval --robustness`` maps the unlearning benchmark's options onto this one's: the other
     methods are the attacked baselines, the first seed the attack seed, the output in ``--out``."""

@@ -232,3 +232,79 @@ def test_uce_gets_the_colour_replacement_stage_ranked_by_clean_flips(tmp_path):
     assert all(0.0 <= t["clean_flip"] <= 1.0 for t in entry["replace"])
     n = len(validation_set("red", 1, bundle, "search")[0])
     assert search.summary(["red"])["trials"] == 12 and search.summary(["red"])["images"] == 12 * n
+
+
+def _trial(setting, score, ua):
+    scores = {"ua": ua, "ira": 1.0, "cra": 1.0, "score": score, "margin": score}
+    return {"setting": setting, "images": 4, **scores}
+
+
+def test_robust_candidates_are_the_winner_then_the_strongest_within_the_tolerance():
+    """From the stage that chose the winner (the last one run), at most four, strongest first."""
+    search = [_trial({"erase_scale": s}, 0.99, 1.0) for s in (7.0, 8.0)]  # an earlier stage: ignored
+    refine = [
+        _trial({"erase_scale": 1.0}, 0.90, 0.70),  # the winner
+        _trial({"erase_scale": 2.0}, 0.88, 0.80),
+        _trial({"erase_scale": 3.0}, 0.86, 0.95),
+        _trial({"erase_scale": 4.0}, 0.84, 1.00),  # outside 0.05
+        _trial({"erase_scale": 5.0}, 0.89, 0.75),
+        _trial({"erase_scale": 6.0}, 0.87, 0.72),
+    ]
+    entry = {"search": search, "refine": refine, "best": refine[0]}
+    picked = [t["setting"]["erase_scale"] for t in S.robust_candidates(entry, 0.05)]
+    assert picked == [1.0, 3.0, 2.0, 5.0]
+    assert [t["setting"]["erase_scale"] for t in S.robust_candidates(entry, 0.05, count=2)] == [1.0, 3.0]
+    assert [t["setting"]["erase_scale"] for t in S.robust_candidates(entry, 0.0)] == [1.0]
+
+
+def test_the_baselines_robustness_stage_attacks_each_candidate_and_keeps_the_most_resistant(
+    tmp_path, monkeypatch
+):
+    """SAeUron's stage for UCE: each candidate applied and attacked on the attack captions with the
+    bundle config's budget, saved as it is measured, the most resistant within the tolerance kept
+    (``saved_best(..., robust=True)``), and nothing attacked again on a rerun."""
+    import contextlib
+
+    from saeuron_plugin import attacks
+    from saeuron_plugin.shapescanvas.build import ATTACK_CAPTIONS, ATTACK_SEED
+
+    bundle = BundleConfig(robust_attacks=2, robust_iterations=3)
+    applied, measured = [], []
+
+    @contextlib.contextmanager
+    def generator(method, pipe, concept, protocol, presets=None, setting=None):
+        applied.append(setting["erase_scale"])
+        yield lambda prompts, seeds: None
+
+    resistance = {1.0: 0.5, 2.0: 0.9, 3.0: 1.0, 5.0: 0.6}  # 3.0 resists most but scores too low
+
+    def fake_attack(pipe, judge, concept, domain, targets, gen, *, iterations, seed, judge_seeds):
+        measured.append((sorted(targets), iterations, seed, judge_seeds[0]))
+        return {"ua_attack": resistance[applied[-1]], "attack_prompts": ["typed"]}
+
+    monkeypatch.setattr(S, "ua_under_attack", fake_attack)
+    monkeypatch.setattr(attacks, "target_latents", lambda pipe, prompt, seeds, steps, guidance: prompt)
+    make = lambda gen: S.BaselineSearch(  # noqa: E731
+        "uce", None, None, Protocol(steps=2), gen, out=tmp_path, bundle=bundle, log=lambda _: None
+    )
+    search = make(generator)
+    refine = [
+        _trial({"erase_scale": 1.0}, 0.90, 0.70),
+        _trial({"erase_scale": 2.0}, 0.87, 0.80),
+        _trial({"erase_scale": 3.0}, 0.80, 0.95),
+        _trial({"erase_scale": 5.0}, 0.89, 0.75),
+    ]
+    search.data["concepts"]["star"] = {"seconds": 0.0, "refine": refine, "best": refine[0]}
+    assert search.robust_stage("star") == {"erase_scale": 2.0}
+    assert applied == [1.0, 2.0, 5.0]
+    captions = sorted(c.format("star") for c in ATTACK_CAPTIONS["object"][:2])
+    assert measured == [(captions, 3, ATTACK_SEED, ATTACK_SEED + 1_000)] * 3
+    assert S.saved_best("uce", "star", tmp_path, robust=True) == {"erase_scale": 2.0}
+    assert S.saved_best("uce", "star", tmp_path) == {"erase_scale": 1.0}  # the clean winner stays
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a saved attack trial was measured again")
+
+    assert make(no_generation).robust_stage("star") == {"erase_scale": 2.0}
+    with pytest.raises(ValueError, match="no robustness stage"):
+        S.BaselineSearch("sld", None, None, Protocol(steps=2), generator, out=tmp_path).robust_stage("star")

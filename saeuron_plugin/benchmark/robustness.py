@@ -316,7 +316,7 @@ def plot_curves(rows: dict, out: Path) -> None:
             for method, per in rows.items()
             if "curve_adaptive" in per.get(concept, {})
         }
-        for concept in rows["saeuron"]
+        for concept in next(iter(rows.values()))
     }
     draw_curves(
         out,
@@ -347,6 +347,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         "--no-robust", action="store_true", help="skip saeuron_robust (the bundle's robust mode)"
     )
     parser.add_argument(
+        "--no-saeuron", action="store_true", help="attack the baselines only (e.g. at another --baselines-at)"
+    )
+    parser.add_argument(
         "--baselines",
         nargs="*",
         default=BASELINE_METHODS,
@@ -354,9 +357,11 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--baselines-at",
-        choices=("tuned", "presets"),
+        choices=("tuned", "robust", "presets"),
         default="tuned",
-        help="tuned: each baseline's equal-tuning setting from --search-dir; presets: the hand-set ones",
+        help="tuned: each baseline's equal-tuning setting from --search-dir; robust: UCE's and ESD-x's "
+        "robustness stage (SAeUron's, run where it was not and saved there; the others as tuned); "
+        "presets: the hand-set ones",
     )
     parser.add_argument("--search-dir", default=SEARCH_DIR)
     parser.add_argument("--steps", type=int, default=25, help="denoising steps (the protocol: 25)")
@@ -416,12 +421,12 @@ def _run(args: argparse.Namespace) -> None:
     judge = load_judge("shapescanvas")
     eraser = SAeUron.from_pretrained(args.bundle)
     variants = {"saeuron": False} if args.no_robust else {"saeuron": False, "saeuron_robust": True}
+    if args.no_saeuron:
+        variants = {}
     rows: dict[str, dict] = {**{v: {} for v in variants}, **{m: {} for m in args.baselines}}
-    settings = {
-        m: {c: saved_setting(m, c, args.search_dir) for c in args.concepts}
-        for m in args.baselines
-        if args.baselines_at == "tuned"
-    }
+    if not rows:
+        raise ValueError("nothing to attack: --no-saeuron and no --baselines")
+    settings = baseline_settings(args, pipe, judge)
     start = time.perf_counter()
     for concept in args.concepts:
         domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
@@ -463,10 +468,42 @@ def _run(args: argparse.Namespace) -> None:
         save(args, run, eraser, settings, rows, time.perf_counter() - start)
 
 
+def baseline_settings(args: argparse.Namespace, pipe, judge) -> dict[str, dict[str, dict]]:
+    """Per baseline and concept, the setting attacked: none with ``presets``; the equal-tuning search's
+    winner (``tuned``), or for UCE and ESD-x its robustness stage's pick (``robust``: the stage runs
+    where it has not, its attacks saved in the search file). A concept never tuned is a clear error
+    before anything runs."""
+    from .baselines.search import ROBUST_STAGE, BaselineSearch
+    from .unlearning import Protocol, method_generator
+
+    if args.baselines_at == "presets":
+        return {}
+    settings = {m: {c: saved_setting(m, c, args.search_dir) for c in args.concepts} for m in args.baselines}
+    if args.baselines_at == "robust":
+        for method in (m for m in args.baselines if m in ROBUST_STAGE):
+            search = BaselineSearch(
+                method,
+                pipe,
+                judge,
+                Protocol(steps=args.steps),
+                method_generator,
+                out=args.search_dir,
+                presets={"esd": {"cache_dir": args.esd_cache, "progress": False}},
+            )
+            if missing := [c for c in args.concepts if c not in search.data["concepts"]]:
+                raise ValueError(
+                    f"{method}'s search in {args.search_dir} was made with another protocol (steps, "
+                    f"guidance or validation sets) than --steps {args.steps}; its robustness stage would "
+                    f"search {missing} again: run it at the search's protocol"
+                )
+            settings[method] = {c: search.robust_stage(c) for c in args.concepts}
+    return settings
+
+
 def save(args, run: str, eraser, settings: dict, rows: dict, seconds: float) -> None:
     """Write the JSON, Markdown and curve of the concepts measured so far (after each concept: an
     interrupted run keeps what it measured; ``protocol.concepts_done`` says how far it got)."""
-    done = [c for c in args.concepts if c in rows["saeuron"]]
+    done = [c for c in args.concepts if c in next(iter(rows.values()))]
     protocol = {
         "run": " | ".join(line.split(":", 1)[1].strip() for line in run.splitlines()),
         "attack": "soft prompt (prompt_embeds), UnlearnDiffAtk loss",
@@ -495,6 +532,7 @@ def save(args, run: str, eraser, settings: dict, rows: dict, seconds: float) -> 
             for c in done
         },
         "curve_iterations": [i for i in CURVE if i <= args.iterations],
+        "baselines_at": args.baselines_at,
         "baselines": {m: settings.get(m, "presets of the unlearning benchmark") for m in args.baselines},
         "concepts_done": f"{len(done)} of {len(args.concepts)}",
         "seconds": round(seconds),

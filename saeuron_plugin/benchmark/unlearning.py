@@ -615,10 +615,11 @@ def add_args(p: Any) -> None:
     p.add_argument("--esd-cache", default="runs/esd-cache", help="trained ESD weights are kept here")
     p.add_argument(
         "--baselines-at",
-        choices=("tuned", "presets"),
+        choices=("tuned", "robust", "presets"),
         default="tuned",
         help="tuned: each baseline searches its own hyper-parameters per concept on SAeUron's validation "
-        "sets first (equal tuning; resumable); presets: the hand-set presets",
+        "sets first (equal tuning; resumable); robust (--robustness only): UCE and ESD-x at their "
+        "robustness stage's pick, as SAeUron's robust mode; presets: the hand-set presets",
     )
     p.add_argument("--search-dir", default=SEARCH_DIR, help="the baselines' search trials are kept here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -643,6 +644,8 @@ def add_args(p: Any) -> None:
 
 
 def run_from_args(args: Any, command: str = "") -> dict[str, Any]:
+    if args.baselines_at == "robust":
+        raise ValueError("--baselines-at robust is for --robustness (the baselines' robustness stage)")
     if args.threads:
         torch.set_num_threads(args.threads)
     protocol = Protocol(steps=args.steps, seeds=tuple(args.seeds), others=args.others)

@@ -18,7 +18,12 @@ one hand-set preset against that is not a fair comparison, so every baseline get
 * the **same replacement stage** where SAeUron had one (colours), for the methods that can steer
   toward a target: UCE maps the concept to another colour's text (its anchor) at erase scale 1 and
   3, 11 candidates as SAeUron's 5 targets × 2 α plus the winner, ranked the same way
-  (:func:`~...tuning.search.replacement_rank`). ESD-x, SLD and negative prompting have no target.
+  (:func:`~...tuning.search.replacement_rank`). ESD-x, SLD and negative prompting have no target;
+* the **same robustness stage** (:meth:`BaselineSearch.robust_stage`, run by the robustness benchmark
+  with ``--baselines-at robust``) for the methods whose edit is in the UNet (UCE, ESD-x): up to four
+  settings (the winner and the strongest others within the tolerance) attacked with UnlearnDiffAtk on
+  SAeUron's attack captions and seeds at its budget, the most resistant within 0.05 of the winner's
+  score kept (:func:`~...tuning.search.robust_choice`, the rule that picks SAeUron's robust mode).
 
 Each trial is saved to ``<out>/<method>.json`` as soon as it is judged (atomic write), so an
 interrupted search resumes and a rerun reuses every trial; ESD's trained weights go to its own cache,
@@ -38,6 +43,9 @@ from tqdm.auto import tqdm
 
 from ...shapescanvas import data as sc
 from ...shapescanvas.build import (
+    ATTACK_CAPTIONS,
+    ATTACK_IMAGES,
+    ATTACK_SEED,
     REFINE_TOP,
     TARGET_SCALES,
     BundleConfig,
@@ -46,7 +54,7 @@ from ...shapescanvas.build import (
     stage_validation,
     trial_scores,
 )
-from ...tuning.search import replacement_rank
+from ...tuning.search import replacement_rank, robust_choice, ua_under_attack
 from .presets import concept_caption
 from .sld import MEDIUM
 
@@ -84,6 +92,31 @@ def _text(concept: str) -> str:
 STAGES = ("search", "refine", "replace")
 REPLACING = ("uce",)
 """Baselines with a replacement target of their own (UCE's anchor text)."""
+ROBUST_STAGE = ("uce", "esd")
+"""Baselines that get SAeUron's robustness stage: their edit is in the UNet's weights, so UnlearnDiffAtk's
+gradients pass through it as through ours. Negative prompting and SLD act in the sampler's guidance,
+which the stage's attack does not differentiate through: they get none."""
+ROBUST_CANDIDATES = 4
+"""Settings the stage attacks per concept, as many as SAeUron's (its winner, its setting everywhere and
+two lighter extras)."""
+
+
+def robust_candidates(
+    entry: dict[str, Any], tolerance: float, count: int = ROBUST_CANDIDATES
+) -> list[dict[str, Any]]:
+    """The robustness stage's candidates for a tuned concept's ``entry``: the winner's trial, then the
+    strongest other trials (validation UA, then score) of the stage that chose it whose score is
+    within ``tolerance`` of the winner's. A baseline has no wider edit to try, as SAeUron has; the
+    stronger settings its own search judged nearly as good are its closest equivalent."""
+    best = entry["best"]
+    stage = next(s for s in reversed(STAGES) if entry.get(s))
+    others = [
+        t
+        for t in entry[stage]
+        if _key(t["setting"]) != _key(best["setting"]) and t["score"] >= best["score"] - tolerance
+    ]
+    others.sort(key=lambda t: (t["ua"], t["score"]), reverse=True)
+    return [best, *others[: count - 1]]
 
 
 def replacement_grid(method: str, concept: str, best: dict[str, Any]) -> list[dict[str, Any]]:
@@ -155,9 +188,11 @@ def _read(path: Path) -> dict[str, Any]:
     return read_json_object(path, "baseline search file") if path.is_file() else {}
 
 
-def saved_best(method: str, concept: str, out: str | Path) -> dict[str, Any] | None:
-    """The setting ``method``'s saved search in ``out`` chose for ``concept`` (None: never tuned)."""
-    best = _read(Path(out) / f"{method}.json").get("concepts", {}).get(concept, {}).get("best")
+def saved_best(method: str, concept: str, out: str | Path, robust: bool = False) -> dict[str, Any] | None:
+    """The setting ``method``'s saved search in ``out`` chose for ``concept``, or with ``robust`` its
+    robustness stage chose (None: never tuned, or no stage run)."""
+    entry = _read(Path(out) / f"{method}.json").get("concepts", {}).get(concept, {})
+    best = entry.get("robust_best" if robust else "best")
     return None if best is None else dict(best["setting"])
 
 
@@ -254,6 +289,67 @@ class BaselineSearch:
         )
         return b["setting"]
 
+    def robust_stage(self, concept: str) -> dict[str, Any]:
+        """SAeUron's robustness stage for this baseline (tuned first if it was not): each of
+        :func:`robust_candidates` attacked with UnlearnDiffAtk on the bundle config's attack captions
+        (``ATTACK_CAPTIONS``, targets and judged images from ``ATTACK_SEED``) at its attack budget,
+        then :func:`~...tuning.search.robust_choice`. Attack trials are saved under ``robust`` (reused
+        while the budget is the same); the pick under ``robust_best``. Returns its setting."""
+        from ...attacks import target_latents
+
+        if self.method not in ROBUST_STAGE:
+            raise ValueError(f"{self.method!r} gets no robustness stage; only {', '.join(ROBUST_STAGE)} do")
+        if "best" not in self.data["concepts"].get(concept, {}):
+            self.tune(concept)
+        entry, cfg, domain = self.data["concepts"][concept], self.bundle, concept_domain(concept)
+        prompts = [c.format(concept) for c in ATTACK_CAPTIONS[domain]][: cfg.robust_attacks]
+        budget = {
+            "attacks": cfg.robust_attacks,
+            "iterations": cfg.robust_iterations,
+            "images": ATTACK_IMAGES,
+            "prompts": prompts,
+            "seed": ATTACK_SEED,
+        }
+        candidates = robust_candidates(entry, cfg.robust_tolerance)
+        saved = entry.setdefault("robust", [])
+        done = {_key(t["setting"]): t for t in saved if t.get("budget") == budget}
+        todo = [c for c in candidates if _key(c["setting"]) not in done]
+        if todo:
+            steps, guidance = self.protocol.steps, self.protocol.guidance_scale
+            seeds = [ATTACK_SEED + i for i in range(ATTACK_IMAGES)]
+            targets = {p: target_latents(self.pipe, p, seeds, steps, guidance) for p in prompts}
+            for candidate in tqdm(todo, desc=f"attack {self.method} {concept}", unit="setting", leave=False):
+                start = time.perf_counter()
+                setting = candidate["setting"]
+                with self.generator(
+                    self.method, self.pipe, concept, self.protocol, presets=self.presets, setting=setting
+                ) as gen:
+                    attacked = ua_under_attack(
+                        self.pipe,
+                        self.judges,
+                        concept,
+                        domain,
+                        targets,
+                        gen,
+                        iterations=cfg.robust_iterations,
+                        seed=ATTACK_SEED,
+                        judge_seeds=[ATTACK_SEED + 1_000 + i for i in range(ATTACK_IMAGES)],
+                    )
+                trial = {**candidate, **attacked, "budget": budget}
+                saved.append(trial)
+                done[_key(trial["setting"])] = trial
+                entry["seconds"] += time.perf_counter() - start
+                self.save()  # nothing is lost if the run stops here
+        chosen = robust_choice([done[_key(c["setting"])] for c in candidates], cfg.robust_tolerance)
+        entry["robust_best"] = chosen
+        self.save()
+        own = done[_key(entry["best"]["setting"])]["ua_attack"]
+        self.log(
+            f"{self.method:15s} {concept:10s} robust: {chosen['setting']} UA under attack "
+            f"{100 * chosen['ua_attack']:.1f} % (the winner: {100 * own:.1f} %, {len(candidates)} attacked)"
+        )
+        return dict(chosen["setting"])
+
     def summary(self, concepts: Sequence[str]) -> dict[str, Any]:
         """Trials, validation images and seconds spent on ``concepts`` (per concept means and totals)."""
         entries = [self.data["concepts"][c] for c in concepts if c in self.data["concepts"]]
@@ -289,4 +385,13 @@ def saeuron_summary(bundle: str | Path, concepts: Sequence[str]) -> dict[str, An
     return {"concepts": len(concepts), "trials": trials, "images": images, "seconds": None}
 
 
-__all__ = ["SLD_LEVELS", "BaselineSearch", "retain_texts", "saeuron_summary", "saved_best", "search_grid"]
+__all__ = [
+    "ROBUST_STAGE",
+    "SLD_LEVELS",
+    "BaselineSearch",
+    "retain_texts",
+    "robust_candidates",
+    "saeuron_summary",
+    "saved_best",
+    "search_grid",
+]
