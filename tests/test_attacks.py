@@ -19,6 +19,7 @@ from saeuron_plugin.attacks import (
     project_to_simplex,
     soft_prompt_attack,
     target_latents,
+    token_prompt_attack,
     unlearndiffatk,
 )
 
@@ -95,6 +96,28 @@ def test_the_attack_lowers_its_loss_through_the_eraser(setup):
     assert len(cfg.losses) == 30
     assert images.shape == (2, 3, 16, 16) and not torch.equal(attacked, init)
     assert all(p.requires_grad for p in pipe.unet.parameters())  # the model is left as it was
+
+
+def test_the_token_level_attack_goes_through_the_text_encoder_and_the_edit(setup):
+    """The soft prompt on the token embeddings lowers its loss through the eraser, returns what the
+    text encoder makes of them (snapshots too), and leaves the text encoder and UNet as they were."""
+    pipe, eraser = setup
+    targets = target_latents(pipe, "a red star", [0, 1, 2, 3], num_inference_steps=2)
+    table = pipe.text_encoder.get_input_embeddings()
+    weights = table.weight.detach().clone()
+    cfg = AttackConfig(iterations=30, lr=5e-2, batch=4, seed=1, record_at=(0, 30))
+    init, _ = pipe.encode_prompt("a blue circle", "cpu", 1, False)
+    with eraser.unlearn(pipe, ["red"]):
+        attacked = token_prompt_attack(pipe, targets, "a blue circle", cfg)
+        assert attack_loss(pipe, attacked, targets) < attack_loss(pipe, init, targets)
+    assert len(cfg.losses) == 30 and attacked.shape == init.shape
+    torch.testing.assert_close(cfg.snapshots[0], init)  # the start: the caption's own embeddings
+    torch.testing.assert_close(cfg.snapshots[30], attacked)
+    # a text-encoder output: it went through the final layer norm, so every token has its scale
+    norms = attacked.norm(dim=-1)
+    assert torch.allclose(norms, init.norm(dim=-1), rtol=0.2) and not torch.allclose(attacked, init)
+    assert torch.equal(table.weight, weights) and not table._forward_hooks  # nothing left behind
+    assert all(p.requires_grad for m in (pipe.unet, pipe.text_encoder) for p in m.parameters())
 
 
 def test_against_the_base_model_the_attack_draws_the_concept():

@@ -33,39 +33,18 @@ from typing import Any
 import torch
 from _attack_setup import ROOT, encode_prompts, rb, setup_experiment
 
-from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, soft_prompt_attack, target_latents
-from saeuron_plugin.attacks.soft_prompt import attack_step
+from saeuron_plugin.attacks import (
+    AttackConfig,
+    generate_from_embeds,
+    soft_prompt_attack,
+    target_latents,
+    token_prompt_attack,
+)
 from saeuron_plugin.sae.kernels import _topk_members
 from saeuron_plugin.shapescanvas import data as sc
 from saeuron_plugin.tuning.search import forget_percent
 
 OUT = ROOT / "benchmarks" / "results" / "experiments" / "soft_prompt_defences"
-
-
-def token_level_attack(pipe: Any, targets: torch.Tensor, caption: str, cfg: AttackConfig) -> torch.Tensor:
-    """The soft prompt on the caption's token embeddings (the text encoder's input); returns the text
-    encoder's output for them, the conditioning the UNet then sees."""
-    text_encoder, unet = pipe.text_encoder, pipe.unet
-    ids = pipe.tokenizer(
-        [caption], padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
-    table = text_encoder.get_input_embeddings()
-    tokens = table(ids).detach().clone().requires_grad_(True)
-    hook = table.register_forward_hook(lambda module, args, out: tokens)
-    frozen = [p for p in [*text_encoder.parameters(), *unet.parameters()] if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    opt = torch.optim.AdamW([tokens], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    try:
-        for _ in range(cfg.iterations):
-            attack_step(unet, text_encoder(ids)[0], targets, pipe.scheduler, opt, cfg, gen)
-        with torch.no_grad():
-            return text_encoder(ids)[0].detach()
-    finally:
-        hook.remove()
-        for p in frozen:
-            p.requires_grad_(True)
 
 
 @contextlib.contextmanager
@@ -151,7 +130,7 @@ def main() -> None:
                 row["flagged_clean"], flagged[:] = flagged[0] / max(flagged[1], 1), [0, 0]
                 attack = AttackConfig(**cfg)
                 if level == "tokens":
-                    attacked = token_level_attack(pipe, targets, caption, attack)
+                    attacked = token_prompt_attack(pipe, targets, caption, attack)
                 else:
                     attacked = soft_prompt_attack(pipe, targets, init, attack)
                 flagged[:] = [0, 0]

@@ -1,6 +1,7 @@
 """Attacks on unlearned pipelines, with gradients through the intervention (issue #20).
 
-The soft-prompt attack and the gradient-masking control (:mod:`.soft_prompt`), and UnlearnDiffAtk's
+The soft-prompt attack, its token-level form (``token_prompt_attack``: the text encoder's input, as a
+textual inversion) and the gradient-masking control (:mod:`.soft_prompt`), and UnlearnDiffAtk's
 token-prefix attack (:mod:`.unlearndiffatk`; ``typed_attacks`` runs it over several prompts, as the
 tuners' robustness stage does).
 """
@@ -13,6 +14,7 @@ from .soft_prompt import (
     masked_edits,
     soft_prompt_attack,
     target_latents,
+    token_prompt_attack,
 )
 from .unlearndiffatk import project_to_simplex, typed_attacks, unlearndiffatk
 
@@ -25,6 +27,7 @@ __all__ = [
     "project_to_simplex",
     "soft_prompt_attack",
     "target_latents",
+    "token_prompt_attack",
     "typed_attacks",
     "unlearndiffatk",
 ]

@@ -17,7 +17,7 @@ conclude.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,6 +188,48 @@ def attack_loss(
     return float(torch.nn.functional.mse_loss(pred, noise))
 
 
+@contextlib.contextmanager
+def frozen(*modules: Any) -> Iterator[None]:
+    """Inside: the ``modules`` (the model under attack) in eval mode with no parameter needing a
+    gradient, so only the attack's own tensor is optimised; both restored on exit."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    modes = [(m, m.training) for m in modules]
+    for p in params:
+        p.requires_grad_(False)
+    for m, _ in modes:
+        m.eval()
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+        for m, training in modes:
+            m.train(training)
+
+
+def optimise(
+    pipe: Any,
+    conditioning: Callable[[], Tensor],
+    opt: torch.optim.Optimizer,
+    targets: Tensor,
+    cfg: AttackConfig,
+) -> Tensor:
+    """The attack loop: ``cfg.iterations`` :func:`attack_step` s on ``conditioning()`` (the prompt
+    embeddings the UNet sees, computed from whatever ``opt`` optimises), keeping ``cfg.losses`` and
+    the ``cfg.record_at`` snapshots; returns the final conditioning, detached."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    cfg.losses.clear()
+    cfg.snapshots.clear()
+    for it in range(cfg.iterations + 1):
+        if it in cfg.record_at:
+            with torch.no_grad():
+                cfg.snapshots[it] = conditioning().detach().cpu().clone()
+        if it < cfg.iterations:
+            attack_step(pipe.unet, conditioning(), targets, pipe.scheduler, opt, cfg, gen)
+    with torch.no_grad():
+        return conditioning().detach()
+
+
 def soft_prompt_attack(
     pipe: Any, targets: Tensor, init_embeds: Tensor, cfg: AttackConfig | None = None
 ) -> Tensor:
@@ -195,28 +237,34 @@ def soft_prompt_attack(
     anything else); hooks installed on ``pipe`` (an eraser) take part in every step. ``cfg.losses``
     records the loss per step, ``cfg.snapshots`` the prompt after each iteration in ``cfg.record_at``."""
     cfg = cfg or AttackConfig()
-    unet = pipe.unet
     embeds = init_embeds.detach().clone().float().requires_grad_(True)
     opt = torch.optim.AdamW([embeds], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    was_training = unet.training
-    unet.eval()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params:  # the model is frozen: only the prompt is optimised
-        p.requires_grad_(False)
-    cfg.losses.clear()
-    cfg.snapshots.clear()
+    with frozen(pipe.unet):  # the model is frozen: only the prompt is optimised
+        return optimise(pipe, lambda: embeds, opt, targets, cfg)
+
+
+def token_prompt_attack(pipe: Any, targets: Tensor, prompt: str, cfg: AttackConfig | None = None) -> Tensor:
+    """The soft prompt one level up: ``prompt``'s token embeddings (the text encoder's *input*, what a
+    textual-inversion file holds) optimised with the same loss, gradients through the text encoder and
+    every edit (Concept Inversion, Pham et al. 2023, with UnlearnDiffAtk's loss and budget). Returns the
+    text encoder's output for them, ``prompt_embeds`` [1, L, D]: conditioning a pipeline that accepts
+    only text and textual inversions can still be given, unlike :func:`soft_prompt_attack`'s.
+    ``cfg.snapshots`` hold the text encoder's outputs too."""
+    cfg = cfg or AttackConfig()
+    text_encoder, tok = pipe.text_encoder, pipe.tokenizer
+    table = text_encoder.get_input_embeddings()
+    ids = tok(
+        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(table.weight.device)
+    with torch.no_grad():
+        tokens = table(ids).float().requires_grad_(True)
+    hook = table.register_forward_hook(lambda module, args, out: tokens.to(out.dtype))
+    opt = torch.optim.AdamW([tokens], lr=cfg.lr, weight_decay=cfg.weight_decay)
     try:
-        for it in range(cfg.iterations + 1):
-            if it in cfg.record_at:
-                cfg.snapshots[it] = embeds.detach().cpu().clone()
-            if it < cfg.iterations:
-                attack_step(unet, embeds, targets, pipe.scheduler, opt, cfg, gen)
+        with frozen(text_encoder, pipe.unet):
+            return optimise(pipe, lambda: text_encoder(ids)[0], opt, targets, cfg)
     finally:
-        for p in params:
-            p.requires_grad_(True)
-        unet.train(was_training)
-    return embeds.detach()
+        hook.remove()
 
 
 @torch.no_grad()
@@ -252,8 +300,11 @@ __all__ = [
     "AttackConfig",
     "Guidance",
     "attack_loss",
+    "frozen",
     "generate_from_embeds",
     "masked_edits",
+    "optimise",
     "soft_prompt_attack",
     "target_latents",
+    "token_prompt_attack",
 ]

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .soft_prompt import AttackConfig, attack_step
+from .soft_prompt import AttackConfig, attack_step, frozen
 
 
 def project_to_simplex(v: Tensor) -> Tensor:
@@ -68,20 +68,16 @@ def unlearndiffatk(
     weights = project_to_simplex(torch.rand(prefix_tokens, vocab, generator=gen)).requires_grad_(True)
     opt = torch.optim.AdamW([weights], lr=cfg.lr, weight_decay=cfg.weight_decay)
     ids = _prefixed_ids(pipe, prompt, prefix_tokens).to(embedding.weight.device)
-    frozen = [p for m in (text_encoder, unet) for p in m.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
     hook = _PrefixEmbeddings(embedding, weights)
     cfg.losses.clear()
     try:
-        for _ in range(cfg.iterations):
-            if attack_step(unet, text_encoder(ids)[0], targets, pipe.scheduler, opt, cfg, gen):
-                with torch.no_grad():
-                    weights.copy_(project_to_simplex(weights))
+        with frozen(text_encoder, unet):
+            for _ in range(cfg.iterations):
+                if attack_step(unet, text_encoder(ids)[0], targets, pipe.scheduler, opt, cfg, gen):
+                    with torch.no_grad():
+                        weights.copy_(project_to_simplex(weights))
     finally:
         hook.handle.remove()
-        for p in frozen:
-            p.requires_grad_(True)
     tokens = weights.detach().argmax(-1).tolist()
     prefix = pipe.tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return f"{prefix} {prompt}".strip()

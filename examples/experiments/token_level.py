@@ -1,0 +1,104 @@
+"""The token-level soft prompt on every concept: what a pipeline that takes only text (and textual
+inversions) can be given, against SAeUron and the baselines (issue #20's open point).
+
+    python examples/experiments/token_level.py [--concepts star red] [--methods saeuron_robust uce]
+
+The robustness benchmark's held-out caption, its 8 targets (seeds 0-7) and judged seeds (100-107);
+the attack is :func:`~saeuron_plugin.attacks.token_prompt_attack` (the caption's token embeddings,
+40 iterations, lr 0.1, gradients through the text encoder and the edit). Methods: SAeUron at its tuned
+hookpoints and in its robust mode, UCE and ESD-x at their robustness stage's pick where it was run
+(``--baselines-at robust`` of the benchmark), else at their equal-tuning setting. Writes
+``benchmarks/results/experiments/token_level/results.json`` (per concept and method: UA clean and
+under the attack, the setting) and prints domain means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from _attack_setup import ROOT, encode_prompts, rb, setup_experiment
+
+from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, target_latents, token_prompt_attack
+from saeuron_plugin.benchmark.baselines import BASELINES
+from saeuron_plugin.benchmark.baselines.search import saved_best
+from saeuron_plugin.benchmark.unlearning import SEARCH_DIR, baseline_options, concept_text
+from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.tuning.search import forget_percent
+
+OUT = ROOT / "benchmarks" / "results" / "experiments" / "token_level"
+METHODS = ("saeuron", "saeuron_robust", "uce", "esd")
+
+
+@contextlib.contextmanager
+def applied(method: str, pipe: Any, eraser: Any, concept: str, setting: dict | None) -> Iterator[None]:
+    """``method`` unlearning ``concept`` on ``pipe`` (UCE and ESD-x edit the UNet's weights)."""
+    if method.startswith("saeuron"):
+        with eraser.unlearn(pipe, [concept], robust=method == "saeuron_robust"):
+            yield
+        return
+    presets = {"esd": {"cache_dir": str(ROOT / "runs" / "esd-cache"), "progress": False}}
+    options = baseline_options(method, concept, presets, setting)
+    options.pop("guidance_scale", None)  # the benchmark's CFG: these settings keep 5.0
+    with BASELINES[method].erase(pipe, concept_text(concept), **options):
+        yield
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concepts", nargs="+", default=list(sc.CONCEPTS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    args, pipe, judge, eraser, out, results = setup_experiment(parser, OUT)
+    cfg = dict(iterations=40, lr=0.1, batch=8, seed=0)
+    for concept in args.concepts:
+        domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
+        caption = rb.CAPTION[domain].format(concept)
+        targets = target_latents(pipe, caption, range(8), **rb.GEN_KW)
+
+        def ua(embeds: torch.Tensor, concept: str = concept, domain: str = domain) -> float:
+            images = generate_from_embeds(pipe, embeds, rb.EVAL_SEEDS, **rb.GEN_KW)
+            return forget_percent(judge, images, concept, domain)
+
+        for method in args.methods:
+            start = time.perf_counter()
+            setting, stage = None, None
+            if not method.startswith("saeuron"):
+                robust = saved_best(method, concept, SEARCH_DIR, robust=True)
+                setting, stage = (
+                    (robust, "robust") if robust else (saved_best(method, concept, SEARCH_DIR), "tuned")
+                )
+            with applied(method, pipe, eraser, concept, setting):
+                row: dict[str, Any] = {"domain": domain, "ua_clean": ua(encode_prompts(pipe, [caption]))}
+                row["ua_token_level"] = ua(token_prompt_attack(pipe, targets, caption, AttackConfig(**cfg)))
+            row |= {
+                "setting": setting,
+                "stage": stage,
+                "attack": cfg,
+                "seconds": round(time.perf_counter() - start),
+            }
+            results.setdefault(concept, {})[method] = row
+            print(
+                f"{concept:9s} {method:15s} clean {row['ua_clean']:5.1f} "
+                f"token-level {row['ua_token_level']:5.1f}"
+            )
+            OUT.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+    for method in args.methods:
+        for domain in sc.VOCABULARIES:
+            rows = [r[method] for r in results.values() if method in r and r[method]["domain"] == domain]
+            if rows:
+                mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("ua_clean", "ua_token_level")}
+                print(
+                    f"{method:15s} {domain:7s} ({len(rows)}): clean {mean['ua_clean']:5.1f} "
+                    f"token-level {mean['ua_token_level']:5.1f}"
+                )
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
