@@ -29,6 +29,15 @@ def saved_results(folder: Path) -> tuple[Path, dict[str, Any]]:
     return out, json.loads(out.read_text()) if out.is_file() else {}
 
 
+def write_results(out: Path, results: dict[str, Any], line: str | None = None) -> None:
+    """Print ``line`` (a row just measured) and save ``results`` to ``out`` (after every row: an
+    interrupted experiment keeps what it measured)."""
+    if line is not None:
+        print(line, flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+
+
 def load(threads: int) -> tuple[Any, Any, SAeUron]:
     """The default pipeline, its judge and the shipped bundle."""
     torch.set_num_threads(threads)
@@ -46,6 +55,35 @@ def setup_experiment(parser: Any, folder: Path) -> tuple[Any, Any, Any, SAeUron,
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     return (args, *load(args.threads), *saved_results(folder))
+
+
+SOFT_PROMPT = {"iterations": 40, "lr": 0.1, "batch": 8, "seed": 0}
+"""The robustness benchmark's soft-prompt budget (``AttackConfig(**SOFT_PROMPT)``)."""
+
+
+@dataclass
+class HeldOut:
+    """A concept's held-out caption as the robustness benchmark attacks it: 8 targets the untouched
+    model drew (seeds 0-7), and UA judged on the benchmark's eval seeds."""
+
+    concept: str
+    domain: str
+    caption: str
+    targets: torch.Tensor
+    pipe: Any
+    judge: Any
+
+    def ua(self, embeds: torch.Tensor) -> float:
+        images = generate_from_embeds(self.pipe, embeds, rb.EVAL_SEEDS, **rb.GEN_KW)
+        return forget_percent(self.judge, images, self.concept, self.domain)
+
+
+def held_out(pipe: Any, judge: Any, concept: str) -> HeldOut:
+    domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
+    caption = rb.CAPTION[domain].format(concept)
+    return HeldOut(
+        concept, domain, caption, target_latents(pipe, caption, range(8), **rb.GEN_KW), pipe, judge
+    )
 
 
 @dataclass

@@ -18,10 +18,9 @@ statistics prompts and on the attack prompts, and the latents the facet selects
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from _attack_setup import ROOT, attack_row, concept_case, describe, load
+from _attack_setup import ROOT, attack_row, concept_case, describe, load, write_results
 
 from saeuron_plugin.attacks import AttackConfig, unlearndiffatk
 from saeuron_plugin.sae.selection import concept_scores, select_features
@@ -111,8 +110,7 @@ def main() -> None:
             "latents": latent_report(eraser, concept, facet, paths),
             "seconds": round(time.perf_counter() - start),
         }
-        OUT.mkdir(parents=True, exist_ok=True)
-        (OUT / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        write_results(OUT / "results.json", results)
     print(f"wrote {OUT / 'results.json'}")
 
 

@@ -16,11 +16,10 @@ gate (it is part of what the attacker differentiates). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
-from _attack_setup import ROOT, attack_row, concept_case, describe, load, rb, saved_results
+from _attack_setup import ROOT, attack_row, concept_case, describe, load, rb, saved_results, write_results
 
 from saeuron_plugin.shapescanvas import data as sc
 from saeuron_plugin.shapescanvas.model import generate
@@ -98,8 +97,7 @@ def main() -> None:
         }
         print(f"{describe(case, f'gate q{args.quantile}', row)} ({row['seconds']} s)", flush=True)
         results.setdefault(concept, {})[f"q{args.quantile}"] = row
-        OUT.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(out, results)
     print(f"wrote {out}")
 
 

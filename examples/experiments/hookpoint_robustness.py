@@ -16,10 +16,9 @@ CRA as the benchmark measures them. ``--target T`` replaces with concept T inste
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
-from _attack_setup import ROOT, attack_row, concept_case, describe, setup_experiment
+from _attack_setup import ROOT, attack_row, concept_case, describe, setup_experiment, write_results
 
 from saeuron_plugin import ConceptAblation
 
@@ -77,8 +76,7 @@ def main() -> None:
             print(f"{describe(case, name, row)} ({len(paths)} hookpoints, {row['seconds']} s)", flush=True)
         key = concept if args.target is None else f"{concept}→{args.target} ×{args.target_scale:g}"
         results[key] = rows
-        OUT.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1) + "\n")
+        write_results(out, results)
     print(f"wrote {out}")
 
 

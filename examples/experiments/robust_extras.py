@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 
-from _attack_setup import ROOT, attack_row, concept_case, describe, setup_experiment
+from _attack_setup import ROOT, attack_row, concept_case, describe, setup_experiment, write_results
 
 from saeuron_plugin import ConceptAblation
 
@@ -52,9 +51,7 @@ def main() -> None:
                 }
             row["seconds"] = round(time.perf_counter() - start)
             rows[name] = row
-            print(f"{describe(case, name, row)} ({row['seconds']} s)", flush=True)
-            OUT.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            write_results(out, results, f"{describe(case, name, row)} ({row['seconds']} s)")
     print(f"wrote {out}")
 
 

@@ -31,18 +31,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from _attack_setup import ROOT, encode_prompts, rb, setup_experiment
+from _attack_setup import ROOT, SOFT_PROMPT, encode_prompts, held_out, rb, setup_experiment, write_results
 
 from saeuron_plugin.attacks import (
     AttackConfig,
-    generate_from_embeds,
     soft_prompt_attack,
-    target_latents,
     token_prompt_attack,
 )
 from saeuron_plugin.sae.kernels import _topk_members
 from saeuron_plugin.shapescanvas import data as sc
-from saeuron_plugin.tuning.search import forget_percent
 
 OUT = ROOT / "benchmarks" / "results" / "experiments" / "soft_prompt_defences"
 
@@ -102,17 +99,9 @@ def main() -> None:
     parser.add_argument("--delta", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=0.2)
     args, pipe, judge, eraser, out, results = setup_experiment(parser, OUT)
-    cfg = dict(iterations=40, lr=0.1, batch=8, seed=0)
     for concept in args.concepts:
-        domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
-        caption = rb.CAPTION[domain].format(concept)
-        targets = target_latents(pipe, caption, range(8), **rb.GEN_KW)
-        init = encode_prompts(pipe, [caption])
-
-        def ua(embeds: torch.Tensor, concept: str = concept, domain: str = domain) -> float:
-            images = generate_from_embeds(pipe, embeds, rb.EVAL_SEEDS, **rb.GEN_KW)
-            return forget_percent(judge, images, concept, domain)
-
+        case = held_out(pipe, judge, concept)
+        init = encode_prompts(pipe, [case.caption])
         variants = {
             "robust mode": (None, "embeds"),
             "robust mode, token-level attack": (None, "tokens"),
@@ -126,24 +115,22 @@ def main() -> None:
                 if gate is not None:
                     temp = args.temperature if gate == "surrogate" else None
                     stack.enter_context(replacement(handle, concept, args.delta, temp, flagged))
-                row: dict[str, Any] = {"ua_clean": ua(init)}
+                row: dict[str, Any] = {"ua_clean": case.ua(init)}
                 row["flagged_clean"], flagged[:] = flagged[0] / max(flagged[1], 1), [0, 0]
-                attack = AttackConfig(**cfg)
+                attack = AttackConfig(**SOFT_PROMPT)
                 if level == "tokens":
-                    attacked = token_prompt_attack(pipe, targets, caption, attack)
+                    attacked = token_prompt_attack(pipe, case.targets, case.caption, attack)
                 else:
-                    attacked = soft_prompt_attack(pipe, targets, init, attack)
+                    attacked = soft_prompt_attack(pipe, case.targets, init, attack)
                 flagged[:] = [0, 0]
-                row["ua_soft_prompt"] = ua(attacked)
+                row["ua_soft_prompt"] = case.ua(attacked)
                 row["flagged_attacked"] = flagged[0] / max(flagged[1], 1)
-                row |= rb.retention(pipe, judge, concept, domain)
+                row |= rb.retention(pipe, judge, concept, case.domain)
             if gate is None:
                 del row["flagged_clean"], row["flagged_attacked"]
-            row |= {"attack": {**cfg, "level": level}, "seconds": round(time.perf_counter() - start)}
+            row |= {"attack": {**SOFT_PROMPT, "level": level}, "seconds": round(time.perf_counter() - start)}
             rows[name] = row
-            print(f"{concept:8s} {name:45s}: {json.dumps(row)}", flush=True)
-            OUT.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            write_results(out, results, f"{concept:8s} {name:45s}: {json.dumps(row)}")
     print(f"wrote {out}")
 
 

@@ -16,20 +16,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-from _attack_setup import ROOT, encode_prompts, rb, setup_experiment
+from _attack_setup import ROOT, SOFT_PROMPT, encode_prompts, held_out, setup_experiment, write_results
 
-from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, target_latents, token_prompt_attack
+from saeuron_plugin.attacks import AttackConfig, token_prompt_attack
 from saeuron_plugin.benchmark.baselines import BASELINES
 from saeuron_plugin.benchmark.baselines.search import saved_best
 from saeuron_plugin.benchmark.unlearning import SEARCH_DIR, baseline_options, concept_text
 from saeuron_plugin.shapescanvas import data as sc
-from saeuron_plugin.tuning.search import forget_percent
 
 OUT = ROOT / "benchmarks" / "results" / "experiments" / "token_level"
 METHODS = ("saeuron", "saeuron_robust", "uce", "esd")
@@ -54,16 +51,8 @@ def main() -> None:
     parser.add_argument("--concepts", nargs="+", default=list(sc.CONCEPTS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args, pipe, judge, eraser, out, results = setup_experiment(parser, OUT)
-    cfg = dict(iterations=40, lr=0.1, batch=8, seed=0)
     for concept in args.concepts:
-        domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
-        caption = rb.CAPTION[domain].format(concept)
-        targets = target_latents(pipe, caption, range(8), **rb.GEN_KW)
-
-        def ua(embeds: torch.Tensor, concept: str = concept, domain: str = domain) -> float:
-            images = generate_from_embeds(pipe, embeds, rb.EVAL_SEEDS, **rb.GEN_KW)
-            return forget_percent(judge, images, concept, domain)
-
+        case = held_out(pipe, judge, concept)
         for method in args.methods:
             start = time.perf_counter()
             setting, stage = None, None
@@ -73,21 +62,23 @@ def main() -> None:
                     (robust, "robust") if robust else (saved_best(method, concept, SEARCH_DIR), "tuned")
                 )
             with applied(method, pipe, eraser, concept, setting):
-                row: dict[str, Any] = {"domain": domain, "ua_clean": ua(encode_prompts(pipe, [caption]))}
-                row["ua_token_level"] = ua(token_prompt_attack(pipe, targets, caption, AttackConfig(**cfg)))
+                row: dict[str, Any] = {
+                    "domain": case.domain,
+                    "ua_clean": case.ua(encode_prompts(pipe, [case.caption])),
+                }
+                attacked = token_prompt_attack(pipe, case.targets, case.caption, AttackConfig(**SOFT_PROMPT))
+                row["ua_token_level"] = case.ua(attacked)
             row |= {
                 "setting": setting,
                 "stage": stage,
-                "attack": cfg,
+                "attack": SOFT_PROMPT,
                 "seconds": round(time.perf_counter() - start),
             }
             results.setdefault(concept, {})[method] = row
-            print(
-                f"{concept:9s} {method:15s} clean {row['ua_clean']:5.1f} "
-                f"token-level {row['ua_token_level']:5.1f}"
+            line = (
+                f"{concept:9s} {method:15s} clean {row['ua_clean']:5.1f} token {row['ua_token_level']:5.1f}"
             )
-            OUT.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            write_results(out, results, line)
     for method in args.methods:
         for domain in sc.VOCABULARIES:
             rows = [r[method] for r in results.values() if method in r and r[method]["domain"] == domain]
