@@ -203,7 +203,7 @@ COMMANDS: dict[str, Command | tuple[str, dict[str, Command]]] = {
         _build,
     ),
     "attack": (
-        "attack an unlearned concept through the edit (soft prompt or UnlearnDiffAtk); UA before and after",
+        "attack an unlearned concept through the edit (soft, token or typed prompts); UA before and after",
         _lazy(".attacks.commands", "attack_args"),
         _lazy(".attacks.commands", "attack"),
     ),  # type: ignore[dict-item]

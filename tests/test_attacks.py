@@ -338,7 +338,7 @@ def test_saeuron_attack_command_on_the_shipped_model(tmp_path, capsys):
     from saeuron_plugin.cli import main
 
     out = tmp_path / "attack.json"
-    for method in ("soft", "unlearndiffatk"):
+    for method in ("soft", "token", "unlearndiffatk"):
         argv = (
             "attack --model checkpoints/shapescanvas-sd --sae checkpoints/shapescanvas-saeuron --concept red"
         )

@@ -2,9 +2,10 @@
 
 For one concept of a bundle on a diffusers pipeline: images of a prompt with the concept drawn by the
 untouched model are the targets; the attack optimises against the *unlearned* pipeline, with gradients
-through the edit, either the prompt embeddings (``--method soft``, the white-box upper bound) or a
-typed prefix (``--method unlearndiffatk``, UnlearnDiffAtk's published protocol). A judge rates images
-at other seeds: UA (share not showing the concept) with the clean prompt and with the attack.
+through the edit, either the prompt embeddings (``--method soft``, the white-box upper bound), the
+prompt's token embeddings through the text encoder (``--method token``, what a textual inversion can
+carry) or a typed prefix (``--method unlearndiffatk``, UnlearnDiffAtk's published protocol). A judge
+rates images at other seeds: UA (share not showing the concept) with the clean prompt and the attack.
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ def attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt", default=None, help="a prompt with the concept (default: a ShapesCanvas caption)"
     )
-    p.add_argument("--method", choices=("soft", "unlearndiffatk"), default="soft")
+    p.add_argument(
+        "--method",
+        choices=("soft", "token", "unlearndiffatk"),
+        default="soft",
+        help="soft: prompt embeddings (white-box bound); token: the token embeddings (a textual inversion's "
+        "reach); unlearndiffatk: a typed 5-token prefix",
+    )
     p.add_argument("--iterations", type=int, default=40, help="attack steps (UnlearnDiffAtk's budget: 40)")
-    p.add_argument("--lr", type=float, default=None, help="default: 0.1 (soft), 0.01 (unlearndiffatk)")
+    p.add_argument("--lr", type=float, default=None, help="default: 0.1 (soft, token), 0.01 (unlearndiffatk)")
     p.add_argument("--images", type=int, default=8, help="target images and judged images (default 8)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=None)
@@ -49,7 +56,13 @@ def attack(args: argparse.Namespace) -> int:
     from ..tuning.commands import shapescanvas_prompts
     from ..tuning.judges import load_judge
     from ..tuning.search import forget_percent, judge_domain
-    from .soft_prompt import AttackConfig, generate_from_embeds, soft_prompt_attack, target_latents
+    from .soft_prompt import (
+        AttackConfig,
+        generate_from_embeds,
+        soft_prompt_attack,
+        target_latents,
+        token_prompt_attack,
+    )
     from .unlearndiffatk import unlearndiffatk
 
     if args.iterations < 1 or args.images < 1:
@@ -79,11 +92,14 @@ def attack(args: argparse.Namespace) -> int:
     }
     with eraser.unlearn(pipe, [args.concept], robust=args.robust):
         result["ua_clean"] = ua(generate_from_embeds(pipe, init, eval_seeds, **gen))
-        if args.method == "soft":
+        if args.method in ("soft", "token"):
             cfg = AttackConfig(
                 iterations=args.iterations, lr=args.lr or 0.1, batch=args.images, seed=args.seed
             )
-            attacked = soft_prompt_attack(pipe, targets, init, cfg)
+            if args.method == "soft":
+                attacked = soft_prompt_attack(pipe, targets, init, cfg)
+            else:
+                attacked = token_prompt_attack(pipe, targets, prompt, cfg)
         else:
             cfg = AttackConfig(
                 iterations=args.iterations, lr=args.lr or 1e-2, batch=args.images, seed=args.seed
