@@ -120,6 +120,44 @@ def test_the_token_level_attack_goes_through_the_text_encoder_and_the_edit(setup
     assert all(p.requires_grad for m in (pipe.unet, pipe.text_encoder) for p in m.parameters())
 
 
+def test_a_failing_attack_leaves_the_models_as_they_were(setup):
+    """An error inside the loop (here: targets the UNet cannot take) removes the attack's hook and gives
+    back every parameter's gradient flag and every submodule's train / eval mode."""
+    pipe, _ = setup
+    table = pipe.text_encoder.get_input_embeddings()
+    pipe.unet.train()
+    pipe.unet.conv_in.eval()  # a submodule in another mode than its parent
+    wrong = torch.zeros(2, 3, 8, 8)  # the tiny UNet takes 4 channels
+    try:
+        for attack in (
+            lambda: token_prompt_attack(pipe, wrong, "a red star", AttackConfig(iterations=2, batch=2)),
+            lambda: soft_prompt_attack(
+                pipe, wrong, torch.zeros(1, 77, 32), AttackConfig(iterations=2, batch=2)
+            ),
+        ):
+            with pytest.raises(RuntimeError):
+                attack()
+            assert not table._forward_hooks
+            assert pipe.unet.training and not pipe.unet.conv_in.training and pipe.unet.conv_out.training
+            assert all(p.requires_grad for m in (pipe.unet, pipe.text_encoder) for p in m.parameters())
+    finally:
+        pipe.unet.eval()
+
+
+def test_the_attacks_run_in_bf16():
+    """A half-precision pipeline takes the attacks' latents and conditioning in its own dtype; the
+    returned conditioning is fp32 and the loss finite."""
+    pipe = tiny_sd_pipeline().to(torch.bfloat16)
+    targets = target_latents(pipe, "a red star", [0, 1], num_inference_steps=2)
+    init, _ = pipe.encode_prompt("a blue circle", "cpu", 1, False)
+    for attacked in (
+        soft_prompt_attack(pipe, targets, init, cfg := AttackConfig(iterations=2, batch=2)),
+        token_prompt_attack(pipe, targets, "a blue circle", cfg),
+    ):
+        assert attacked.dtype == torch.float32 and bool(torch.isfinite(attacked).all())
+        assert len(cfg.losses) == 2 and all(torch.isfinite(torch.tensor(cfg.losses)))
+
+
 def test_against_the_base_model_the_attack_draws_the_concept():
     """On the embedded default: from the embeddings of "a blue circle in solid style", 40 iterations
     towards base-model stars make the base model draw stars (UA under attack ≤ 20 %)."""

@@ -279,11 +279,17 @@ def test_the_baselines_robustness_stage_attacks_each_candidate_and_keeps_the_mos
     resistance = {1.0: 0.5, 2.0: 0.9, 3.0: 1.0, 5.0: 0.6}  # 3.0 resists most but scores too low
 
     def fake_attack(pipe, judge, concept, domain, targets, gen, *, iterations, seed, judge_seeds):
-        measured.append((sorted(targets), iterations, seed, judge_seeds[0]))
+        measured.append((sorted(targets), iterations, seed, list(judge_seeds)))
         return {"ua_attack": resistance[applied[-1]], "attack_prompts": ["typed"]}
 
     monkeypatch.setattr(S, "ua_under_attack", fake_attack)
-    monkeypatch.setattr(attacks, "target_latents", lambda pipe, prompt, seeds, steps, guidance: prompt)
+    drawn = []
+
+    def fake_targets(pipe, prompt, seeds, steps, guidance):
+        drawn.append((prompt, list(seeds), steps, guidance))
+        return prompt
+
+    monkeypatch.setattr(attacks, "target_latents", fake_targets)
     make = lambda gen: S.BaselineSearch(  # noqa: E731
         "uce", None, None, Protocol(steps=2), gen, out=tmp_path, bundle=bundle, log=lambda _: None
     )
@@ -298,7 +304,9 @@ def test_the_baselines_robustness_stage_attacks_each_candidate_and_keeps_the_mos
     assert search.robust_stage("star") == {"erase_scale": 2.0}
     assert applied == [1.0, 2.0, 5.0]
     captions = sorted(c.format("star") for c in ATTACK_CAPTIONS["object"][:2])
-    assert measured == [(captions, 3, ATTACK_SEED, ATTACK_SEED + 1_000)] * 3
+    assert measured == [(captions, 3, ATTACK_SEED, list(range(ATTACK_SEED + 1_000, ATTACK_SEED + 1_008)))] * 3
+    seeds = list(range(ATTACK_SEED, ATTACK_SEED + 8))  # SAeUron's stage: targets from the attack seed on
+    assert sorted(drawn) == [(c, seeds, 2, Protocol().guidance_scale) for c in captions]
     assert S.saved_best("uce", "star", tmp_path, robust=True) == {"erase_scale": 2.0}
     assert S.saved_best("uce", "star", tmp_path) == {"erase_scale": 1.0}  # the clean winner stays
 
@@ -306,5 +314,7 @@ def test_the_baselines_robustness_stage_attacks_each_candidate_and_keeps_the_mos
         raise AssertionError("a saved attack trial was measured again")
 
     assert make(no_generation).robust_stage("star") == {"erase_scale": 2.0}
+    entry = search.data["concepts"]["star"]
+    assert entry["seconds"] == 0.0 and entry["robust_seconds"] >= 0.0  # the attacks are not search time
     with pytest.raises(ValueError, match="no robustness stage"):
         S.BaselineSearch("sld", None, None, Protocol(steps=2), generator, out=tmp_path).robust_stage("star")

@@ -55,7 +55,7 @@ class Guidance:
         n, dtype = len(xt), cond.dtype
 
         def branch(embeds: Tensor) -> Tensor:
-            states = embeds.to(xt.device).expand(n, -1, -1)
+            states = embeds.to(xt.device, xt.dtype).expand(n, -1, -1)
             return unet(xt, t, encoder_hidden_states=states).sample.to(dtype)
 
         with torch.no_grad():
@@ -138,12 +138,18 @@ def _noised(
     targets: Tensor, scheduler: Any, batch: int, gen: torch.Generator
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(x_t, t, ε) for ``batch`` targets drawn with ``gen``: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε."""
-    alphas = scheduler.alphas_cumprod.to(targets.device, torch.float32)
+    device = targets.device  # drawn on the host (the same draws on every device), used on the targets'
+    alphas = scheduler.alphas_cumprod.to(device, torch.float32)
     pick = torch.randint(0, len(targets), (batch,), generator=gen)
-    t = torch.randint(0, int(scheduler.config.num_train_timesteps), (batch,), generator=gen)
-    noise = torch.randn(targets[pick].shape, generator=gen)
+    t = torch.randint(0, int(scheduler.config.num_train_timesteps), (batch,), generator=gen).to(device)
+    noise = torch.randn(targets[pick].shape, generator=gen).to(device)
     a = alphas[t].view(-1, 1, 1, 1)
-    return a.sqrt() * targets[pick] + (1 - a).sqrt() * noise, t, noise
+    return a.sqrt() * targets[pick].float() + (1 - a).sqrt() * noise, t, noise
+
+
+def _in_dtype(unet: Any, x: Tensor) -> Tensor:
+    """``x`` in the UNet's dtype (a half-precision UNet does not take fp32 latents)."""
+    return x.to(getattr(unet, "dtype", x.dtype))
 
 
 def attack_step(
@@ -158,7 +164,9 @@ def attack_step(
     """One optimiser step on the attack loss of a fresh draw; records the loss in ``cfg.losses``.
     False when no gradient reaches the prompt (every path masked): the attacker is blind, nothing moves."""
     xt, t, noise = _noised(targets, scheduler, cfg.batch, gen)
-    pred = unet(xt, t, encoder_hidden_states=embeds.expand(cfg.batch, -1, -1)).sample.float()
+    xt = _in_dtype(unet, xt)
+    states = embeds.expand(cfg.batch, -1, -1).to(xt.dtype)
+    pred = unet(xt, t, encoder_hidden_states=states).sample.float()
     if cfg.guidance is not None:
         pred = cfg.guidance.apply(unet, xt, t, pred)
     loss = torch.nn.functional.mse_loss(pred, noise)
@@ -182,7 +190,9 @@ def attack_loss(
 ) -> float:
     """The attack's loss on a fixed set of ``draws`` (target, t, ε), to compare prompts fairly."""
     xt, t, noise = _noised(targets, pipe.scheduler, draws, torch.Generator().manual_seed(seed))
-    pred = pipe.unet(xt, t, encoder_hidden_states=embeds.expand(draws, -1, -1)).sample.float()
+    xt = _in_dtype(pipe.unet, xt)
+    states = embeds.to(xt.device, xt.dtype).expand(draws, -1, -1)
+    pred = pipe.unet(xt, t, encoder_hidden_states=states).sample.float()
     if guidance is not None:
         pred = guidance.apply(pipe.unet, xt, t, pred)
     return float(torch.nn.functional.mse_loss(pred, noise))
@@ -193,18 +203,18 @@ def frozen(*modules: Any) -> Iterator[None]:
     """Inside: the ``modules`` (the model under attack) in eval mode with no parameter needing a
     gradient, so only the attack's own tensor is optimised; both restored on exit."""
     params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    modes = [(m, m.training) for m in modules]
+    modes = [(sub, sub.training) for m in modules for sub in m.modules()]  # each submodule's own
     for p in params:
         p.requires_grad_(False)
-    for m, _ in modes:
+    for m in modules:
         m.eval()
     try:
         yield
     finally:
         for p in params:
             p.requires_grad_(True)
-        for m, training in modes:
-            m.train(training)
+        for sub, training in modes:
+            sub.training = training
 
 
 def optimise(
@@ -244,12 +254,12 @@ def soft_prompt_attack(
 
 
 def token_prompt_attack(pipe: Any, targets: Tensor, prompt: str, cfg: AttackConfig | None = None) -> Tensor:
-    """The soft prompt one level up: ``prompt``'s token embeddings (the text encoder's *input*, what a
-    textual-inversion file holds) optimised with the same loss, gradients through the text encoder and
-    every edit (Concept Inversion, Pham et al. 2023, with UnlearnDiffAtk's loss and budget). Returns the
-    text encoder's output for them, ``prompt_embeds`` [1, L, D]: conditioning a pipeline that accepts
-    only text and textual inversions can still be given, unlike :func:`soft_prompt_attack`'s.
-    ``cfg.snapshots`` hold the text encoder's outputs too."""
+    """The soft prompt one level up: the token embeddings between the begin and the last end token of
+    ``prompt`` padded to the tokenizer's length (the text encoder's *input*: what a prompt of
+    textual-inversion tokens can set) optimised with the same loss, gradients through the text encoder
+    and every edit (Concept Inversion, Pham et al. 2023, with UnlearnDiffAtk's loss and budget). Returns
+    the text encoder's output for them, ``prompt_embeds`` [1, L, D] (fp32): conditioning inside what the
+    text encoder can make, unlike :func:`soft_prompt_attack`'s. ``cfg.snapshots`` hold such outputs too."""
     cfg = cfg or AttackConfig()
     text_encoder, tok = pipe.text_encoder, pipe.tokenizer
     table = text_encoder.get_input_embeddings()
@@ -257,12 +267,16 @@ def token_prompt_attack(pipe: Any, targets: Tensor, prompt: str, cfg: AttackConf
         prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(table.weight.device)
     with torch.no_grad():
-        tokens = table(ids).float().requires_grad_(True)
-    hook = table.register_forward_hook(lambda module, args, out: tokens.to(out.dtype))
-    opt = torch.optim.AdamW([tokens], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        free = table(ids)[:, 1:-1].float().requires_grad_(True)  # the begin and last end token stay
+
+    def embedded(module: Any, args: Any, out: Tensor) -> Tensor:
+        return torch.cat([out[:, :1], free.to(out.dtype), out[:, -1:]], dim=1)
+
+    opt = torch.optim.AdamW([free], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hook = table.register_forward_hook(embedded)
     try:
         with frozen(text_encoder, pipe.unet):
-            return optimise(pipe, lambda: text_encoder(ids)[0], opt, targets, cfg)
+            return optimise(pipe, lambda: text_encoder(ids)[0], opt, targets, cfg).float()
     finally:
         hook.remove()
 

@@ -479,24 +479,25 @@ def baseline_settings(args: argparse.Namespace, pipe, judge) -> dict[str, dict[s
     if args.baselines_at == "presets":
         return {}
     settings = {m: {c: saved_setting(m, c, args.search_dir) for c in args.concepts} for m in args.baselines}
-    if args.baselines_at == "robust":
-        for method in (m for m in args.baselines if m in ROBUST_STAGE):
-            search = BaselineSearch(
-                method,
-                pipe,
-                judge,
-                Protocol(steps=args.steps),
-                method_generator,
-                out=args.search_dir,
-                presets={"esd": {"cache_dir": args.esd_cache, "progress": False}},
+    if args.baselines_at != "robust":
+        return settings
+    presets = {"esd": {"cache_dir": args.esd_cache, "progress": False}}
+    searches = {
+        m: BaselineSearch(
+            m, pipe, judge, Protocol(steps=args.steps), method_generator, out=args.search_dir, presets=presets
+        )
+        for m in args.baselines
+        if m in ROBUST_STAGE
+    }
+    for method, search in searches.items():  # every method checked before any stage runs
+        if missing := [c for c in args.concepts if c not in search.data["concepts"]]:
+            raise ValueError(
+                f"{method}'s search in {args.search_dir} was made with another protocol (steps, "
+                f"guidance or validation sets) than --steps {args.steps}; its robustness stage would "
+                f"search {missing} again: run it at the search's protocol"
             )
-            if missing := [c for c in args.concepts if c not in search.data["concepts"]]:
-                raise ValueError(
-                    f"{method}'s search in {args.search_dir} was made with another protocol (steps, "
-                    f"guidance or validation sets) than --steps {args.steps}; its robustness stage would "
-                    f"search {missing} again: run it at the search's protocol"
-                )
-            settings[method] = {c: search.robust_stage(c) for c in args.concepts}
+    for method, search in searches.items():
+        settings[method] = {c: search.robust_stage(c) for c in args.concepts}
     return settings
 
 

@@ -279,6 +279,8 @@ class BaselineSearch:
         if concept_domain(concept) in TARGET_SCALES and candidates:
             ranked = sorted(self._judge(concept, "replace", candidates), key=replacement_rank, reverse=True)
         entry = self.data["concepts"][concept]
+        if entry.get("best", {}).get("setting") != ranked[0]["setting"]:
+            entry.pop("robust_best", None)  # chosen around another winner: the stage runs again
         entry["best"] = ranked[0]
         self.save()
         b = ranked[0]
@@ -294,7 +296,9 @@ class BaselineSearch:
         :func:`robust_candidates` attacked with UnlearnDiffAtk on the bundle config's attack captions
         (``ATTACK_CAPTIONS``, targets and judged images from ``ATTACK_SEED``) at its attack budget,
         then :func:`~...tuning.search.robust_choice`. Attack trials are saved under ``robust`` (reused
-        while the budget is the same); the pick under ``robust_best``. Returns its setting."""
+        while the budget is the same), their time under ``robust_seconds`` (apart from the search's
+        ``seconds``: :meth:`summary` counts the search, as SAeUron's counts no attacks); the pick under
+        ``robust_best``. Returns its setting."""
         from ...attacks import target_latents
 
         if self.method not in ROBUST_STAGE:
@@ -338,7 +342,7 @@ class BaselineSearch:
                 trial = {**candidate, **attacked, "budget": budget}
                 saved.append(trial)
                 done[_key(trial["setting"])] = trial
-                entry["seconds"] += time.perf_counter() - start
+                entry["robust_seconds"] = entry.get("robust_seconds", 0.0) + time.perf_counter() - start
                 self.save()  # nothing is lost if the run stops here
         chosen = robust_choice([done[_key(c["setting"])] for c in candidates], cfg.robust_tolerance)
         entry["robust_best"] = chosen
