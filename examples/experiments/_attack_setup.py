@@ -15,8 +15,7 @@ from saeuron_plugin import SAeUron
 from saeuron_plugin.attacks import AttackConfig, generate_from_embeds, target_latents, unlearndiffatk
 from saeuron_plugin.benchmark import robustness as rb
 from saeuron_plugin.benchmark.baselines.base import encode_prompts
-from saeuron_plugin.shapescanvas import data as sc
-from saeuron_plugin.shapescanvas.build import ATTACK_CAPTIONS, load_default
+from saeuron_plugin.shapescanvas.build import ATTACK_CAPTIONS, concept_domain, load_default
 from saeuron_plugin.tuning import load_judge
 from saeuron_plugin.tuning.search import forget_percent
 
@@ -79,7 +78,7 @@ class HeldOut:
 
 
 def held_out(pipe: Any, judge: Any, concept: str) -> HeldOut:
-    domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
+    domain = concept_domain(concept)
     caption = rb.CAPTION[domain].format(concept)
     return HeldOut(
         concept, domain, caption, target_latents(pipe, caption, range(8), **rb.GEN_KW), pipe, judge
@@ -103,7 +102,7 @@ class ConceptCase:
 
 
 def concept_case(pipe: Any, judge: Any, concept: str) -> ConceptCase:
-    domain = next(d for d, v in sc.VOCABULARIES.items() if concept in v)
+    domain = concept_domain(concept)
     train = [c.format(concept) for c in ATTACK_CAPTIONS[domain]]
     held_out = rb.CAPTION[domain].format(concept)
     targets = {c: target_latents(pipe, c, range(1000, 1008), **rb.GEN_KW) for c in train}

@@ -31,15 +31,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from _attack_setup import ROOT, SOFT_PROMPT, encode_prompts, held_out, rb, setup_experiment, write_results
+from _attack_setup import ROOT, SOFT_PROMPT, held_out, rb, setup_experiment, write_results
 
 from saeuron_plugin.attacks import (
     AttackConfig,
     soft_prompt_attack,
     token_prompt_attack,
 )
+from saeuron_plugin.benchmark.baselines.base import encode_prompts
 from saeuron_plugin.sae.kernels import _topk_members
 from saeuron_plugin.shapescanvas import data as sc
+from saeuron_plugin.shapescanvas.build import concept_domain
 
 OUT = ROOT / "benchmarks" / "results" / "experiments" / "soft_prompt_defences"
 
@@ -51,7 +53,7 @@ def replacement(
     """Every site of ``handle`` (its ablator runs first) replaces the tokens where the concept is
     detected; ``temperature``: the straight-through surrogate's, None for the hard gate alone.
     ``flagged`` counts [replaced tokens, tokens]."""
-    domain = next(v for v in sc.VOCABULARIES.values() if concept in v)
+    domain = sc.VOCABULARIES[concept_domain(concept)]
     originals = {path: site.editor for path, site in handle.hooks.sites.items()}
     for site in handle.hooks.sites.values():
         ablator = site.editor.ablator

@@ -20,10 +20,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from _attack_setup import ROOT, SOFT_PROMPT, encode_prompts, held_out, setup_experiment, write_results
+from _attack_setup import ROOT, SOFT_PROMPT, held_out, setup_experiment, write_results
 
 from saeuron_plugin.attacks import AttackConfig, token_prompt_attack
 from saeuron_plugin.benchmark.baselines import BASELINES
+from saeuron_plugin.benchmark.baselines.base import encode_prompts
 from saeuron_plugin.benchmark.baselines.search import saved_best
 from saeuron_plugin.benchmark.unlearning import SEARCH_DIR, baseline_options, concept_text
 from saeuron_plugin.shapescanvas import data as sc
