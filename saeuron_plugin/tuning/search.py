@@ -371,6 +371,39 @@ def ua_under_attack(
     return {"ua_attack": sum(uas) / len(uas), "attack_prompts": typed}
 
 
+def attack_seeds(seed: int, images: int, judged: bool = False) -> list[int]:
+    """A robustness stage's seeds: the targets' from ``seed`` on, the judged images' from ``seed + 1000``."""
+    start = seed + 1_000 if judged else seed
+    return list(range(start, start + images))
+
+
+def attack_trials(
+    candidates: Sequence[dict[str, Any]],
+    key: Callable[[dict[str, Any]], Any],
+    saved: list[dict[str, Any]],
+    budget: dict[str, Any],
+    attack: Callable[[dict[str, Any], Mapping[str, Tensor]], dict[str, Any]],
+    targets: Callable[[], Mapping[str, Tensor]],
+    save: Callable[[], None],
+    progress: Callable[[list[dict[str, Any]]], Any] = lambda todo: todo,
+) -> list[dict[str, Any]]:
+    """A robustness stage's attack trials of ``candidates``, in their order: a trial in ``saved`` with the
+    same ``key`` and ``budget`` is reused; the others are measured by ``attack(candidate, targets)``
+    (``targets()`` is drawn once, only when something is measured), appended to ``saved`` with the
+    budget, and ``save()`` d one by one, so an interrupted stage loses nothing. SAeUron's tuner and the
+    baselines' search run their stages through it."""
+    done = {key(t): t for t in saved if t.get("budget") == budget}
+    todo = [c for c in candidates if key(c) not in done]
+    if todo:
+        drawn = targets()
+        for candidate in progress(todo):
+            trial = {**candidate, **attack(candidate, drawn), "budget": budget}
+            saved.append(trial)
+            done[key(trial)] = trial
+            save()
+    return [done[key(c)] for c in candidates]
+
+
 def _key(trial: dict[str, Any]) -> tuple[Any, ...]:
     return (
         tuple(trial["hookpoints"]),
@@ -667,35 +700,41 @@ def _robust_stage(run: _ConceptRun, space: SearchSpace, best: dict[str, Any], st
         "prompts": prompts,
         "seed": task.robust_seed,
     }
-    saved = run.entry.setdefault("robust", [])
-    done = {_key(t): t for t in saved if t.get("budget") == budget}
-    todo = [c for c in candidates if _key(c) not in done]
-    if todo:
-        attack_seeds = [task.robust_seed + i for i in range(space.attack_images)]
-        judge_seeds = [task.robust_seed + 1_000 + i for i in range(space.attack_images)]
-        steps, guidance = run.cfg.num_inference_steps, run.cfg.guidance_scale
-        targets = {p: target_latents(run.pipe, p, attack_seeds, steps, guidance) for p in prompts}
-        for candidate in tqdm(
+    steps, guidance = run.cfg.num_inference_steps, run.cfg.guidance_scale
+
+    def attack(candidate: dict[str, Any], targets: Mapping[str, Tensor]) -> dict[str, Any]:
+        with run.unlearn(candidate):
+            return ua_under_attack(
+                run.pipe,
+                run.judge,
+                task.concept,
+                run.domain,
+                targets,
+                lambda prompts, seeds: generate(run.pipe, prompts, seeds, run.cfg),
+                iterations=space.robust_iterations,
+                seed=task.robust_seed,
+                judge_seeds=attack_seeds(task.robust_seed, space.attack_images, judged=True),
+            )
+
+    trials = attack_trials(
+        candidates,
+        _key,
+        run.entry.setdefault("robust", []),
+        budget,
+        attack,
+        lambda: {
+            p: target_latents(
+                run.pipe, p, attack_seeds(task.robust_seed, space.attack_images), steps, guidance
+            )
+            for p in prompts
+        },
+        run.save,
+        progress=lambda todo: tqdm(
             todo, desc=f"attack {task.concept}", unit="setting", disable=not run.cfg.show_progress
-        ):
-            with run.unlearn(candidate):
-                attacked = ua_under_attack(
-                    run.pipe,
-                    run.judge,
-                    task.concept,
-                    run.domain,
-                    targets,
-                    lambda prompts, seeds: generate(run.pipe, prompts, seeds, run.cfg),
-                    iterations=space.robust_iterations,
-                    seed=task.robust_seed,
-                    judge_seeds=judge_seeds,
-                )
-            trial = {**candidate, **attacked, "budget": budget}
-            saved.append(trial)
-            done[_key(trial)] = trial
-            run.save()
-    chosen = robust_choice([done[_key(c)] for c in candidates], space.robust_tolerance)
-    own = done[_key(best)]["ua_attack"]
+        ),
+    )
+    chosen = robust_choice(trials, space.robust_tolerance)
+    own = trials[0]["ua_attack"]
     extra = chosen.get("extra")
     lighter = (
         f" (p {extra['percentile']:g}, γ {extra['gamma']:g} at {len(extra['hookpoints'])})" if extra else ""
@@ -716,6 +755,8 @@ __all__ = [
     "TuneTask",
     "TuningError",
     "ValidationSet",
+    "attack_seeds",
+    "attack_trials",
     "clean_flips",
     "generate",
     "judge_domain",

@@ -54,7 +54,7 @@ from ...shapescanvas.build import (
     stage_validation,
     trial_scores,
 )
-from ...tuning.search import replacement_rank, robust_choice, ua_under_attack
+from ...tuning.search import attack_seeds, attack_trials, replacement_rank, robust_choice, ua_under_attack
 from .presets import concept_caption
 from .sld import MEDIUM
 
@@ -315,39 +315,51 @@ class BaselineSearch:
             "seed": ATTACK_SEED,
         }
         candidates = robust_candidates(entry, cfg.robust_tolerance)
-        saved = entry.setdefault("robust", [])
-        done = {_key(t["setting"]): t for t in saved if t.get("budget") == budget}
-        todo = [c for c in candidates if _key(c["setting"]) not in done]
-        if todo:
-            steps, guidance = self.protocol.steps, self.protocol.guidance_scale
-            seeds = [ATTACK_SEED + i for i in range(ATTACK_IMAGES)]
-            targets = {p: target_latents(self.pipe, p, seeds, steps, guidance) for p in prompts}
-            for candidate in tqdm(todo, desc=f"attack {self.method} {concept}", unit="setting", leave=False):
-                start = time.perf_counter()
-                setting = candidate["setting"]
-                with self.generator(
-                    self.method, self.pipe, concept, self.protocol, presets=self.presets, setting=setting
-                ) as gen:
-                    attacked = ua_under_attack(
-                        self.pipe,
-                        self.judges,
-                        concept,
-                        domain,
-                        targets,
-                        gen,
-                        iterations=cfg.robust_iterations,
-                        seed=ATTACK_SEED,
-                        judge_seeds=[ATTACK_SEED + 1_000 + i for i in range(ATTACK_IMAGES)],
-                    )
-                trial = {**candidate, **attacked, "budget": budget}
-                saved.append(trial)
-                done[_key(trial["setting"])] = trial
-                entry["robust_seconds"] = entry.get("robust_seconds", 0.0) + time.perf_counter() - start
-                self.save()  # nothing is lost if the run stops here
-        chosen = robust_choice([done[_key(c["setting"])] for c in candidates], cfg.robust_tolerance)
+        steps, guidance = self.protocol.steps, self.protocol.guidance_scale
+
+        def attack(candidate: dict[str, Any], targets: Any) -> dict[str, Any]:
+            start = time.perf_counter()
+            with self.generator(
+                self.method,
+                self.pipe,
+                concept,
+                self.protocol,
+                presets=self.presets,
+                setting=candidate["setting"],
+            ) as gen:
+                attacked = ua_under_attack(
+                    self.pipe,
+                    self.judges,
+                    concept,
+                    domain,
+                    targets,
+                    gen,
+                    iterations=cfg.robust_iterations,
+                    seed=ATTACK_SEED,
+                    judge_seeds=attack_seeds(ATTACK_SEED, ATTACK_IMAGES, judged=True),
+                )
+            entry["robust_seconds"] = entry.get("robust_seconds", 0.0) + time.perf_counter() - start
+            return attacked
+
+        trials = attack_trials(
+            candidates,
+            lambda t: _key(t["setting"]),
+            entry.setdefault("robust", []),
+            budget,
+            attack,
+            lambda: {
+                p: target_latents(self.pipe, p, attack_seeds(ATTACK_SEED, ATTACK_IMAGES), steps, guidance)
+                for p in prompts
+            },
+            self.save,  # nothing is lost if the run stops
+            progress=lambda todo: tqdm(
+                todo, desc=f"attack {self.method} {concept}", unit="setting", leave=False
+            ),
+        )
+        chosen = robust_choice(trials, cfg.robust_tolerance)
         entry["robust_best"] = chosen
         self.save()
-        own = done[_key(entry["best"]["setting"])]["ua_attack"]
+        own = trials[0]["ua_attack"]
         self.log(
             f"{self.method:15s} {concept:10s} robust: {chosen['setting']} UA under attack "
             f"{100 * chosen['ua_attack']:.1f} % (the winner: {100 * own:.1f} %, {len(candidates)} attacked)"
