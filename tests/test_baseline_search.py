@@ -282,7 +282,9 @@ def test_the_baselines_robustness_stage_attacks_each_candidate_and_keeps_the_mos
         measured.append((sorted(targets), iterations, seed, list(judge_seeds)))
         return {"ua_attack": resistance[applied[-1]], "attack_prompts": ["typed"]}
 
-    monkeypatch.setattr(S, "ua_under_attack", fake_attack)
+    from saeuron_plugin.tuning import search as tuning_search
+
+    monkeypatch.setattr(tuning_search, "ua_under_attack", fake_attack)
     drawn = []
 
     def fake_targets(pipe, prompt, seeds, steps, guidance):

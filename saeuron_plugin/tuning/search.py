@@ -371,33 +371,78 @@ def ua_under_attack(
     return {"ua_attack": sum(uas) / len(uas), "attack_prompts": typed}
 
 
-def attack_seeds(seed: int, images: int, judged: bool = False) -> list[int]:
-    """A robustness stage's seeds: the targets' from ``seed`` on, the judged images' from ``seed + 1000``."""
-    start = seed + 1_000 if judged else seed
-    return list(range(start, start + images))
+@dataclass(frozen=True)
+class AttackBudget:
+    """What a robustness stage's attack trial depends on beyond its setting; saved with each trial
+    (:meth:`record`), which is reused only under the same budget."""
+
+    prompts: tuple[str, ...]
+    """The attacked prompts (targets drawn by the untouched model for each)."""
+    attacks: int
+    iterations: int
+    images: int
+    """Target images per prompt, and judged images per typed prompt."""
+    seed: int
+    """Targets from ``seed`` on, judged images from ``seed + 1000`` on, attack ``i`` seeded ``seed + i``."""
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "attacks": self.attacks,
+            "iterations": self.iterations,
+            "images": self.images,
+            "prompts": list(self.prompts),
+            "seed": self.seed,
+        }
+
+    def seeds(self, judged: bool = False) -> list[int]:
+        start = self.seed + 1_000 if judged else self.seed
+        return list(range(start, start + self.images))
 
 
 def attack_trials(
+    pipe: Any,
+    judge: Judge,
+    concept: str,
+    domain: str,
     candidates: Sequence[dict[str, Any]],
+    budget: AttackBudget,
+    *,
+    apply: Callable[[dict[str, Any]], contextlib.AbstractContextManager[Callable[..., Any]]],
     key: Callable[[dict[str, Any]], Any],
     saved: list[dict[str, Any]],
-    budget: dict[str, Any],
-    attack: Callable[[dict[str, Any], Mapping[str, Tensor]], dict[str, Any]],
-    targets: Callable[[], Mapping[str, Tensor]],
     save: Callable[[], None],
+    steps: int,
+    guidance: float | None,
     progress: Callable[[list[dict[str, Any]]], Any] = lambda todo: todo,
 ) -> list[dict[str, Any]]:
-    """A robustness stage's attack trials of ``candidates``, in their order: a trial in ``saved`` with the
-    same ``key`` and ``budget`` is reused; the others are measured by ``attack(candidate, targets)``
-    (``targets()`` is drawn once, only when something is measured), appended to ``saved`` with the
-    budget, and ``save()`` d one by one, so an interrupted stage loses nothing. SAeUron's tuner and the
-    baselines' search run their stages through it."""
-    done = {key(t): t for t in saved if t.get("budget") == budget}
+    """A robustness stage's attack trials of ``candidates``, in their order (SAeUron's tuner and the
+    baselines' search both run theirs here). A trial in ``saved`` with the same ``key`` and budget is
+    reused; each other candidate is applied (``apply(candidate)``: a context manager yielding
+    ``generate_images(prompts, seeds)``) and measured by :func:`ua_under_attack` against the budget's
+    targets (drawn once, only when something is measured, ``steps`` / ``guidance``), appended to
+    ``saved`` and ``save()`` d, so an interrupted stage loses nothing."""
+    from ..attacks import target_latents
+
+    record = budget.record()
+    done = {key(t): t for t in saved if t.get("budget") == record}
     todo = [c for c in candidates if key(c) not in done]
     if todo:
-        drawn = targets()
+        seeds = budget.seeds()
+        targets = {p: target_latents(pipe, p, seeds, steps, guidance) for p in budget.prompts}
         for candidate in progress(todo):
-            trial = {**candidate, **attack(candidate, drawn), "budget": budget}
+            with apply(candidate) as generate_images:
+                attacked = ua_under_attack(
+                    pipe,
+                    judge,
+                    concept,
+                    domain,
+                    targets,
+                    generate_images,
+                    iterations=budget.iterations,
+                    seed=budget.seed,
+                    judge_seeds=budget.seeds(judged=True),
+                )
+            trial = {**candidate, **attacked, "budget": record}
             saved.append(trial)
             done[key(trial)] = trial
             save()
@@ -677,7 +722,6 @@ def _robust_stage(run: _ConceptRun, space: SearchSpace, best: dict[str, Any], st
     on the first ``space.robust_attacks`` attack prompts (``task.attack_prompts``, else forget prompts);
     returns :func:`robust_choice`'s pick. Attack trials are saved under ``robust`` and reused while the
     attack budget (prompts, seeds, iterations, images) is the same."""
-    from ..attacks import target_latents
 
     task = run.task
     held_at = run.eraser.where(task.concept)
@@ -692,43 +736,32 @@ def _robust_stage(run: _ConceptRun, space: SearchSpace, best: dict[str, Any], st
             if (p, g) != (float(best["percentile"]), float(best["gamma"]))
         ]
         candidates += _Stage(run, stage).judge(wide)
-    prompts = list((task.attack_prompts or task.forget)[: space.robust_attacks])
-    budget = {  # what an attack trial depends on beyond its setting
-        "attacks": space.robust_attacks,
-        "iterations": space.robust_iterations,
-        "images": space.attack_images,
-        "prompts": prompts,
-        "seed": task.robust_seed,
-    }
-    steps, guidance = run.cfg.num_inference_steps, run.cfg.guidance_scale
+    budget = AttackBudget(
+        tuple((task.attack_prompts or task.forget)[: space.robust_attacks]),
+        space.robust_attacks,
+        space.robust_iterations,
+        space.attack_images,
+        task.robust_seed,
+    )
 
-    def attack(candidate: dict[str, Any], targets: Mapping[str, Tensor]) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def applied(candidate: dict[str, Any]) -> Iterator[Callable[..., Any]]:
         with run.unlearn(candidate):
-            return ua_under_attack(
-                run.pipe,
-                run.judge,
-                task.concept,
-                run.domain,
-                targets,
-                lambda prompts, seeds: generate(run.pipe, prompts, seeds, run.cfg),
-                iterations=space.robust_iterations,
-                seed=task.robust_seed,
-                judge_seeds=attack_seeds(task.robust_seed, space.attack_images, judged=True),
-            )
+            yield lambda prompts, seeds: generate(run.pipe, prompts, seeds, run.cfg)
 
     trials = attack_trials(
+        run.pipe,
+        run.judge,
+        task.concept,
+        run.domain,
         candidates,
-        _key,
-        run.entry.setdefault("robust", []),
         budget,
-        attack,
-        lambda: {
-            p: target_latents(
-                run.pipe, p, attack_seeds(task.robust_seed, space.attack_images), steps, guidance
-            )
-            for p in prompts
-        },
-        run.save,
+        apply=applied,
+        key=_key,
+        saved=run.entry.setdefault("robust", []),
+        save=run.save,
+        steps=run.cfg.num_inference_steps,
+        guidance=run.cfg.guidance_scale,
         progress=lambda todo: tqdm(
             todo, desc=f"attack {task.concept}", unit="setting", disable=not run.cfg.show_progress
         ),
@@ -750,12 +783,12 @@ __all__ = [
     "BUDGETS",
     "ROBUST_EXTRAS",
     "SEARCH_FILE",
+    "AttackBudget",
     "SearchSpace",
     "TuneConfig",
     "TuneTask",
     "TuningError",
     "ValidationSet",
-    "attack_seeds",
     "attack_trials",
     "clean_flips",
     "generate",

@@ -54,7 +54,7 @@ from ...shapescanvas.build import (
     stage_validation,
     trial_scores,
 )
-from ...tuning.search import attack_seeds, attack_trials, replacement_rank, robust_choice, ua_under_attack
+from ...tuning.search import AttackBudget, attack_trials, replacement_rank, robust_choice
 from .presets import concept_caption
 from .sld import MEDIUM
 
@@ -299,63 +299,40 @@ class BaselineSearch:
         while the budget is the same), their time under ``robust_seconds`` (apart from the search's
         ``seconds``: :meth:`summary` counts the search, as SAeUron's counts no attacks); the pick under
         ``robust_best``. Returns its setting."""
-        from ...attacks import target_latents
-
         if self.method not in ROBUST_STAGE:
             raise ValueError(f"{self.method!r} gets no robustness stage; only {', '.join(ROBUST_STAGE)} do")
         if "best" not in self.data["concepts"].get(concept, {}):
             self.tune(concept)
         entry, cfg, domain = self.data["concepts"][concept], self.bundle, concept_domain(concept)
-        prompts = [c.format(concept) for c in ATTACK_CAPTIONS[domain]][: cfg.robust_attacks]
-        budget = {
-            "attacks": cfg.robust_attacks,
-            "iterations": cfg.robust_iterations,
-            "images": ATTACK_IMAGES,
-            "prompts": prompts,
-            "seed": ATTACK_SEED,
-        }
+        budget = AttackBudget(
+            tuple(c.format(concept) for c in ATTACK_CAPTIONS[domain][: cfg.robust_attacks]),
+            cfg.robust_attacks,
+            cfg.robust_iterations,
+            ATTACK_IMAGES,
+            ATTACK_SEED,
+        )
         candidates = robust_candidates(entry, cfg.robust_tolerance)
-        steps, guidance = self.protocol.steps, self.protocol.guidance_scale
-
-        def attack(candidate: dict[str, Any], targets: Any) -> dict[str, Any]:
-            start = time.perf_counter()
-            with self.generator(
-                self.method,
-                self.pipe,
-                concept,
-                self.protocol,
-                presets=self.presets,
-                setting=candidate["setting"],
-            ) as gen:
-                attacked = ua_under_attack(
-                    self.pipe,
-                    self.judges,
-                    concept,
-                    domain,
-                    targets,
-                    gen,
-                    iterations=cfg.robust_iterations,
-                    seed=ATTACK_SEED,
-                    judge_seeds=attack_seeds(ATTACK_SEED, ATTACK_IMAGES, judged=True),
-                )
-            entry["robust_seconds"] = entry.get("robust_seconds", 0.0) + time.perf_counter() - start
-            return attacked
-
+        start = time.perf_counter()
         trials = attack_trials(
+            self.pipe,
+            self.judges,
+            concept,
+            domain,
             candidates,
-            lambda t: _key(t["setting"]),
-            entry.setdefault("robust", []),
             budget,
-            attack,
-            lambda: {
-                p: target_latents(self.pipe, p, attack_seeds(ATTACK_SEED, ATTACK_IMAGES), steps, guidance)
-                for p in prompts
-            },
-            self.save,  # nothing is lost if the run stops
+            apply=lambda c: self.generator(
+                self.method, self.pipe, concept, self.protocol, presets=self.presets, setting=c["setting"]
+            ),
+            key=lambda t: _key(t["setting"]),
+            saved=entry.setdefault("robust", []),
+            save=self.save,
+            steps=self.protocol.steps,
+            guidance=self.protocol.guidance_scale,
             progress=lambda todo: tqdm(
                 todo, desc=f"attack {self.method} {concept}", unit="setting", leave=False
             ),
         )
+        entry["robust_seconds"] = entry.get("robust_seconds", 0.0) + time.perf_counter() - start
         chosen = robust_choice(trials, cfg.robust_tolerance)
         entry["robust_best"] = chosen
         self.save()
