@@ -92,18 +92,13 @@ def attack(args: argparse.Namespace) -> int:
     }
     with eraser.unlearn(pipe, [args.concept], robust=args.robust):
         result["ua_clean"] = ua(generate_from_embeds(pipe, init, eval_seeds, **gen))
-        if args.method in ("soft", "token"):
-            cfg = AttackConfig(
-                iterations=args.iterations, lr=args.lr or 0.1, batch=args.images, seed=args.seed
-            )
-            if args.method == "soft":
-                attacked = soft_prompt_attack(pipe, targets, init, cfg)
-            else:
-                attacked = token_prompt_attack(pipe, targets, prompt, cfg)
+        lr = args.lr or (1e-2 if args.method == "unlearndiffatk" else 0.1)
+        cfg = AttackConfig(iterations=args.iterations, lr=lr, batch=args.images, seed=args.seed)
+        if args.method == "soft":
+            attacked = soft_prompt_attack(pipe, targets, init, cfg)
+        elif args.method == "token":
+            attacked = token_prompt_attack(pipe, targets, prompt, cfg)
         else:
-            cfg = AttackConfig(
-                iterations=args.iterations, lr=args.lr or 1e-2, batch=args.images, seed=args.seed
-            )
             result["attack_prompt"] = unlearndiffatk(pipe, targets, prompt, cfg, prefix_tokens=5)
             attacked, _ = pipe.encode_prompt(result["attack_prompt"], pipe.device, 1, False)
         result["ua_attacked"] = ua(generate_from_embeds(pipe, attacked, eval_seeds, **gen))

@@ -223,11 +223,15 @@ def optimise(
     opt: torch.optim.Optimizer,
     targets: Tensor,
     cfg: AttackConfig,
+    gen: torch.Generator | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> Tensor:
-    """The attack loop: ``cfg.iterations`` :func:`attack_step` s on ``conditioning()`` (the prompt
-    embeddings the UNet sees, computed from whatever ``opt`` optimises), keeping ``cfg.losses`` and
-    the ``cfg.record_at`` snapshots; returns the final conditioning, detached."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    """The attack loop of every attack: ``cfg.iterations`` :func:`attack_step` s on ``conditioning()``
+    (the prompt embeddings the UNet sees, computed from whatever ``opt`` optimises), draws from ``gen``
+    (default: seeded ``cfg.seed``), ``after_step()`` after each step that moved something (e.g. a
+    projection), keeping ``cfg.losses`` and the ``cfg.record_at`` snapshots; returns the final
+    conditioning, detached."""
+    gen = gen or torch.Generator().manual_seed(cfg.seed)
     cfg.losses.clear()
     cfg.snapshots.clear()
     for it in range(cfg.iterations + 1):
@@ -235,7 +239,9 @@ def optimise(
             with torch.no_grad():
                 cfg.snapshots[it] = conditioning().detach().cpu().clone()
         if it < cfg.iterations:
-            attack_step(pipe.unet, conditioning(), targets, pipe.scheduler, opt, cfg, gen)
+            moved = attack_step(pipe.unet, conditioning(), targets, pipe.scheduler, opt, cfg, gen)
+            if moved and after_step is not None:
+                after_step()
     with torch.no_grad():
         return conditioning().detach()
 
@@ -253,6 +259,15 @@ def soft_prompt_attack(
         return optimise(pipe, lambda: embeds, opt, targets, cfg)
 
 
+def prompt_ids(pipe: Any, prompt: str) -> Tensor:
+    """Token ids [1, L] of ``prompt`` as the pipeline encodes it (padded and cut to the tokenizer's
+    ``model_max_length``)."""
+    tok = pipe.tokenizer
+    return tok(
+        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
 def token_prompt_attack(pipe: Any, targets: Tensor, prompt: str, cfg: AttackConfig | None = None) -> Tensor:
     """The soft prompt one level up: the token embeddings between the begin and the last end token of
     ``prompt`` padded to the tokenizer's length (the text encoder's *input*: what a prompt of
@@ -261,11 +276,9 @@ def token_prompt_attack(pipe: Any, targets: Tensor, prompt: str, cfg: AttackConf
     the text encoder's output for them, ``prompt_embeds`` [1, L, D] (fp32): conditioning inside what the
     text encoder can make, unlike :func:`soft_prompt_attack`'s. ``cfg.snapshots`` hold such outputs too."""
     cfg = cfg or AttackConfig()
-    text_encoder, tok = pipe.text_encoder, pipe.tokenizer
+    text_encoder = pipe.text_encoder
     table = text_encoder.get_input_embeddings()
-    ids = tok(
-        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(table.weight.device)
+    ids = prompt_ids(pipe, prompt).to(table.weight.device)
     with torch.no_grad():
         free = table(ids)[:, 1:-1].float().requires_grad_(True)  # the begin and last end token stay
 
@@ -318,6 +331,7 @@ __all__ = [
     "generate_from_embeds",
     "masked_edits",
     "optimise",
+    "prompt_ids",
     "soft_prompt_attack",
     "target_latents",
     "token_prompt_attack",

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .soft_prompt import AttackConfig, attack_step, frozen
+from .soft_prompt import AttackConfig, frozen, optimise, prompt_ids
 
 
 def project_to_simplex(v: Tensor) -> Tensor:
@@ -47,12 +47,9 @@ class _PrefixEmbeddings:
 
 def _prefixed_ids(pipe: Any, prompt: str, k: int) -> Tensor:
     """Token ids [1, L]: BOS, k placeholders (replaced by the hook), then the prompt's tokens."""
-    tok = pipe.tokenizer
-    ids = tok(
-        prompt, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids[0]
+    ids = prompt_ids(pipe, prompt)[0]
     placeholder = torch.full((k,), int(ids[1]), dtype=ids.dtype)
-    return torch.cat([ids[:1], placeholder, ids[1:]])[: tok.model_max_length].unsqueeze(0)
+    return torch.cat([ids[:1], placeholder, ids[1:]])[: len(ids)].unsqueeze(0)
 
 
 def unlearndiffatk(
@@ -64,18 +61,20 @@ def unlearndiffatk(
     text_encoder, unet = pipe.text_encoder, pipe.unet
     embedding = text_encoder.get_input_embeddings()
     vocab = embedding.weight.shape[0]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    weights = project_to_simplex(torch.rand(prefix_tokens, vocab, generator=gen)).requires_grad_(True)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the start, then the attack's draws
+    start = project_to_simplex(torch.rand(prefix_tokens, vocab, generator=gen))
+    weights = start.to(embedding.weight.device).requires_grad_(True)
     opt = torch.optim.AdamW([weights], lr=cfg.lr, weight_decay=cfg.weight_decay)
     ids = _prefixed_ids(pipe, prompt, prefix_tokens).to(embedding.weight.device)
+
+    @torch.no_grad()
+    def project() -> None:
+        weights.copy_(project_to_simplex(weights))
+
     hook = _PrefixEmbeddings(embedding, weights)
-    cfg.losses.clear()
     try:
         with frozen(text_encoder, unet):
-            for _ in range(cfg.iterations):
-                if attack_step(unet, text_encoder(ids)[0], targets, pipe.scheduler, opt, cfg, gen):
-                    with torch.no_grad():
-                        weights.copy_(project_to_simplex(weights))
+            optimise(pipe, lambda: text_encoder(ids)[0], opt, targets, cfg, gen=gen, after_step=project)
     finally:
         hook.handle.remove()
     tokens = weights.detach().argmax(-1).tolist()
