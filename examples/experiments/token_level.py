@@ -15,36 +15,28 @@ under the attack, the setting) and prints domain means.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
-from collections.abc import Iterator
 from typing import Any
 
 from _attack_setup import ROOT, SOFT_PROMPT, held_out, setup_experiment, write_results
 
 from saeuron_plugin.attacks import AttackConfig, token_prompt_attack
-from saeuron_plugin.benchmark.baselines import BASELINES
 from saeuron_plugin.benchmark.baselines.base import encode_prompts
 from saeuron_plugin.benchmark.baselines.search import saved_best
-from saeuron_plugin.benchmark.unlearning import SEARCH_DIR, baseline_options, concept_text
+from saeuron_plugin.benchmark.unlearning import SEARCH_DIR, Protocol, method_generator
 from saeuron_plugin.shapescanvas import data as sc
 
 OUT = ROOT / "benchmarks" / "results" / "experiments" / "token_level"
 METHODS = ("saeuron", "saeuron_robust", "uce", "esd")
 
 
-@contextlib.contextmanager
-def applied(method: str, pipe: Any, eraser: Any, concept: str, setting: dict | None) -> Iterator[None]:
-    """``method`` unlearning ``concept`` on ``pipe`` (UCE and ESD-x edit the UNet's weights)."""
+def applied(method: str, pipe: Any, eraser: Any, concept: str, setting: dict | None) -> Any:
+    """``method`` unlearning ``concept`` on ``pipe``: SAeUron in either mode, a baseline as the
+    unlearning benchmark applies it (UCE and ESD-x edit the UNet's weights; CFG stays the benchmark's)."""
     if method.startswith("saeuron"):
-        with eraser.unlearn(pipe, [concept], robust=method == "saeuron_robust"):
-            yield
-        return
+        return eraser.unlearn(pipe, [concept], robust=method == "saeuron_robust")
     presets = {"esd": {"cache_dir": str(ROOT / "runs" / "esd-cache"), "progress": False}}
-    options = baseline_options(method, concept, presets, setting)
-    options.pop("guidance_scale", None)  # the benchmark's CFG: these settings keep 5.0
-    with BASELINES[method].erase(pipe, concept_text(concept), **options):
-        yield
+    return method_generator(method, pipe, concept, Protocol(), presets=presets, setting=setting)
 
 
 def main() -> None:
